@@ -1,0 +1,35 @@
+# ksmpolicy: `make demo` runs the main job, `make test` runs every check. Both install what
+# they need (scripts/bootstrap) on a fresh Debian 12 machine, as root.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: all test lint typecheck pytest demo bench bench-policy clean
+
+all: test
+
+$(STAMP): pyproject.toml scripts/bootstrap
+	scripts/bootstrap
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	demo/run
+
+bench: bench-policy
+
+bench-policy: $(STAMP)
+	$(BIN)/python -m bench.bench_policy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build *.egg-info

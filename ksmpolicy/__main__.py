@@ -1,0 +1,9 @@
+"""`python -m ksmpolicy`: the same as the `ksmpolicy` command."""
+
+from __future__ import annotations
+
+import sys
+
+from ksmpolicy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,273 @@
+"""The `ksmpolicy` command line: parse, wire the pieces together, print. No decisions here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence, Sized
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ksmpolicy import __version__
+from ksmpolicy.decide import Decider, Decision, VmFacts
+from ksmpolicy.errors import KsmPolicyError, PolicyError
+from ksmpolicy.host import RUN_STATES, HostPaths, read_ksm
+from ksmpolicy.policy import DEFAULT_POLICY_PATH, Policy, load_policy
+from ksmpolicy.samples import load_facts
+
+F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@dataclass
+class Options:
+    """Global options, shared with every subcommand through click's context object."""
+
+    policy: str = DEFAULT_POLICY_PATH
+    debug: bool = False
+
+
+def policy_option(func: F) -> F:
+    """`--policy P` on a subcommand overrides the global one."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(Options).policy = value
+
+    return click.option(
+        "--policy",
+        "-p",
+        metavar="FILE",
+        expose_value=False,
+        callback=remember,
+        help="Policy file (overrides the global --policy).",
+    )(func)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--policy",
+    "-p",
+    metavar="FILE",
+    envvar="KSMPOLICY_POLICY",
+    default=DEFAULT_POLICY_PATH,
+    show_default=True,
+    help="Policy file; environment: KSMPOLICY_POLICY.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(__version__, "--version", prog_name="ksmpolicy")
+@click.pass_context
+def cli(ctx: click.Context, policy: str, debug: bool) -> None:
+    """Per-VM Kernel Same-page Merging policy for libvirt/KVM and Proxmox VE.
+
+    The policy (YAML) says which VMs may have their memory merged by KSM and
+    which must not (latency-sensitive or untrusted ones). See `ksmpolicy
+    COMMAND --help` and the README's policy reference.
+    """
+    options = ctx.ensure_object(Options)
+    options.policy = policy
+    options.debug = debug
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, metavar="[POLICY]...")
+@policy_option
+@click.pass_obj
+def check(options: Options, files: tuple[str, ...]) -> None:
+    """Validate policy files and report every problem.
+
+    Checks the given files, else the policy in use (--policy). Problems are
+    printed one per line as FILE:LINE: key: message. Exit 0 when all are valid,
+    1 otherwise.
+    """
+    failed = False
+    for file in files or (options.policy,):
+        try:
+            policy = load_policy(file)
+        except KsmPolicyError as exc:
+            click.echo(str(exc), err=True)
+            failed = True
+            continue
+        click.echo(
+            f"{file}: ok ({_count(policy.rules, 'rule')}, {_count(policy.groups, 'group')}, "
+            f"{_count(policy.vms, 'VM')} tagged; default {policy.default.value}, "
+            f"enforcement {policy.enforcement.value})"
+        )
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--name", "-n", metavar="NAME", help="VM name (libvirt domain or Proxmox name).")
+@click.option("--uuid", metavar="UUID", help="VM UUID, for `vms:` entries keyed by UUID.")
+@click.option("--vmid", metavar="VMID", help="Proxmox VMID, for `vms:` entries keyed by VMID.")
+@click.option("--tag", "-t", "tags", multiple=True, metavar="TAG", help="A tag the VM carries.")
+@click.option("--image", "images", multiple=True, metavar="IMAGE", help="Base image identity.")
+@click.option("--hugepages", is_flag=True, help="The VM's memory is hugepage-backed.")
+@click.option("--facts", "facts_file", metavar="FILE", help="A YAML list of VMs: print a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@policy_option
+@click.pass_obj
+def explain(
+    options: Options,
+    name: str | None,
+    uuid: str | None,
+    vmid: str | None,
+    tags: tuple[str, ...],
+    images: tuple[str, ...],
+    hugepages: bool,
+    facts_file: str | None,
+    as_json: bool,
+) -> None:
+    """Show what the policy decides for a VM, and why.
+
+    Describe one VM with --name (and --tag, --image, ...), or many with
+    --facts FILE, a YAML list like `- {name: web-1, tags: [web]}`.
+
+    \b
+    Example:
+      ksmpolicy explain --name pg-primary --tag database
+    """
+    if facts_file is None and name is None:
+        raise click.UsageError("give --name NAME (with --tag, --image, ...) or --facts FILE")
+    if facts_file is not None and name is not None:
+        raise click.UsageError("--name and --facts exclude each other")
+    policy = load_policy(options.policy)
+    if facts_file is not None:
+        vms = load_facts(facts_file)
+    else:
+        assert name is not None
+        vms = [VmFacts(name, uuid, vmid, frozenset(tags), images, hugepages=hugepages)]
+    decider = Decider(policy)
+    decisions = [decider.decide(vm) for vm in vms]
+    if as_json:
+        click.echo(json.dumps([_decision_json(d) for d in decisions], indent=2))
+    elif facts_file is None:
+        _print_one(decisions[0], policy)
+    else:
+        click.echo(decision_table(decisions))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+def status(as_json: bool, root: str) -> None:
+    """Show the host's KSM state (read-only): running or not, knobs, memory saved."""
+    state = read_ksm(HostPaths(Path(root)))
+    if as_json:
+        click.echo(
+            json.dumps(None if state is None else _ksm_json(state.values, state.saved_bytes))
+        )
+        return
+    if state is None:
+        click.echo("KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)")
+        return
+    click.echo(ksm_summary(state.values, state.saved_bytes))
+
+
+def decision_table(decisions: Sequence[Decision]) -> str:
+    rows = [("VM", "GROUP", "DECISION", "RULE")]
+    for d in decisions:
+        rows.append((d.vm, d.group or "-", _verdict(d), d.rule or "(default)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    )
+
+
+def ksm_summary(values: dict[str, int | str], saved_bytes: int) -> str:
+    run = values.get("run")
+    lines = [f"KSM: {RUN_STATES.get(run, run) if isinstance(run, int) else 'unknown'}"]
+    knobs = ("pages_to_scan", "sleep_millisecs", "advisor_mode", "max_page_sharing")
+    lines.append("  knobs:  " + "  ".join(f"{k}={values[k]}" for k in knobs if k in values))
+    lines.append(
+        f"  saved:  {saved_bytes / 2**20:.1f} MiB"
+        f" (pages_sharing={values.get('pages_sharing', '?')},"
+        f" ksm_zero_pages={values.get('ksm_zero_pages', 'n/a')})"
+    )
+    if "general_profit" in values:
+        lines.append(f"  general_profit: {int(values['general_profit']) / 2**20:.1f} MiB")
+    if "full_scans" in values:
+        lines.append(f"  full_scans: {values['full_scans']}")
+    return "\n".join(lines)
+
+
+def _count(items: Sized, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _verdict(decision: Decision) -> str:
+    if decision.merge:
+        return "merge"
+    if decision.action.value == "merge":
+        return "never (memory)"
+    return "exclude"
+
+
+def _print_one(decision: Decision, policy: Policy) -> None:
+    click.echo(f"VM:       {decision.vm}")
+    click.echo(f"decision: {_verdict(decision)}")
+    click.echo(f"group:    {decision.group or '-'}")
+    click.echo(f"rule:     {decision.rule or '(default)'}")
+    click.echo(f"tags:     {', '.join(decision.tags) or '-'}")
+    click.echo(f"reason:   {decision.reason}")
+    click.echo(f"policy:   {policy.source}")
+
+
+def _decision_json(decision: Decision) -> dict[str, Any]:
+    data = asdict(decision)
+    data["action"] = decision.action.value
+    data["tags"] = list(decision.tags)
+    return data
+
+
+def _ksm_json(values: dict[str, int | str], saved_bytes: int) -> dict[str, Any]:
+    return {"ksm": values, "saved_bytes": saved_bytes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 1 on an error (one line per problem), 2 on bad usage."""
+    logging.basicConfig(format="ksmpolicy: %(levelname)s: %(message)s", level=logging.WARNING)
+    options = Options()
+    try:
+        cli.main(args=argv, prog_name="ksmpolicy", obj=options, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except PolicyError as exc:  # already FILE:LINE: key: message, one problem per line
+        if options.debug:
+            traceback.print_exc()
+        click.echo(str(exc), err=True)
+        return 1
+    except KsmPolicyError as exc:
+        if options.debug:
+            traceback.print_exc()
+        click.echo(f"ksmpolicy: error: {exc}", err=True)
+        return 1
+    except Exception as exc:  # a bug: say so in one line, the traceback with --debug
+        if options.debug:
+            traceback.print_exc()
+        click.echo(
+            f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)", err=True
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
