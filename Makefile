@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy clean
+.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery clean
 
 all: test
 
@@ -26,10 +26,13 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy
+bench: bench-policy bench-discovery
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build *.egg-info
+
+bench-discovery: $(STAMP)
+	$(BIN)/python -m bench.bench_discovery

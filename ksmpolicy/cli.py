@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 
@@ -172,6 +173,123 @@ def status(as_json: bool, root: str) -> None:
     click.echo(ksm_summary(state.values, state.saved_bytes))
 
 
+@cli.command()
+@click.option("--restore-on-exit", is_flag=True, help="Put back the KSM knobs found at start.")
+@click.option("--dry-run", is_flag=True, help="Plan and log, but write no knob.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
+@policy_option
+@click.pass_obj
+def daemon(
+    options: Options, restore_on_exit: bool, dry_run: bool, root: str, run_dir: str | None
+) -> None:
+    """Run the reconciler in the foreground (replaces ksmtuned).
+
+    Sizes ksmd's work to the mergeable memory of running VMs, memory pressure and
+    the CPU budget in the policy's `reconciler:` section; retunes at once when a
+    hook reports a VM start or stop. Logs to stderr (journald-friendly), speaks
+    systemd's notify protocol, reloads the policy on SIGHUP and exits on SIGTERM.
+    """
+    from ksmpolicy.daemon import Daemon  # noqa: PLC0415 - keeps `check`/`explain` light
+
+    configure_daemon_logging(options.debug)
+    paths = _paths(root, run_dir)
+    Daemon(paths, options.policy, restore_on_exit=restore_on_exit, dry_run=dry_run).run()
+
+
+@cli.command()
+@click.option(
+    "--once", is_flag=True, required=True, help="One pass (required; the loop is `daemon`)."
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option(
+    "--sample",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Measure ksmd's CPU over this long before planning.",
+)
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@policy_option
+@click.pass_obj
+def reconcile(
+    options: Options, once: bool, dry_run: bool, as_json: bool, sample: float, root: str
+) -> None:
+    """Plan ksmd's pace once, print it with the reason, and write it.
+
+    With --dry-run nothing is written. A single pass has no history: it cannot
+    know that a VM just started, so it plans the calm pace (or pressure).
+    """
+    from ksmpolicy.daemon import Reconciler  # noqa: PLC0415
+
+    reconciler = Reconciler(HostPaths(Path(root)), load_policy(options.policy), dry_run=True)
+    if sample > 0:
+        reconciler.step()
+        time.sleep(sample)
+    result = reconciler.step()
+    written = [] if dry_run else reconciler.knobs.apply(result.knobs)
+    observation = reconciler.observer
+    footprint = sum(p.mergeable_bytes for p in observation.processes)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "mode": result.mode,
+                    "reason": result.reason,
+                    "knobs": dict(result.knobs),
+                    "written": written,
+                    "dry_run": dry_run,
+                    "pages_per_second": round(result.pages_per_second),
+                    "footprint_bytes": footprint,
+                    "ksmd_cpu_percent": result.history.cpu_percent,
+                    "processes": [
+                        {
+                            "pid": p.pid,
+                            "kind": p.kind,
+                            "name": p.name,
+                            "mergeable_bytes": p.mergeable_bytes,
+                        }
+                        for p in observation.processes
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"mode:      {result.mode}")
+    click.echo(f"reason:    {result.reason}")
+    click.echo(f"footprint: {footprint / 2**20:.1f} MiB in {len(observation.processes)} processes")
+    knobs = "  ".join(f"{k}={v}" for k, v in result.knobs)
+    click.echo(f"knobs:     {knobs}{' (dry run: nothing written)' if dry_run else ''}")
+    if not dry_run:
+        click.echo(f"written:   {', '.join(written) or 'nothing (already so)'}")
+
+
+@cli.command()
+@click.argument(
+    "event", type=click.Choice(["started", "stopped", "release", "reconnect", "changed"])
+)
+@click.argument("vm")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
+def notify(event: str, vm: str, root: str, run_dir: str | None) -> None:
+    """Tell the running daemon that VM had EVENT (what the hooks do).
+
+    Never waits: when no daemon listens, the note is dropped and the exit status
+    is still 0.
+    """
+    from ksmpolicy import notify as notes  # noqa: PLC0415
+
+    if not notes.send(_paths(root, run_dir), event, vm):
+        click.echo("ksmpolicy: no daemon is listening; note dropped", err=True)
+
+
+def _paths(root: str, run_dir: str | None) -> HostPaths:
+    return HostPaths(Path(root), Path(run_dir) if run_dir else None)
+
+
 def decision_table(decisions: Sequence[Decision]) -> str:
     rows = [("VM", "GROUP", "DECISION", "RULE")]
     for d in decisions:
@@ -231,6 +349,31 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 
 def _ksm_json(values: dict[str, int | str], saved_bytes: int) -> dict[str, Any]:
     return {"ksm": values, "saved_bytes": saved_bytes}
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>message` with syslog levels, which journald reads as the priority."""
+
+    PRIORITIES: ClassVar[dict[str, int]] = {
+        "DEBUG": 7,
+        "INFO": 6,
+        "WARNING": 4,
+        "ERROR": 3,
+        "CRITICAL": 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def configure_daemon_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in root.handlers:
+        if sys.stderr.isatty():
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        else:
+            handler.setFormatter(JournalFormatter("%(message)s"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ksmpolicy.errors import HostError
+
+log = logging.getLogger(__name__)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Knobs and counters of /sys/kernel/mm/ksm, in the kernel's names. Older kernels lack some.
 KSM_KNOBS = (
@@ -43,6 +49,7 @@ class HostPaths:
     """Where the host's files are: `/` on a real host, a temporary tree in tests."""
 
     root: Path = field(default_factory=lambda: Path("/"))
+    run_override: Path | None = None  # another runtime directory (tests beside a live daemon)
 
     @property
     def ksm_dir(self) -> Path:
@@ -55,6 +62,15 @@ class HostPaths:
     @property
     def meminfo(self) -> Path:
         return self.proc / "meminfo"
+
+    @property
+    def run_dir(self) -> Path:
+        """Root-only runtime directory: the daemon's socket for hook notes."""
+        return self.run_override or self.root / "run/ksmpolicy"
+
+    @property
+    def notify_socket(self) -> Path:
+        return self.run_dir / "notify.sock"
 
 
 @dataclass(frozen=True)
@@ -119,3 +135,144 @@ def _selected(text: str) -> str:
     if "[" in text and "]" in text:
         return text[text.index("[") + 1 : text.index("]")]
     return text
+
+
+# --- writing knobs ---------------------------------------------------------------------------
+
+# The only knobs ksmpolicy ever writes. `run` is further limited to 0 and 1: 2 unmerges every
+# page at once, which can need a lot of memory in one go.
+WRITABLE_KNOBS = frozenset(
+    {
+        "run",
+        "pages_to_scan",
+        "sleep_millisecs",
+        "advisor_mode",
+        "advisor_target_scan_time",
+        "advisor_max_cpu",
+        "advisor_min_pages_to_scan",
+        "advisor_max_pages_to_scan",
+    }
+)
+
+
+class KsmKnobs:
+    """Writes allow-listed KSM knobs, skips unchanged values, and can restore what it found.
+
+    The values found when it first touches a knob are remembered, so `restore()` puts the host
+    back as it was (a `run=2` found at start is restored as `0`: never unmerge everything).
+    """
+
+    def __init__(self, paths: HostPaths) -> None:
+        self.paths = paths
+        self.original: dict[str, int | str] = {}
+        self._last: dict[str, int | str] = {}
+
+    def read(self, name: str) -> int | str:
+        path = self._path(name)
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise HostError(f"cannot read {path}: {exc.strerror}") from exc
+        return int(text) if text.lstrip("-").isdigit() else _selected(text)
+
+    def write(self, name: str, value: int | str) -> bool:
+        """Write one knob; return whether it changed. Raises HostError on refusal or failure."""
+        if name not in WRITABLE_KNOBS:
+            raise HostError(f"refusing to write {name}: not a knob ksmpolicy manages")
+        if name == "run" and value not in (0, 1):
+            raise HostError(f"refusing to write run={value}: ksmpolicy only writes 0 or 1")
+        current = self.read(name)
+        if name not in self.original:
+            self.original[name] = current
+        if current == value:
+            self._last[name] = current
+            return False
+        path = self._path(name)
+        try:
+            path.write_text(f"{value}\n")
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            hint = " (run as root)" if isinstance(exc, PermissionError) else ""
+            raise HostError(f"cannot write {value} to {path}: {why}{hint}") from exc
+        self._last[name] = value
+        log.info("ksm %s: %s -> %s", name, current, value)
+        return True
+
+    def apply(self, knobs: Iterable[tuple[str, int | str]]) -> list[str]:
+        """Write knobs in the given order (the order matters, see reconciler.plan)."""
+        return [name for name, value in knobs if self.write(name, value)]
+
+    def restore(self) -> None:
+        """Put back every knob this object touched: a stop first, a start last."""
+        originals = dict(self.original)
+        run = originals.pop("run", None)
+        if run is not None and run != 1:
+            self.write("run", 0)  # found stopped (2 is restored as 0): stop before anything else
+            run = None
+        advisor = originals.pop("advisor_mode", None)
+        if advisor == "scan-time":
+            # pages_to_scan cannot be written while the advisor is on, and the advisor sets it.
+            originals.pop("pages_to_scan", None)
+        elif advisor is not None:
+            self.write("advisor_mode", advisor)  # off first, so pages_to_scan can be written
+        for name, value in originals.items():
+            self.write(name, value)
+        if advisor == "scan-time":
+            self.write("advisor_mode", advisor)
+        if run is not None:
+            self.write("run", run)
+
+    def _path(self, name: str) -> Path:
+        return self.paths.ksm_dir / name
+
+
+# --- ksmd and other processes ----------------------------------------------------------------
+
+
+def ksmd_pid(paths: HostPaths) -> int | None:
+    """The PID of the ksmd kernel thread, or None (no KSM, or /proc not mounted)."""
+    for entry in _pids(paths):
+        try:
+            if (entry / "comm").read_text().strip() == "ksmd":
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def process_cpu_seconds(paths: HostPaths, pid: int) -> float | None:
+    """CPU time of a process in seconds: /proc/PID/schedstat (nanoseconds) where the kernel has
+    it, else utime + stime (fields 14 and 15 of /proc/PID/stat, in clock ticks)."""
+    try:
+        return int((paths.proc / str(pid) / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        text = (paths.proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def processes_named(paths: HostPaths, names: Iterable[str]) -> list[int]:
+    """PIDs whose comm is one of `names` (e.g. to warn that ksmtuned runs alongside)."""
+    wanted = set(names)
+    found = []
+    for entry in _pids(paths):
+        try:
+            if (entry / "comm").read_text().strip() in wanted:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _pids(paths: HostPaths) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(paths.proc))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.isdigit():
+            yield Path(entry.path)

@@ -68,6 +68,8 @@ class ReconcilerSettings:
     interval_seconds: float = 10.0
     target_scan_seconds: float = 120.0
     max_ksmd_cpu_percent: float = 20.0
+    memory_pressure_percent: float = 20.0  # MemAvailable below this share of RAM raises the pace
+    kernel_advisor: bool = False  # hand pacing to the kernel's scan-time advisor where it exists
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,9 @@ _RECONCILER_LIMITS = {
     "interval_seconds": (0.1, 3600.0),
     "target_scan_seconds": (1.0, 86400.0),
     "max_ksmd_cpu_percent": (0.1, 100.0),
+    "memory_pressure_percent": (0.0, 100.0),
 }
+_RECONCILER_KEYS = (*_RECONCILER_LIMITS, "kernel_advisor")
 _TAG_FORBIDDEN = set(" \t\r\n;,")
 
 E = TypeVar("E", bound=enum.Enum)
@@ -317,16 +321,17 @@ class _Validator:
     def reconciler(self, value: Any) -> ReconcilerSettings:
         if value is None:
             return ReconcilerSettings()
-        spec = self.mapping(value, ("reconciler",), tuple(_RECONCILER_LIMITS))
+        spec = self.mapping(value, ("reconciler",), _RECONCILER_KEYS)
         if spec is None:
             return ReconcilerSettings()
-        values = {}
+        numbers = {}
         for key, (low, high) in _RECONCILER_LIMITS.items():
             if key in spec:
                 number = self.number(spec[key], ("reconciler", key), low, high)
                 if number is not None:
-                    values[key] = number
-        return ReconcilerSettings(**values)
+                    numbers[key] = number
+        advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
+        return ReconcilerSettings(**numbers, kernel_advisor=advisor)
 
     # --- typed getters: each records a problem and returns a safe value on bad input
 
@@ -366,11 +371,11 @@ class _Validator:
         self.doc.problem((*path, key), f"expected one of {', '.join(choices)}, got {value!r}{hint}")
         return default
 
-    def boolean(self, spec: dict[str, Any], key: str, *, default: bool) -> bool:
+    def boolean(self, spec: dict[str, Any], key: str, *, default: bool, path: KeyPath = ()) -> bool:
         value = spec.get(key, default)
         if isinstance(value, bool):
             return value
-        self.doc.problem((key,), f"expected true or false, got {value!r}")
+        self.doc.problem((*path, key), f"expected true or false, got {value!r}")
         return default
 
     def number(self, value: Any, path: KeyPath, low: float, high: float) -> float | None:

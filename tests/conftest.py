@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Callable
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,3 +33,72 @@ def write_policy(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+# --- real KSM: one test at a time, every knob restored, every process ended -------------------
+
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+KSM_LOCK = Path(tempfile.gettempdir()) / "ksmpolicy-tests-ksm.lock"
+SAVED_KNOBS = ("pages_to_scan", "sleep_millisecs", "advisor_mode", "run")
+
+
+@dataclass
+class RealKsm:
+    """Handle for a test that drives the real ksmd; see the `real_ksm` fixture."""
+
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def read(self, name: str) -> int | str:
+        text = (KSM_DIR / name).read_text().strip()
+        if "[" in text:
+            return text[text.index("[") + 1 : text.index("]")]
+        return int(text)
+
+    def write(self, name: str, value: int | str) -> None:
+        (KSM_DIR / name).write_text(f"{value}\n")
+
+    def track(self, process: subprocess.Popen[str]) -> subprocess.Popen[str]:
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen[str]) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def real_ksm() -> Iterator[RealKsm]:
+    """The real ksmd, for one test at a time (a file lock across processes).
+
+    Records the knobs first and restores them afterwards even on failure; ends every process
+    the test tracked (they unmerge their own pages by exiting). Never writes run=2.
+    """
+    if not IS_ROOT:
+        pytest.skip("needs root to drive /sys/kernel/mm/ksm (CI runs as root)")
+    if not (KSM_DIR / "run").exists():
+        pytest.skip("this kernel has no KSM")
+    with KSM_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ksm = RealKsm()
+        saved = {n: ksm.read(n) for n in SAVED_KNOBS if (KSM_DIR / n).exists()}
+        try:
+            yield ksm
+        finally:
+            for process in ksm.processes:
+                ksm.stop(process)
+            if saved.get("run") != 1:
+                ksm.write("run", 0)
+            if "advisor_mode" in saved:
+                ksm.write("advisor_mode", "none")
+            for name in ("pages_to_scan", "sleep_millisecs"):
+                if name in saved and saved.get("advisor_mode") != "scan-time":
+                    ksm.write(name, saved[name])
+            if saved.get("advisor_mode") == "scan-time":
+                ksm.write("advisor_mode", "scan-time")
+            if saved.get("run") == 1:
+                ksm.write("run", 1)

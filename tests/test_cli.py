@@ -26,7 +26,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["check"], ["explain"], ["status"]])
+@pytest.mark.parametrize(
+    "command", [[], ["check"], ["explain"], ["status"], ["daemon"], ["reconcile"], ["notify"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     for flag in ("-h", "--help"):
         code, out, _ = run(*command, flag)
@@ -185,3 +187,11 @@ def test_console_script_runs_as_a_process() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{DEFAULT}: ok")
+
+
+def test_reconcile_requires_once() -> None:
+    assert main(["reconcile"]) == 2
+
+
+def test_notify_rejects_unknown_events() -> None:
+    assert main(["notify", "exploded", "vm"]) == 2

@@ -1,0 +1,82 @@
+"""Hook -> daemon notes ("VM started", "VM stopped") over a root-only datagram socket.
+
+Sending never waits: with no daemon listening, or a full queue, the note is dropped and the
+daemon's next regular pass catches up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.host import HostPaths
+
+log = logging.getLogger(__name__)
+EVENTS = ("started", "stopped", "release", "reconnect", "changed")
+MAX_NOTE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Note:
+    event: str
+    vm: str
+
+
+def send(paths: HostPaths, event: str, vm: str) -> bool:
+    """Tell the daemon about a VM event; return whether the note was handed over."""
+    payload = json.dumps({"event": event, "vm": vm}).encode()[:MAX_NOTE_BYTES]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as sock:
+            sock.sendto(payload, os.fspath(paths.notify_socket))
+    except OSError as exc:  # no daemon, not root, queue full: never the hook's problem
+        log.debug("note %s %s not delivered: %s", event, vm, exc)
+        return False
+    return True
+
+
+class Listener:
+    """The daemon's end: a datagram socket in a root-only directory."""
+
+    def __init__(self, paths: HostPaths) -> None:
+        self.path = paths.notify_socket
+        directory = paths.run_dir
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            self.socket.bind(os.fspath(self.path))
+            self.path.chmod(0o600)
+        except OSError as exc:
+            raise KsmPolicyError(
+                f"cannot listen on {self.path}: {exc.strerror or exc} (run as root)"
+            ) from exc
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def receive(self) -> list[Note]:
+        """Every note queued now (never blocks)."""
+        notes: list[Note] = []
+        while True:
+            try:
+                data = self.socket.recv(MAX_NOTE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return notes
+            try:
+                message = json.loads(data)
+                notes.append(Note(str(message["event"]), str(message["vm"])))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed note on %s", self.path)
+
+    def close(self) -> None:
+        self.socket.close()
+        with contextlib.suppress(OSError):
+            Path(self.path).unlink()
