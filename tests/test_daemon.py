@@ -3,7 +3,11 @@ processes (root; CI runs as root)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +37,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.1) -
 
 
 class DaemonProcess:
-    def __init__(self, policy: Path, run_dir: Path, *extra: str) -> None:
+    def __init__(
+        self, policy: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.log = run_dir.parent / "daemon.log"
         self.run_dir = run_dir
         self.process = subprocess.Popen(
@@ -41,6 +47,7 @@ class DaemonProcess:
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("w"),
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         assert wait_for((run_dir / "notify.sock").exists, 15), self.output()
 
@@ -66,11 +73,11 @@ class DaemonProcess:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(policy_text: str, *extra: str) -> DaemonProcess:
+    def start(policy_text: str, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
         policy = tmp_path / "policy.yaml"
         policy.write_text(policy_text)
         policy.chmod(0o644)
-        daemon = DaemonProcess(policy, tmp_path / "run", *extra)
+        daemon = DaemonProcess(policy, tmp_path / "run", *extra, env=env)
         started.append(daemon)
         return daemon
 
@@ -82,23 +89,54 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 # --- a fake host tree: no root, no ksmd -------------------------------------------------------
 
 
+def fake_host(root: Path) -> Path:
+    """An old kernel's KSM (no advisor, smart_scan, ksm_zero_pages, pages_scanned)."""
+    ksm = root / "sys/kernel/mm/ksm"
+    ksm.mkdir(parents=True)
+    for name, value in {
+        "run": "1",
+        "pages_to_scan": "100",
+        "sleep_millisecs": "20",
+        "full_scans": "0",
+        "pages_sharing": "0",
+    }.items():
+        (ksm / name).write_text(value + "\n")
+    (root / "proc").mkdir()
+    (root / "proc/meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
+    return ksm
+
+
 def test_daemon_on_fake_host_stops_ksm_reloads_and_exits(
     tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
     root = tmp_path / "host"
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    for name, value in {"run": "1", "pages_to_scan": "100", "sleep_millisecs": "20"}.items():
-        (ksm / name).write_text(value + "\n")
-    (root / "proc").mkdir()
-    (root / "proc/meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
-    daemon = start_daemon("version: 1\n", "--root", str(root), "--restore-on-exit")
+    ksm = fake_host(root)
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(10)
+    daemon = start_daemon(
+        "version: 1\n",
+        "--root",
+        str(root),
+        "--restore-on-exit",
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"},
+    )
+    assert systemd.recv(100) == b"READY=1"
+    assert systemd.recv(100) == b"WATCHDOG=1"
     assert wait_for(lambda: (ksm / "run").read_text() == "0\n", 10), daemon.output()
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nrules: oops\n")
     daemon.process.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "keeping the previous policy" in daemon.output(), 10)
     assert daemon.stop() == 0
+    states = []
+    with contextlib.suppress(TimeoutError):
+        systemd.settimeout(0.5)
+        while True:
+            states.append(systemd.recv(100))
+    systemd.close()
+    assert b"RELOADING=1" in states
+    assert states[-1] == b"STOPPING=1"
     log = daemon.output()
     assert "<6>stopped: nothing mergeable: ksmd stopped" in log
     assert "rules: expected a list of rules, got a string ('oops')" in log
@@ -153,6 +191,43 @@ def test_reconcile_once_dry_run_on_fake_host(tmp_path: Path) -> None:
         "knobs:     run=0 (dry run: nothing written)",
     ]
     assert (ksm / "run").read_text() == "1\n"
+
+
+def test_reconcile_once_paces_a_vm_on_an_old_kernel(tmp_path: Path) -> None:
+    from tests.test_vms import LIBVIRT, SMAPS, write_process
+
+    ksm = fake_host(tmp_path)
+    (ksm / "run").write_text("0\n")
+    write_process(tmp_path / "proc", 100, LIBVIRT, "qemu-system-x86", SMAPS, None)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nreconciler: {target_scan_seconds: 10}\n")
+    policy.chmod(0o644)
+    result = subprocess.run(
+        [
+            KSMPOLICY,
+            "-p",
+            str(policy),
+            "reconcile",
+            "--once",
+            "--json",
+            "--sample",
+            "0",
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(result.stdout)
+    assert data["mode"] == "sprint"  # first sight of the VM's memory
+    assert data["footprint_bytes"] == (200000 + 512) * 1024
+    assert data["processes"] == [
+        {"pid": 100, "kind": "qemu", "name": "web-1,blue", "mergeable_bytes": 205324288}
+    ]
+    assert data["written"] == ["pages_to_scan", "run"]
+    assert (ksm / "run").read_text() == "1\n"
+    assert int((ksm / "pages_to_scan").read_text()) == data["knobs"]["pages_to_scan"]
 
 
 # --- the real kernel ---------------------------------------------------------------------------
