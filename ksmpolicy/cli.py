@@ -8,7 +8,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence, Sized
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -113,6 +113,9 @@ def check(options: Options, files: tuple[str, ...]) -> None:
 @click.option("--image", "images", multiple=True, metavar="IMAGE", help="Base image identity.")
 @click.option("--hugepages", is_flag=True, help="The VM's memory is hugepage-backed.")
 @click.option("--facts", "facts_file", metavar="FILE", help="A YAML list of VMs: print a table.")
+@click.option(
+    "--xml", "xml_file", metavar="FILE", help="A libvirt domain XML file ('-' for stdin)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @policy_option
 @click.pass_obj
@@ -125,24 +128,32 @@ def explain(
     images: tuple[str, ...],
     hugepages: bool,
     facts_file: str | None,
+    xml_file: str | None,
     as_json: bool,
 ) -> None:
     """Show what the policy decides for a VM, and why.
 
-    Describe one VM with --name (and --tag, --image, ...), or many with
-    --facts FILE, a YAML list like `- {name: web-1, tags: [web]}`.
+    Describe one VM with --name (and --tag, --image, ...), give its libvirt
+    definition with --xml FILE (tags from its <metadata>, images from its
+    disks' backing chains), or many VMs with --facts FILE, a YAML list like
+    `- {name: web-1, tags: [web]}`.
 
     \b
     Example:
       ksmpolicy explain --name pg-primary --tag database
     """
-    if facts_file is None and name is None:
-        raise click.UsageError("give --name NAME (with --tag, --image, ...) or --facts FILE")
-    if facts_file is not None and name is not None:
-        raise click.UsageError("--name and --facts exclude each other")
+    sources = [s for s in (name, facts_file, xml_file) if s is not None]
+    if not sources:
+        raise click.UsageError("give --name NAME (with --tag, --image, ...), --xml or --facts")
+    if len(sources) > 1:
+        raise click.UsageError("--name, --xml and --facts exclude each other")
     policy = load_policy(options.policy)
     if facts_file is not None:
         vms = load_facts(facts_file)
+    elif xml_file is not None:
+        from ksmpolicy.libvirt_xml import domain_facts, qcow2_backing_root  # noqa: PLC0415
+
+        vms = [domain_facts(_read_input(xml_file), qcow2_backing_root).vm]
     else:
         assert name is not None
         vms = [VmFacts(name, uuid, vmid, frozenset(tags), images, hugepages=hugepages)]
@@ -286,6 +297,210 @@ def notify(event: str, vm: str, root: str, run_dir: str | None) -> None:
         click.echo("ksmpolicy: no daemon is listening; note dropped", err=True)
 
 
+@cli.group()
+def xml() -> None:
+    """libvirt domain XML, offline."""
+
+
+@xml.command("rewrite")
+@click.argument("file", default="-", metavar="[FILE]")
+@policy_option
+@click.pass_obj
+def xml_rewrite(options: Options, file: str) -> None:
+    """Print a domain XML as the policy wants it (stdin to stdout by default).
+
+    Adds <memoryBacking><nosharepages/> for VMs the policy excludes and removes
+    it for VMs it lets merge; every other byte is kept. The same code path as
+    the hook's migrate and restore rewrite. Exit 1 (and print nothing) on bad XML.
+    """
+    from ksmpolicy.libvirt_xml import apply_policy  # noqa: PLC0415
+
+    policy = load_policy(options.policy)
+    rewritten, _facts, _decision = apply_policy(_read_input(file), Decider(policy))
+    click.echo(rewritten, nl=False)
+
+
+@cli.group()
+def hook() -> None:
+    """Entry points the hypervisor calls (the hook shims run these)."""
+
+
+@hook.command("libvirt", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="NAME OP SUBOP EXTRA")
+@policy_option
+@click.pass_obj
+def hook_libvirt(options: Options, args: tuple[str, ...]) -> None:
+    """libvirt's qemu hook: domain XML on stdin.
+
+    prepare/begin checks the definition against the policy (enforcement off,
+    warn or block); migrate/begin and restore/begin print the XML rewritten for
+    this host's policy; started, stopped, release and reconnect notify the
+    daemon. The installed shim calls the same code without click, for speed.
+    """
+    from ksmpolicy.hook import main as hook_main  # noqa: PLC0415
+
+    raise SystemExit(hook_main(["--policy", options.policy, "libvirt", *args]))
+
+
+@cli.command()
+@click.argument("target", type=click.Choice(["libvirt"]))
+@click.option("--main-hook", is_flag=True, help="Install as hooks/qemu instead of qemu.d/.")
+@click.option("--name", default="ksmpolicy", show_default=True, help="File name in qemu.d/.")
+@click.option("--hook-policy", metavar="FILE", help="Policy the hook reads (default: its own).")
+@click.option("--run-dir", metavar="DIR", hidden=True, help="Daemon runtime directory.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+def install(
+    target: str, main_hook: bool, name: str, hook_policy: str | None, run_dir: str | None, root: str
+) -> None:
+    """Install the hook: /etc/libvirt/hooks/qemu.d/ksmpolicy by default.
+
+    Never overwrites a hook that ksmpolicy did not write. The hook runs this
+    installation's interpreter by its absolute path.
+    """
+    from ksmpolicy import install as installer  # noqa: PLC0415
+
+    paths = HostPaths(Path(root))
+    path = installer.install(
+        paths, main_hook=main_hook, name=name, policy=hook_policy, run_dir=run_dir
+    )
+    click.echo(f"installed {path}")
+    click.echo(installer.reload_hint(paths))
+
+
+@cli.command()
+@click.argument("target", type=click.Choice(["libvirt"]))
+@click.option("--main-hook", is_flag=True, help="Remove hooks/qemu instead of qemu.d/.")
+@click.option("--name", default="ksmpolicy", show_default=True, help="File name in qemu.d/.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
+    """Remove the hook that `install` wrote (and nothing else)."""
+    from ksmpolicy import install as installer  # noqa: PLC0415
+
+    paths = HostPaths(Path(root))
+    removed = installer.uninstall(paths, main_hook=main_hook, name=name)
+    click.echo(f"removed {removed}" if removed else "no ksmpolicy hook was installed")
+    if removed:
+        click.echo(installer.reload_hint(paths))
+
+
+CONNECT = click.option(
+    "--connect", "-c", "uri", metavar="URI", help="libvirt URI (default: libvirt's default)."
+)
+
+
+@cli.command()
+@CONNECT
+@click.option("--dry-run", is_flag=True, help="Print a unified diff per domain; change nothing.")
+@click.option("--domain", "-d", "domains", multiple=True, metavar="NAME", help="Only these.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@policy_option
+@click.pass_obj
+def apply(
+    options: Options, uri: str | None, dry_run: bool, domains: tuple[str, ...], root: str
+) -> None:
+    """Redefine libvirt domains whose definitions disagree with the policy.
+
+    Adds or removes <nosharepages/>; each old definition is saved under
+    /var/lib/ksmpolicy/backups first. Running domains get the new definition at
+    their next start (`enforce --live` switches them now). A domain that fails
+    does not stop the others; the exit status is then 1.
+    """
+    from ksmpolicy import libvirt_host  # noqa: PLC0415
+
+    policy = load_policy(options.policy)
+    conn = libvirt_host.connect(uri)
+    backup_dir = HostPaths(Path(root)).state_dir / "backups"
+    results = libvirt_host.apply(conn, policy, backup_dir=backup_dir, dry_run=dry_run, only=domains)
+    for result in results:
+        if result.diff and dry_run:
+            click.echo(result.diff, nl=False)
+        line = f"{result.name}: {result.status}"
+        if result.backup:
+            line += f" (backup {result.backup})"
+        if result.error:
+            line += f": {result.error}"
+        click.echo(line, err=result.status == "failed")
+    counts = {s: sum(r.status == s for r in results) for s in ("changed", "would change")}
+    failed = [r.name for r in results if r.status == "failed"]
+    click.echo(
+        f"{len(results)} domains: {counts['changed']} changed, "
+        f"{counts['would change']} would change, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.command()
+@CONNECT
+@click.option("--live", is_flag=True, help="Also switch running domains' merging now (QMP).")
+@click.option("--domain", "-d", "domains", multiple=True, metavar="NAME", help="Only these.")
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@policy_option
+@click.pass_obj
+def enforce(
+    options: Options, uri: str | None, live: bool, domains: tuple[str, ...], root: str
+) -> None:
+    """One pass of what the daemon does: fix definitions, and with --live running VMs.
+
+    The live switch sets `merge` on each guest RAM backend over QMP
+    (virDomainQemuMonitorCommand); libvirt then marks the domain
+    "custom-monitor" tainted, which is harmless but shows in its log.
+    """
+    from ksmpolicy import libvirt_host  # noqa: PLC0415
+
+    policy = load_policy(options.policy)
+    conn = libvirt_host.connect(uri)
+    backup_dir = HostPaths(Path(root)).state_dir / "backups"
+    results = libvirt_host.apply(conn, policy, backup_dir=backup_dir, only=domains)
+    failed = [r.name for r in results if r.status == "failed"]
+    for result in results:
+        if result.status != "unchanged":
+            click.echo(f"{result.name}: definition {result.status} {result.error or ''}".rstrip())
+    if live:
+        for done in libvirt_host.enforce_live(conn, policy, only=domains):
+            state = "" if done.merge is None else f" (merge {'on' if done.merge else 'off'})"
+            click.echo(f"{done.name}: running {done.status}{state} {done.detail}".rstrip())
+            if done.status == "failed":
+                failed.append(done.name)
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("vm")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="Remove these tags instead of adding them.")
+@CONNECT
+def tag(vm: str, tags: tuple[str, ...], remove: bool, uri: str | None) -> None:
+    """Add tags to a libvirt domain (its <metadata>, namespace urn:ksmpolicy:vm:1).
+
+    \b
+    Example:
+      ksmpolicy tag pg-primary database
+    """
+    from ksmpolicy import libvirt_host  # noqa: PLC0415
+
+    now = libvirt_host.set_tags(libvirt_host.connect(uri), vm, tags, remove=remove)
+    click.echo(f"{vm}: tags {', '.join(now) or '(none)'}")
+
+
+def _read_input(file: str) -> bytes:
+    from ksmpolicy.libvirt_xml import MAX_XML_BYTES, XmlError  # noqa: PLC0415
+
+    try:
+        if file == "-":
+            data = sys.stdin.buffer.read(MAX_XML_BYTES + 1)
+        else:
+            with Path(file).open("rb") as handle:
+                data = handle.read(MAX_XML_BYTES + 1)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot read {file}: {exc.strerror}") from None
+    if len(data) > MAX_XML_BYTES:
+        raise XmlError(f"{file}: larger than {MAX_XML_BYTES // 2**20} MB: refusing it")
+    return data
+
+
 def _paths(root: str, run_dir: str | None) -> HostPaths:
     return HostPaths(Path(root), Path(run_dir) if run_dir else None)
 
@@ -341,10 +556,15 @@ def _print_one(decision: Decision, policy: Policy) -> None:
 
 
 def _decision_json(decision: Decision) -> dict[str, Any]:
-    data = asdict(decision)
-    data["action"] = decision.action.value
-    data["tags"] = list(decision.tags)
-    return data
+    return {
+        "vm": decision.vm,
+        "action": decision.action.value,
+        "merge": decision.merge,
+        "group": decision.group,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "tags": list(decision.tags),
+    }
 
 
 def _ksm_json(values: dict[str, int | str], saved_bytes: int) -> dict[str, Any]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ksmpolicy.policy import Action, Policy, Rule
+
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from dataclasses import dataclass
+else:
+    from ksmpolicy.records import dataclass
 
 
 @dataclass(frozen=True)
@@ -126,19 +131,28 @@ class _GlobIndex:
         self.literal: dict[str, int] = {}
         # Globs are filed under their literal prefix ("svc12-" for "svc12-*") and tried only on
         # values that start with it, so 500 rules cost a few dict lookups, not 500 regexes.
-        self.by_prefix: dict[str, list[tuple[re.Pattern[str], int]]] = {}
+        # They are compiled on first use: a hook deciding one VM compiles a handful.
+        self.by_prefix: dict[str, list[tuple[str, int]]] = {}
+        self._compiled: dict[str, list[tuple[re.Pattern[str], int]]] = {}
         for index, items in enumerate(per_item):
             bit = 1 << index
             if not items:
                 self.unconstrained |= bit
             for item in items:
                 if globs and _is_glob(item):
-                    prefix = re.split(r"[*?\[]", item, maxsplit=1)[0]
-                    regex = re.compile(fnmatch.translate(item))
-                    self.by_prefix.setdefault(prefix, []).append((regex, bit))
+                    prefix = _literal_prefix(item)
+                    self.by_prefix.setdefault(prefix, []).append((item, bit))
                 else:
                     self.literal[item] = self.literal.get(item, 0) | bit
         self.prefix_lengths = sorted({len(prefix) for prefix in self.by_prefix})
+
+    def _bucket(self, prefix: str) -> list[tuple[re.Pattern[str], int]]:
+        compiled = self._compiled.get(prefix)
+        if compiled is None:
+            globs = self.by_prefix.get(prefix, ())
+            compiled = [(re.compile(fnmatch.translate(g)), bit) for g, bit in globs]
+            self._compiled[prefix] = compiled
+        return compiled
 
     def matched(self, values: Iterable[str]) -> int:
         """Bits of the items that one of `values` matches (unconstrained ones not included)."""
@@ -148,13 +162,23 @@ class _GlobIndex:
             for length in self.prefix_lengths:
                 if length > len(value):
                     break
-                for regex, bit in self.by_prefix.get(value[:length], ()):
+                if value[:length] not in self.by_prefix:
+                    continue
+                for regex, bit in self._bucket(value[:length]):
                     if not mask & bit and regex.match(value):
                         mask |= bit
         return mask
 
     def satisfied_by(self, values: Iterable[str]) -> int:
         return self.unconstrained | self.matched(values)
+
+
+def _literal_prefix(glob: str) -> str:
+    """The part of a glob before its first wildcard: "svc12-" for "svc12-*"."""
+    for index, char in enumerate(glob):
+        if char in "*?[":
+            return glob[:index]
+    return glob
 
 
 def _is_glob(text: str) -> bool:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from ksmpolicy.errors import HostError
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from dataclasses import dataclass, field
+    from pathlib import Path
+else:  # the hook imports this module: see ksmpolicy.records
+    from ksmpolicy.records import dataclass, field
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Knobs and counters of /sys/kernel/mm/ksm, in the kernel's names. Older kernels lack some.
@@ -44,11 +47,19 @@ KSM_COUNTERS = (
 RUN_STATES = {0: "stopped", 1: "running", 2: "stopped, unmerged"}
 
 
+RUN_DIR = "run/ksmpolicy"
+
+
+def default_run_dir() -> str:
+    """HostPaths().run_dir as a string, for the hook (which spares itself pathlib's import)."""
+    return os.path.join("/", RUN_DIR)  # noqa: PTH118
+
+
 @dataclass(frozen=True)
 class HostPaths:
     """Where the host's files are: `/` on a real host, a temporary tree in tests."""
 
-    root: Path = field(default_factory=lambda: Path("/"))
+    root: Path = field(default_factory=lambda: _path("/"))
     run_override: Path | None = None  # another runtime directory (tests beside a live daemon)
 
     @property
@@ -65,12 +76,21 @@ class HostPaths:
 
     @property
     def run_dir(self) -> Path:
-        """Root-only runtime directory: the daemon's socket for hook notes."""
-        return self.run_override or self.root / "run/ksmpolicy"
+        """Root-only runtime directory: the daemon's socket for hook notes, the policy cache."""
+        return self.run_override or self.root / RUN_DIR
 
     @property
     def notify_socket(self) -> Path:
         return self.run_dir / "notify.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        """Backups of definitions ksmpolicy changed."""
+        return self.root / "var/lib/ksmpolicy"
+
+    @property
+    def libvirt_hooks(self) -> Path:
+        return self.root / "etc/libvirt/hooks"
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,12 @@ def read_meminfo(paths: HostPaths) -> dict[str, int]:
             scale = 1024 if fields[1:2] == ["kB"] else 1
             result[key] = int(fields[0]) * scale
     return result
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path  # noqa: PLC0415 - imported on first use: the hook needs none
+
+    return Path(text)
 
 
 def _selected(text: str) -> str:
@@ -195,7 +221,9 @@ class KsmKnobs:
             hint = " (run as root)" if isinstance(exc, PermissionError) else ""
             raise HostError(f"cannot write {value} to {path}: {why}{hint}") from exc
         self._last[name] = value
-        log.info("ksm %s: %s -> %s", name, current, value)
+        import logging  # noqa: PLC0415 - the hook imports this module and never logs
+
+        logging.getLogger(__name__).info("ksm %s: %s -> %s", name, current, value)
         return True
 
     def apply(self, knobs: Iterable[tuple[str, int | str]]) -> list[str]:
@@ -275,4 +303,4 @@ def _pids(paths: HostPaths) -> Iterator[Path]:
         return
     for entry in entries:
         if entry.name.isdigit():
-            yield Path(entry.path)
+            yield _path(entry.path)

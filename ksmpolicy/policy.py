@@ -1,21 +1,24 @@
-"""The policy file: load it, validate every key, and hold it as frozen values."""
+"""The policy: frozen values, loading with the trust check, and a compiled cache for hooks.
+
+Validation of the YAML lives in `ksmpolicy.validate`, imported only when a file is parsed: the
+hook, which runs on every VM start, normally reads the compiled cache instead.
+"""
 
 from __future__ import annotations
 
-import difflib
 import enum
-import fnmatch
+import marshal
 import os
 import stat
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
 
-from ksmpolicy import yamlsource
 from ksmpolicy.errors import PolicyError, Problem
-from ksmpolicy.yamlsource import Document
-from ksmpolicy.yamlsource import Path as KeyPath
+
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from dataclasses import dataclass, field
+else:
+    from ksmpolicy.records import dataclass, field
 
 DEFAULT_POLICY_PATH = "/etc/ksmpolicy/policy.yaml"
 MAX_POLICY_BYTES = 10 * 1024 * 1024
@@ -89,22 +92,34 @@ class Policy:
 # --- loading -------------------------------------------------------------------------------
 
 
-def load_policy(path: str | os.PathLike[str], *, check_trust: bool | None = None) -> Policy:
+def load_policy(
+    path: str | os.PathLike[str],
+    *,
+    check_trust: bool | None = None,
+    cache_dir: str | None = None,
+) -> Policy:
     """Read and validate a policy file; raise PolicyError listing every problem.
 
     `check_trust` refuses files others could have written; by default it is on when running as
-    root, because the hooks run as root and act on what this file says.
+    root, because the hooks run as root and act on what this file says. With `cache_dir` (a
+    root-only directory) the validated policy is kept there in compiled form and reused while
+    the file's identity (device, inode, size, times) is unchanged.
     """
     file = os.fspath(path)
     if check_trust is None:
         check_trust = os.geteuid() == 0
     try:
-        with Path(file).open("rb") as handle:
+        with open(file, "rb") as handle:  # noqa: PTH123 - pathlib costs the hook an import
             st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise _single(file, "not a regular file")
             if check_trust:
                 _check_trust(file, st)
+            key = (file, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if cache_dir is not None:
+                cached = _read_cache(cache_dir, key)
+                if cached is not None:
+                    return cached
             data = handle.read(MAX_POLICY_BYTES + 1)
     except FileNotFoundError:
         hint = " (copy one from policies/ or pass --policy)" if file == DEFAULT_POLICY_PATH else ""
@@ -124,20 +139,105 @@ def load_policy(path: str | os.PathLike[str], *, check_trust: bool | None = None
         raise PolicyError(
             [Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}): save it as UTF-8")]
         ) from None
-    return parse_policy(text, file)
+    policy = parse_policy(text, file)
+    if cache_dir is not None:
+        _write_cache(cache_dir, key, policy)
+    return policy
 
 
 def parse_policy(text: str, file: str = "<policy>") -> Policy:
     """Validate policy text; raise PolicyError listing every problem found, in line order."""
-    if "\0" in text:
-        line = text[: text.index("\0")].count("\n") + 1
-        raise PolicyError([Problem(file, line, "", "contains a NUL byte: not a text file")])
-    doc = yamlsource.load(text, file)
-    policy = _Validator(doc).policy() if not doc.problems or doc.value is not None else None
-    if doc.problems or policy is None:
-        problems = sorted(doc.problems, key=lambda p: p.line or 0)
-        raise PolicyError(problems or [Problem(file, 1, "", "invalid policy")])
-    return policy
+    from ksmpolicy.validate import parse  # noqa: PLC0415 - YAML and validation load on demand
+
+    return parse(text, file)
+
+
+# --- the compiled cache --------------------------------------------------------------------
+
+_CACHE_FORMAT = 1
+
+
+def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
+    return os.path.join(cache_dir, f"policy-{key[1]}-{key[2]}.cache")  # noqa: PTH118
+
+
+def _read_cache(cache_dir: str, key: tuple[object, ...]) -> Policy | None:
+    try:
+        with open(_cache_path(cache_dir, key), "rb") as handle:  # noqa: PTH123
+            st = os.fstat(handle.fileno())
+            # Only a root-owned file nobody else can write: the hook runs as root.
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                return None
+            stored = marshal.load(handle)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    if not isinstance(stored, tuple) or stored[:2] != (_CACHE_FORMAT, key):
+        return None
+    try:
+        return _thaw(stored[2])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _write_cache(cache_dir: str, key: tuple[object, ...], policy: Policy) -> None:
+    """Best effort: a cache that cannot be written only costs the next hook some time."""
+    path = _cache_path(cache_dir, key)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)  # noqa: PTH103
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            marshal.dump((_CACHE_FORMAT, key, _freeze(policy)), handle)  # type: ignore[arg-type]
+        os.replace(temporary, path)  # noqa: PTH105
+    except OSError:
+        try:  # noqa: SIM105 - contextlib is one more import for the hook
+            os.unlink(temporary)  # noqa: PTH108
+        except OSError:
+            pass
+
+
+def _freeze(p: Policy) -> tuple[object, ...]:
+    return (
+        p.enforcement.value,
+        p.live,
+        p.default.value,
+        tuple((g.name, g.images, g.tags, g.names) for g in p.groups),
+        tuple(
+            (
+                r.name,
+                (r.match.names, r.match.tags, r.match.groups, r.match.images),
+                r.action.value,
+                r.line,
+            )
+            for r in p.rules
+        ),
+        tuple(p.vms.items()),
+        (
+            p.reconciler.interval_seconds,
+            p.reconciler.target_scan_seconds,
+            p.reconciler.max_ksmd_cpu_percent,
+            p.reconciler.memory_pressure_percent,
+            p.reconciler.kernel_advisor,
+        ),
+        p.source,
+    )
+
+
+def _thaw(data: tuple[object, ...]) -> Policy:
+    enforcement, live, default, groups, rules, vms, reconciler, source = data
+    return Policy(
+        enforcement=Enforcement(enforcement),
+        live=bool(live),
+        default=Action(default),
+        groups=tuple(Group(*g) for g in groups),  # type: ignore[attr-defined]
+        rules=tuple(
+            Rule(name, Match(*match), Action(action), line)
+            for name, match, action, line in rules  # type: ignore[attr-defined]
+        ),
+        vms=dict(vms),  # type: ignore[call-overload]
+        reconciler=ReconcilerSettings(*reconciler),  # type: ignore[misc]
+        source=str(source),
+    )
 
 
 def _single(file: str, message: str) -> PolicyError:
@@ -155,9 +255,9 @@ def _check_trust(file: str, st: os.stat_result) -> None:
             f"refusing a {who}-writable policy (mode {stat.S_IMODE(st.st_mode):04o}): "
             f"hooks run as root and trust it; {fix}",
         )
-    parent = Path(file).resolve().parent
+    parent = os.path.dirname(os.path.realpath(file))  # noqa: PTH120
     try:
-        pst = parent.stat()
+        pst = os.stat(parent)  # noqa: PTH116
     except OSError:
         return
     writable = pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
@@ -167,309 +267,3 @@ def _check_trust(file: str, st: os.stat_result) -> None:
             f"refusing a policy in {parent}, which others can write (anyone could replace the "
             f"file); run: chown root:root {parent} && chmod go-w {parent}",
         )
-
-
-# --- validation ----------------------------------------------------------------------------
-
-_TOP_KEYS = ("version", "enforcement", "live", "default", "groups", "rules", "vms", "reconciler")
-_RULE_KEYS = ("name", "match", "action", "description")
-_MATCH_KEYS = ("names", "tags", "groups", "images")
-_GROUP_KEYS = ("images", "tags", "names", "description")
-_VM_KEYS = ("tags", "description")
-_RECONCILER_LIMITS = {
-    "interval_seconds": (0.1, 3600.0),
-    "target_scan_seconds": (1.0, 86400.0),
-    "max_ksmd_cpu_percent": (0.1, 100.0),
-    "memory_pressure_percent": (0.0, 100.0),
-}
-_RECONCILER_KEYS = (*_RECONCILER_LIMITS, "kernel_advisor")
-_TAG_FORBIDDEN = set(" \t\r\n;,")
-
-E = TypeVar("E", bound=enum.Enum)
-
-
-class _Validator:
-    """Walks the loaded document once and records every problem instead of stopping."""
-
-    def __init__(self, doc: Document) -> None:
-        self.doc = doc
-
-    def policy(self) -> Policy | None:
-        doc = self.doc
-        if doc.value is None:
-            doc.problem((), "policy is empty: start it with 'version: 1' (see policies/)")
-            return None
-        top = self.mapping(doc.value, (), _TOP_KEYS)
-        if top is None:
-            return None
-        if "version" not in top:
-            doc.problem(("version",), "missing: add 'version: 1' as the first line", line=1)
-        elif top["version"] != SUPPORTED_VERSION or isinstance(top["version"], bool):
-            doc.problem(
-                ("version",),
-                f"unsupported version {top['version']!r}: this ksmpolicy reads version 1",
-            )
-        groups = self.groups(top.get("groups"))
-        group_names = [g.name for g in groups]
-        rules = self.rules(top.get("rules"), group_names)
-        return Policy(
-            enforcement=self.enum(top, "enforcement", Enforcement, Enforcement.WARN),
-            live=self.boolean(top, "live", default=True),
-            default=self.enum(top, "default", Action, Action.MERGE),
-            groups=tuple(groups),
-            rules=tuple(rules),
-            vms=self.vms(top.get("vms")),
-            reconciler=self.reconciler(top.get("reconciler")),
-            source=doc.file,
-        )
-
-    # --- sections
-
-    def groups(self, value: Any) -> list[Group]:
-        section = self.mapping(value, ("groups",), None) if value is not None else None
-        result = []
-        for name, body in (section or {}).items():
-            path: KeyPath = ("groups", name)
-            spec = self.mapping(body, path, _GROUP_KEYS)
-            if spec is None:
-                continue
-            group = Group(
-                name=str(name),
-                images=self.globs(spec, (*path, "images"), _check_image_glob),
-                tags=self.tags(spec, (*path, "tags")),
-                names=self.globs(spec, (*path, "names"), _check_name_glob),
-            )
-            if not (group.images or group.tags or group.names):
-                self.doc.problem(path, "a group needs at least one of: images, tags, names")
-            result.append(group)
-        return result
-
-    def rules(self, value: Any, group_names: list[str]) -> list[Rule]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.doc.problem(("rules",), f"expected a list of rules, got {_kind(value)}")
-            return []
-        result = []
-        seen: dict[str, int] = {}
-        for index, body in enumerate(value):
-            path: KeyPath = ("rules", index)
-            spec = self.mapping(body, path, _RULE_KEYS)
-            if spec is None:
-                continue
-            line = self.doc.line(path)
-            name = spec.get("name", f"rules.{index}")
-            if not isinstance(name, str) or not name:
-                self.doc.problem((*path, "name"), "expected a non-empty string")
-                name = f"rules.{index}"
-            elif name in seen:
-                self.doc.problem(
-                    (*path, "name"), f"duplicate rule name (first used at line {seen[name]})"
-                )
-            seen[name] = line
-            if "action" not in spec:
-                self.doc.problem(path, "missing 'action': add 'action: exclude' or 'action: merge'")
-            action = self.enum(spec, "action", Action, Action.MERGE, path=path)
-            match = self.match(spec, (*path, "match"), group_names)
-            result.append(Rule(name=name, match=match, action=action, line=line))
-        return result
-
-    def match(self, rule: dict[str, Any], path: KeyPath, group_names: list[str]) -> Match:
-        if "match" not in rule:
-            self.doc.problem(
-                path[:-1],
-                "missing 'match': say which VMs the rule is for (names, tags, groups, images); "
-                "use 'default:' for all others",
-            )
-            return Match()
-        spec = self.mapping(rule["match"], path, _MATCH_KEYS)
-        if spec is None:
-            return Match()
-        match = Match(
-            names=self.globs(spec, (*path, "names"), _check_name_glob),
-            tags=self.tags(spec, (*path, "tags")),
-            groups=self.strings(spec, (*path, "groups")),
-            images=self.globs(spec, (*path, "images"), _check_image_glob),
-        )
-        for index, group in enumerate(match.groups):
-            if group not in group_names:
-                hint = _did_you_mean(group, group_names)
-                self.doc.problem(
-                    (*path, "groups", index),
-                    f"group {group!r} is not defined under 'groups:'{hint}",
-                )
-        if not spec:
-            self.doc.problem(path, "empty match would match every VM: use 'default:' for that")
-        return match
-
-    def vms(self, value: Any) -> dict[str, tuple[str, ...]]:
-        section = self.mapping(value, ("vms",), None) if value is not None else None
-        result = {}
-        for key, body in (section or {}).items():
-            path: KeyPath = ("vms", key)
-            spec = self.mapping(body, path, _VM_KEYS)
-            if spec is None:
-                continue
-            if "tags" not in spec:
-                self.doc.problem(path, "missing 'tags': give the VM at least one tag")
-            vm_key = str(key)
-            result[vm_key.lower() if _looks_like_uuid(vm_key) else vm_key] = self.tags(
-                spec, (*path, "tags")
-            )
-        return result
-
-    def reconciler(self, value: Any) -> ReconcilerSettings:
-        if value is None:
-            return ReconcilerSettings()
-        spec = self.mapping(value, ("reconciler",), _RECONCILER_KEYS)
-        if spec is None:
-            return ReconcilerSettings()
-        numbers = {}
-        for key, (low, high) in _RECONCILER_LIMITS.items():
-            if key in spec:
-                number = self.number(spec[key], ("reconciler", key), low, high)
-                if number is not None:
-                    numbers[key] = number
-        advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
-        return ReconcilerSettings(**numbers, kernel_advisor=advisor)
-
-    # --- typed getters: each records a problem and returns a safe value on bad input
-
-    def mapping(
-        self, value: Any, path: KeyPath, known: tuple[str, ...] | None
-    ) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.doc.problem(path, f"expected a mapping (key: value lines), got {_kind(value)}")
-            return None
-        if known is not None:
-            for key in value:
-                if key not in known:
-                    hint = _did_you_mean(key, known)
-                    allowed = "" if hint else f" (allowed: {', '.join(known)})"
-                    self.doc.problem((*path, key), f"unknown key{hint}{allowed}")
-            return {k: v for k, v in value.items() if k in known}
-        return value
-
-    def enum(
-        self,
-        spec: dict[str, Any],
-        key: str,
-        kind: type[E],
-        default: E,
-        *,
-        path: KeyPath = (),
-    ) -> E:
-        if key not in spec:
-            return default
-        value = spec[key]
-        if value is False and "off" in {m.value for m in kind}:
-            value = "off"  # YAML 1.1 reads a bare `off` as false
-        choices = [m.value for m in kind]
-        if isinstance(value, str) and value.lower() in choices:
-            return kind(value.lower())
-        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
-        self.doc.problem((*path, key), f"expected one of {', '.join(choices)}, got {value!r}{hint}")
-        return default
-
-    def boolean(self, spec: dict[str, Any], key: str, *, default: bool, path: KeyPath = ()) -> bool:
-        value = spec.get(key, default)
-        if isinstance(value, bool):
-            return value
-        self.doc.problem((*path, key), f"expected true or false, got {value!r}")
-        return default
-
-    def number(self, value: Any, path: KeyPath, low: float, high: float) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.doc.problem(path, f"expected a number, got {_kind(value)}")
-            return None
-        if not low <= value <= high:
-            self.doc.problem(path, f"{value} is out of range: use {low:g} to {high:g}")
-            return None
-        return float(value)
-
-    def strings(self, spec: dict[str, Any], path: KeyPath) -> tuple[str, ...]:
-        """A list of strings; a single string counts as a list of one."""
-        if path[-1] not in spec:
-            return ()
-        value = spec[path[-1]]
-        items = [value] if isinstance(value, str | int) and not isinstance(value, bool) else value
-        if not isinstance(items, list):
-            self.doc.problem(path, f"expected a list of strings, got {_kind(value)}")
-            return ()
-        if not items:
-            self.doc.problem(path, "empty list matches nothing: remove the key or add items")
-        result = []
-        for index, item in enumerate(items):
-            item_path = (*path, index) if isinstance(value, list) else path
-            if isinstance(item, bool) or not isinstance(item, str | int):
-                self.doc.problem(item_path, f"expected a string, got {_kind(item)}")
-                continue
-            result.append(str(item))
-        return tuple(result)
-
-    def tags(self, spec: dict[str, Any], path: KeyPath) -> tuple[str, ...]:
-        tags = self.strings(spec, path)
-        for index, tag in enumerate(tags):
-            bad = sorted(set(tag) & _TAG_FORBIDDEN)
-            if not tag or bad:
-                what = "is empty" if not tag else f"contains {''.join(bad)!r}"
-                self.doc.problem((*path, index), f"tag {tag!r} {what}: no VM can carry such a tag")
-        return tuple(tag.lower() for tag in tags)
-
-    def globs(
-        self, spec: dict[str, Any], path: KeyPath, check: Callable[[str], str | None]
-    ) -> tuple[str, ...]:
-        patterns = self.strings(spec, path)
-        for index, pattern in enumerate(patterns):
-            why = _never_matches(pattern) or check(pattern)
-            if why:
-                self.doc.problem((*path, index), f"glob {pattern!r} can never match: {why}")
-        return patterns
-
-
-def _never_matches(pattern: str) -> str | None:
-    if not pattern:
-        return "it is empty"
-    if "\n" in pattern or "\0" in pattern:
-        return "it contains a newline or NUL"
-    if "(?!)" in fnmatch.translate(pattern):
-        return "a character range like [z-a] is empty"
-    return None
-
-
-def _check_name_glob(pattern: str) -> str | None:
-    if "/" in pattern:
-        return "VM names never contain '/'"
-    return None
-
-
-def _check_image_glob(pattern: str) -> str | None:
-    if pattern.startswith(("/", "*", "?", "[")) or ":" in pattern:
-        return None
-    return (
-        "images are absolute paths (libvirt) or STORAGE:VOLUME ids (Proxmox); "
-        f"did you mean '*/{pattern}'?"
-    )
-
-
-def _looks_like_uuid(value: str) -> bool:
-    return len(value) == 36 and value.count("-") == 4
-
-
-def _did_you_mean(word: object, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    return f"a {type(value).__name__} ({value!r})"

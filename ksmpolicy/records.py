@@ -1,0 +1,140 @@
+"""A light `@dataclass` for the modules on the hook's path.
+
+The hook runs on every VM start. The standard `dataclasses` module imports `inspect`, which
+costs about 10 ms here, a third of the hook's budget. Modules on that path (errors, policy,
+decide, libvirt_xml) write
+
+    TYPE_CHECKING = False
+    if TYPE_CHECKING:
+        from dataclasses import dataclass, field
+    else:
+        from ksmpolicy.records import dataclass, field
+
+so that mypy checks them as real dataclasses while the interpreter uses this module, which
+supports what they use: keyword or positional construction, defaults, `default_factory`,
+`frozen`, `eq`, `hash=False` fields and a dataclass-style repr. No inheritance, no
+`__post_init__`, no `dataclasses.replace`/`asdict` (those modules don't need them).
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
+_MISSING: Any = object()
+
+
+class FrozenInstanceError(AttributeError):
+    pass
+
+
+class Field:
+    __slots__ = ("compare", "default", "default_factory", "hash")
+
+    def __init__(self, default: Any, default_factory: Any, compare: bool, hash: bool) -> None:
+        self.default = default
+        self.default_factory = default_factory
+        self.compare = compare
+        self.hash = hash
+
+
+def field(
+    *,
+    default: Any = _MISSING,
+    default_factory: Callable[[], Any] = _MISSING,
+    compare: bool = True,
+    hash: bool = True,
+) -> Any:
+    return Field(default, default_factory, compare, hash)
+
+
+def dataclass(cls: type[T] | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
+    def wrap(klass: type[T]) -> type[T]:
+        return _build(klass, frozen=frozen, eq=eq)
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _build(cls: type[T], *, frozen: bool, eq: bool) -> type[T]:
+    annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063 - no inspect here
+    names = [n for n in annotations if not n.startswith("_")]
+    namespace: dict[str, Any] = {"_MISSING": _MISSING, "_setattr": object.__setattr__}
+    params, body = [], []
+    hashed = []
+    compared = []
+    for name in names:
+        spec = cls.__dict__.get(name, _MISSING)
+        if isinstance(spec, Field):
+            default, factory = spec.default, spec.default_factory
+            if spec.hash:
+                hashed.append(name)
+            if spec.compare:
+                compared.append(name)
+        else:
+            default, factory = spec, _MISSING
+            hashed.append(name)
+            compared.append(name)
+        if factory is not _MISSING:
+            namespace[f"_factory_{name}"] = factory
+            params.append(f"{name}=_MISSING")
+            value = f"_factory_{name}() if {name} is _MISSING else {name}"
+        elif default is not _MISSING:
+            namespace[f"_default_{name}"] = default
+            params.append(f"{name}=_default_{name}")
+            value = name
+        else:
+            if params and "=" in params[-1]:
+                raise TypeError(f"{cls.__name__}: non-default field {name} after a default one")
+            params.append(name)
+            value = name
+        if frozen:
+            body.append(f"    _setattr(self, {name!r}, {value})")
+        else:
+            body.append(f"    self.{name} = {value}")
+        if name in cls.__dict__:
+            delattr(cls, name)  # instances hold the value; the class keeps no stale default
+    source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass")
+    exec(source, namespace)
+    _set(cls, "__init__", namespace["__init__"])
+    _set(cls, "__match_args__", tuple(names))
+
+    def __repr__(self: Any) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+        return f"{type(self).__qualname__}({inner})"
+
+    _set(cls, "__repr__", __repr__)
+    if eq:
+
+        def __eq__(self: Any, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return all(getattr(self, n) == getattr(other, n) for n in compared)
+
+        _set(cls, "__eq__", __eq__)
+        if frozen:
+
+            def __hash__(self: Any) -> int:
+                return hash(tuple(getattr(self, n) for n in hashed))
+
+            _set(cls, "__hash__", __hash__)
+        else:
+            _set(cls, "__hash__", None)
+    if frozen:
+
+        def __setattr__(self: Any, name: str, value: Any) -> None:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+        def __delattr__(self: Any, name: str) -> None:
+            raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+        _set(cls, "__setattr__", __setattr__)
+        _set(cls, "__delattr__", __delattr__)
+    return cls
+
+
+def _set(cls: type, name: str, value: object) -> None:
+    setattr(cls, name, value)
