@@ -62,6 +62,7 @@ def main() -> int:
                     "-p",
                     str(policy_path),
                     "daemon",
+                    "--no-libvirt",
                     "--restore-on-exit",
                     "--run-dir",
                     str(run_dir),

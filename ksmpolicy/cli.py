@@ -50,6 +50,11 @@ def policy_option(func: F) -> F:
     )(func)
 
 
+CONNECT = click.option(
+    "--connect", "-c", "uri", metavar="URI", help="libvirt URI (default: libvirt's default)."
+)
+
+
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--policy",
@@ -189,10 +194,18 @@ def status(as_json: bool, root: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and log, but write no knob.")
 @click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
 @click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
+@CONNECT
+@click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
 @policy_option
 @click.pass_obj
 def daemon(
-    options: Options, restore_on_exit: bool, dry_run: bool, root: str, run_dir: str | None
+    options: Options,
+    restore_on_exit: bool,
+    dry_run: bool,
+    root: str,
+    run_dir: str | None,
+    uri: str | None,
+    no_libvirt: bool,
 ) -> None:
     """Run the reconciler in the foreground (replaces ksmtuned).
 
@@ -200,12 +213,23 @@ def daemon(
     the CPU budget in the policy's `reconciler:` section; retunes at once when a
     hook reports a VM start or stop. Logs to stderr (journald-friendly), speaks
     systemd's notify protocol, reloads the policy on SIGHUP and exits on SIGTERM.
+
+    Where libvirt is available it also watches domain events: a new or changed
+    definition is rewritten for the policy (unless enforcement is off), and a
+    started domain's merging is switched live (when the policy says `live`).
     """
     from ksmpolicy.daemon import Daemon  # noqa: PLC0415 - keeps `check`/`explain` light
 
     configure_daemon_logging(options.debug)
     paths = _paths(root, run_dir)
-    Daemon(paths, options.policy, restore_on_exit=restore_on_exit, dry_run=dry_run).run()
+    Daemon(
+        paths,
+        options.policy,
+        restore_on_exit=restore_on_exit,
+        dry_run=dry_run,
+        libvirt_uri=uri,
+        use_libvirt=not no_libvirt,
+    ).run()
 
 
 @cli.command()
@@ -381,11 +405,6 @@ def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
     click.echo(f"removed {removed}" if removed else "no ksmpolicy hook was installed")
     if removed:
         click.echo(installer.reload_hint(paths))
-
-
-CONNECT = click.option(
-    "--connect", "-c", "uri", metavar="URI", help="libvirt URI (default: libvirt's default)."
-)
 
 
 @cli.command()

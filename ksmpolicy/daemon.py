@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from ksmpolicy import sdnotify
 from ksmpolicy.errors import KsmPolicyError
@@ -118,10 +120,15 @@ class Daemon:
         *,
         restore_on_exit: bool = False,
         dry_run: bool = False,
+        libvirt_uri: str | None = None,
+        use_libvirt: bool = True,
     ) -> None:
         self.paths = paths
         self.policy_path = policy_path
         self.restore_on_exit = restore_on_exit
+        self.libvirt_uri = libvirt_uri
+        self.use_libvirt = use_libvirt and not dry_run
+        self.enforcer: Any = None
         self.reconciler = Reconciler(paths, load_policy(policy_path), dry_run=dry_run)
         self._signals: list[int] = []
         self._warned_rivals: set[int] = set()
@@ -136,6 +143,8 @@ class Daemon:
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         watchdog = sdnotify.watchdog_seconds()
+        if self.use_libvirt:
+            self.enforcer = self._start_enforcer(wake_write)
         log.info(
             "started: policy %s, notes on %s, pid %d",
             self.policy_path,
@@ -147,6 +156,8 @@ class Daemon:
         finally:
             sdnotify.notify("STOPPING=1")
             listener.close()
+            if self.enforcer is not None:
+                self.enforcer.close()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -197,6 +208,8 @@ class Daemon:
                 for note in received:
                     log.info("hook: %s %s", note.vm, note.event)
                 notes += len(received)
+            if self.enforcer is not None:
+                notes += self.enforcer.handle(self.reconciler.policy)
             now = time.monotonic()
             if notes or now >= next_plan:
                 self._warn_about_rivals()
@@ -212,6 +225,29 @@ class Daemon:
             if watchdog is not None and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
+
+    def _start_enforcer(self, wake: socket.socket) -> Any:
+        """The libvirt event watcher, when libvirt is here; the daemon is fine without it."""
+        try:
+            from ksmpolicy.libvirt_host import Enforcer, LibvirtMissing  # noqa: PLC0415
+        except ImportError:
+            return None
+
+        def poke() -> None:
+            with contextlib.suppress(OSError):  # a full wake pipe already wakes the loop
+                wake.send(b"l")
+
+        try:
+            enforcer = Enforcer(self.libvirt_uri, poke, self.paths.state_dir / "backups")
+        except LibvirtMissing:
+            log.info("libvirt-python not installed: libvirt event watcher off")
+            return None
+        except KsmPolicyError as exc:
+            log.info("libvirt event watcher off: %s", exc)
+            return None
+        enforcer.catch_up(self.reconciler.policy)
+        log.info("watching libvirt events at %s", self.libvirt_uri or "the default URI")
+        return enforcer
 
     def reload(self) -> None:
         """SIGHUP: load the policy again; a bad one keeps the old and says why."""

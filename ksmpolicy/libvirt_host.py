@@ -335,3 +335,62 @@ class Watcher:
             self.conn.close()
         except self.libvirt.libvirtError:
             pass
+
+
+class Enforcer:
+    """What the daemon does with libvirt: on DEFINED rewrite the definition (unless the policy's
+    enforcement is off), on STARTED switch the running VM's merging (when the policy is `live`).
+    At start it does one pass over every domain."""
+
+    def __init__(self, uri: str | None, wake: Callable[[], None], backup_dir: Path) -> None:
+        self.watcher = Watcher(uri, wake)
+        self.backup_dir = backup_dir
+
+    def catch_up(self, policy: Policy) -> None:
+        self._definitions(policy, ())
+        if policy.live:
+            for result in enforce_live(self.watcher.conn, policy):
+                if result.status in ("toggled", "failed"):
+                    log.info("%s: %s %s", result.name, result.status, result.detail)
+
+    def handle(self, policy: Policy) -> int:
+        """Act on queued events; return how many VMs started or stopped."""
+        from ksmpolicy.policy import Enforcement  # noqa: PLC0415
+
+        changes = 0
+        for event in self.watcher.drain():
+            log.debug("libvirt: %s %s", event.name, event.kind)
+            if event.kind == "defined" and policy.enforcement is not Enforcement.OFF:
+                self._definitions(policy, (event.name,))
+            elif event.kind == "started":
+                changes += 1
+                if policy.live:
+                    self._live(policy, event.name)
+            elif event.kind == "stopped":
+                changes += 1
+        return changes
+
+    def _definitions(self, policy: Policy, only: Iterable[str]) -> None:
+        conn = self.watcher.conn
+        for result in apply(conn, policy, backup_dir=self.backup_dir, only=only):
+            if result.status == "changed":
+                log.info(
+                    "%s: definition rewritten for the policy (backup %s)",
+                    result.name,
+                    result.backup,
+                )
+            elif result.status == "failed" and result.error != "no persistent domain of that name":
+                log.warning("%s: cannot rewrite the definition: %s", result.name, result.error)
+
+    def _live(self, policy: Policy, name: str) -> None:
+        try:
+            domain = self.watcher.conn.lookupByName(name)
+        except self.watcher.libvirt.libvirtError as exc:
+            log.warning("%s: started but not found: %s", name, exc)
+            return
+        result = enforce_one(domain, Decider(policy))
+        if result.status == "failed":
+            log.warning("%s: live switch failed: %s", name, result.detail)
+
+    def close(self) -> None:
+        self.watcher.close()

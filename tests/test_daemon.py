@@ -43,7 +43,16 @@ class DaemonProcess:
         self.log = run_dir.parent / "daemon.log"
         self.run_dir = run_dir
         self.process = subprocess.Popen(
-            [KSMPOLICY, "-p", str(policy), "daemon", "--run-dir", str(run_dir), *extra],
+            [
+                KSMPOLICY,
+                "-p",
+                str(policy),
+                "daemon",
+                "--no-libvirt",
+                "--run-dir",
+                str(run_dir),
+                *extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("w"),
             text=True,
