@@ -10,6 +10,8 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python (the libvirt extra) is needed")
 
+import contextlib
+
 from ksmpolicy.libvirt_host import apply, set_tags  # noqa: E402
 from ksmpolicy.libvirt_xml import domain_facts  # noqa: E402
 from ksmpolicy.policy import parse_policy  # noqa: E402
@@ -49,21 +51,20 @@ def conn() -> Iterator[Any]:
     """A fresh test driver per test: its state lives in the process, so undefine what we add."""
     connection = libvirt.open("test:///default")
     added = []
-    for name, kwargs in [
+    specs: list[tuple[str, dict[str, Any]]] = [
         ("db-orders", {}),  # excluded by name, lacks nosharepages -> rewritten
         ("pg-main", {"tag": "database"}),  # excluded by tag -> rewritten
         ("web-1", {"nosharepages": True}),  # may merge, has nosharepages -> removed
         ("web-2", {}),  # complies
         ("db-ok", {"nosharepages": True}),  # complies
-    ]:
+    ]
+    for name, kwargs in specs:
         connection.defineXML(domain_xml(name, **kwargs))
         added.append(name)
     yield connection
     for name in added:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             connection.lookupByName(name).undefine()
-        except libvirt.libvirtError:
-            pass
     connection.close()
 
 
@@ -117,10 +118,10 @@ class FailingConnection:
         self.conn = conn
         self.failing = failing
 
-    def listAllDomains(self, flags: int = 0) -> list[Any]:  # noqa: N802
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
         return list(self.conn.listAllDomains(flags))
 
-    def defineXML(self, xml: str) -> Any:  # noqa: N802
+    def defineXML(self, xml: str) -> Any:
         if f"<name>{self.failing}</name>" in xml:
             raise libvirt.libvirtError("injected failure: storage is read-only")
         return self.conn.defineXML(xml)

@@ -239,9 +239,8 @@ def domains(draw: st.DrawFn) -> str:
         inner = "".join(f"{newline}{indent * 2}{c}" for c in children)
         lines.append(f"{indent}<memoryBacking>{inner}{newline}{indent}</memoryBacking>")
     lines.append(f"{indent}<vcpu placement={quote}static{quote}>1</vcpu>")
-    lines.append(
-        f"{indent}<os>{newline}{indent * 2}<type arch='x86_64' machine='pc'>hvm</type>{newline}{indent}</os>"
-    )
+    os_type = "<type arch='x86_64' machine='pc'>hvm</type>"
+    lines.append(f"{indent}<os>{newline}{indent * 2}{os_type}{newline}{indent}</os>")
     if draw(st.booleans()):
         lines.append(
             f"{indent}<metadata>{newline}{indent * 2}<app:x xmlns:app='http://example.org/app'>"
