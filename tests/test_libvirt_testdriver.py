@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ksmpolicy.libvirt_host import apply, set_tags
+from ksmpolicy.libvirt_xml import domain_facts
+from ksmpolicy.policy import parse_policy
+
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python (the libvirt extra) is needed")
-
-import contextlib
-
-from ksmpolicy.libvirt_host import apply, set_tags  # noqa: E402
-from ksmpolicy.libvirt_xml import domain_facts  # noqa: E402
-from ksmpolicy.policy import parse_policy  # noqa: E402
 
 POLICY = parse_policy(
     """\
