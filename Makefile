@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 all: test
 
-$(STAMP): pyproject.toml scripts/bootstrap
+$(STAMP): pyproject.toml scripts/bootstrap scripts/build-guest
 	scripts/bootstrap
 
 test: $(STAMP) lint typecheck pytest

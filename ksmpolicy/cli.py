@@ -194,6 +194,7 @@ def status(as_json: bool, root: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and log, but write no knob.")
 @click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
 @click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
+@click.option("--state-dir", metavar="DIR", hidden=True, help="Backup directory (for tests).")
 @CONNECT
 @click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
 @policy_option
@@ -204,6 +205,7 @@ def daemon(
     dry_run: bool,
     root: str,
     run_dir: str | None,
+    state_dir: str | None,
     uri: str | None,
     no_libvirt: bool,
 ) -> None:
@@ -221,7 +223,11 @@ def daemon(
     from ksmpolicy.daemon import Daemon  # noqa: PLC0415 - keeps `check`/`explain` light
 
     configure_daemon_logging(options.debug)
-    paths = _paths(root, run_dir)
+    paths = HostPaths(
+        Path(root),
+        Path(run_dir) if run_dir else None,
+        Path(state_dir) if state_dir else None,
+    )
     Daemon(
         paths,
         options.policy,

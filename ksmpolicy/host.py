@@ -61,6 +61,7 @@ class HostPaths:
 
     root: Path = field(default_factory=lambda: _path("/"))
     run_override: Path | None = None  # another runtime directory (tests beside a live daemon)
+    state_override: Path | None = None  # another directory for backups (tests)
 
     @property
     def ksm_dir(self) -> Path:
@@ -86,7 +87,7 @@ class HostPaths:
     @property
     def state_dir(self) -> Path:
         """Backups of definitions ksmpolicy changed."""
-        return self.root / "var/lib/ksmpolicy"
+        return self.state_override or self.root / "var/lib/ksmpolicy"
 
     @property
     def libvirt_hooks(self) -> Path:
