@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery clean
+.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt clean
 
 all: test
 
@@ -26,7 +26,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery
+bench: bench-policy bench-discovery bench-libvirt
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -36,3 +36,6 @@ clean:
 
 bench-discovery: $(STAMP)
 	$(BIN)/python -m bench.bench_discovery
+
+bench-libvirt: $(STAMP)
+	$(BIN)/python -m bench.bench_libvirt
