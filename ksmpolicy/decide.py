@@ -6,13 +6,11 @@ import fnmatch
 import re
 
 from ksmpolicy.policy import Action, Policy, Rule
+from ksmpolicy.records import dataclass
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from dataclasses import dataclass
-else:
-    from ksmpolicy.records import dataclass
 
 
 @dataclass(frozen=True)

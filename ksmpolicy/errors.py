@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
-if TYPE_CHECKING:
-    from dataclasses import dataclass
-else:
-    from ksmpolicy.records import dataclass
+from ksmpolicy.records import dataclass
 
 
 class KsmPolicyError(Exception):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 
 from ksmpolicy.errors import HostError
+from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
-    from dataclasses import dataclass, field
     from pathlib import Path
-else:  # the hook imports this module: see ksmpolicy.records
-    from ksmpolicy.records import dataclass, field
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -13,13 +13,11 @@ from xml.parsers import expat
 
 from ksmpolicy.decide import Decider, Decision, VmFacts
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from dataclasses import dataclass, field
-else:
-    from ksmpolicy.records import dataclass, field
 
 MAX_XML_BYTES = 10 * 1024 * 1024
 NAMESPACE = "urn:ksmpolicy:vm:1"  # our <metadata> element: <vm><tag>database</tag></vm>

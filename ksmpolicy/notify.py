@@ -11,12 +11,7 @@ import socket
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.host import HostPaths
-
-TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
-if TYPE_CHECKING:
-    from dataclasses import dataclass
-else:  # the hook imports this module: see ksmpolicy.records
-    from ksmpolicy.records import dataclass
+from ksmpolicy.records import dataclass
 
 EVENTS = ("started", "stopped", "release", "reconnect", "changed")
 MAX_NOTE_BYTES = 4096

@@ -12,13 +12,11 @@ import os
 import stat
 
 from ksmpolicy.errors import PolicyError, Problem
+from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from dataclasses import dataclass, field
-else:
-    from ksmpolicy.records import dataclass, field
 
 DEFAULT_POLICY_PATH = "/etc/ksmpolicy/policy.yaml"
 MAX_POLICY_BYTES = 10 * 1024 * 1024

@@ -2,18 +2,11 @@
 
 The hook runs on every VM start. The standard `dataclasses` module imports `inspect`, which
 costs about 10 ms here, a third of the hook's budget. Modules on that path (errors, policy,
-decide, libvirt_xml) write
-
-    TYPE_CHECKING = False
-    if TYPE_CHECKING:
-        from dataclasses import dataclass, field
-    else:
-        from ksmpolicy.records import dataclass, field
-
-so that mypy checks them as real dataclasses while the interpreter uses this module, which
-supports what they use: keyword or positional construction, defaults, `default_factory`,
-`frozen`, `eq`, `hash=False` fields and a dataclass-style repr. No inheritance, no
-`__post_init__`, no `dataclasses.replace`/`asdict` (those modules don't need them).
+decide, host, notify, libvirt_xml) use this decorator instead; it is declared with PEP 681's
+`dataclass_transform`, so mypy checks their classes as dataclasses. It supports what they use:
+keyword or positional construction, defaults, `default_factory`, `frozen`, `eq`, `hash=False`
+fields and a dataclass-style repr. No inheritance, no `__post_init__`, no
+`dataclasses.replace`/`asdict` (those modules don't need them).
 """
 
 from __future__ import annotations
@@ -21,9 +14,14 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, TypeVar
+    from typing import Any, TypeVar, dataclass_transform
 
     T = TypeVar("T")
+else:
+
+    def dataclass_transform(**_kwargs: object) -> Callable[[T], T]:
+        return lambda decorated: decorated
+
 
 _MISSING: Any = object()
 
@@ -52,6 +50,7 @@ def field(
     return Field(default, default_factory, compare, hash)
 
 
+@dataclass_transform(field_specifiers=(field,))
 def dataclass(cls: type[T] | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
     def wrap(klass: type[T]) -> type[T]:
         return _build(klass, frozen=frozen, eq=eq)
