@@ -37,6 +37,7 @@ GROWTH_MIN_PAGES = 2048
 # ksmd CPU time needed before its cost per page is trusted (schedstat counts nanoseconds).
 MIN_COST_WINDOW_CPU_SECONDS = 0.02
 GROWTH_FRACTION = 0.02
+HYSTERESIS = 0.10  # keep pages_to_scan when the new plan differs by less than this
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ class History:
     advisor_since: float | None = None
     advisor_scans_at_start: int = 0
     advisor_failed: bool = False
+    # The knobs planned last, for hysteresis: a change of under 10 % in the same mode is noise.
+    last_mode: str | None = None
+    last_pages: int = 0
+    last_sleep_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
     history = _track_productivity(obs, settings, history)
     footprint = obs.footprint_pages
     if footprint <= 0:
-        history = replace(history, planned_rate=0.0, advisor_since=None)
+        history = replace(history, planned_rate=0.0, advisor_since=None, last_mode="stopped")
         knobs: tuple[tuple[str, int | str], ...] = (("run", 0),)
         return Plan(knobs, "stopped", "nothing mergeable: ksmd stopped", 0.0, history)
 
@@ -151,13 +156,26 @@ def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
     capped = rate > max_rate
     rate = min(rate, max_rate)
     pages, sleep_ms = _knobs_for_rate(rate, cost, settings)
+    if (
+        mode == history.last_mode
+        and sleep_ms == history.last_sleep_ms
+        and abs(pages - history.last_pages) <= HYSTERESIS * history.last_pages
+    ):
+        pages = history.last_pages
     actual_rate = pages / (pages * cost + sleep_ms / 1000)
     if capped:
         why += f" (capped by max_ksmd_cpu_percent={settings.max_ksmd_cpu_percent:g})"
     # advisor_mode=none must come first: pages_to_scan is EINVAL while the advisor is on.
     off: tuple[tuple[str, int | str], ...] = (("advisor_mode", "none"),) if obs.advisor_on else ()
     knobs = (*off, ("sleep_millisecs", sleep_ms), ("pages_to_scan", pages), ("run", 1))
-    history = replace(history, planned_rate=actual_rate, advisor_since=None)
+    history = replace(
+        history,
+        planned_rate=actual_rate,
+        advisor_since=None,
+        last_mode=mode,
+        last_pages=pages,
+        last_sleep_ms=sleep_ms,
+    )
     return Plan(knobs, mode, why, actual_rate, history)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from demo.libvirt_lab import GUEST, PREFIX, Lab, lab_session, wait_for
 from ksmpolicy.libvirt_host import live_merge
 from ksmpolicy.libvirt_xml import domain_facts
 from tests.conftest import IS_ROOT, RealKsm
-from tests.libvirt_lab import GUEST, PREFIX, Lab, lab_session, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")

@@ -1,4 +1,5 @@
-"""A real libvirtd with real QEMU guests (TCG) for the tests: started if none runs, stopped after.
+"""A real libvirtd with real QEMU guests (TCG), for the demo and the tests: started if none
+runs, stopped after.
 
 The guests boot Debian's kernel with a busybox initramfs (scripts/build-guest) whose image pages
 are the same in every guest; they say `ksmpolicy-guest: ready` on their serial console.
@@ -18,7 +19,8 @@ from typing import Any
 
 from ksmpolicy.host import HostPaths
 from ksmpolicy.install import install, uninstall
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parent.parent
 
 GUEST = REPO / ".cache/guest"
 HOOK_NAME = "ksmpolicy-test"
@@ -35,6 +37,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.2) -
     return condition()
 
 
+def _pids(name: str) -> list[str]:
+    found = subprocess.run(["pidof", name], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
 def _virsh_ok() -> bool:
     return (
         subprocess.run(
@@ -48,9 +55,15 @@ class Libvirtd:
     """Connects to the system libvirtd, starting virtlogd and libvirtd (foreground children,
     so their PIDs are known) when none runs; `stop` ends only what it started."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, own: bool = False) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
         self.workdir = workdir
+        if own and (_virsh_ok() or _pids("libvirtd")):
+            raise RuntimeError(
+                f"a libvirtd is running (pid {' '.join(_pids('libvirtd')) or '?'}): the demo "
+                "starts a throwaway one of its own and would disturb it; stop it, or run the "
+                "demo on a test machine"
+            )
         if not _virsh_ok():
             for daemon in ("virtlogd", "libvirtd"):
                 if shutil.which(daemon) is None and not Path(f"/usr/sbin/{daemon}").exists():
@@ -90,12 +103,17 @@ class Libvirtd:
 class Lab:
     """Test guests, the test hook and the policy it reads."""
 
-    def __init__(self, daemon: Libvirtd, workdir: Path) -> None:
+    def __init__(
+        self, daemon: Libvirtd, workdir: Path, *, prefix: str = PREFIX, hook_name: str = HOOK_NAME
+    ) -> None:
         import libvirt
 
+        libvirt.registerErrorHandler(lambda _ctx, _error: None, None)  # errors raise; no echo
         self.libvirt = libvirt
         self.daemon = daemon
         self.workdir = workdir
+        self.prefix = prefix
+        self.hook_name = hook_name
         self.policy = workdir / "policy.yaml"
         self.conn = libvirt.open("qemu:///system")
         self.defined: list[str] = []
@@ -108,14 +126,22 @@ class Lab:
         temporary.chmod(0o644)
         temporary.rename(self.policy)  # a new inode: the hook's cache sees the change
 
-    def install_hook(self) -> Path:
-        path = install(HostPaths(), name=HOOK_NAME, policy=str(self.policy), python=sys.executable)
-        self.daemon.reload()
+    def install_hook(self, run_dir: Path | None = None, *, reload: bool = True) -> Path:
+        path = install(
+            HostPaths(),
+            name=self.hook_name,
+            policy=str(self.policy),
+            run_dir=str(run_dir) if run_dir else None,
+            python=sys.executable,
+        )
+        if reload:
+            self.daemon.reload()
         return path
 
-    def uninstall_hook(self) -> None:
-        uninstall(HostPaths(), name=HOOK_NAME)
-        self.daemon.reload()
+    def uninstall_hook(self, *, reload: bool = True) -> None:
+        uninstall(HostPaths(), name=self.hook_name)
+        if reload:
+            self.daemon.reload()
 
     # --- guests
 
@@ -123,7 +149,7 @@ class Lab:
         return self.workdir / f"{name}.console"
 
     def define(self, name: str, *, tags: tuple[str, ...] = (), nosharepages: bool = False) -> Any:
-        full = PREFIX + name
+        full = self.prefix + name
         metadata = ""
         if tags:
             inner = "".join(f"<k:tag>{t}</k:tag>" for t in tags)
@@ -151,18 +177,18 @@ class Lab:
         return domain
 
     def domain(self, name: str) -> Any:
-        return self.conn.lookupByName(PREFIX + name)
+        return self.conn.lookupByName(self.prefix + name)
 
     def start(self, name: str) -> Any:
         domain = self.domain(name)
-        console = self.console(PREFIX + name)
+        console = self.console(self.prefix + name)
         if console.exists():
             console.unlink()
         domain.create()
         return domain
 
     def wait_ready(self, name: str, timeout: float = 120) -> None:
-        console = self.console(PREFIX + name)
+        console = self.console(self.prefix + name)
         ok = wait_for(
             lambda: console.exists() and b"ksmpolicy-guest: ready" in console.read_bytes(),
             timeout,
@@ -172,7 +198,7 @@ class Lab:
             raise AssertionError(f"guest {name} did not get ready in {timeout} s")
 
     def pid(self, name: str) -> int:
-        return int(Path(f"/run/libvirt/qemu/{PREFIX}{name}.pid").read_text())
+        return int(Path(f"/run/libvirt/qemu/{self.prefix}{name}.pid").read_text())
 
     def cmdline(self, name: str) -> str:
         return Path(f"/proc/{self.pid(name)}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -210,6 +236,6 @@ def lab_session(workdir: Path) -> Iterator[Lab]:
     finally:
         if lab is not None:
             lab.cleanup()
-            if (HostPaths().libvirt_hooks / "qemu.d" / HOOK_NAME).exists():
+            if (HostPaths().libvirt_hooks / "qemu.d" / lab.hook_name).exists():
                 lab.uninstall_hook()
         daemon.stop()
