@@ -127,11 +127,12 @@ class Lab:
         temporary.rename(self.policy)  # a new inode: the hook's cache sees the change
 
     def install_hook(self, run_dir: Path | None = None, *, reload: bool = True) -> Path:
+        """The hook, with its notes and policy cache in `run_dir` (default: the lab's own)."""
         path = install(
             HostPaths(),
             name=self.hook_name,
             policy=str(self.policy),
-            run_dir=str(run_dir) if run_dir else None,
+            run_dir=str(run_dir or self.workdir / "run"),
             python=sys.executable,
         )
         if reload:

@@ -156,7 +156,9 @@ _CACHE_FORMAT = 1
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
-    return os.path.join(cache_dir, f"policy-{key[1]}-{key[2]}.cache")  # noqa: PTH118
+    """One cache file per policy path, overwritten when the policy changes."""
+    name = str(key[0]).replace("%", "%25").replace("/", "%2F")
+    return os.path.join(cache_dir, f"policy-{name}.cache")  # noqa: PTH118
 
 
 def _read_cache(cache_dir: str, key: tuple[object, ...]) -> Policy | None:

@@ -6,6 +6,7 @@ import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -374,3 +375,48 @@ def test_trust_is_not_checked_for_non_root_by_default(write_policy: Callable[...
             load_policy(path)
     else:
         assert load_policy(path).version == 1
+
+
+@pytest.mark.root
+def test_compiled_cache_is_used_and_follows_changes(
+    write_policy: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The hook's cache: one file per policy path, refreshed when the file changes."""
+    cache = tmp_path / "run"
+    path = write_policy("version: 1\ndefault: exclude\n")
+    first = load_policy(path, cache_dir=str(cache))
+    files = list(cache.iterdir())
+    assert len(files) == 1
+    assert files[0].stat().st_mode & 0o777 == 0o600
+    assert load_policy(path, cache_dir=str(cache)) == first
+    path.write_text("version: 1\ndefault: merge\n")  # same inode, new size and mtime
+    assert load_policy(path, cache_dir=str(cache)).default.value == "merge"
+    replacement = tmp_path / "new.yaml"
+    replacement.write_text("version: 1\nenforcement: block\n")
+    replacement.chmod(0o644)
+    replacement.rename(path)  # a new inode, as editors save
+    assert load_policy(path, cache_dir=str(cache)).enforcement.value == "block"
+    assert len(list(cache.iterdir())) == 1
+
+
+@pytest.mark.root
+def test_a_cache_others_could_write_is_ignored(
+    write_policy: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A cache entry forged by someone who could write it must not change the decision."""
+    import marshal
+
+    from ksmpolicy import policy as policy_module
+
+    cache = tmp_path / "run"
+    path = write_policy("version: 1\ndefault: exclude\n")
+    load_policy(path, cache_dir=str(cache))
+    (cached,) = cache.iterdir()
+    fmt, key, _frozen = marshal.loads(cached.read_bytes())
+    forged: Any = (fmt, key, policy_module._freeze(parse_policy("version: 1\ndefault: merge\n")))
+    cached.write_bytes(marshal.dumps(forged))
+    cached.chmod(0o666)
+    assert load_policy(path, cache_dir=str(cache)).default.value == "exclude"
+    cached.write_bytes(marshal.dumps(forged))
+    cached.chmod(0o600)  # the same entry, as only root could have written it, is used
+    assert load_policy(path, cache_dir=str(cache)).default.value == "merge"
