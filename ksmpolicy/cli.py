@@ -17,8 +17,8 @@ import click
 from ksmpolicy import __version__
 from ksmpolicy.decide import Decider, Decision, VmFacts
 from ksmpolicy.errors import KsmPolicyError, PolicyError
-from ksmpolicy.host import RUN_STATES, HostPaths, read_ksm
-from ksmpolicy.policy import DEFAULT_POLICY_PATH, Policy, load_policy
+from ksmpolicy.host import RUN_STATES, HostPaths, default_policy, read_ksm
+from ksmpolicy.policy import Policy, load_policy
 from ksmpolicy.samples import load_facts
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,8 +29,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 class Options:
     """Global options, shared with every subcommand through click's context object."""
 
-    policy: str = DEFAULT_POLICY_PATH
+    policy: str | None = None  # None: the search order of host.default_policy
     debug: bool = False
+
+    def policy_path(self) -> str:
+        return self.policy or default_policy(HostPaths())
 
 
 def policy_option(func: F) -> F:
@@ -60,15 +63,13 @@ CONNECT = click.option(
     "--policy",
     "-p",
     metavar="FILE",
-    envvar="KSMPOLICY_POLICY",
-    default=DEFAULT_POLICY_PATH,
-    show_default=True,
-    help="Policy file; environment: KSMPOLICY_POLICY.",
+    help="Policy file. Default: $KSMPOLICY_POLICY, else /etc/pve/ksmpolicy/policy.yaml if it "
+    "exists (Proxmox VE, cluster-wide), else /etc/ksmpolicy/policy.yaml.",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(__version__, "--version", prog_name="ksmpolicy")
 @click.pass_context
-def cli(ctx: click.Context, policy: str, debug: bool) -> None:
+def cli(ctx: click.Context, policy: str | None, debug: bool) -> None:
     """Per-VM Kernel Same-page Merging policy for libvirt/KVM and Proxmox VE.
 
     The policy (YAML) says which VMs may have their memory merged by KSM and
@@ -94,7 +95,7 @@ def check(options: Options, files: tuple[str, ...]) -> None:
     1 otherwise.
     """
     failed = False
-    for file in files or (options.policy,):
+    for file in files or (options.policy_path(),):
         try:
             policy = load_policy(file)
         except KsmPolicyError as exc:
@@ -121,6 +122,12 @@ def check(options: Options, files: tuple[str, ...]) -> None:
 @click.option(
     "--xml", "xml_file", metavar="FILE", help="A libvirt domain XML file ('-' for stdin)."
 )
+@click.option(
+    "--pve-conf",
+    "pve_file",
+    metavar="FILE",
+    help="A Proxmox VE config (/etc/pve/qemu-server/VMID.conf).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @policy_option
 @click.pass_obj
@@ -134,6 +141,7 @@ def explain(
     hugepages: bool,
     facts_file: str | None,
     xml_file: str | None,
+    pve_file: str | None,
     as_json: bool,
 ) -> None:
     """Show what the policy decides for a VM, and why.
@@ -147,18 +155,32 @@ def explain(
     Example:
       ksmpolicy explain --name pg-primary --tag database
     """
-    sources = [s for s in (name, facts_file, xml_file) if s is not None]
+    sources = [s for s in (name, facts_file, xml_file, pve_file) if s is not None]
     if not sources:
-        raise click.UsageError("give --name NAME (with --tag, --image, ...), --xml or --facts")
+        raise click.UsageError(
+            "give --name NAME (with --tag, --image, ...), --xml, --pve-conf or --facts"
+        )
     if len(sources) > 1:
-        raise click.UsageError("--name, --xml and --facts exclude each other")
-    policy = load_policy(options.policy)
+        raise click.UsageError("--name, --xml, --pve-conf and --facts exclude each other")
+    policy = load_policy(options.policy_path())
     if facts_file is not None:
         vms = load_facts(facts_file)
     elif xml_file is not None:
         from ksmpolicy.libvirt_xml import domain_facts, qcow2_backing_root  # noqa: PLC0415
 
         vms = [domain_facts(_read_input(xml_file), qcow2_backing_root).vm]
+    elif pve_file is not None:
+        from ksmpolicy import proxmox_conf  # noqa: PLC0415
+
+        text = _read_text(pve_file)
+        vmid = vmid or _vmid_from_name(pve_file)
+        config = proxmox_conf.parse(text)
+        vms = [proxmox_conf.facts(config, vmid).vm]
+        pending = proxmox_conf.with_pending(config)
+        if pending is not None and not as_json:
+            later = Decider(policy).decide(proxmox_conf.facts(config, vmid, pending).vm)
+            if later.action is not Decider(policy).decide(vms[0]).action:
+                click.echo(f"note: the [PENDING] changes would make it {later.action.value}")
     else:
         assert name is not None
         vms = [VmFacts(name, uuid, vmid, frozenset(tags), images, hugepages=hugepages)]
@@ -230,7 +252,7 @@ def daemon(
     )
     Daemon(
         paths,
-        options.policy,
+        options.policy_path(),
         restore_on_exit=restore_on_exit,
         dry_run=dry_run,
         libvirt_uri=uri,
@@ -265,7 +287,7 @@ def reconcile(
     """
     from ksmpolicy.daemon import Reconciler  # noqa: PLC0415
 
-    reconciler = Reconciler(HostPaths(Path(root)), load_policy(options.policy), dry_run=True)
+    reconciler = Reconciler(HostPaths(Path(root)), load_policy(options.policy_path()), dry_run=True)
     if sample > 0:
         reconciler.step()
         time.sleep(sample)
@@ -345,7 +367,7 @@ def xml_rewrite(options: Options, file: str) -> None:
     """
     from ksmpolicy.libvirt_xml import apply_policy  # noqa: PLC0415
 
-    policy = load_policy(options.policy)
+    policy = load_policy(options.policy_path())
     rewritten, _facts, _decision = apply_policy(_read_input(file), Decider(policy))
     click.echo(rewritten, nl=False)
 
@@ -369,7 +391,7 @@ def hook_libvirt(options: Options, args: tuple[str, ...]) -> None:
     """
     from ksmpolicy.hook import main as hook_main  # noqa: PLC0415
 
-    raise SystemExit(hook_main(["--policy", options.policy, "libvirt", *args]))
+    raise SystemExit(hook_main(["--policy", options.policy_path(), "libvirt", *args]))
 
 
 @cli.command()
@@ -415,24 +437,41 @@ def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
 
 @cli.command()
 @CONNECT
-@click.option("--dry-run", is_flag=True, help="Print a unified diff per domain; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Print a unified diff per VM; change nothing.")
 @click.option("--domain", "-d", "domains", multiple=True, metavar="NAME", help="Only these.")
+@click.option("--proxmox", is_flag=True, help="Proxmox VE: the VM configs of this node.")
+@click.option("--vmid", "vmids", multiple=True, metavar="VMID", help="With --proxmox: only these.")
+@click.option("--qemu-server-version", metavar="V", help="With --proxmox: write configs for it.")
+@click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")
 @click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
 @policy_option
 @click.pass_obj
 def apply(
-    options: Options, uri: str | None, dry_run: bool, domains: tuple[str, ...], root: str
+    options: Options,
+    uri: str | None,
+    dry_run: bool,
+    domains: tuple[str, ...],
+    proxmox: bool,
+    vmids: tuple[str, ...],
+    qemu_server_version: str | None,
+    qm: str,
+    root: str,
 ) -> None:
-    """Redefine libvirt domains whose definitions disagree with the policy.
+    """Change VM definitions that disagree with the policy (libvirt or Proxmox VE).
 
-    Adds or removes <nosharepages/>; each old definition is saved under
-    /var/lib/ksmpolicy/backups first. Running domains get the new definition at
-    their next start (`enforce --live` switches them now). A domain that fails
-    does not stop the others; the exit status is then 1.
+    libvirt: adds or removes <nosharepages/> and redefines the domain; each old
+    definition is saved under /var/lib/ksmpolicy/backups first. Proxmox VE
+    (--proxmox): `qm set VMID --allow-ksm 0` (or, before qemu-server 9.0.27,
+    `-machine mem-merge=off` in --args), or removes them. Running VMs follow at
+    their next start (`enforce --live` switches libvirt ones now). A VM that
+    fails does not stop the others; the exit status is then 1.
     """
+    policy = load_policy(options.policy_path())
+    if proxmox:
+        _apply_proxmox(policy, root, dry_run, vmids, qemu_server_version, qm)
+        return
     from ksmpolicy import libvirt_host  # noqa: PLC0415
 
-    policy = load_policy(options.policy)
     conn = libvirt_host.connect(uri)
     backup_dir = HostPaths(Path(root)).state_dir / "backups"
     results = libvirt_host.apply(conn, policy, backup_dir=backup_dir, dry_run=dry_run, only=domains)
@@ -474,7 +513,7 @@ def enforce(
     """
     from ksmpolicy import libvirt_host  # noqa: PLC0415
 
-    policy = load_policy(options.policy)
+    policy = load_policy(options.policy_path())
     conn = libvirt_host.connect(uri)
     backup_dir = HostPaths(Path(root)).state_dir / "backups"
     results = libvirt_host.apply(conn, policy, backup_dir=backup_dir, only=domains)
@@ -508,6 +547,192 @@ def tag(vm: str, tags: tuple[str, ...], remove: bool, uri: str | None) -> None:
 
     now = libvirt_host.set_tags(libvirt_host.connect(uri), vm, tags, remove=remove)
     click.echo(f"{vm}: tags {', '.join(now) or '(none)'}")
+
+
+def _apply_proxmox(
+    policy: Policy,
+    root: str,
+    dry_run: bool,
+    vmids: tuple[str, ...],
+    version: str | None,
+    qm: str,
+) -> None:
+    from ksmpolicy import proxmox  # noqa: PLC0415
+
+    results = proxmox.apply(
+        HostPaths(Path(root)),
+        policy,
+        qm=(qm,),
+        dry_run=dry_run,
+        only=vmids,
+        qemu_server_version=version,
+    )
+    for result in results:
+        if result.diff and dry_run:
+            click.echo(result.diff, nl=False)
+        line = f"{result.vmid} ({result.name}): {result.status}"
+        if result.error:
+            line += f": {result.error}"
+        click.echo(line, err=result.status == "failed")
+        if result.note:
+            click.echo(f"{result.vmid}: note: {result.note}")
+    failed = [r.vmid for r in results if r.status == "failed"]
+    changed = sum(r.status == "changed" for r in results)
+    would = sum(r.status == "would change" for r in results)
+    click.echo(
+        f"{len(results)} VMs: {changed} changed, {would} would change, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.group("proxmox")
+def proxmox_group() -> None:
+    """Proxmox VE: the hookscript, attaching it to VMs, config rewrites."""
+
+
+ROOT = click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (tests).")
+QM = click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")
+
+
+@proxmox_group.command("install")
+@click.option("--storage", default="local", show_default=True, help="A storage with snippets.")
+@click.option(
+    "--hook-policy", metavar="FILE", help="Policy the hookscript reads (default: search)."
+)
+@ROOT
+@QM
+def proxmox_install(storage: str, hook_policy: str | None, root: str, qm: str) -> None:
+    """Write the hookscript to STORAGE's snippets directory (executable).
+
+    Then attach it to VMs with `ksmpolicy proxmox attach`. The storage needs the
+    `snippets` content type (Datacenter > Storage > Edit > Content).
+    """
+    from ksmpolicy import proxmox  # noqa: PLC0415
+
+    extra = ["--root", root] if root != "/" else []
+    extra += ["--qm", qm] if qm != "qm" else []
+    path, volid = proxmox.install_hookscript(
+        HostPaths(Path(root)), storage, sys.executable, hook_policy, extra
+    )
+    click.echo(f"installed {path} ({volid})")
+    click.echo("attach it: ksmpolicy proxmox attach --all (or VMIDs)")
+
+
+def _hookscript_volid(storage: str) -> str:
+    from ksmpolicy.proxmox import HOOKSCRIPT_NAME  # noqa: PLC0415
+
+    return f"{storage}:snippets/{HOOKSCRIPT_NAME}"
+
+
+@proxmox_group.command("attach")
+@click.argument("vmids", nargs=-1, metavar="[VMID]...")
+@click.option("--all", "all_vms", is_flag=True, help="Every VM on this node.")
+@click.option("--storage", default="local", show_default=True, help="Where it was installed.")
+@ROOT
+@QM
+def proxmox_attach(vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str) -> None:
+    """Set the hookscript on VMs (`qm set VMID --hookscript ...`).
+
+    A hookscript a VM already had is remembered (in /etc/pve/ksmpolicy/chain/)
+    and run first, with the same arguments; its exit status counts.
+    """
+    _attach_or_detach(vmids, all_vms, storage, root, qm, attach=True)
+
+
+@proxmox_group.command("detach")
+@click.argument("vmids", nargs=-1, metavar="[VMID]...")
+@click.option("--all", "all_vms", is_flag=True, help="Every VM on this node.")
+@click.option("--storage", default="local", show_default=True, help="Where it was installed.")
+@ROOT
+@QM
+def proxmox_detach(vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str) -> None:
+    """Remove the hookscript from VMs, putting back one it chained."""
+    _attach_or_detach(vmids, all_vms, storage, root, qm, attach=False)
+
+
+def _attach_or_detach(
+    vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str, *, attach: bool
+) -> None:
+    from ksmpolicy import proxmox  # noqa: PLC0415
+
+    if all_vms == bool(vmids):
+        raise click.UsageError("give VMIDs or --all (not both)")
+    paths = HostPaths(Path(root))
+    volid = _hookscript_volid(storage)
+    failed = []
+    for vmid in vmids or tuple(proxmox.vmids(paths)):
+        try:
+            if attach:
+                what = proxmox.attach(paths, vmid, volid, qm=(qm,))
+            else:
+                what = proxmox.detach(paths, vmid, volid, qm=(qm,))
+        except KsmPolicyError as exc:
+            click.echo(f"{vmid}: failed: {exc}", err=True)
+            failed.append(vmid)
+            continue
+        click.echo(f"{vmid}: {what}")
+    if failed:
+        raise SystemExit(1)
+
+
+@proxmox_group.command("rewrite")
+@click.argument("file", default="-", metavar="[FILE]")
+@click.option("--vmid", metavar="VMID", help="The VM's id (default: from FILE's name).")
+@click.option("--qemu-server-version", metavar="V", help="Write for this qemu-server version.")
+@policy_option
+@click.pass_obj
+def proxmox_rewrite(
+    options: Options, file: str, vmid: str | None, qemu_server_version: str | None
+) -> None:
+    """Print a VM config as the policy wants it (stdin to stdout by default).
+
+    Only the main section changes (`allow-ksm`, or `args` before qemu-server
+    9.0.27); description, [PENDING], cloud-init and snapshot sections are kept
+    byte for byte. The same code path as `apply --proxmox`.
+    """
+    from ksmpolicy import proxmox, proxmox_conf  # noqa: PLC0415
+
+    policy = load_policy(options.policy_path())
+    text = _read_text(file)
+    new, _facts, _decision, note = proxmox_conf.apply_policy(
+        text,
+        vmid or _vmid_from_name(file),
+        Decider(policy),
+        use_allow_ksm=proxmox.uses_allow_ksm(policy, qemu_server_version),
+    )
+    if note:
+        click.echo(f"ksmpolicy: note: {note}", err=True)
+    click.echo(new, nl=False)
+
+
+@proxmox_group.command("persist", hidden=True)
+@click.argument("vmid")
+@ROOT
+@QM
+@policy_option
+@click.pass_obj
+def proxmox_persist(options: Options, vmid: str, root: str, qm: str) -> None:
+    """Write the decision into a VM's config once its lock is free (the hookscript's helper)."""
+    from ksmpolicy import proxmox  # noqa: PLC0415
+
+    policy = load_policy(options.policy_path())
+    status = proxmox.persist(HostPaths(Path(root)), proxmox.valid_vmid(vmid), policy, qm=(qm,))
+    click.echo(f"{vmid}: {status}")
+
+
+def _vmid_from_name(file: str) -> str:
+    stem = Path(file).name.split(".")[0]
+    return stem if stem.isdigit() else "?"
+
+
+def _read_text(file: str) -> str:
+    data = _read_input(file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KsmPolicyError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
 
 
 def _read_input(file: str) -> bytes:

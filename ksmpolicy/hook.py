@@ -29,31 +29,40 @@ _NOTES = {
     ("release", "end"): "release",
     ("reconnect", "begin"): "reconnect",
 }
-USAGE = "usage: ksmpolicy-hook [--policy FILE] libvirt NAME OPERATION SUBOPERATION EXTRA"
+USAGE = (
+    "usage: ksmpolicy-hook [--policy FILE] (libvirt NAME OPERATION SUBOPERATION EXTRA"
+    " | proxmox VMID PHASE)"
+)
+_OPTIONS = ("--policy", "--run-dir", "--root", "--qm")
 
 
 def main(argv: Sequence[str] | None = None, *, stdin: IO[bytes] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    policy = os.environ.get("KSMPOLICY_POLICY", DEFAULT_POLICY)
-    run_dir = None
+    options: dict[str, str] = {}
     while args and args[0].startswith("--"):
         option = args.pop(0)
-        if option in ("--policy", "--run-dir") and args:
-            value = args.pop(0)
-            if option == "--policy":
-                policy = value
-            else:
-                run_dir = value
-        else:
+        if option not in _OPTIONS or not args:
             print(USAGE, file=sys.stderr)
             return 2
-    if len(args) < 4 or args[0] != "libvirt":
-        print(USAGE, file=sys.stderr)
-        return 2
-    name, operation, suboperation = args[1], args[2], args[3]
-    stream = stdin if stdin is not None else sys.stdin.buffer
-    hook = LibvirtHook(name, policy, run_dir)
-    return hook.run(operation, suboperation, stream, sys.stdout, sys.stderr)
+        options[option] = args.pop(0)
+    policy = options.get("--policy") or os.environ.get("KSMPOLICY_POLICY")
+    if args[:1] == ["libvirt"] and len(args) >= 4:
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        hook = LibvirtHook(args[1], policy or DEFAULT_POLICY, options.get("--run-dir"))
+        return hook.run(args[2], args[3], stream, sys.stdout, sys.stderr)
+    if args[:1] == ["proxmox"] and len(args) >= 3:
+        from ksmpolicy.proxmox_hook import ProxmoxHook  # noqa: PLC0415
+
+        proxmox = ProxmoxHook(
+            args[1],
+            policy,
+            root=options.get("--root", "/"),
+            run_dir=options.get("--run-dir"),
+            qm=options.get("--qm", "qm"),
+        )
+        return proxmox.run(args[2], sys.stdout, sys.stderr)
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 class LibvirtHook:

@@ -46,6 +46,7 @@ RUN_STATES = {0: "stopped", 1: "running", 2: "stopped, unmerged"}
 
 
 RUN_DIR = "run/ksmpolicy"
+DEFAULT_POLICY_RELATIVE = "etc/ksmpolicy/policy.yaml"
 
 
 def default_run_dir() -> str:
@@ -90,6 +91,35 @@ class HostPaths:
     @property
     def libvirt_hooks(self) -> Path:
         return self.root / "etc/libvirt/hooks"
+
+    # --- Proxmox VE
+
+    @property
+    def pve(self) -> Path:
+        """pmxcfs: replicated to every node of a cluster."""
+        return self.root / "etc/pve"
+
+    def pve_config(self, vmid: str) -> Path:
+        return self.pve / "qemu-server" / f"{vmid}.conf"
+
+    @property
+    def pve_storage_cfg(self) -> Path:
+        return self.pve / "storage.cfg"
+
+    @property
+    def pve_ksmpolicy(self) -> Path:
+        """Cluster-wide ksmpolicy files: the policy, chained hookscripts."""
+        return self.pve / "ksmpolicy"
+
+    def qmp_socket(self, vmid: str) -> Path:
+        return self.root / "var/run/qemu-server" / f"{vmid}.qmp"
+
+    def pve_lock(self, vmid: str) -> Path:
+        return self.root / "var/lock/qemu-server" / f"lock-{vmid}.conf"
+
+    def policy_search(self) -> tuple[Path, ...]:
+        """Where the policy is looked for when none is given: the cluster-wide one first."""
+        return (self.pve_ksmpolicy / "policy.yaml", self.root / DEFAULT_POLICY_RELATIVE)
 
 
 @dataclass(frozen=True)
@@ -147,6 +177,20 @@ def read_meminfo(paths: HostPaths) -> dict[str, int]:
             scale = 1024 if fields[1:2] == ["kB"] else 1
             result[key] = int(fields[0]) * scale
     return result
+
+
+def default_policy(paths: HostPaths) -> str:
+    """The policy to use when none is given: $KSMPOLICY_POLICY, else the first that exists of
+    /etc/pve/ksmpolicy/policy.yaml (cluster-wide on Proxmox VE) and /etc/ksmpolicy/policy.yaml,
+    else the latter (whose error then says it is missing)."""
+    from_env = os.environ.get("KSMPOLICY_POLICY")
+    if from_env:
+        return from_env
+    candidates = paths.policy_search()
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    return str(candidates[-1])
 
 
 def _path(text: str) -> Path:

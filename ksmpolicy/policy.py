@@ -74,6 +74,13 @@ class ReconcilerSettings:
 
 
 @dataclass(frozen=True)
+class ProxmoxSettings:
+    # The qemu-server version to write configs for, when dpkg's answer is not wanted (e.g. a
+    # cluster mid-upgrade): below 9.0.27 there is no `allow-ksm` and `args` is used instead.
+    qemu_server_version: str | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     version: int = SUPPORTED_VERSION
     enforcement: Enforcement = Enforcement.WARN
@@ -84,6 +91,7 @@ class Policy:
     # Tags given to VMs by the policy itself, keyed by libvirt name, UUID or Proxmox VMID.
     vms: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     reconciler: ReconcilerSettings = ReconcilerSettings()
+    proxmox: ProxmoxSettings = ProxmoxSettings()
     source: str = "<builtin>"
 
 
@@ -152,7 +160,7 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
 
 # --- the compiled cache --------------------------------------------------------------------
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
@@ -219,12 +227,13 @@ def _freeze(p: Policy) -> tuple[object, ...]:
             p.reconciler.memory_pressure_percent,
             p.reconciler.kernel_advisor,
         ),
+        p.proxmox.qemu_server_version,
         p.source,
     )
 
 
 def _thaw(data: tuple[object, ...]) -> Policy:
-    enforcement, live, default, groups, rules, vms, reconciler, source = data
+    enforcement, live, default, groups, rules, vms, reconciler, qemu_server, source = data
     return Policy(
         enforcement=Enforcement(enforcement),
         live=bool(live),
@@ -236,6 +245,7 @@ def _thaw(data: tuple[object, ...]) -> Policy:
         ),
         vms=dict(vms),  # type: ignore[call-overload]
         reconciler=ReconcilerSettings(*reconciler),  # type: ignore[misc]
+        proxmox=ProxmoxSettings(None if qemu_server is None else str(qemu_server)),
         source=str(source),
     )
 

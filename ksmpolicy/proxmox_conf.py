@@ -96,7 +96,8 @@ def facts(config: PveConfig, vmid: str, values: dict[str, str] | None = None) ->
     """Facts from the main section (or from `values`, e.g. main with pending changes)."""
     main = config.main.values if values is None else values
     tags = frozenset(t for t in _TAG_SPLIT.split(main.get("tags", "")) if t)
-    images = tuple(i for i in (_image(v) for k, v in sorted(main.items()) if _DISK.match(k)) if i)
+    disks = (_image(v) for k, v in sorted(main.items()) if _DISK.match(k))
+    images = tuple(dict.fromkeys(i for i in disks if i))  # in key order, each once
     allow = main.get("allow-ksm")
     vm = VmFacts(
         name=main.get("name") or f"VM {vmid}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import enum
 import fnmatch
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from ksmpolicy.policy import (
     Group,
     Match,
     Policy,
+    ProxmoxSettings,
     ReconcilerSettings,
     Rule,
 )
@@ -37,7 +39,17 @@ def parse(text: str, file: str = "<policy>") -> Policy:
     return policy
 
 
-_TOP_KEYS = ("version", "enforcement", "live", "default", "groups", "rules", "vms", "reconciler")
+_TOP_KEYS = (
+    "version",
+    "enforcement",
+    "live",
+    "default",
+    "groups",
+    "rules",
+    "vms",
+    "reconciler",
+    "proxmox",
+)
 _RULE_KEYS = ("name", "match", "action", "description")
 _MATCH_KEYS = ("names", "tags", "groups", "images")
 _GROUP_KEYS = ("images", "tags", "names", "description")
@@ -86,6 +98,7 @@ class _Validator:
             rules=tuple(rules),
             vms=self.vms(top.get("vms")),
             reconciler=self.reconciler(top.get("reconciler")),
+            proxmox=self.proxmox(top.get("proxmox")),
             source=doc.file,
         )
 
@@ -198,6 +211,22 @@ class _Validator:
                     numbers[key] = number
         advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
         return ReconcilerSettings(**numbers, kernel_advisor=advisor)
+
+    def proxmox(self, value: Any) -> ProxmoxSettings:
+        if value is None:
+            return ProxmoxSettings()
+        spec = self.mapping(value, ("proxmox",), ("qemu_server_version",))
+        if spec is None or "qemu_server_version" not in spec:
+            return ProxmoxSettings()
+        version = spec["qemu_server_version"]
+        text = str(version) if isinstance(version, str | int | float) else ""
+        if isinstance(version, bool) or not re.fullmatch(r"\d+(\.\d+){0,3}(-\d+)?", text):
+            self.doc.problem(
+                ("proxmox", "qemu_server_version"),
+                f"expected a version like 8.4.1 (quote it), got {version!r}",
+            )
+            return ProxmoxSettings()
+        return ProxmoxSettings(text)
 
     # --- typed getters: each records a problem and returns a safe value on bad input
 

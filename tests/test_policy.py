@@ -111,7 +111,7 @@ CASES = {
         "version: 1\nzzz: 1\n",
         [
             "p.yaml:2: zzz: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler)"
+            "rules, vms, reconciler, proxmox)"
         ],
     ),
     "missing version": (
@@ -162,7 +162,7 @@ CASES = {
         "version: 1\nbase: &b {live: true}\n<<: *b\n",
         [
             "p.yaml:2: base: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler)",
+            "rules, vms, reconciler, proxmox)",
             "p.yaml:3: YAML merge keys ('<<') are not supported",
         ],
     ),
@@ -420,3 +420,15 @@ def test_a_cache_others_could_write_is_ignored(
     cached.write_bytes(marshal.dumps(forged))
     cached.chmod(0o600)  # the same entry, as only root could have written it, is used
     assert load_policy(path, cache_dir=str(cache)).default.value == "merge"
+
+
+def test_proxmox_section() -> None:
+    policy = parse_policy("version: 1\nproxmox: {qemu_server_version: '8.4.1'}\n")
+    assert policy.proxmox.qemu_server_version == "8.4.1"
+    assert problems("version: 1\nproxmox: {qemu_server_version: latest}\n") == [
+        "p.yaml:2: proxmox.qemu_server_version: expected a version like 8.4.1 (quote it), "
+        "got 'latest'"
+    ]
+    assert problems("version: 1\nproxmox: {qemu_version: '9'}\n") == [
+        "p.yaml:2: proxmox.qemu_version: unknown key (did you mean 'qemu_server_version'?)"
+    ]
