@@ -213,7 +213,7 @@ POLICY = parse_policy(
 
 
 def test_pending_change_that_alters_the_decision_is_noted() -> None:
-    new, found, decision, note = apply_policy(
+    new, _found, decision, note = apply_policy(
         read("pve-101-linked-clone.conf"), "101", Decider(POLICY)
     )
     assert decision.action.value == "merge"
