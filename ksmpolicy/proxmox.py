@@ -32,12 +32,12 @@ from ksmpolicy.proxmox_conf import (
 log = logging.getLogger(__name__)
 HOOKSCRIPT_NAME = "ksmpolicy-hook"
 HOOKSCRIPT_MARKER = "# ksmpolicy-hookscript: written by `ksmpolicy proxmox install`"
-_VMID = re.compile(r"^[1-9][0-9]{1,8}$")
+_VMID = re.compile(r"[1-9][0-9]{1,8}")  # used with fullmatch: no trailing newline slips by
 
 
 def valid_vmid(text: str) -> str:
     """A VMID as Proxmox allows them (100 to 999999999); anything else is refused."""
-    if not _VMID.match(text):
+    if not _VMID.fullmatch(text):
         shown = text.encode("unicode_escape").decode()[:40]
         raise ConfError(f"{shown!r} is not a VMID: Proxmox VMIDs are numbers from 100")
     return text
@@ -67,7 +67,7 @@ def vmids(paths: HostPaths) -> list[str]:
         names = [p.stem for p in directory.glob("*.conf")]
     except OSError:
         return []
-    return sorted((n for n in names if _VMID.match(n)), key=int)
+    return sorted((n for n in names if _VMID.fullmatch(n)), key=int)
 
 
 def installed_qemu_server() -> str | None:
