@@ -80,7 +80,7 @@ class Node:
         return result.exit_code, result.stdout, result.stderr
 
     def install(self) -> Path:
-        code, out, err = self.cli(
+        code, _out, err = self.cli(
             "proxmox",
             "install",
             "--root",
