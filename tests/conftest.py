@@ -102,3 +102,37 @@ def real_ksm() -> Iterator[RealKsm]:
                 ksm.write("advisor_mode", "scan-time")
             if saved.get("run") == 1:
                 ksm.write("run", 1)
+
+
+# --- the host as we found it ------------------------------------------------------------------
+
+WATCHED = (
+    Path("/run/ksmpolicy"),
+    Path("/var/lib/ksmpolicy"),
+    Path("/etc/libvirt/hooks/qemu.d"),
+    Path("/etc/libvirt/hooks/qemu"),
+)
+
+
+def _snapshot() -> dict[str, set[str]]:
+    found = {}
+    for path in WATCHED:
+        if path.is_dir():
+            found[str(path)] = {p.name for p in path.iterdir()}
+        elif path.exists():
+            found[str(path)] = {"(file)"}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_left_as_found() -> Iterator[None]:
+    """Fails the run if the tests leave files in the host's ksmpolicy or hook directories."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    leftovers = {
+        path: sorted(names - before.get(path, set()))
+        for path, names in after.items()
+        if names - before.get(path, set())
+    }
+    assert not leftovers, f"tests left these behind: {leftovers}"

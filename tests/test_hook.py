@@ -216,8 +216,19 @@ def test_a_bug_does_not_block_under_warn(
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr("ksmpolicy.libvirt_xml.domain_facts", boom)
+    run_dir = str(make_hook("warn").run_dir)  # keep the policy cache out of /run
     status = hook_module.main(
-        ["--policy", policy, "libvirt", "pg-primary", "prepare", "begin", "-"],
+        [
+            "--policy",
+            policy,
+            "--run-dir",
+            run_dir,
+            "libvirt",
+            "pg-primary",
+            "prepare",
+            "begin",
+            "-",
+        ],
         stdin=io.BytesIO(DATABASE_XML),
     )
     assert status == 0
@@ -230,7 +241,8 @@ def test_bad_usage_exits_2() -> None:
     from ksmpolicy.hook import main
 
     assert main(["libvirt", "only-a-name"]) == 2
-    assert main(["proxmox", "101", "pre-start", "x"]) == 2
+    assert main(["proxmox", "101"]) == 2
+    assert main(["xen", "101", "pre-start"]) == 2
     assert main(["--bogus", "libvirt", "a", "b", "c", "d"]) == 2
 
 
