@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt clean
+.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status clean
 
 all: test
 
@@ -26,7 +26,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt
+bench: bench-policy bench-discovery bench-libvirt bench-status
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -39,3 +39,6 @@ bench-discovery: $(STAMP)
 
 bench-libvirt: $(STAMP)
 	$(BIN)/python -m bench.bench_libvirt
+
+bench-status: $(STAMP)
+	$(BIN)/python -m bench.bench_status

@@ -17,7 +17,7 @@ import click
 from ksmpolicy import __version__
 from ksmpolicy.decide import Decider, Decision, VmFacts
 from ksmpolicy.errors import KsmPolicyError, PolicyError
-from ksmpolicy.host import RUN_STATES, HostPaths, default_policy, read_ksm
+from ksmpolicy.host import HostPaths, default_policy
 from ksmpolicy.policy import Policy, load_policy
 from ksmpolicy.samples import load_facts
 
@@ -195,20 +195,91 @@ def explain(
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")
+@click.option(
+    "--sample",
+    type=click.FloatRange(0, 10),
+    default=0.2,
+    show_default=True,
+    metavar="SECONDS",
+    help="Measure ksmd's CPU share over this long (0: don't).",
+)
 @click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
-def status(as_json: bool, root: str) -> None:
-    """Show the host's KSM state (read-only): running or not, knobs, memory saved."""
-    state = read_ksm(HostPaths(Path(root)))
+@policy_option
+@click.pass_obj
+def status(options: Options, as_json: bool, sample: float, root: str) -> None:
+    """What KSM saves, for which VM, at what CPU cost (read-only).
+
+    The host (KSM running, who controls it, knobs, memory saved, ksmd CPU), a
+    row per running VM (group, decision and rule, whether its running state
+    complies, mergeable and merged MiB, profit), totals per group, and findings
+    with what to do. Works without a policy (no decisions then).
+    """
+    from ksmpolicy import status as status_module  # noqa: PLC0415
+
+    policy, error = _policy_or_error(options)
+    collected = status_module.collect(
+        HostPaths(Path(root)), policy, sample_seconds=sample, policy_error=error
+    )
     if as_json:
-        click.echo(
-            json.dumps(None if state is None else _ksm_json(state.values, state.saved_bytes))
-        )
-        return
-    if state is None:
-        click.echo("KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)")
-        return
-    click.echo(ksm_summary(state.values, state.saved_bytes))
+        click.echo(json.dumps(status_module.as_json(collected), indent=2))
+    else:
+        click.echo(status_module.text(collected))
+
+
+@cli.command()
+@click.option(
+    "--listen", metavar="[HOST:]PORT", help="Serve /metrics over HTTP (localhost default)."
+)
+@click.option("--textfile", metavar="PATH", help="Write for node_exporter's textfile collector.")
+@click.option(
+    "--every", type=float, metavar="SECONDS", help="With --textfile: rewrite it this often."
+)
+@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@policy_option
+@click.pass_obj
+def metrics(
+    options: Options, listen: str | None, textfile: str | None, every: float | None, root: str
+) -> None:
+    """Prometheus metrics: per VM, per group, and KSM host figures.
+
+    \b
+    ksmpolicy metrics --listen 9573              # http://127.0.0.1:9573/metrics
+    ksmpolicy metrics --textfile /var/lib/prometheus/node-exporter/ksmpolicy.prom
+    Without an option, print them once.
+    """
+    from ksmpolicy import metrics as metrics_module  # noqa: PLC0415
+
+    def policy() -> Policy | None:
+        return _policy_or_error(options)[0]
+
+    collector = metrics_module.StatusCollector(HostPaths(Path(root)), policy)
+    if listen and textfile:
+        raise click.UsageError("--listen and --textfile exclude each other")
+    if listen:
+        try:
+            metrics_module.serve(collector, listen)
+        except (ValueError, OSError) as exc:
+            raise KsmPolicyError(f"cannot listen on {listen}: {exc}") from None
+        click.echo(f"serving metrics on {listen} (/metrics)", err=True)
+        metrics_module.every(3600, lambda: None)
+    elif textfile:
+
+        def write() -> None:
+            metrics_module.write_textfile(collector, textfile)
+
+        if every:
+            metrics_module.every(every, write)
+        write()
+    else:
+        click.echo(metrics_module.exposition(collector), nl=False)
+
+
+def _policy_or_error(options: Options) -> tuple[Policy | None, str | None]:
+    try:
+        return load_policy(options.policy_path()), None
+    except KsmPolicyError as exc:
+        return None, str(exc).splitlines()[0]
 
 
 @cli.command()
@@ -219,6 +290,7 @@ def status(as_json: bool, root: str) -> None:
 @click.option("--state-dir", metavar="DIR", hidden=True, help="Backup directory (for tests).")
 @CONNECT
 @click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
+@click.option("--metrics", metavar="[HOST:]PORT", help="Also serve Prometheus /metrics.")
 @policy_option
 @click.pass_obj
 def daemon(
@@ -230,6 +302,7 @@ def daemon(
     state_dir: str | None,
     uri: str | None,
     no_libvirt: bool,
+    metrics: str | None,
 ) -> None:
     """Run the reconciler in the foreground (replaces ksmtuned).
 
@@ -257,6 +330,7 @@ def daemon(
         dry_run=dry_run,
         libvirt_uri=uri,
         use_libvirt=not no_libvirt,
+        metrics=metrics,
     ).run()
 
 
@@ -766,23 +840,6 @@ def decision_table(decisions: Sequence[Decision]) -> str:
     )
 
 
-def ksm_summary(values: dict[str, int | str], saved_bytes: int) -> str:
-    run = values.get("run")
-    lines = [f"KSM: {RUN_STATES.get(run, run) if isinstance(run, int) else 'unknown'}"]
-    knobs = ("pages_to_scan", "sleep_millisecs", "advisor_mode", "max_page_sharing")
-    lines.append("  knobs:  " + "  ".join(f"{k}={values[k]}" for k in knobs if k in values))
-    lines.append(
-        f"  saved:  {saved_bytes / 2**20:.1f} MiB"
-        f" (pages_sharing={values.get('pages_sharing', '?')},"
-        f" ksm_zero_pages={values.get('ksm_zero_pages', 'n/a')})"
-    )
-    if "general_profit" in values:
-        lines.append(f"  general_profit: {int(values['general_profit']) / 2**20:.1f} MiB")
-    if "full_scans" in values:
-        lines.append(f"  full_scans: {values['full_scans']}")
-    return "\n".join(lines)
-
-
 def _count(items: Sized, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
@@ -815,10 +872,6 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
         "reason": decision.reason,
         "tags": list(decision.tags),
     }
-
-
-def _ksm_json(values: dict[str, int | str], saved_bytes: int) -> dict[str, Any]:
-    return {"ksm": values, "saved_bytes": saved_bytes}
 
 
 class JournalFormatter(logging.Formatter):

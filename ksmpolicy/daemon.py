@@ -122,6 +122,7 @@ class Daemon:
         dry_run: bool = False,
         libvirt_uri: str | None = None,
         use_libvirt: bool = True,
+        metrics: str | None = None,
     ) -> None:
         self.paths = paths
         self.policy_path = policy_path
@@ -129,6 +130,7 @@ class Daemon:
         self.libvirt_uri = libvirt_uri
         self.use_libvirt = use_libvirt and not dry_run
         self.enforcer: Any = None
+        self.metrics = metrics
         self.reconciler = Reconciler(paths, load_policy(policy_path), dry_run=dry_run)
         self._signals: list[int] = []
         self._warned_rivals: set[int] = set()
@@ -145,6 +147,17 @@ class Daemon:
         watchdog = sdnotify.watchdog_seconds()
         if self.use_libvirt:
             self.enforcer = self._start_enforcer(wake_write)
+        if self.metrics:
+            from ksmpolicy.metrics import StatusCollector, serve  # noqa: PLC0415
+
+            collector = StatusCollector(
+                self.paths, lambda: self.reconciler.policy, reconciler=self.reconciler
+            )
+            try:
+                serve(collector, self.metrics)
+            except (ValueError, OSError) as exc:
+                raise KsmPolicyError(f"cannot serve metrics on {self.metrics}: {exc}") from None
+            log.info("metrics on http://%s/metrics", self.metrics)
         log.info(
             "started: policy %s, notes on %s, pid %d",
             self.policy_path,

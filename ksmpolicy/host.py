@@ -42,7 +42,6 @@ KSM_COUNTERS = (
     "stable_node_chains",
     "stable_node_dups",
 )
-RUN_STATES = {0: "stopped", 1: "running", 2: "stopped, unmerged"}
 
 
 RUN_DIR = "run/ksmpolicy"
@@ -91,6 +90,11 @@ class HostPaths:
     @property
     def libvirt_hooks(self) -> Path:
         return self.root / "etc/libvirt/hooks"
+
+    @property
+    def libvirt_run(self) -> Path:
+        """libvirtd's status files of running domains (NAME.xml)."""
+        return self.root / "run/libvirt/qemu"
 
     # --- Proxmox VE
 

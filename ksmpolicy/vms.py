@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 _QEMU_BINARY = re.compile(r"^(qemu-system-.*|qemu-kvm|kvm)$")
 _MERGEABLE_VMA = re.compile(rb"^VmFlags:[^\n]* mg\b", re.MULTILINE)
 _RSS = re.compile(rb"^Rss: +(\d+) kB$", re.MULTILINE)
+_SIZE = re.compile(rb"^Size: +(\d+) kB$", re.MULTILINE)
+_FLAGS = re.compile(rb"^VmFlags:([^\n]*)$", re.MULTILINE)
 _SIZE_UNITS = {"": 2**20, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -46,6 +48,9 @@ class VmProcess:
     mergeable_bytes: int  # resident memory in VMAs marked mergeable (smaps VmFlags "mg")
     mergeable_vmas: int
     ksm: KsmStat | None
+    # Whether the guest RAM itself (the VMAs at least half the size of -m) is mergeable. QEMU's
+    # small ROM regions stay mergeable when RAM is switched off, so ksm_stat can't tell.
+    ram_mergeable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,23 @@ def mergeable_resident(smaps: bytes) -> tuple[int, int]:
     return total, count
 
 
+def guest_ram_mergeable(smaps: bytes, ram_bytes: int | None) -> bool | None:
+    """Whether the VMAs holding guest RAM (at least half of `ram_bytes` each) are mergeable;
+    None without a RAM size or without such a VMA."""
+    if not ram_bytes:
+        return None
+    found = None
+    for size in _SIZE.finditer(smaps):
+        if int(size.group(1)) * 1024 < ram_bytes // 2:
+            continue
+        flags = _FLAGS.search(smaps, size.end())
+        if flags is None:
+            continue
+        mergeable = b" mg" in flags.group(1) + b" "
+        found = mergeable if found is None else (found or mergeable)
+    return found
+
+
 class ProcessScanner:
     """Finds VM processes in /proc. Keeps what is costly to read between passes.
 
@@ -170,8 +192,8 @@ class ProcessScanner:
         self.clock = clock
         self._identity: dict[tuple[int, int], _Identity | None] = {}
         self._first_seen: dict[tuple[int, int], float] = {}
-        # key -> (read at, resident mergeable bytes, VMA count, ksm_stat's mergeable flag)
-        self._smaps: dict[tuple[int, int], tuple[float, int, int, bool | None]] = {}
+        # key -> (read at, resident mergeable bytes, VMA count, ksm_stat's flag, RAM mergeable)
+        self._smaps: dict[tuple[int, int], tuple[float, int, int, bool | None, bool | None]] = {}
 
     def scan(self, *, refresh: bool = False) -> list[VmProcess]:
         """Every QEMU process, and every other process with mergeable memory.
@@ -202,11 +224,15 @@ class ProcessScanner:
             ksm = read_ksm_stat(proc / "ksm_stat")
             if identity.kind == "other" and not (ksm and (ksm.mergeable or ksm.merge_any)):
                 continue
+            ram: bool | None = None
             if ksm is not None and ksm.mergeable is False and not ksm.merge_any:
                 merged, vmas = 0, 0
+                ram = False if identity.ram_bytes else None
             else:
                 flag = ksm.mergeable if ksm else None
-                merged, vmas = self._mergeable(proc, key, now, refresh=refresh, flag=flag)
+                merged, vmas, ram = self._mergeable(
+                    proc, key, now, refresh=refresh, flag=flag, ram_bytes=identity.ram_bytes
+                )
                 if identity.kind == "other" and vmas == 0:
                     continue
             found.append(
@@ -221,6 +247,7 @@ class ProcessScanner:
                     mergeable_bytes=merged,
                     mergeable_vmas=vmas,
                     ksm=ksm,
+                    ram_mergeable=ram,
                 )
             )
         for cache in (self._identity, self._first_seen, self._smaps):
@@ -229,20 +256,28 @@ class ProcessScanner:
         return found
 
     def _mergeable(
-        self, proc: Path, key: tuple[int, int], now: float, *, refresh: bool, flag: bool | None
-    ) -> tuple[int, int]:
+        self,
+        proc: Path,
+        key: tuple[int, int],
+        now: float,
+        *,
+        refresh: bool,
+        flag: bool | None,
+        ram_bytes: int | None,
+    ) -> tuple[int, int, bool | None]:
         cached = self._smaps.get(key)
         young = now - self._first_seen.get(key, now) < self.young_seconds
         max_age = self.smaps_max_age_seconds * (1 + (key[0] % 8) / 8)
         if cached and not (refresh or young) and cached[3] == flag and now - cached[0] < max_age:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[4]
         try:
             data = (proc / "smaps").read_bytes()
         except OSError:
-            return (cached[1], cached[2]) if cached else (0, 0)
+            return (cached[1], cached[2], cached[4]) if cached else (0, 0, None)
         total, count = mergeable_resident(data)
-        self._smaps[key] = (now, total, count, flag)
-        return total, count
+        ram = guest_ram_mergeable(data, ram_bytes)
+        self._smaps[key] = (now, total, count, flag, ram)
+        return total, count, ram
 
 
 def footprint_bytes(processes: Sequence[VmProcess]) -> int:

@@ -131,47 +131,13 @@ def test_bad_facts_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert err.startswith(f"{facts}:1: 0.colour: unknown key (allowed: name, uuid, vmid,")
 
 
-def test_status_on_fake_host_without_ksm(tmp_path: Path) -> None:
-    code, out, _ = run("status", "--root", str(tmp_path))
-    assert (code, out) == (
-        0,
-        "KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)\n",
-    )
-    assert json.loads(run("status", "--root", str(tmp_path), "--json")[1]) is None
-
-
-def test_status_on_fake_host(tmp_path: Path) -> None:
-    ksm = tmp_path / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    for name, value in {
-        "run": "1",
-        "pages_to_scan": "1000",
-        "sleep_millisecs": "10",
-        "pages_sharing": "2560",
-        "general_profit": "-41943040",
-        "advisor_mode": "none [scan-time]",
-    }.items():
-        (ksm / name).write_text(value + "\n")
-    code, out, _ = run("status", "--root", str(tmp_path))
-    assert code == 0
-    assert out.splitlines() == [
-        "KSM: running",
-        "  knobs:  pages_to_scan=1000  sleep_millisecs=10  advisor_mode=scan-time",
-        "  saved:  10.0 MiB (pages_sharing=2560, ksm_zero_pages=n/a)",
-        "  general_profit: -40.0 MiB",
-    ]
-    data = json.loads(run("status", "--root", str(tmp_path), "--json")[1])
-    assert data["saved_bytes"] == 2560 * 4096
-    assert data["ksm"]["advisor_mode"] == "scan-time"
-
-
 def test_internal_error_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr("ksmpolicy.cli.read_ksm", boom)  # inject a bug
+    monkeypatch.setattr("ksmpolicy.status.collect", boom)  # inject a bug
     assert main(["status"]) == 1
     assert capsys.readouterr().err == (
         "ksmpolicy: internal error: RuntimeError: kaboom (run with --debug)\n"

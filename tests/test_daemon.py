@@ -349,3 +349,29 @@ def test_ksmd_cpu_stays_under_a_low_cap(
     assert merged_pages(guests) > 0, daemon.output()  # it did work
     assert share <= cap * 1.25 + 1, f"ksmd at {share:.1f} % with a cap of {cap} %"
     print(f"ksmd at {share:.1f} % of a core, cap {cap} %")
+
+
+def test_daemon_serves_metrics_with_its_decisions(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "host"
+    fake_host(root)
+    daemon = start_daemon("version: 1\n", "--root", str(root), "--metrics", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return str(response.read().decode())
+        except OSError:
+            return ""
+
+    assert wait_for(lambda: 'ksmpolicy_reconciler_mode{mode="stopped"} 1.0' in scrape(), 15), (
+        daemon.output()
+    )
+    assert "ksmpolicy_ksm_running 0.0" in scrape()

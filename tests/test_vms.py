@@ -198,3 +198,15 @@ def test_real_guest_like_processes_are_found(real_ksm: RealKsm) -> None:
     assert (ex.mem_merge, ex.mergeable_bytes) == (False, 0)
     assert ex.ksm is not None and ex.ksm.mergeable is False
     assert os.getpid() not in found
+
+
+def test_guest_ram_mergeable_looks_at_the_ram_vma_only() -> None:
+    from ksmpolicy.vms import guest_ram_mergeable
+
+    assert guest_ram_mergeable(SMAPS, 256 * 2**20) is True  # the 256 MiB VMA has "mg"
+    unmerged = SMAPS.replace(
+        b"VmFlags: rd wr mr mw me ac sd mg\n7f0010", b"VmFlags: rd wr mr mw me ac sd\n7f0010"
+    )
+    assert guest_ram_mergeable(unmerged, 256 * 2**20) is False  # a ROM-sized "mg" VMA is not RAM
+    assert guest_ram_mergeable(SMAPS, None) is None
+    assert guest_ram_mergeable(SMAPS, 64 * 2**30) is None  # no VMA that large
