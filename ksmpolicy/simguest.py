@@ -55,18 +55,14 @@ def fill(memory: mmap.mmap, image_seed: str, image: int, zero: int, unique_token
         view[first * PAGE : first * PAGE + len(data)] = data
 
 
-def churn(memory: mmap.mmap, image: int, zero: int, pages_per_second: float) -> None:
-    """Rewrite random unique pages forever, like a guest at work (never returns)."""
-    rng = random.Random()
-    pages = len(memory) // PAGE
-    unique = range(image + zero, pages)
-    interval = 0.1
-    per_tick = max(1, round(pages_per_second * interval))
-    while True:
-        for _ in range(per_tick):
-            index = rng.choice(unique)
-            memory[index * PAGE : index * PAGE + 16] = rng.randbytes(16)
-        time.sleep(interval)
+def churn_tick(memory: mmap.mmap, image: int, zero: int, pages: int, rng: random.Random) -> None:
+    """Rewrite `pages` random unique pages, like a guest at work."""
+    unique = range(image + zero, len(memory) // PAGE)
+    if not unique:
+        return
+    for _ in range(pages):
+        index = rng.choice(unique)
+        memory[index * PAGE : index * PAGE + 16] = rng.randbytes(16)
 
 
 def set_process_name(name: str) -> None:
@@ -86,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-percent", type=float, default=10.0)
     parser.add_argument("--no-merge", action="store_true", help="like mem-merge=off")
     parser.add_argument("--churn", type=float, default=0.0, help="unique pages rewritten per s")
+    parser.add_argument(
+        "--churn-on-signal", action="store_true", help="start churning on SIGUSR1 only"
+    )
     parser.add_argument("--comm", default="qemu-system-x86")
     # QEMU-style identity options are accepted and ignored: they are for /proc/PID/cmdline.
     args, _qemu_args = parser.parse_known_args(argv)
@@ -97,12 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         memory.madvise(mmap.MADV_MERGEABLE)
     image, zero, _unique = page_plan(pages, args.image_percent, args.zero_percent)
     fill(memory, args.image, image, zero, os.urandom(8).hex().encode())
+    churning = [args.churn > 0 and not args.churn_on_signal]
+
+    def start_churning(_signum: int, _frame: FrameType | None) -> None:
+        churning[0] = args.churn > 0
+
+    signal.signal(signal.SIGUSR1, start_churning)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    if args.churn > 0:
-        churn(memory, image, zero, args.churn)
+    rng = random.Random()
+    interval = 0.1
     while True:
-        signal.pause()
+        if churning[0]:
+            churn_tick(memory, image, zero, max(1, round(args.churn * interval)), rng)
+            time.sleep(interval)
+        else:
+            signal.pause()
 
 
 def spawn(
@@ -115,6 +124,8 @@ def spawn(
     no_merge: bool = False,
     churn_pages_per_second: float = 0.0,
     vmid: str | None = None,
+    churn_on_signal: bool = False,
+    extra_args: tuple[str, ...] = (),
     binary: str = "qemu-system-x86_64",
     python: str = sys.executable,
     timeout: float = 60.0,
@@ -131,11 +142,13 @@ def spawn(
             f"guest={name},debug-threads=on",
         ]
     )
-    argv = [binary, __file__, *identity, "-m", f"{mib}M"]
+    argv = [binary, __file__, *identity, "-m", f"{mib}M", *extra_args]
     argv += [f"--mib={mib}", f"--image={image}", f"--image-percent={image_percent}"]
     argv += [f"--zero-percent={zero_percent}", f"--churn={churn_pages_per_second}"]
     if no_merge:
         argv += ["-machine", "pc,mem-merge=off", "--no-merge"]
+    if churn_on_signal:
+        argv.append("--churn-on-signal")
     # argv[0] is the QEMU name; the interpreter is given as the executable.
     process = subprocess.Popen(
         argv, executable=python, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True

@@ -1,0 +1,593 @@
+"""Benchmark: ksmpolicy's daemon against ksmtuned, the kernel's scan-time advisor and kernel
+defaults, on the real ksmd, every contender on the same timeline in one run.
+
+Workload (bench/workload): guest-like processes (ksmpolicy.simguest) that map "guest RAM"
+anonymously and mark it MADV_MERGEABLE as QEMU does, filled from an image model: pages the same
+in every VM of a group (the OS image), zero pages, pages unique to the VM. Timeline: group A
+starts (plus one VM the policy excludes, started with merging off like `mem-merge=off`); later
+group B starts; a churn phase rewrites unique pages; group B stops; a quiet phase.
+
+Measured every second: saved pages (pages_sharing + ksm_zero_pages), ksmd CPU time, knobs.
+Figures per contender: seconds to 90 % of the achievable savings after each group start, total
+ksmd CPU-seconds, the savings integral (GiB*s), efficiency (GiB*s per ksmd CPU-second), ksmd CPU
+in the quiet phase, each also as a ratio to ksmpolicy; and the two-full-scan bound.
+
+Run `python -m bench.ksm_bench` (root; `make bench-ksm`), or `--smoke` for a short check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ksmpolicy.host import HostPaths, ksmd_pid, process_cpu_seconds, read_ksm
+from ksmpolicy.simguest import page_plan, spawn
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench/results"
+KSM = Path("/sys/kernel/mm/ksm")
+PAGE = 4096
+GIB = 2**30
+MAX_PAGE_SHARING = 256
+
+
+@dataclass(frozen=True)
+class Workload:
+    group_a: int = 4
+    group_b: int = 2
+    vm_mib: int = 512
+    excluded_mib: int = 256
+    image_percent: float = 60.0
+    zero_percent: float = 10.0
+    churn_pages_per_second: float = 200.0
+    b_start: float = 150.0
+    churn_start: float = 210.0
+    b_stop: float = 270.0
+    end: float = 330.0
+
+    def pages(self) -> tuple[int, int, int]:
+        return page_plan(self.vm_mib * 256, self.image_percent, self.zero_percent)
+
+    def achievable(self, a: int, b: int) -> int:
+        """Pages KSM can save with `a` VMs of group A and `b` of group B running."""
+        image, zero, _unique = self.pages()
+        saved = max(a - 1, 0) * image + max(b - 1, 0) * image
+        zeros = (a + b) * zero  # zero pages of all groups are one pool
+        return saved + zeros - math.ceil(zeros / MAX_PAGE_SHARING)
+
+
+SMOKE = Workload(
+    group_a=2,
+    group_b=1,
+    vm_mib=24,
+    excluded_mib=16,
+    churn_pages_per_second=50,
+    b_start=10,
+    churn_start=16,
+    b_stop=20,
+    end=26,
+)
+
+
+# --- contenders ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    description: str
+    start: Callable[[Path], list[subprocess.Popen[bytes]]]  # may return processes to stop
+    needs: Callable[[], str | None] = lambda: None  # a reason it cannot run here, or None
+
+
+def write(name: str, value: int | str) -> None:
+    (KSM / name).write_text(f"{value}\n")
+
+
+def knob(name: str) -> int | str:
+    text = (KSM / name).read_text().strip()
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else int(text)
+
+
+def kernel_defaults(_work: Path) -> list[subprocess.Popen[bytes]]:
+    write("pages_to_scan", 100)
+    write("sleep_millisecs", 20)
+    write("run", 1)
+    return []
+
+
+def advisor(warm: bool) -> Callable[[Path], list[subprocess.Popen[bytes]]]:
+    def start(_work: Path) -> list[subprocess.Popen[bytes]]:
+        write("run", 1)
+        if warm:
+            # A small area first: the advisor's first check then charges little CPU history.
+            small = spawn("warmup", mib=16, image="warmup", image_percent=100, zero_percent=0)
+            write("advisor_mode", "scan-time")
+            scans = int(knob("full_scans"))
+            deadline = time.monotonic() + 60
+            while int(knob("full_scans")) < scans + 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            small.terminate()
+            small.wait()
+        else:
+            write("advisor_mode", "scan-time")
+        return []
+
+    return start
+
+
+def ksmtuned(sleep_msec: int | None) -> Callable[[Path], list[subprocess.Popen[bytes]]]:
+    def start(work: Path) -> list[subprocess.Popen[bytes]]:
+        script = fetch_ksmtuned(work)
+        conf = work / "ksmtuned.conf"
+        # KSM_THRES_COEF=100: the threshold is all of RAM, so ksmtuned always runs and boosts
+        # (on this 24 GiB host it would otherwise never start KSM for a few GiB of guests).
+        lines = ["KSM_THRES_COEF=100", f"PIDFILE={work / 'ksmtuned.pid'}"]
+        if sleep_msec is not None:
+            lines.append(f"KSM_SLEEP_MSEC={sleep_msec}")
+        conf.write_text("\n".join(lines) + "\n")
+        text = script.read_text().replace("/etc/ksmtuned.conf", str(conf))
+        runnable = work / "ksmtuned"
+        runnable.write_text(text)
+        runnable.chmod(0o755)
+        process = subprocess.Popen([str(runnable)], start_new_session=True)
+        process.wait()  # it forks its loop into the background: same session, found by pgid
+        return [process]
+
+    return start
+
+
+def fetch_ksmtuned(work: Path) -> Path:
+    """The real script from Debian's ksmtuned package (downloaded, unpacked, not installed)."""
+    cached = REPO / ".cache/ksmtuned/ksmtuned"
+    if not cached.exists():
+        download = work / "deb"
+        download.mkdir(exist_ok=True)
+        subprocess.run(
+            ["apt-get", "download", "-qq", "ksmtuned"],
+            cwd=download,
+            check=True,
+            capture_output=True,
+        )
+        deb = next(download.glob("ksmtuned_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(download / "x")], check=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(download / "x/usr/sbin/ksmtuned", cached)
+    return cached
+
+
+def ksmpolicy_daemon(work: Path) -> list[subprocess.Popen[bytes]]:
+    exe = str(Path(sys.executable).parent / "ksmpolicy")
+    log = (work / "ksmpolicy-daemon.log").open("wb")
+    process = subprocess.Popen(
+        [
+            exe,
+            "-p",
+            str(REPO / "policies/default.yaml"),
+            "daemon",
+            "--no-libvirt",
+            "--run-dir",
+            str(work / "run"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,  # stopped with the others by process group
+    )
+    deadline = time.monotonic() + 20
+    while not (work / "run/notify.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [process]
+
+
+def has_advisor() -> str | None:
+    return None if (KSM / "advisor_mode").exists() else "this kernel has no scan-time advisor"
+
+
+def has_apt() -> str | None:
+    if (REPO / ".cache/ksmtuned/ksmtuned").exists() or shutil.which("apt-get"):
+        return None
+    return "Debian's ksmtuned package is not reachable (no apt-get)"
+
+
+CONTENDERS = {
+    "ksmpolicy": Contender(
+        "ksmpolicy", "ksmpolicy daemon, shipped default policy", ksmpolicy_daemon
+    ),
+    "kernel-defaults": Contender("kernel-defaults", "run=1, 100 pages / 20 ms", kernel_defaults),
+    "ksmtuned": Contender("ksmtuned", "Debian's ksmtuned, forced to run", ksmtuned(None), has_apt),
+    "ksmtuned-pve": Contender(
+        "ksmtuned-pve", "ksmtuned with Proxmox's KSM_SLEEP_MSEC=100", ksmtuned(100), has_apt
+    ),
+    "advisor": Contender(
+        "advisor", "scan-time advisor, simply enabled", advisor(False), has_advisor
+    ),
+    "advisor-warm": Contender(
+        "advisor-warm",
+        "scan-time advisor, warmed on a small area first",
+        advisor(True),
+        has_advisor,
+    ),
+}
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    contender: str
+    description: str
+    samples: list[dict[str, float]] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    figures: dict[str, float | None] = field(default_factory=dict)
+    skipped: str | None = None
+    log: str = ""  # the ksmpolicy daemon's log, to see why it paced as it did
+
+
+SAVED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode")
+
+
+@contextlib.contextmanager
+def ksm_restored() -> Iterator[None]:
+    saved = {n: knob(n) for n in SAVED_KNOBS if (KSM / n).exists()}
+    try:
+        yield
+    finally:
+        if "advisor_mode" in saved:
+            write("advisor_mode", "none")
+        write("run", 0 if saved.get("run") != 1 else 1)
+        for name in ("pages_to_scan", "sleep_millisecs"):
+            if name in saved:
+                write(name, saved[name])
+        if saved.get("advisor_mode") == "scan-time":
+            write("advisor_mode", "scan-time")
+
+
+def reset_ksm() -> None:
+    """Between contenders: KSM stopped with the kernel's default pace. The workload's processes
+    have exited, but ksmd drops their pages from its counters only when it scans: a short fast
+    run clears them (never run=2, which would unmerge every other process too)."""
+    if (KSM / "advisor_mode").exists():
+        write("advisor_mode", "none")
+    if int(knob("pages_shared")) or int(knob("pages_sharing")):
+        write("pages_to_scan", 5000)
+        write("sleep_millisecs", 10)
+        write("run", 1)
+        deadline = time.monotonic() + 30
+        last, stable_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = int(knob("pages_sharing")) + int(knob("pages_shared"))
+            if now == 0 or (now == last and time.monotonic() - stable_since > 3):
+                break
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            time.sleep(0.2)
+    write("run", 0)
+    write("pages_to_scan", 100)
+    write("sleep_millisecs", 20)
+
+
+def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
+    run = Run(contender.name, contender.description)
+    reason = contender.needs()
+    if reason:
+        run.skipped = reason
+        return run
+    reset_ksm()
+    host = HostPaths()
+    ksmd = ksmd_pid(host)
+    cpu0 = process_cpu_seconds(host, ksmd) if ksmd else 0.0
+    state0 = read_ksm(host)
+    saved0 = state0.saved_pages if state0 else 0
+    helpers = contender.start(work)
+    group_a: list[subprocess.Popen[str]] = []
+    group_b: list[subprocess.Popen[str]] = []
+    excluded: list[subprocess.Popen[str]] = []
+    start = time.monotonic()
+    try:
+
+        def vm(name: str, image_seed: str, *, no_merge: bool = False) -> subprocess.Popen[str]:
+            return spawn(
+                name,
+                mib=workload.excluded_mib if no_merge else workload.vm_mib,
+                image=image_seed,
+                image_percent=workload.image_percent,
+                zero_percent=workload.zero_percent,
+                no_merge=no_merge,
+                churn_pages_per_second=workload.churn_pages_per_second,
+                churn_on_signal=True,
+                extra_args=("-enable-kvm",),
+            )
+
+        group_a = [vm(f"a{i}", "group-a") for i in range(workload.group_a)]
+        excluded = [vm("db", "db", no_merge=True)]
+        run.events.append((time.monotonic() - start, "group A starts"))
+        notify(work, "started")
+        churning = False
+        b_started = b_stopped = False
+        next_sample = time.monotonic()
+        while True:
+            now = time.monotonic() - start
+            if now >= workload.end:
+                break
+            if not b_started and now >= workload.b_start:
+                group_b = [vm(f"b{i}", "group-b") for i in range(workload.group_b)]
+                run.events.append((time.monotonic() - start, "group B starts"))
+                notify(work, "started")
+                b_started = True
+            if not churning and now >= workload.churn_start:
+                for process in group_a + group_b:
+                    process.send_signal(signal.SIGUSR1)  # start churning (see simguest)
+                run.events.append((time.monotonic() - start, "churn"))
+                churning = True
+            if b_started and not b_stopped and now >= workload.b_stop:
+                stop_all(group_b)
+                group_b = []
+                run.events.append((time.monotonic() - start, "group B stops"))
+                notify(work, "stopped")
+                b_stopped = True
+            if time.monotonic() >= next_sample:
+                state = read_ksm(host)
+                cpu = process_cpu_seconds(host, ksmd) if ksmd else 0.0
+                run.samples.append(
+                    {
+                        "t": round(time.monotonic() - start, 2),
+                        "saved_pages": (state.saved_pages - saved0) if state else 0,
+                        "ksmd_cpu_seconds": round((cpu or 0.0) - (cpu0 or 0.0), 3),
+                        "pages_to_scan": float(state.get("pages_to_scan") or 0) if state else 0,
+                        "sleep_millisecs": float(state.get("sleep_millisecs") or 0) if state else 0,
+                        "run": float(state.get("run") or 0) if state else 0,
+                    }
+                )
+                next_sample += 1.0
+            time.sleep(0.05)
+    finally:
+        stop_all(group_a + group_b + excluded)
+        stop_helpers(helpers)
+        reset_ksm()
+    daemon_log = work / "ksmpolicy-daemon.log"
+    if daemon_log.exists():
+        run.log = daemon_log.read_text()[-20000:]
+    run.figures = figures(run, workload)
+    return run
+
+
+def notify(work: Path, event: str) -> None:
+    """Tell a ksmpolicy daemon (if this contender is one), as the hooks would."""
+    from ksmpolicy import notify as notes
+
+    notes.send(HostPaths(run_override=work / "run"), event, "bench")
+
+
+def stop_all(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def stop_helpers(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # its own session: ksmtuned's loop too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def time_to(samples: list[dict[str, float]], since: float, level: float) -> float | None:
+    for sample in samples:
+        if sample["t"] >= since and sample["saved_pages"] >= level:
+            return round(sample["t"] - since, 1)
+    return None
+
+
+def figures(run: Run, workload: Workload) -> dict[str, float | None]:
+    samples = run.samples
+    if not samples:
+        return {}
+    events = {name: t for t, name in run.events}
+    a_only = workload.achievable(workload.group_a, 0)
+    both = workload.achievable(workload.group_a, workload.group_b)
+    b_start = events.get("group B starts", workload.b_start)
+    before_b = max((s["saved_pages"] for s in samples if s["t"] <= b_start), default=0)
+    t_a = time_to(samples, events.get("group A starts", 0.0), 0.9 * a_only)
+    t_b = time_to(samples, b_start, before_b + 0.9 * (both - before_b)) if both > before_b else None
+    cpu_total = samples[-1]["ksmd_cpu_seconds"]
+    integral = sum(s["saved_pages"] for s in samples) * PAGE / GIB  # one sample per second
+    stop = events.get("group B stops", workload.b_stop)
+    quiet_from = stop + min(10.0, (workload.end - stop) / 2)
+    quiet = [s for s in samples if s["t"] >= quiet_from]
+    quiet_cpu = None
+    if len(quiet) >= 2:
+        quiet_cpu = (
+            100
+            * (quiet[-1]["ksmd_cpu_seconds"] - quiet[0]["ksmd_cpu_seconds"])
+            / (quiet[-1]["t"] - quiet[0]["t"])
+        )
+    cpu_to_a = next(
+        (s["ksmd_cpu_seconds"] for s in samples if t_a is not None and s["t"] >= t_a), None
+    )
+    return {
+        "achievable_a_gib": round(a_only * PAGE / GIB, 3),
+        "achievable_ab_gib": round(both * PAGE / GIB, 3),
+        "seconds_to_90_a": t_a,
+        "seconds_to_90_b": t_b,
+        "ksmd_cpu_seconds_to_90_a": cpu_to_a,
+        "ksmd_cpu_seconds": round(cpu_total, 2),
+        "savings_gib_seconds": round(integral, 1),
+        "efficiency_gib_seconds_per_cpu_second": round(integral / cpu_total, 1)
+        if cpu_total
+        else None,
+        "quiet_ksmd_cpu_percent": round(quiet_cpu, 2) if quiet_cpu is not None else None,
+        "peak_saved_gib": round(max(s["saved_pages"] for s in samples) * PAGE / GIB, 3),
+    }
+
+
+def two_scan_bound(runs: list[Run], cap_percent: float) -> float | None:
+    """The fewest seconds in which group A can reach 90 %: the least ksmd CPU-seconds any
+    contender spent to get there (the two full scans of the new memory), spent at the CPU cap."""
+    spent = [
+        value for r in runs if (value := r.figures.get("ksmd_cpu_seconds_to_90_a")) is not None
+    ]
+    return round(min(spent) / (cap_percent / 100), 1) if spent else None
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference in (None, 0):
+        return "-"
+    return f"{value / reference:.2f}×"
+
+
+def cell(run: Run, reference: dict[str, float | None], key: str) -> str:
+    value = run.figures.get(key)
+    if value is None:
+        return "never" if key.startswith("seconds_to") else "-"
+    if run.contender == "ksmpolicy":
+        return f"{value}"
+    return f"{value} ({ratio(value, reference.get(key))})"
+
+
+def table(runs: list[Run], bound: float | None) -> str:
+    ours = next((r for r in runs if r.contender == "ksmpolicy"), None)
+    ref = ours.figures if ours else {}
+    head = (
+        "| contender | 90 % after A (s) | 90 % after B (s) | ksmd CPU-s | savings GiB·s | "
+        "GiB·s per CPU-s | quiet ksmd CPU % |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        if run.skipped:
+            lines.append(f"| {run.contender} | skipped: {run.skipped} | | | | | |")
+            continue
+        keys = (
+            "seconds_to_90_a",
+            "seconds_to_90_b",
+            "ksmd_cpu_seconds",
+            "savings_gib_seconds",
+            "efficiency_gib_seconds_per_cpu_second",
+            "quiet_ksmd_cpu_percent",
+        )
+        cells = [cell(run, ref, key) for key in keys]
+        lines.append(f"| {run.contender} | " + " | ".join(cells) + " |")
+    if bound is not None:
+        lines.append("")
+        lines.append(
+            "Two-full-scan bound for group A: the least ksmd CPU-seconds any contender spent "
+            f"to reach 90 % (two scans of the new memory) at ksmpolicy's 20 % CPU cap: {bound} s."
+        )
+    lines.append("")
+    lines.append("Ratios in parentheses are the contender's figure divided by ksmpolicy's.")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (saved_ax, cpu_ax) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    for run in runs:
+        if not run.samples:
+            continue
+        t = [s["t"] for s in run.samples]
+        saved_ax.plot(t, [s["saved_pages"] * PAGE / GIB for s in run.samples], label=run.contender)
+        cpu = [0.0] + [
+            100 * (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / max(b["t"] - a["t"], 1e-6)
+            for a, b in zip(run.samples, run.samples[1:], strict=False)
+        ]
+        cpu_ax.plot(t, cpu, label=run.contender, linewidth=0.8)
+    first = next((r for r in runs if r.events), None)
+    for when, name in first.events if first else []:
+        for ax in (saved_ax, cpu_ax):
+            ax.axvline(when, color="grey", linestyle=":", linewidth=0.8)
+        saved_ax.text(when, saved_ax.get_ylim()[1] * 0.98, f" {name}", fontsize=8, va="top")
+    saved_ax.set_ylabel("saved (GiB)")
+    cpu_ax.set_ylabel("ksmd CPU (% of a core)")
+    cpu_ax.set_xlabel("seconds")
+    saved_ax.legend(loc="lower right", fontsize=8)
+    saved_ax.set_title("KSM savings and ksmd CPU, same workload for every contender")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, two contenders")
+    parser.add_argument("--contenders", help="comma-separated subset of " + ",".join(CONTENDERS))
+    parser.add_argument("--name", default=None, help="results name (bench/results/NAME.*)")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("ksm_bench: needs root (it drives /sys/kernel/mm/ksm)", file=sys.stderr)
+        return 2
+    workload = SMOKE if args.smoke else Workload()
+    names = (
+        args.contenders or ("ksmpolicy,kernel-defaults" if args.smoke else ",".join(CONTENDERS))
+    ).split(",")
+    name = args.name or ("smoke" if args.smoke else "ksm")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    # The tests' lock: one user of the real ksmd at a time.
+    lock = (Path(tempfile.gettempdir()) / "ksmpolicy-tests-ksm.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with ksm_restored(), tempfile.TemporaryDirectory(prefix="ksm-bench-") as tmp:
+        for contender in names:
+            work = Path(tmp) / contender
+            work.mkdir()
+            print(f"== {contender}", flush=True)
+            run = run_contender(CONTENDERS[contender], workload, work)
+            print(json.dumps(run.figures or {"skipped": run.skipped}), flush=True)
+            runs.append(run)
+    bound = two_scan_bound(runs, 20.0)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
+    result = {
+        "machine": machine,
+        "workload": asdict(workload),
+        "two_scan_bound_seconds": bound,
+        "runs": [asdict(r) for r in runs],
+    }
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = table(runs, bound)
+    plotted = plot(runs, out / f"{name}.png")
+    (out / f"{name}.md").write_text(
+        f"# KSM pacing benchmark ({name})\n\nWorkload: {asdict(workload)}. Machine: {machine}.\n\n"
+        + text
+        + (f"\n\n![savings and ksmd CPU]({name}.png)\n" if plotted else "\n")
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
