@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status clean
+.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status bench-ksm clean
 
 all: test
 
@@ -26,7 +26,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt bench-status
+bench: bench-policy bench-discovery bench-libvirt bench-status bench-ksm
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -42,3 +42,7 @@ bench-libvirt: $(STAMP)
 
 bench-status: $(STAMP)
 	$(BIN)/python -m bench.bench_status
+
+# The pacing benchmark against ksmtuned, the kernel advisor and kernel defaults (~35 min, root).
+bench-ksm: $(STAMP)
+	$(BIN)/python -m bench.ksm_bench

@@ -58,6 +58,9 @@ CONNECT = click.option(
 )
 
 
+ROOT = click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (tests).")
+
+
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--policy",
@@ -204,7 +207,7 @@ def explain(
     metavar="SECONDS",
     help="Measure ksmd's CPU share over this long (0: don't).",
 )
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @policy_option
 @click.pass_obj
 def status(options: Options, as_json: bool, sample: float, root: str) -> None:
@@ -235,7 +238,7 @@ def status(options: Options, as_json: bool, sample: float, root: str) -> None:
 @click.option(
     "--every", type=float, metavar="SECONDS", help="With --textfile: rewrite it this often."
 )
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @policy_option
 @click.pass_obj
 def metrics(
@@ -285,7 +288,7 @@ def _policy_or_error(options: Options) -> tuple[Policy | None, str | None]:
 @cli.command()
 @click.option("--restore-on-exit", is_flag=True, help="Put back the KSM knobs found at start.")
 @click.option("--dry-run", is_flag=True, help="Plan and log, but write no knob.")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
 @click.option("--state-dir", metavar="DIR", hidden=True, help="Backup directory (for tests).")
 @CONNECT
@@ -348,7 +351,7 @@ def daemon(
     metavar="SECONDS",
     help="Measure ksmd's CPU over this long before planning.",
 )
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @policy_option
 @click.pass_obj
 def reconcile(
@@ -409,7 +412,7 @@ def reconcile(
     "event", type=click.Choice(["started", "stopped", "release", "reconnect", "changed"])
 )
 @click.argument("vm")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (for tests).")
 def notify(event: str, vm: str, root: str, run_dir: str | None) -> None:
     """Tell the running daemon that VM had EVENT (what the hooks do).
@@ -474,7 +477,7 @@ def hook_libvirt(options: Options, args: tuple[str, ...]) -> None:
 @click.option("--name", default="ksmpolicy", show_default=True, help="File name in qemu.d/.")
 @click.option("--hook-policy", metavar="FILE", help="Policy the hook reads (default: its own).")
 @click.option("--run-dir", metavar="DIR", hidden=True, help="Daemon runtime directory.")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 def install(
     target: str, main_hook: bool, name: str, hook_policy: str | None, run_dir: str | None, root: str
 ) -> None:
@@ -497,7 +500,7 @@ def install(
 @click.argument("target", type=click.Choice(["libvirt"]))
 @click.option("--main-hook", is_flag=True, help="Remove hooks/qemu instead of qemu.d/.")
 @click.option("--name", default="ksmpolicy", show_default=True, help="File name in qemu.d/.")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
     """Remove the hook that `install` wrote (and nothing else)."""
     from ksmpolicy import install as installer  # noqa: PLC0415
@@ -517,7 +520,7 @@ def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
 @click.option("--vmid", "vmids", multiple=True, metavar="VMID", help="With --proxmox: only these.")
 @click.option("--qemu-server-version", metavar="V", help="With --proxmox: write configs for it.")
 @click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @policy_option
 @click.pass_obj
 def apply(
@@ -573,7 +576,7 @@ def apply(
 @CONNECT
 @click.option("--live", is_flag=True, help="Also switch running domains' merging now (QMP).")
 @click.option("--domain", "-d", "domains", multiple=True, metavar="NAME", help="Only these.")
-@click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (for tests).")
+@ROOT
 @policy_option
 @click.pass_obj
 def enforce(
@@ -666,7 +669,6 @@ def proxmox_group() -> None:
     """Proxmox VE: the hookscript, attaching it to VMs, config rewrites."""
 
 
-ROOT = click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (tests).")
 QM = click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")
 
 
