@@ -33,6 +33,7 @@ from ksmpolicy.vms import ProcessScanner, VmProcess, footprint_bytes
 log = logging.getLogger(__name__)
 SPRINT_INTERVAL_SECONDS = 1.0  # re-plan this often while sprinting: a sprint ends by full scans
 RIVALS = ("ksmtuned",)
+STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
 
 
 @dataclass
@@ -191,7 +192,8 @@ class Daemon:
         next_plan = time.monotonic()
         next_ping = time.monotonic()
         ready_sent = False
-        notes = 0
+        notes = 0  # VMs that started since the last plan
+        replan = False  # a note or event asks for a plan now
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -220,14 +222,19 @@ class Daemon:
                 received = listener.receive()
                 for note in received:
                     log.info("hook: %s %s", note.vm, note.event)
-                notes += len(received)
+                # Only new memory calls for a sprint; a stop just re-plans at once.
+                notes += sum(note.event in STARTS for note in received)
+                replan = replan or bool(received)
             if self.enforcer is not None:
-                notes += self.enforcer.handle(self.reconciler.policy)
+                starts, changes = self.enforcer.handle(self.reconciler.policy)
+                notes += starts
+                replan = replan or changes > 0
             now = time.monotonic()
-            if notes or now >= next_plan:
+            if replan or now >= next_plan:
                 self._warn_about_rivals()
                 result = self.reconciler.step(notes=notes)
                 notes = 0
+                replan = False
                 interval = self.reconciler.policy.reconciler.interval_seconds
                 if result.mode == "sprint":
                     interval = min(interval, SPRINT_INTERVAL_SECONDS)

@@ -353,22 +353,22 @@ class Enforcer:
                 if result.status in ("toggled", "failed"):
                     log.info("%s: %s %s", result.name, result.status, result.detail)
 
-    def handle(self, policy: Policy) -> int:
-        """Act on queued events; return how many VMs started or stopped."""
+    def handle(self, policy: Policy) -> tuple[int, int]:
+        """Act on queued events; return (VMs started, VMs started or stopped)."""
         from ksmpolicy.policy import Enforcement  # noqa: PLC0415
 
-        changes = 0
+        starts = stops = 0
         for event in self.watcher.drain():
             log.debug("libvirt: %s %s", event.name, event.kind)
             if event.kind == "defined" and policy.enforcement is not Enforcement.OFF:
                 self._definitions(policy, (event.name,))
             elif event.kind == "started":
-                changes += 1
+                starts += 1
                 if policy.live:
                     self._live(policy, event.name)
             elif event.kind == "stopped":
-                changes += 1
-        return changes
+                stops += 1
+        return starts, starts + stops
 
     def _definitions(self, policy: Policy, only: Iterable[str]) -> None:
         conn = self.watcher.conn
