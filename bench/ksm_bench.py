@@ -550,6 +550,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("ksm_bench: needs root (it drives /sys/kernel/mm/ksm)", file=sys.stderr)
         return 2
+    from ksmpolicy.host import processes_named
+    from ksmpolicy.status import daemon_pids
+
+    rivals = daemon_pids(HostPaths()) + processes_named(HostPaths(), ["ksmtuned"])
+    if rivals:
+        # Another controller would write the knobs under every contender.
+        print(
+            f"ksm_bench: KSM controllers already run (pids {rivals}): stop them first",
+            file=sys.stderr,
+        )
+        return 2
     workload = SMOKE if args.smoke else Workload()
     names = (
         args.contenders or ("ksmpolicy,kernel-defaults" if args.smoke else ",".join(CONTENDERS))
