@@ -166,6 +166,17 @@ def test_notify_without_daemon_never_fails(tmp_path: Path) -> None:
     )
 
 
+def reconcile_once(root: Path, policy_text: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`ksmpolicy reconcile --once` on the fake host under `root`, as a real process."""
+    policy = root / "p.yaml"
+    policy.write_text(policy_text)
+    policy.chmod(0o644)
+    command = [KSMPOLICY, "-p", str(policy), "reconcile", "--once", *options, "--sample", "0"]
+    return subprocess.run(
+        [*command, "--root", str(root)], capture_output=True, text=True, check=True
+    )
+
+
 def test_reconcile_once_dry_run_on_fake_host(tmp_path: Path) -> None:
     ksm = tmp_path / "sys/kernel/mm/ksm"
     ksm.mkdir(parents=True)
@@ -173,26 +184,7 @@ def test_reconcile_once_dry_run_on_fake_host(tmp_path: Path) -> None:
     (ksm / "full_scans").write_text("3\n")
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
-    policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\n")
-    policy.chmod(0o644)
-    result = subprocess.run(
-        [
-            KSMPOLICY,
-            "-p",
-            str(policy),
-            "reconcile",
-            "--once",
-            "--dry-run",
-            "--sample",
-            "0",
-            "--root",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = reconcile_once(tmp_path, "version: 1\n", "--dry-run")
     assert result.stdout.splitlines() == [
         "mode:      stopped",
         "reason:    nothing mergeable: ksmd stopped",
@@ -208,25 +200,8 @@ def test_reconcile_once_paces_a_vm_on_an_old_kernel(tmp_path: Path) -> None:
     ksm = fake_host(tmp_path)
     (ksm / "run").write_text("0\n")
     write_process(tmp_path / "proc", 100, LIBVIRT, "qemu-system-x86", SMAPS, None)
-    policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\nreconciler: {target_scan_seconds: 10}\n")
-    policy.chmod(0o644)
-    result = subprocess.run(
-        [
-            KSMPOLICY,
-            "-p",
-            str(policy),
-            "reconcile",
-            "--once",
-            "--json",
-            "--sample",
-            "0",
-            "--root",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    result = reconcile_once(
+        tmp_path, "version: 1\nreconciler: {target_scan_seconds: 10}\n", "--json"
     )
     data = json.loads(result.stdout)
     assert data["mode"] == "sprint"  # first sight of the VM's memory
