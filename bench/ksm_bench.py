@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -403,6 +404,12 @@ def time_to(samples: list[dict[str, float]], since: float, level: float) -> floa
     return None
 
 
+def cpu_at(samples: list[dict[str, float]], t: float) -> float:
+    """ksmd's CPU-seconds at the first sample at or after `t` (the last one if none is)."""
+    at = next((s for s in samples if s["t"] >= t), samples[-1])
+    return at["ksmd_cpu_seconds"]
+
+
 def figures(run: Run, workload: Workload) -> dict[str, float | None]:
     samples = run.samples
     if not samples:
@@ -426,8 +433,17 @@ def figures(run: Run, workload: Workload) -> dict[str, float | None]:
             * (quiet[-1]["ksmd_cpu_seconds"] - quiet[0]["ksmd_cpu_seconds"])
             / (quiet[-1]["t"] - quiet[0]["t"])
         )
-    cpu_to_a = next(
-        (s["ksmd_cpu_seconds"] for s in samples if t_a is not None and s["t"] >= t_a), None
+    a_start = events.get("group A starts", 0.0)
+    cpu_to_a = None
+    if t_a is not None:
+        cpu_to_a = round(cpu_at(samples, a_start + t_a) - cpu_at(samples, a_start), 3)
+    peak_cpu = max(
+        (
+            100 * (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / (b["t"] - a["t"])
+            for a, b in itertools.pairwise(samples)
+            if b["t"] - a["t"] >= 0.5
+        ),
+        default=None,
     )
     return {
         "achievable_a_gib": round(a_only * PAGE / GIB, 3),
@@ -441,6 +457,7 @@ def figures(run: Run, workload: Workload) -> dict[str, float | None]:
         if cpu_total
         else None,
         "quiet_ksmd_cpu_percent": round(quiet_cpu, 2) if quiet_cpu is not None else None,
+        "peak_ksmd_cpu_percent": round(peak_cpu, 1) if peak_cpu is not None else None,
         "peak_saved_gib": round(max(s["saved_pages"] for s in samples) * PAGE / GIB, 3),
     }
 
@@ -452,6 +469,14 @@ def two_scan_bound(runs: list[Run], cap_percent: float) -> float | None:
         value for r in runs if (value := r.figures.get("ksmd_cpu_seconds_to_90_a")) is not None
     ]
     return round(min(spent) / (cap_percent / 100), 1) if spent else None
+
+
+def shipped_cpu_cap() -> float:
+    """max_ksmd_cpu_percent of the shipped default policy, the one ksmpolicy runs with here."""
+    from ksmpolicy.policy import load_policy
+
+    policy = load_policy(REPO / "policies/default.yaml", check_trust=False)
+    return policy.reconciler.max_ksmd_cpu_percent
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -472,17 +497,17 @@ def cell(run: Run, reference: dict[str, float | None], key: str) -> str:
     return f"{value} ({ratio(value, reference.get(key))})"
 
 
-def table(runs: list[Run], bound: float | None) -> str:
+def table(runs: list[Run], bound: float | None, cap_percent: float) -> str:
     ours = next((r for r in runs if r.contender == "ksmpolicy"), None)
     ref = ours.figures if ours else {}
     head = (
         "| contender | 90 % after A (s) | 90 % after B (s) | ksmd CPU-s | savings GiB·s | "
-        "GiB·s per CPU-s | quiet ksmd CPU % |"
+        "GiB·s per CPU-s | quiet ksmd CPU % | peak ksmd CPU % |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         if run.skipped:
-            lines.append(f"| {run.contender} | skipped: {run.skipped} | | | | | |")
+            lines.append(f"| {run.contender} | skipped: {run.skipped} | | | | | | |")
             continue
         keys = (
             "seconds_to_90_a",
@@ -491,6 +516,7 @@ def table(runs: list[Run], bound: float | None) -> str:
             "savings_gib_seconds",
             "efficiency_gib_seconds_per_cpu_second",
             "quiet_ksmd_cpu_percent",
+            "peak_ksmd_cpu_percent",
         )
         cells = [cell(run, ref, key) for key in keys]
         lines.append(f"| {run.contender} | " + " | ".join(cells) + " |")
@@ -498,7 +524,8 @@ def table(runs: list[Run], bound: float | None) -> str:
         lines.append("")
         lines.append(
             "Two-full-scan bound for group A: the least ksmd CPU-seconds any contender spent "
-            f"to reach 90 % (two scans of the new memory) at ksmpolicy's 20 % CPU cap: {bound} s."
+            "to reach 90 % (two scans of the new memory), spent at ksmpolicy's "
+            f"{cap_percent:g} % CPU cap: {bound} s."
         )
     lines.append("")
     lines.append("Ratios in parentheses are the contender's figure divided by ksmpolicy's.")
@@ -580,16 +607,18 @@ def main(argv: list[str] | None = None) -> int:
             run = run_contender(CONTENDERS[contender], workload, work)
             print(json.dumps(run.figures or {"skipped": run.skipped}), flush=True)
             runs.append(run)
-    bound = two_scan_bound(runs, 20.0)
+    cap = shipped_cpu_cap()
+    bound = two_scan_bound(runs, cap)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
     result = {
         "machine": machine,
         "workload": asdict(workload),
         "two_scan_bound_seconds": bound,
+        "cpu_cap_percent": cap,
         "runs": [asdict(r) for r in runs],
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = table(runs, bound)
+    text = table(runs, bound, cap)
     plotted = plot(runs, out / f"{name}.png")
     (out / f"{name}.md").write_text(
         f"# KSM pacing benchmark ({name})\n\nWorkload: {asdict(workload)}. Machine: {machine}.\n\n"

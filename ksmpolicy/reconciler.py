@@ -6,7 +6,10 @@ The law, in short (README "The reconciler" has the reasons):
 * Calm: scan the whole mergeable footprint F once per `target_scan_seconds` (rate F/T).
 * Sprint: when the footprint grows or a hook says a VM started, scan as fast as the CPU budget
   allows until ksmd has finished 3 more full scans: the rest of the current round (a new VM is
-  queued behind ksmd's cursor) and the two scans new memory needs before it can merge.
+  queued behind ksmd's cursor) and the two scans new memory needs before it can merge (2 when
+  nothing was mergeable before: no round under way). While sprinting the law re-plans every
+  half second on the newest measured cost per page, which moves several times over between
+  checksumming new memory and merging it.
 * Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8.
 * Pressure: as MemAvailable falls below `memory_pressure_percent` of MemTotal, the pace rises
   from calm towards the CPU budget, in proportion.
@@ -233,7 +236,11 @@ def _measure(obs: Observation, history: History) -> History:
     cost = history.cost_per_page
     if window_pages >= 5_000 and window_cpu >= MIN_COST_WINDOW_CPU_SECONDS:
         measured = min(max(window_cpu / window_pages, MIN_COST_PER_PAGE), MAX_COST_PER_PAGE)
-        cost = 0.5 * cost + 0.5 * measured
+        # A sprint follows the newest window: the cost per page changes several times over as
+        # ksmd moves from checksumming new memory to merging it, and a sprint lasts seconds.
+        # At a calm pace, an average smooths the noise of small windows.
+        weight = 1.0 if history.sprint_until_full_scans is not None else 0.5
+        cost = (1 - weight) * cost + weight * measured
         window_start, window_pages = obs.ksmd_cpu_seconds, 0.0
     return replace(
         history,
@@ -252,7 +259,11 @@ def _track_growth(obs: Observation, settings: LawSettings, history: History) -> 
     grew = grown >= max(GROWTH_MIN_PAGES, GROWTH_FRACTION * history.footprint_pages)
     until = history.sprint_until_full_scans
     if grew or obs.notes:
-        until = obs.full_scans + settings.sprint_full_scans
+        # After a plan that saw nothing mergeable, no round is under way to wait for: the two
+        # scans new memory needs are enough.
+        idle = history.last_full_scans is not None and history.footprint_pages == 0
+        scans = min(2, settings.sprint_full_scans) if idle else settings.sprint_full_scans
+        until = obs.full_scans + scans
     elif until is not None and obs.full_scans >= until:
         until = None
     return replace(history, footprint_pages=obs.footprint_pages, sprint_until_full_scans=until)

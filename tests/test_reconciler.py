@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,14 +100,48 @@ def test_memory_pressure_raises_the_pace_in_proportion() -> None:
     assert abs(planned_cpu_fraction(none) - 0.20) < 0.01
 
 
-def test_cost_is_measured_from_ksmd_cpu_and_pages_scanned() -> None:
+def test_a_sprint_follows_the_newest_measured_cost() -> None:
     p = plan(obs(0, 524_288, ksmd_cpu_seconds=10.0, pages_scanned=0), LAW, History())
+    assert p.mode == "sprint"
     assert p.history.cost_per_page == DEFAULT_COST_PER_PAGE
-    # 1 CPU-second for 1,000,000 pages: cheap first-pass checksums.
-    p = plan(obs(10, 524_288, ksmd_cpu_seconds=11.0, pages_scanned=1_000_000), LAW, p.history)
+    # 0.05 CPU-seconds for 50,000 pages in half a second: cheap first-pass checksums.
+    p = plan(obs(0.5, 524_288, ksmd_cpu_seconds=10.05, pages_scanned=50_000), LAW, p.history)
+    assert p.mode == "sprint"
+    assert p.history.cpu_percent == pytest.approx(10.0)
+    assert p.history.cost_per_page == pytest.approx(1e-6)
+    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+    # Then merging: 0.2 CPU-seconds for 20,000 pages. The next plan slows down at once.
+    fast = p.pages_per_second
+    p = plan(obs(1.0, 524_288, ksmd_cpu_seconds=10.25, pages_scanned=70_000), LAW, p.history)
+    assert p.history.cost_per_page == pytest.approx(1e-5)
+    assert p.pages_per_second < fast / 5
+    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+
+
+def test_a_calm_pace_averages_the_measured_cost() -> None:
+    calm = replace(
+        History(),
+        time=0.0,
+        ksmd_cpu_seconds=10.0,
+        pages_scanned=0,
+        footprint_pages=524_288,
+        last_full_scans=3,
+    )
+    # 1 CPU-second for 1,000,000 pages over 10 s, no growth: calm, the cost is averaged.
+    p = plan(obs(10, 524_288, 3, ksmd_cpu_seconds=11.0, pages_scanned=1_000_000), LAW, calm)
+    assert p.mode == "calm"
     assert p.history.cpu_percent == 10.0
     assert p.history.cost_per_page == (DEFAULT_COST_PER_PAGE + 1e-6) / 2
-    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+
+
+def test_after_nothing_mergeable_a_sprint_needs_two_scans() -> None:
+    idle = plan(obs(0, 0, full_scans=5), LAW, History())
+    assert idle.mode == "stopped"
+    p = plan(obs(1, 524_288, full_scans=5), LAW, idle.history)
+    assert p.mode == "sprint"
+    assert p.history.sprint_until_full_scans == 7
+    # A daemon that just started can't know where ksmd's round is: three.
+    assert plan(obs(0, 524_288, full_scans=5), LAW, History()).history.sprint_until_full_scans == 8
 
 
 def test_advisor_gets_pacing_and_pages_to_scan_is_never_written() -> None:
