@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ksmpolicy.host import HostPaths, ksmd_pid, process_cpu_seconds, read_ksm
@@ -422,8 +422,15 @@ def figures(run: Run, workload: Workload) -> dict[str, float | None]:
     t_a = time_to(samples, events.get("group A starts", 0.0), 0.9 * a_only)
     t_b = time_to(samples, b_start, before_b + 0.9 * (both - before_b)) if both > before_b else None
     cpu_total = samples[-1]["ksmd_cpu_seconds"]
-    integral = sum(s["saved_pages"] for s in samples) * PAGE / GIB  # one sample per second
     stop = events.get("group B stops", workload.b_stop)
+
+    def counted(sample: dict[str, float]) -> float:
+        # ksmd drops an exited VM's pages from its counters only when its scan reaches it:
+        # savings above what the running VMs allow are not counted.
+        b_running = b_start <= sample["t"] < stop
+        return min(sample["saved_pages"], both if b_running else a_only)
+
+    integral = sum(counted(s) for s in samples) * PAGE / GIB  # one sample per second
     quiet_from = stop + min(10.0, (workload.end - stop) / 2)
     quiet = [s for s in samples if s["t"] >= quiet_from]
     quiet_cpu = None
@@ -525,7 +532,16 @@ def table(runs: list[Run], bound: float | None, cap_percent: float) -> str:
         lines.append(
             "Two-full-scan bound for group A: the least ksmd CPU-seconds any contender spent "
             "to reach 90 % (two scans of the new memory), spent at ksmpolicy's "
-            f"{cap_percent:g} % CPU cap: {bound} s."
+            f"{cap_percent:g} % CPU cap: {bound} s. How close each contender gets (its time to "
+            "90 % after A divided by the bound): "
+            + ", ".join(
+                f"{run.contender} {ratio(run.figures.get('seconds_to_90_a'), bound)}"
+                if run.figures.get("seconds_to_90_a") is not None
+                else f"{run.contender} never"
+                for run in runs
+                if not run.skipped
+            )
+            + "."
         )
     lines.append("")
     lines.append("Ratios in parentheses are the contender's figure divided by ksmpolicy's.")
@@ -567,13 +583,91 @@ def plot(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def parse_workload(base: Workload, settings: list[str]) -> Workload:
+    """`--workload vm_mib=1024 --workload group_a=8`: any Workload field, by name."""
+    values: dict[str, float | int] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or key not in Workload.__dataclass_fields__:
+            names = ", ".join(Workload.__dataclass_fields__)
+            raise SystemExit(
+                f"ksm_bench: --workload {setting!r}: use KEY=VALUE, KEY one of {names}"
+            )
+        kind = type(getattr(base, key))
+        try:
+            values[key] = kind(text)
+        except ValueError:
+            message = f"ksm_bench: --workload {key}: {text!r} is not a {kind.__name__}"
+            raise SystemExit(message) from None
+    return replace(base, **values)  # type: ignore[arg-type]  # each value has its field's type
+
+
+def write_results(out: Path, name: str, result: dict[str, object], runs: list[Run]) -> str:
+    """NAME.json, NAME.md and NAME.png under `out`; returns the table."""
+    bound, cap = result["two_scan_bound_seconds"], result["cpu_cap_percent"]
+    assert isinstance(cap, float) and (bound is None or isinstance(bound, float))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = table(runs, bound, cap)
+    plotted = plot(runs, out / f"{name}.png")
+    (out / f"{name}.md").write_text(
+        f"# KSM pacing benchmark ({name})\n\nWorkload: {result['workload']}. "
+        f"Machine: {result['machine']}.\n\n"
+        + text
+        + (f"\n\n![savings and ksmd CPU]({name}.png)\n" if plotted else "\n")
+    )
+    return text
+
+
+def render(path: Path, out: Path, name: str) -> int:
+    """Recompute the figures, the table and the plot of a recorded run from its samples."""
+    result = json.loads(path.read_text())
+    workload = Workload(**result["workload"])
+    runs = []
+    for recorded in result["runs"]:
+        run = Run(
+            recorded["contender"],
+            recorded["description"],
+            recorded["samples"],
+            [(when, event) for when, event in recorded["events"]],
+            skipped=recorded["skipped"],
+            log=recorded["log"],
+        )
+        run.figures = figures(run, workload) if not run.skipped else {}
+        runs.append(run)
+    if "cpu_cap_percent" not in result:
+        print(f"ksm_bench: {path} does not record ksmpolicy's CPU cap (an older run)")
+        return 2
+    cap = float(result["cpu_cap_percent"])
+    result["two_scan_bound_seconds"] = two_scan_bound(runs, cap)
+    result["runs"] = [asdict(r) for r in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_results(out, name, result, runs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, two contenders")
     parser.add_argument("--contenders", help="comma-separated subset of " + ",".join(CONTENDERS))
+    parser.add_argument(
+        "--workload",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one workload parameter (e.g. vm_mib=1024, group_a=8, b_start=120)",
+    )
     parser.add_argument("--name", default=None, help="results name (bench/results/NAME.*)")
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        help="no run: recompute figures, table and plot from a recorded NAME.json",
+    )
     args = parser.parse_args(argv)
+    name = args.name or ("smoke" if args.smoke else "ksm")
+    out = Path(args.out)
+    if args.render:
+        return render(Path(args.render), out, args.name or Path(args.render).stem)
     if os.geteuid() != 0:
         print("ksm_bench: needs root (it drives /sys/kernel/mm/ksm)", file=sys.stderr)
         return 2
@@ -588,12 +682,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    workload = SMOKE if args.smoke else Workload()
+    workload = parse_workload(SMOKE if args.smoke else Workload(), args.workload)
     names = (
         args.contenders or ("ksmpolicy,kernel-defaults" if args.smoke else ",".join(CONTENDERS))
     ).split(",")
-    name = args.name or ("smoke" if args.smoke else "ksm")
-    out = Path(args.out)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        print(f"ksm_bench: unknown contender(s) {unknown}: use {list(CONTENDERS)}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     # The tests' lock: one user of the real ksmd at a time.
@@ -608,24 +704,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run.figures or {"skipped": run.skipped}), flush=True)
             runs.append(run)
     cap = shipped_cpu_cap()
-    bound = two_scan_bound(runs, cap)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
-    result = {
-        "machine": machine,
+    result: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}",
         "workload": asdict(workload),
-        "two_scan_bound_seconds": bound,
+        "two_scan_bound_seconds": two_scan_bound(runs, cap),
         "cpu_cap_percent": cap,
         "runs": [asdict(r) for r in runs],
     }
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = table(runs, bound, cap)
-    plotted = plot(runs, out / f"{name}.png")
-    (out / f"{name}.md").write_text(
-        f"# KSM pacing benchmark ({name})\n\nWorkload: {asdict(workload)}. Machine: {machine}.\n\n"
-        + text
-        + (f"\n\n![savings and ksmd CPU]({name}.png)\n" if plotted else "\n")
-    )
-    print(text)
+    print(write_results(out, name, result, runs))
     return 0
 
 

@@ -32,3 +32,42 @@ def test_benchmark_smoke_run_writes_its_results(tmp_path: Path) -> None:
     table = (tmp_path / "smoke.md").read_text()
     assert "| ksmpolicy |" in table and "| kernel-defaults |" in table
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
+    # Re-rendering the recorded run recomputes the same figures from its samples.
+    again = ["--render", str(tmp_path / "smoke.json"), "--out", str(tmp_path / "r")]
+    assert ksm_bench.main(again) == 0
+    rendered = json.loads((tmp_path / "r/smoke.json").read_text())
+    assert [r["figures"] for r in rendered["runs"]] == [r["figures"] for r in result["runs"]]
+
+
+def test_figures_are_measured_from_each_group_start() -> None:
+    from bench.ksm_bench import Run, Workload, figures
+
+    workload = Workload()
+    a_only = workload.achievable(4, 0)
+    both = workload.achievable(4, 2)
+    samples: list[dict[str, float]] = []
+    for t in range(0, 331):
+        saved = 0 if t < 13 else a_only  # group A (started at 3 s) merged at 13 s
+        if t >= 160:
+            saved = both  # group B (started at 150 s) merged at 160 s
+        cpu = 0.5 * min(max(t - 3, 0), 10) + 0.01 * t  # 50 % while A merges, then 1 %
+        samples.append({"t": float(t), "saved_pages": saved, "ksmd_cpu_seconds": cpu})
+    run = Run("x", "synthetic", samples, [(3.0, "group A starts"), (150.0, "group B starts")])
+    found = figures(run, workload)
+    assert found["seconds_to_90_a"] == 10.0
+    assert found["seconds_to_90_b"] == 10.0
+    # CPU to 90 % counts from group A's start, not from the start of the run.
+    assert found["ksmd_cpu_seconds_to_90_a"] == pytest.approx(5.1, abs=0.01)
+    assert found["peak_ksmd_cpu_percent"] == pytest.approx(51.0, abs=0.1)
+    assert found["quiet_ksmd_cpu_percent"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_workload_parameters_by_name() -> None:
+    from bench.ksm_bench import Workload, parse_workload
+
+    changed = parse_workload(Workload(), ["vm_mib=1024", "image_percent=50", "group_a=8"])
+    assert (changed.vm_mib, changed.image_percent, changed.group_a) == (1024, 50.0, 8)
+    with pytest.raises(SystemExit, match="vm_mib: 'big' is not a int"):
+        parse_workload(Workload(), ["vm_mib=big"])
+    with pytest.raises(SystemExit, match="KEY one of group_a"):
+        parse_workload(Workload(), ["vms=3"])
