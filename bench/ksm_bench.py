@@ -621,6 +621,9 @@ def write_results(out: Path, name: str, result: dict[str, object], runs: list[Ru
 def render(path: Path, out: Path, name: str) -> int:
     """Recompute the figures, the table and the plot of a recorded run from its samples."""
     result = json.loads(path.read_text())
+    if "cpu_cap_percent" not in result:
+        print(f"ksm_bench: {path} records no CPU cap for ksmpolicy (an older run)", file=sys.stderr)
+        return 2
     workload = Workload(**result["workload"])
     runs = []
     for recorded in result["runs"]:
@@ -634,9 +637,6 @@ def render(path: Path, out: Path, name: str) -> int:
         )
         run.figures = figures(run, workload) if not run.skipped else {}
         runs.append(run)
-    if "cpu_cap_percent" not in result:
-        print(f"ksm_bench: {path} does not record ksmpolicy's CPU cap (an older run)")
-        return 2
     cap = float(result["cpu_cap_percent"])
     result["two_scan_bound_seconds"] = two_scan_bound(runs, cap)
     result["runs"] = [asdict(r) for r in runs]
