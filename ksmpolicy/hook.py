@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from typing import IO
 
     from ksmpolicy.decide import Decision
-    from ksmpolicy.host import HostPaths
     from ksmpolicy.libvirt_xml import DomainFacts
     from ksmpolicy.policy import Policy
 
@@ -168,17 +167,12 @@ class LibvirtHook:
         _report(err, f"ksmpolicy: {message}", "err" if block else "warning")
         return 1 if block else 0
 
-    def paths(self) -> HostPaths:
-        from pathlib import Path  # noqa: PLC0415
-
-        from ksmpolicy.host import HostPaths  # noqa: PLC0415
-
-        return HostPaths(run_override=Path(self.run_dir) if self.run_dir else None)
-
     def notify(self, event: str) -> None:
         from ksmpolicy import notify  # noqa: PLC0415
+        from ksmpolicy.host import NOTIFY_SOCKET, default_run_dir  # noqa: PLC0415
 
-        notify.send(self.paths(), event, self.name)
+        socket_path = os.path.join(self.run_dir or default_run_dir(), NOTIFY_SOCKET)  # noqa: PTH118
+        notify.send_to(socket_path, event, self.name)
 
 
 def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> str | None:

@@ -45,6 +45,7 @@ KSM_COUNTERS = (
 
 
 RUN_DIR = "run/ksmpolicy"
+NOTIFY_SOCKET = "notify.sock"  # in the run directory
 DEFAULT_POLICY_RELATIVE = "etc/ksmpolicy/policy.yaml"
 
 
@@ -80,7 +81,7 @@ class HostPaths:
 
     @property
     def notify_socket(self) -> Path:
-        return self.run_dir / "notify.sock"
+        return self.run_dir / NOTIFY_SOCKET
 
     @property
     def state_dir(self) -> Path:

@@ -6,10 +6,9 @@ The law, in short (README "The reconciler" has the reasons):
 * Calm: scan the whole mergeable footprint F once per `target_scan_seconds` (rate F/T).
 * Sprint: when the footprint grows or a hook says a VM started, scan as fast as the CPU budget
   allows until ksmd has finished 3 more full scans: the rest of the current round (a new VM is
-  queued behind ksmd's cursor) and the two scans new memory needs before it can merge (2 when
-  nothing was mergeable before: no round under way). While sprinting the law re-plans every
-  half second on the newest measured cost per page, which moves several times over between
-  checksumming new memory and merging it.
+  queued behind ksmd's cursor) and the two scans new memory needs before it can merge. While
+  sprinting the law re-plans every half second on the newest measured cost per page, which
+  moves several times over between checksumming new memory and merging it.
 * Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8.
 * Pressure: as MemAvailable falls below `memory_pressure_percent` of MemTotal, the pace rises
   from calm towards the CPU budget, in proportion.
@@ -259,11 +258,10 @@ def _track_growth(obs: Observation, settings: LawSettings, history: History) -> 
     grew = grown >= max(GROWTH_MIN_PAGES, GROWTH_FRACTION * history.footprint_pages)
     until = history.sprint_until_full_scans
     if grew or obs.notes:
-        # After a plan that saw nothing mergeable, no round is under way to wait for: the two
-        # scans new memory needs are enough.
-        idle = history.last_full_scans is not None and history.footprint_pages == 0
-        scans = min(2, settings.sprint_full_scans) if idle else settings.sprint_full_scans
-        until = obs.full_scans + scans
+        # Always the rest of a round too, even when nothing was mergeable before: ksmd keeps
+        # the slots of exited processes in its list until its scan reaches them, so a round
+        # can be under way (a sprint of two scans left new guests a third merged, in a test).
+        until = obs.full_scans + settings.sprint_full_scans
     elif until is not None and obs.full_scans >= until:
         until = None
     return replace(history, footprint_pages=obs.footprint_pages, sprint_until_full_scans=until)

@@ -134,14 +134,13 @@ def test_a_calm_pace_averages_the_measured_cost() -> None:
     assert p.history.cost_per_page == (DEFAULT_COST_PER_PAGE + 1e-6) / 2
 
 
-def test_after_nothing_mergeable_a_sprint_needs_two_scans() -> None:
+def test_after_nothing_mergeable_a_sprint_still_waits_for_the_round() -> None:
+    # ksmd keeps exited processes' slots until it scans them: a round may be under way.
     idle = plan(obs(0, 0, full_scans=5), LAW, History())
     assert idle.mode == "stopped"
     p = plan(obs(1, 524_288, full_scans=5), LAW, idle.history)
     assert p.mode == "sprint"
-    assert p.history.sprint_until_full_scans == 7
-    # A daemon that just started can't know where ksmd's round is: three.
-    assert plan(obs(0, 524_288, full_scans=5), LAW, History()).history.sprint_until_full_scans == 8
+    assert p.history.sprint_until_full_scans == 8
 
 
 def test_advisor_gets_pacing_and_pages_to_scan_is_never_written() -> None:
