@@ -43,6 +43,6 @@ bench-libvirt: $(STAMP)
 bench-status: $(STAMP)
 	$(BIN)/python -m bench.bench_status
 
-# The pacing benchmark against ksmtuned, the kernel advisor and kernel defaults (~50 min, root).
+# The pacing benchmark against ksmtuned, the kernel advisor and kernel defaults (~40 min, root).
 bench-ksm: $(STAMP)
 	$(BIN)/python -m bench.ksm_bench
