@@ -410,6 +410,15 @@ def cpu_at(samples: list[dict[str, float]], t: float) -> float:
     return at["ksmd_cpu_seconds"]
 
 
+def cpu_percents(samples: list[dict[str, float]]) -> list[tuple[float, float]]:
+    """ksmd's CPU share (% of a core) between successive samples, with the interval's length."""
+    shares = []
+    for a, b in itertools.pairwise(samples):
+        dt = b["t"] - a["t"]
+        shares.append((dt, 100 * (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / max(dt, 1e-6)))
+    return shares
+
+
 def figures(run: Run, workload: Workload) -> dict[str, float | None]:
     samples = run.samples
     if not samples:
@@ -444,12 +453,9 @@ def figures(run: Run, workload: Workload) -> dict[str, float | None]:
     cpu_to_a = None
     if t_a is not None:
         cpu_to_a = round(cpu_at(samples, a_start + t_a) - cpu_at(samples, a_start), 3)
+    # Over whole seconds: a sample taken just after another (at an event) says little.
     peak_cpu = max(
-        (
-            100 * (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / (b["t"] - a["t"])
-            for a, b in itertools.pairwise(samples)
-            if b["t"] - a["t"] >= 0.5
-        ),
+        (percent for dt, percent in cpu_percents(samples) if dt >= 0.5),
         default=None,
     )
     return {
@@ -562,10 +568,7 @@ def plot(runs: list[Run], path: Path) -> bool:
             continue
         t = [s["t"] for s in run.samples]
         saved_ax.plot(t, [s["saved_pages"] * PAGE / GIB for s in run.samples], label=run.contender)
-        cpu = [0.0] + [
-            100 * (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / max(b["t"] - a["t"], 1e-6)
-            for a, b in zip(run.samples, run.samples[1:], strict=False)
-        ]
+        cpu = [0.0] + [percent for _dt, percent in cpu_percents(run.samples)]
         cpu_ax.plot(t, cpu, label=run.contender, linewidth=0.8)
     first = next((r for r in runs if r.events), None)
     for when, name in first.events if first else []:

@@ -62,9 +62,7 @@ class Listener:
             directory.chmod(0o700)
             if self.path.exists() or self.path.is_symlink():
                 self.path.unlink()
-            self.socket = _socket.socket(
-                _socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK
-            )
+            self.socket = _socket.socket(_socket.AF_UNIX, DATAGRAM)
             self.socket.bind(os.fspath(self.path))
             self.path.chmod(0o600)
         except OSError as exc:
