@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ksmpolicy.host import HostPaths
-from ksmpolicy.simguest import spawn
-from ksmpolicy.vms import ProcessScanner
+from ksmpolicy.kernel.scan import ProcessScanner
+from ksmpolicy.paths import HostPaths
+from lab.simguest import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COUNT = int(os.environ.get("BENCH_VMS", "200"))

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ksmpolicy.decide import Decider, VmFacts
-from ksmpolicy.policy import Policy, Rule, load_policy
+from ksmpolicy.policy.decide import Decider, VmFacts
+from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.model import Policy, Rule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TAGS = [f"tag{i}" for i in range(300)]

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from ksmpolicy.host import HostPaths
-from ksmpolicy.policy import load_policy
-from ksmpolicy.simguest import spawn
-from ksmpolicy.status import collect
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.load import load_policy
+from ksmpolicy.report.status import collect
+from lab.simguest import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Benchmark: ksmpolicy's daemon against ksmtuned, the kernel's scan-time advisor and kernel
 defaults, on the real ksmd, every contender on the same timeline in one run.
 
-Workload (bench/workload): guest-like processes (ksmpolicy.simguest) that map "guest RAM"
+Workload (bench/workload): guest-like processes (lab/simguest.py) that map "guest RAM"
 anonymously and mark it MADV_MERGEABLE as QEMU does, filled from an image model: pages the same
 in every VM of a group (the OS image), zero pages, pages unique to the VM. Timeline: group A
 starts (plus one VM the policy excludes, started with merging off like `mem-merge=off`); later
@@ -35,8 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ksmpolicy.host import HostPaths, ksmd_pid, process_cpu_seconds, read_ksm
-from ksmpolicy.simguest import page_plan, spawn
+from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
+from ksmpolicy.paths import HostPaths
+from lab.simguest import page_plan, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench/results"
@@ -369,7 +371,7 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
 
 def notify(work: Path, event: str) -> None:
     """Tell a ksmpolicy daemon (if this contender is one), as the hooks would."""
-    from ksmpolicy import notify as notes
+    from ksmpolicy.control import notify as notes
 
     notes.send(HostPaths(run_override=work / "run"), event, "bench")
 
@@ -486,7 +488,7 @@ def two_scan_bound(runs: list[Run], cap_percent: float) -> float | None:
 
 def shipped_cpu_cap() -> float:
     """max_ksmd_cpu_percent of the shipped default policy, the one ksmpolicy runs with here."""
-    from ksmpolicy.policy import load_policy
+    from ksmpolicy.policy.load import load_policy
 
     policy = load_policy(REPO / "policies/default.yaml", check_trust=False)
     return policy.reconciler.max_ksmd_cpu_percent
@@ -674,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("ksm_bench: needs root (it drives /sys/kernel/mm/ksm)", file=sys.stderr)
         return 2
-    from ksmpolicy.host import processes_named
-    from ksmpolicy.status import daemon_pids
+    from ksmpolicy.kernel.procfs import processes_named
+    from ksmpolicy.report.status import daemon_pids
 
     rivals = daemon_pids(HostPaths()) + processes_named(HostPaths(), ["ksmtuned"])
     if rivals:

@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ksmpolicy import notify
-from ksmpolicy.decide import Decider, VmFacts
-from ksmpolicy.host import HostPaths, ksmd_pid, process_cpu_seconds, processes_named, read_ksm
-from ksmpolicy.policy import load_policy
-from ksmpolicy.simguest import spawn
-from ksmpolicy.vms import ProcessScanner
+from ksmpolicy.control import notify
+from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
+from ksmpolicy.kernel.scan import ProcessScanner
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.decide import Decider, VmFacts
+from ksmpolicy.policy.load import load_policy
+from lab.simguest import spawn
 
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
 POLICY_TEXT = """\

@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from demo.libvirt_lab import GUEST, Lab, Libvirtd, wait_for
-from ksmpolicy.decide import Decider
-from ksmpolicy.host import HostPaths, ksmd_pid, process_cpu_seconds, read_ksm
-from ksmpolicy.libvirt_xml import domain_facts
-from ksmpolicy.policy import load_policy
+from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
+from ksmpolicy.libvirt.domain import domain_facts
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.decide import Decider
+from ksmpolicy.policy.load import load_policy
+from lab.libvirtd import GUEST, Lab, Libvirtd, wait_for
 
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
 PREFIX = "ksmpolicy-demo-"

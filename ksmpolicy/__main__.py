@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from ksmpolicy.cli import main
+from ksmpolicy.cli.main import main
 
 sys.exit(main())

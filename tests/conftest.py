@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ksmpolicy.kernel.ksm import WRITABLE_KNOBS, KsmKnobs, read_ksm
+from ksmpolicy.paths import HostPaths
+
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 
@@ -39,7 +42,20 @@ def write_policy(tmp_path: Path) -> Callable[..., Path]:
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 KSM_LOCK = Path(tempfile.gettempdir()) / "ksmpolicy-tests-ksm.lock"
-SAVED_KNOBS = ("pages_to_scan", "sleep_millisecs", "advisor_mode", "run")
+
+
+def saved_knobs() -> dict[str, int | str]:
+    """Every knob ksmpolicy may write (its own allow-list) that this kernel has, as it is now."""
+    state = read_ksm(HostPaths())
+    values = state.values if state is not None else {}
+    return {name: value for name, value in values.items() if name in WRITABLE_KNOBS}
+
+
+def restore_knobs(saved: dict[str, int | str]) -> None:
+    """Put the knobs back as `saved_knobs` found them, in the order KsmKnobs.restore uses."""
+    knobs = KsmKnobs(HostPaths())
+    knobs.original = dict(saved)
+    knobs.restore()
 
 
 @dataclass
@@ -85,23 +101,13 @@ def real_ksm() -> Iterator[RealKsm]:
     with KSM_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         ksm = RealKsm()
-        saved = {n: ksm.read(n) for n in SAVED_KNOBS if (KSM_DIR / n).exists()}
+        saved = saved_knobs()
         try:
             yield ksm
         finally:
             for process in ksm.processes:
                 ksm.stop(process)
-            if saved.get("run") != 1:
-                ksm.write("run", 0)
-            if "advisor_mode" in saved:
-                ksm.write("advisor_mode", "none")
-            for name in ("pages_to_scan", "sleep_millisecs"):
-                if name in saved and saved.get("advisor_mode") != "scan-time":
-                    ksm.write(name, saved[name])
-            if saved.get("advisor_mode") == "scan-time":
-                ksm.write("advisor_mode", "scan-time")
-            if saved.get("run") == 1:
-                ksm.write("run", 1)
+            restore_knobs(saved)
 
 
 # --- the host as we found it ------------------------------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import IS_ROOT
 
-pytestmark = [pytest.mark.root, pytest.mark.kernel]
 
-
+@pytest.mark.root
+@pytest.mark.kernel
 def test_benchmark_smoke_run_writes_its_results(tmp_path: Path) -> None:
     if not IS_ROOT or not Path("/sys/kernel/mm/ksm/run").exists():
         pytest.skip("needs root and KSM")

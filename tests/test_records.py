@@ -74,3 +74,29 @@ def test_non_default_after_default_is_refused() -> None:
         class Bad:
             a: int = 1
             b: int  # type: ignore[misc]
+
+
+def test_choice_behaves_like_the_enum_it_stands_in_for() -> None:
+    import enum
+
+    from ksmpolicy.policy.model import Action, Enforcement
+    from ksmpolicy.records import Choice
+
+    class Real(enum.Enum):
+        MERGE = "merge"
+        EXCLUDE = "exclude"
+
+    assert [m.value for m in Action] == [m.value for m in Real]
+    assert [m.name for m in Action] == [m.name for m in Real]
+    assert Action("merge") is Action.MERGE and Action.MERGE.value == "merge"
+    assert Action.EXCLUDE.name == "EXCLUDE" and len(Enforcement) == 3
+    assert repr(Enforcement.BLOCK) == "<Enforcement.BLOCK: 'block'>"
+    assert len({Action.MERGE, Action.EXCLUDE}) == 2 and {Action.MERGE: 1}[Action("merge")] == 1
+    for bad in ("MERGE", "", None, ["merge"]):
+        with pytest.raises(ValueError, match="is not a valid Action"):
+            Action(bad)
+    with pytest.raises(AttributeError):
+        Action.MERGE.value = "exclude"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        Action.MERGE = Action.EXCLUDE  # type: ignore[misc,assignment]
+    assert isinstance(Action.MERGE, Choice) and not isinstance(Action.MERGE, enum.Enum)

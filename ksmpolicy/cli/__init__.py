@@ -1,0 +1,1 @@
+"""The `ksmpolicy` command: one module per command family; `main` wires them together."""

@@ -1,0 +1,103 @@
+"""What the command modules share: the global options, common option decorators, and input."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.paths import HostPaths, default_policy
+from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.model import Policy
+
+F = TypeVar("F", bound=Callable[..., Any])
+MAX_INPUT_BYTES = 32 * 2**20  # a domain XML or a VM config given as a file or on stdin
+
+
+@dataclass
+class Options:
+    """Global options, shared with every subcommand through click's context object."""
+
+    policy: str | None = None  # None: the search order of paths.default_policy
+    debug: bool = False
+
+    def policy_path(self) -> str:
+        return self.policy or default_policy(HostPaths())
+
+    def load(self) -> Policy:
+        return load_policy(self.policy_path())
+
+    def load_or_error(self) -> tuple[Policy | None, str | None]:
+        """The policy, or None and the first line of why it cannot be used."""
+        try:
+            return self.load(), None
+        except KsmPolicyError as exc:
+            return None, str(exc).splitlines()[0]
+
+
+def policy_option(func: F) -> F:
+    """`--policy P` on a subcommand overrides the global one."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(Options).policy = value
+
+    return click.option(
+        "--policy",
+        "-p",
+        metavar="FILE",
+        expose_value=False,
+        callback=remember,
+        help="Policy file (overrides the global --policy).",
+    )(func)
+
+
+CONNECT = click.option(
+    "--connect", "-c", "uri", metavar="URI", help="libvirt URI (default: libvirt's default)."
+)
+ROOT = click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (tests).")
+RUN_DIR = click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (tests).")
+QM = click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")
+
+
+def host_paths(root: str, run_dir: str | None = None, state_dir: str | None = None) -> HostPaths:
+    return HostPaths(
+        Path(root), Path(run_dir) if run_dir else None, Path(state_dir) if state_dir else None
+    )
+
+
+def read_input(file: str) -> bytes:
+    """A file's bytes, or stdin's for `-`, up to MAX_INPUT_BYTES."""
+    try:
+        if file == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            with Path(file).open("rb") as handle:
+                data = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot read {file}: {exc.strerror}") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise KsmPolicyError(f"{file}: larger than {MAX_INPUT_BYTES // 2**20} MB: refusing it")
+    return data
+
+
+def read_text(file: str) -> str:
+    data = read_input(file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KsmPolicyError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def vmid_from_name(file: str) -> str:
+    stem = Path(file).name.split(".")[0]
+    return stem if stem.isdigit() else "?"
+
+
+def count(items: Sized, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"

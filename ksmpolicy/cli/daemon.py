@@ -1,0 +1,138 @@
+"""Commands of the reconciler: `daemon`, `reconcile --once`, and `notify`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, policy_option
+
+
+@click.command()
+@click.option("--restore-on-exit", is_flag=True, help="Put back the KSM knobs found at start.")
+@click.option("--dry-run", is_flag=True, help="Plan and log, but write no knob.")
+@ROOT
+@RUN_DIR
+@click.option("--state-dir", metavar="DIR", hidden=True, help="Backup directory (for tests).")
+@CONNECT
+@click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
+@click.option("--metrics", metavar="[HOST:]PORT", help="Also serve Prometheus /metrics.")
+@policy_option
+@click.pass_obj
+def daemon(
+    options: Options,
+    restore_on_exit: bool,
+    dry_run: bool,
+    root: str,
+    run_dir: str | None,
+    state_dir: str | None,
+    uri: str | None,
+    no_libvirt: bool,
+    metrics: str | None,
+) -> None:
+    """Run the reconciler in the foreground (replaces ksmtuned).
+
+    Sizes ksmd's work to the mergeable memory of running VMs, memory pressure and
+    the CPU budget in the policy's `reconciler:` section; retunes at once when a
+    hook reports a VM start or stop. Logs to stderr (journald-friendly), speaks
+    systemd's notify protocol, reloads the policy on SIGHUP and exits on SIGTERM.
+
+    Where libvirt is available it also watches domain events: a new or changed
+    definition is rewritten for the policy (unless enforcement is off), and a
+    started domain's merging is switched live (when the policy says `live`).
+    """
+    from ksmpolicy.control.daemon import Daemon  # noqa: PLC0415 - keeps `check` light
+    from ksmpolicy.control.journal import configure_daemon_logging  # noqa: PLC0415
+
+    configure_daemon_logging(options.debug)
+    Daemon(
+        host_paths(root, run_dir, state_dir),
+        options.policy_path(),
+        restore_on_exit=restore_on_exit,
+        dry_run=dry_run,
+        libvirt_uri=uri,
+        use_libvirt=not no_libvirt,
+        metrics=metrics,
+    ).run()
+
+
+@click.command()
+@click.option(
+    "--once", is_flag=True, required=True, help="One pass (required; the loop is `daemon`)."
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option(
+    "--sample",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Measure ksmd's CPU over this long before planning.",
+)
+@ROOT
+@policy_option
+@click.pass_obj
+def reconcile(
+    options: Options, once: bool, dry_run: bool, as_json: bool, sample: float, root: str
+) -> None:
+    """Plan ksmd's pace once, print it with the reason, and write it.
+
+    With --dry-run nothing is written. A single pass has no history: it cannot
+    know that a VM just started, so it plans the calm pace (or pressure).
+    """
+    from ksmpolicy.control.daemon import Reconciler  # noqa: PLC0415
+
+    reconciler = Reconciler(host_paths(root), options.load(), dry_run=True)
+    if sample > 0:
+        reconciler.step()
+        time.sleep(sample)
+    result = reconciler.step()
+    written = [] if dry_run else reconciler.knobs.apply(result.knobs)
+    processes = reconciler.observer.processes
+    footprint = sum(p.mergeable_bytes for p in processes)
+    if as_json:
+        report = {
+            "mode": result.mode,
+            "reason": result.reason,
+            "knobs": dict(result.knobs),
+            "written": written,
+            "dry_run": dry_run,
+            "pages_per_second": round(result.pages_per_second),
+            "footprint_bytes": footprint,
+            "ksmd_cpu_percent": result.history.cpu_percent,
+            "processes": [
+                {"pid": p.pid, "kind": p.kind, "name": p.name, "mergeable_bytes": p.mergeable_bytes}
+                for p in processes
+            ],
+        }
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"mode:      {result.mode}")
+    click.echo(f"reason:    {result.reason}")
+    click.echo(f"footprint: {footprint / 2**20:.1f} MiB in {len(processes)} processes")
+    knobs = "  ".join(f"{k}={v}" for k, v in result.knobs)
+    click.echo(f"knobs:     {knobs}{' (dry run: nothing written)' if dry_run else ''}")
+    if not dry_run:
+        click.echo(f"written:   {', '.join(written) or 'nothing (already so)'}")
+
+
+@click.command()
+@click.argument(
+    "event", type=click.Choice(["started", "stopped", "release", "reconnect", "changed"])
+)
+@click.argument("vm")
+@ROOT
+@RUN_DIR
+def notify(event: str, vm: str, root: str, run_dir: str | None) -> None:
+    """Tell the running daemon that VM had EVENT (what the hooks do).
+
+    Never waits: when no daemon listens, the note is dropped and the exit status
+    is still 0.
+    """
+    from ksmpolicy.control.notify import send  # noqa: PLC0415
+
+    if not send(host_paths(root, run_dir), event, vm):
+        click.echo("ksmpolicy: no daemon is listening; note dropped", err=True)

@@ -1,0 +1,106 @@
+"""The `ksmpolicy` command line: the group, its global options, and the exit status.
+
+Each command family lives in its own module (policy, status, daemon, libvirt, proxmox); this
+one only wires them together and turns errors into one line and an exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+import click
+
+from ksmpolicy import __version__
+from ksmpolicy.cli import daemon, libvirt, policy, proxmox, status
+from ksmpolicy.cli.common import Options
+from ksmpolicy.errors import KsmPolicyError, PolicyError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--policy",
+    "-p",
+    metavar="FILE",
+    help="Policy file. Default: $KSMPOLICY_POLICY, else /etc/pve/ksmpolicy/policy.yaml if it "
+    "exists (Proxmox VE, cluster-wide), else /etc/ksmpolicy/policy.yaml.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(__version__, "--version", prog_name="ksmpolicy")
+@click.pass_context
+def cli(ctx: click.Context, policy: str | None, debug: bool) -> None:
+    """Per-VM Kernel Same-page Merging policy for libvirt/KVM and Proxmox VE.
+
+    The policy (YAML) says which VMs may have their memory merged by KSM and
+    which must not (latency-sensitive or untrusted ones). See `ksmpolicy
+    COMMAND --help` and the README's policy reference.
+    """
+    options = ctx.ensure_object(Options)
+    options.policy = policy
+    options.debug = debug
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+for command in (
+    policy.check,
+    policy.explain,
+    status.status,
+    status.metrics,
+    daemon.daemon,
+    daemon.reconcile,
+    daemon.notify,
+    libvirt.xml,
+    libvirt.hook,
+    libvirt.install,
+    libvirt.uninstall,
+    libvirt.apply,
+    libvirt.enforce,
+    libvirt.tag,
+    proxmox.proxmox,
+):
+    cli.add_command(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 1 on an error (one line per problem), 2 on bad usage."""
+    logging.basicConfig(format="ksmpolicy: %(levelname)s: %(message)s", level=logging.WARNING)
+    options = Options()
+    try:
+        cli.main(args=argv, prog_name="ksmpolicy", obj=options, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except PolicyError as exc:  # already FILE:LINE: key: message, one problem per line
+        if options.debug:
+            traceback.print_exc()
+        click.echo(str(exc), err=True)
+        return 1
+    except KsmPolicyError as exc:
+        if options.debug:
+            traceback.print_exc()
+        click.echo(f"ksmpolicy: error: {exc}", err=True)
+        return 1
+    except Exception as exc:  # a bug: say so in one line, the traceback with --debug
+        if options.debug:
+            traceback.print_exc()
+        click.echo(
+            f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)", err=True
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Rendering for the commands: decisions and apply results as text and JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ksmpolicy.apply import Outcome
+from ksmpolicy.policy.decide import Decision
+from ksmpolicy.policy.model import Policy
+
+
+def verdict_text(decision: Decision) -> str:
+    return "never (memory)" if decision.verdict == "never" else decision.verdict
+
+
+def decision_table(decisions: Sequence[Decision]) -> str:
+    rows = [("VM", "GROUP", "DECISION", "RULE")]
+    for d in decisions:
+        rows.append((d.vm, d.group or "-", verdict_text(d), d.rule or "(default)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    )
+
+
+def decision_text(decision: Decision, policy: Policy) -> str:
+    return "\n".join(
+        (
+            f"VM:       {decision.vm}",
+            f"decision: {verdict_text(decision)}",
+            f"group:    {decision.group or '-'}",
+            f"rule:     {decision.rule or '(default)'}",
+            f"tags:     {', '.join(decision.tags) or '-'}",
+            f"reason:   {decision.reason}",
+            f"policy:   {policy.source}",
+        )
+    )
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "vm": decision.vm,
+        "action": decision.action.value,
+        "merge": decision.merge,
+        "group": decision.group,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "tags": list(decision.tags),
+    }
+
+
+def outcome_line(outcome: Outcome, *, proxmox: bool) -> str:
+    line = f"{outcome.key} ({outcome.name}): " if proxmox else f"{outcome.key}: "
+    line += outcome.status
+    if outcome.backup:
+        line += f" (backup {outcome.backup})"
+    if outcome.error:
+        line += f": {outcome.error}"
+    return line
+
+
+def outcome_summary(outcomes: Sequence[Outcome], noun: str) -> str:
+    changed = sum(o.status == "changed" for o in outcomes)
+    would = sum(o.status == "would change" for o in outcomes)
+    failed = [o.key for o in outcomes if o.status == "failed"]
+    return (
+        f"{len(outcomes)} {noun}: {changed} changed, {would} would change, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )

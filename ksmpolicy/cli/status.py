@@ -1,0 +1,91 @@
+"""Commands that report: `status` and `metrics`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ksmpolicy.cli.common import ROOT, Options, host_paths, policy_option
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.policy.model import Policy
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")
+@click.option(
+    "--sample",
+    type=click.FloatRange(0, 10),
+    default=0.2,
+    show_default=True,
+    metavar="SECONDS",
+    help="Measure ksmd's CPU share over this long (0: don't).",
+)
+@ROOT
+@policy_option
+@click.pass_obj
+def status(options: Options, as_json: bool, sample: float, root: str) -> None:
+    """What KSM saves, for which VM, at what CPU cost (read-only).
+
+    The host (KSM running, who controls it, knobs, memory saved, ksmd CPU), a
+    row per running VM (group, decision and rule, whether its running state
+    complies, mergeable and merged MiB, profit), totals per group, and findings
+    with what to do. Works without a policy (no decisions then).
+    """
+    from ksmpolicy.report import render  # noqa: PLC0415
+    from ksmpolicy.report.status import collect  # noqa: PLC0415
+
+    policy, error = options.load_or_error()
+    collected = collect(host_paths(root), policy, sample_seconds=sample, policy_error=error)
+    if as_json:
+        click.echo(json.dumps(render.as_json(collected), indent=2))
+    else:
+        click.echo(render.text(collected))
+
+
+@click.command()
+@click.option(
+    "--listen", metavar="[HOST:]PORT", help="Serve /metrics over HTTP (localhost default)."
+)
+@click.option("--textfile", metavar="PATH", help="Write for node_exporter's textfile collector.")
+@click.option(
+    "--every", type=float, metavar="SECONDS", help="With --textfile: rewrite it this often."
+)
+@ROOT
+@policy_option
+@click.pass_obj
+def metrics(
+    options: Options, listen: str | None, textfile: str | None, every: float | None, root: str
+) -> None:
+    """Prometheus metrics: per VM, per group, and KSM host figures.
+
+    \b
+    ksmpolicy metrics --listen 9573              # http://127.0.0.1:9573/metrics
+    ksmpolicy metrics --textfile /var/lib/prometheus/node-exporter/ksmpolicy.prom
+    Without an option, print them once.
+    """
+    from ksmpolicy.report import metrics as exposition  # noqa: PLC0415
+
+    def policy() -> Policy | None:
+        return options.load_or_error()[0]
+
+    collector = exposition.StatusCollector(host_paths(root), policy)
+    if listen and textfile:
+        raise click.UsageError("--listen and --textfile exclude each other")
+    if listen:
+        try:
+            exposition.serve(collector, listen)
+        except (ValueError, OSError) as exc:
+            raise KsmPolicyError(f"cannot listen on {listen}: {exc}") from None
+        click.echo(f"serving metrics on {listen} (/metrics)", err=True)
+        exposition.every(3600, lambda: None)
+    elif textfile:
+
+        def write() -> None:
+            exposition.write_textfile(collector, textfile)
+
+        if every:
+            exposition.every(every, write)
+        write()
+    else:
+        click.echo(exposition.exposition(collector), nl=False)

@@ -1,0 +1,289 @@
+"""The reconciler daemon: observe the host, plan ksmd's pace, write the knobs; react to hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from ksmpolicy.control import sdnotify
+from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
+from ksmpolicy.control.notify import Listener
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named, read_meminfo
+from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.model import Policy
+
+log = logging.getLogger(__name__)
+SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost per page moves fast
+RIVALS = ("ksmtuned",)
+STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
+
+
+@dataclass
+class Observer:
+    """Collects one Observation from the host (reads only)."""
+
+    paths: HostPaths
+    scanner: ProcessScanner
+    clock: Callable[[], float] = time.monotonic
+    _ksmd: int | None = None
+    processes: list[VmProcess] = field(default_factory=list)
+
+    def observe(self, *, notes: int = 0, refresh: bool = False) -> Observation:
+        state = read_ksm(self.paths)
+        if state is None:
+            raise KsmPolicyError(
+                f"{self.paths.ksm_dir} does not exist: this kernel has no KSM (CONFIG_KSM)"
+            )
+        meminfo = read_meminfo(self.paths)
+        if self._ksmd is None:
+            self._ksmd = ksmd_pid(self.paths)
+        cpu = process_cpu_seconds(self.paths, self._ksmd) if self._ksmd else None
+        # New processes are re-read on every pass anyway; `refresh` re-reads all of them.
+        self.processes = self.scanner.scan(refresh=refresh)
+        page = state.page_size
+        return Observation(
+            time=self.clock(),
+            footprint_pages=footprint_bytes(self.processes) // page,
+            full_scans=state.get("full_scans") or 0,
+            saved_pages=state.saved_pages,
+            mem_total=meminfo.get("MemTotal", 0),
+            mem_available=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
+            ksmd_cpu_seconds=cpu,
+            pages_scanned=state.get("pages_scanned"),
+            notes=notes,
+            has_advisor="advisor_mode" in state.values,
+            advisor_on=state.values.get("advisor_mode") == "scan-time",
+        )
+
+
+class Reconciler:
+    """One observe -> plan -> write step at a time; the daemon loop calls `step`."""
+
+    def __init__(self, paths: HostPaths, policy: Policy, *, dry_run: bool = False) -> None:
+        self.paths = paths
+        self.policy = policy
+        self.dry_run = dry_run
+        self.knobs = KsmKnobs(paths)
+        self.observer = Observer(paths, ProcessScanner(paths))
+        self.history = History()
+        self.last_plan: Plan | None = None
+
+    @property
+    def settings(self) -> LawSettings:
+        return LawSettings.from_policy(self.policy.reconciler)
+
+    def step(self, *, notes: int = 0) -> Plan:
+        observation = self.observer.observe(notes=notes)
+        result = plan(observation, self.settings, self.history)
+        self.history = result.history
+        previous = self.last_plan
+        if previous is None or (previous.mode, previous.knobs) != (result.mode, result.knobs):
+            cpu = self.history.cpu_percent
+            log.info(
+                "%s: %s [footprint %.0f MiB, saved %.0f MiB, ksmd %s]",
+                result.mode,
+                result.reason,
+                observation.footprint_pages * PAGE_SIZE / 2**20,
+                observation.saved_pages * PAGE_SIZE / 2**20,
+                "cpu n/a" if cpu is None else f"{cpu:.1f}% cpu",
+            )
+        if not self.dry_run:
+            self.knobs.apply(result.knobs)
+        self.last_plan = result
+        return result
+
+
+class Daemon:
+    """The loop: plan every interval (every half second while sprinting) and at once on a note."""
+
+    def __init__(
+        self,
+        paths: HostPaths,
+        policy_path: str,
+        *,
+        restore_on_exit: bool = False,
+        dry_run: bool = False,
+        libvirt_uri: str | None = None,
+        use_libvirt: bool = True,
+        metrics: str | None = None,
+    ) -> None:
+        self.paths = paths
+        self.policy_path = policy_path
+        self.restore_on_exit = restore_on_exit
+        self.libvirt_uri = libvirt_uri
+        self.use_libvirt = use_libvirt and not dry_run
+        self.enforcer: Any = None
+        self.metrics = metrics
+        self.reconciler = Reconciler(paths, load_policy(policy_path), dry_run=dry_run)
+        self._signals: list[int] = []
+        self._warned_rivals: set[int] = set()
+
+    def run(self, *, max_seconds: float | None = None) -> None:
+        listener = Listener(self.paths)
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_write.fileno())
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        watchdog = sdnotify.watchdog_seconds()
+        if self.use_libvirt:
+            self.enforcer = self._start_enforcer(wake_write)
+        if self.metrics:
+            from ksmpolicy.report.metrics import StatusCollector, serve  # noqa: PLC0415
+
+            collector = StatusCollector(
+                self.paths, lambda: self.reconciler.policy, reconciler=self.reconciler
+            )
+            try:
+                serve(collector, self.metrics)
+            except (ValueError, OSError) as exc:
+                raise KsmPolicyError(f"cannot serve metrics on {self.metrics}: {exc}") from None
+            log.info("metrics on http://%s/metrics", self.metrics)
+        log.info(
+            "started: policy %s, notes on %s, pid %d",
+            self.policy_path,
+            listener.path,
+            os.getpid(),
+        )
+        try:
+            self._loop(listener, wake_read, deadline, watchdog)
+        finally:
+            sdnotify.notify("STOPPING=1")
+            listener.close()
+            if self.enforcer is not None:
+                self.enforcer.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            wake_read.close()
+            wake_write.close()
+            if self.restore_on_exit and not self.reconciler.dry_run:
+                self.reconciler.knobs.restore()
+                log.info("restored the KSM knobs found at start")
+            log.info("stopped")
+
+    def _loop(
+        self,
+        listener: Listener,
+        wake: socket.socket,
+        deadline: float | None,
+        watchdog: float | None,
+    ) -> None:
+        next_plan = time.monotonic()
+        next_ping = time.monotonic()
+        ready_sent = False
+        notes = 0  # VMs that started since the last plan
+        replan = False  # a note or event asks for a plan now
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            timeouts = [next_plan - now]
+            if watchdog is not None:
+                timeouts.append(next_ping - now)
+            if deadline is not None:
+                timeouts.append(deadline - now)
+            fds = [listener.fileno(), wake.fileno()]
+            readable, _, _ = select.select(fds, [], [], max(0.0, min(timeouts)))
+            if wake.fileno() in readable:
+                while True:
+                    try:
+                        wake.recv(64)
+                    except BlockingIOError:
+                        break
+            # Swap the list out before acting on it: a signal that arrives while the loop runs
+            # lands in the new list and is seen on the next round, never cleared unseen.
+            received_signals, self._signals = self._signals, []
+            for signum in received_signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    return
+            if listener.fileno() in readable:
+                received = listener.receive()
+                for note in received:
+                    log.info("hook: %s %s", note.vm, note.event)
+                # Only new memory calls for a sprint; a stop just re-plans at once.
+                notes += sum(note.event in STARTS for note in received)
+                replan = replan or bool(received)
+            if self.enforcer is not None:
+                starts, changes = self.enforcer.handle(self.reconciler.policy)
+                notes += starts
+                replan = replan or changes > 0
+            now = time.monotonic()
+            if replan or now >= next_plan:
+                self._warn_about_rivals()
+                result = self.reconciler.step(notes=notes)
+                notes = 0
+                replan = False
+                interval = self.reconciler.policy.reconciler.interval_seconds
+                if result.mode == "sprint":
+                    interval = min(interval, SPRINT_INTERVAL_SECONDS)
+                next_plan = time.monotonic() + interval
+                if not ready_sent:
+                    sdnotify.notify("READY=1")
+                    ready_sent = True
+            if watchdog is not None and time.monotonic() >= next_ping:
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
+
+    def _start_enforcer(self, wake: socket.socket) -> Any:
+        """The libvirt event watcher, when libvirt is here; the daemon is fine without it."""
+        from ksmpolicy.libvirt.events import Enforcer  # noqa: PLC0415
+        from ksmpolicy.libvirt.host import LibvirtMissing  # noqa: PLC0415
+
+        def poke() -> None:
+            with contextlib.suppress(OSError):  # a full wake pipe already wakes the loop
+                wake.send(b"l")
+
+        try:
+            enforcer = Enforcer.watching(self.libvirt_uri, poke, self.paths.backup_dir)
+        except LibvirtMissing:
+            log.info("libvirt-python not installed: libvirt event watcher off")
+            return None
+        except KsmPolicyError as exc:
+            log.info("libvirt event watcher off: %s", exc)
+            return None
+        enforcer.catch_up(self.reconciler.policy)
+        log.info("watching libvirt events at %s", self.libvirt_uri or "the default URI")
+        return enforcer
+
+    def reload(self) -> None:
+        """SIGHUP: load the policy again; a bad one keeps the old and says why."""
+        sdnotify.notify("RELOADING=1")
+        try:
+            self.reconciler.policy = load_policy(self.policy_path)
+        except KsmPolicyError as exc:
+            log.error("reload failed, keeping the previous policy: %s", exc)
+        else:
+            log.info("reloaded policy %s", self.policy_path)
+        sdnotify.notify("READY=1")
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _warn_about_rivals(self) -> None:
+        for pid in processes_named(self.paths, RIVALS):
+            if pid not in self._warned_rivals:
+                log.warning(
+                    "ksmtuned (pid %d) is running and will fight over the KSM knobs: "
+                    "stop and disable it (systemctl disable --now ksmtuned)",
+                    pid,
+                )
+                self._warned_rivals.add(pid)

@@ -1,0 +1,319 @@
+"""The reconciler's control law: how hard ksmd should work, from what the host shows. Pure.
+
+The law, in short (README "The reconciler" has the reasons):
+
+* Nothing mergeable: `run=0`. Merged pages stay merged; ksmd burns nothing.
+* Calm: scan the whole mergeable footprint F once per `target_scan_seconds` (rate F/T).
+* Sprint: when the footprint grows or a hook says a VM started, scan as fast as the CPU budget
+  allows until ksmd has finished 3 more full scans: the rest of the current round (a new VM is
+  queued behind ksmd's cursor) and the two scans new memory needs before it can merge. While
+  sprinting the law re-plans every half second on the newest measured cost per page, which
+  moves several times over between checksumming new memory and merging it.
+* Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8.
+* Pressure: as MemAvailable falls below `memory_pressure_percent` of MemTotal, the pace rises
+  from calm towards the CPU budget, in proportion.
+* Budget: ksmd's CPU share is rate x cost-per-page; the cost is measured (ksmd CPU seconds per
+  page scanned) and the rate never planned above `max_ksmd_cpu_percent`.
+* Kernel advisor (optional): hand pacing to `advisor_mode=scan-time` and never write
+  `pages_to_scan` while it is on; if it makes no progress (it can cripple itself when enabled
+  on a host where ksmd already ran), take pacing back.
+
+A rate r becomes knobs: ksmd scans `pages_to_scan` (P) pages, then sleeps `sleep_millisecs`
+(S), so r = P / (P*c + S/1000) for a cost c CPU-seconds per page, and P = r*S/1000 / (1 - r*c).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ksmpolicy.policy.model import ReconcilerSettings
+
+# CPU-seconds per scanned page. Measured here: first passes 0.8-1.5 M pages per CPU-second,
+# merging passes 110-160 k. Until ksmd's own cost is measured, assume the expensive end.
+DEFAULT_COST_PER_PAGE = 1 / 150_000
+MIN_COST_PER_PAGE = 1 / 5_000_000
+MAX_COST_PER_PAGE = 1 / 20_000
+# The footprint must grow by this much (pages, and a fraction) to count as new memory.
+GROWTH_MIN_PAGES = 2048
+# ksmd CPU time needed before its cost per page is trusted (schedstat counts nanoseconds).
+MIN_COST_WINDOW_CPU_SECONDS = 0.02
+GROWTH_FRACTION = 0.02
+HYSTERESIS = 0.10  # keep pages_to_scan when the new plan differs by less than this
+
+
+@dataclass(frozen=True)
+class LawSettings:
+    target_scan_seconds: float = 120.0
+    max_ksmd_cpu_percent: float = 20.0
+    memory_pressure_percent: float = 20.0
+    kernel_advisor: bool = False
+    sleep_millisecs: int = 20
+    max_sleep_millisecs: int = 2000
+    min_pages_to_scan: int = 32
+    max_pages_to_scan: int = 200_000
+    sprint_full_scans: int = 3
+    unproductive_fraction: float = 0.005  # a full scan adding less sharing than this x F
+    max_slowdown: int = 8
+
+    @classmethod
+    def from_policy(cls, settings: ReconcilerSettings) -> LawSettings:
+        return cls(
+            target_scan_seconds=settings.target_scan_seconds,
+            max_ksmd_cpu_percent=settings.max_ksmd_cpu_percent,
+            memory_pressure_percent=settings.memory_pressure_percent,
+            kernel_advisor=settings.kernel_advisor,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One look at the host."""
+
+    time: float  # monotonic seconds
+    footprint_pages: int  # resident mergeable memory of every process, in pages
+    full_scans: int
+    saved_pages: int  # pages_sharing + ksm_zero_pages
+    mem_total: int  # bytes
+    mem_available: int  # bytes
+    ksmd_cpu_seconds: float | None = None
+    pages_scanned: int | None = None  # cumulative; None on kernels without the counter
+    notes: int = 0  # hook notes (VM started or stopped) since the last plan
+    has_advisor: bool = False
+    advisor_on: bool = False
+
+
+@dataclass(frozen=True)
+class History:
+    """What the law remembers from one plan to the next. `History()` before the first."""
+
+    time: float | None = None
+    ksmd_cpu_seconds: float | None = None
+    pages_scanned: int | None = None
+    planned_rate: float = 0.0
+    footprint_pages: int = 0
+    sprint_until_full_scans: int | None = None
+    last_full_scans: int | None = None
+    saved_at_last_full_scan: int = 0
+    unproductive_scans: int = 0
+    cost_per_page: float = DEFAULT_COST_PER_PAGE
+    cpu_percent: float | None = None  # ksmd's measured share of one core since the last plan
+    # Start of the window over which the cost per page is measured: it grows until ksmd has
+    # used enough CPU to tell, then restarts.
+    cost_window_cpu: float | None = None
+    cost_window_pages: float = 0.0
+    advisor_since: float | None = None
+    advisor_scans_at_start: int = 0
+    advisor_failed: bool = False
+    # The knobs planned last, for hysteresis: a change of under 10 % in the same mode is noise.
+    last_mode: str | None = None
+    last_pages: int = 0
+    last_sleep_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    knobs: tuple[tuple[str, int | str], ...]  # to be written in this order
+    mode: str  # stopped | sprint | calm | slow | pressure | advisor
+    reason: str
+    pages_per_second: float
+    history: History
+
+
+def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
+    """Decide ksmd's knobs for the next interval."""
+    history = _measure(obs, history)
+    history = _track_growth(obs, settings, history)
+    history = _track_productivity(obs, settings, history)
+    footprint = obs.footprint_pages
+    if footprint <= 0:
+        history = replace(history, planned_rate=0.0, advisor_since=None, last_mode="stopped")
+        knobs: tuple[tuple[str, int | str], ...] = (("run", 0),)
+        return Plan(knobs, "stopped", "nothing mergeable: ksmd stopped", 0.0, history)
+
+    if settings.kernel_advisor and obs.has_advisor and not history.advisor_failed:
+        return _advisor_plan(obs, settings, history)
+
+    budget = min(settings.max_ksmd_cpu_percent, 95.0) / 100
+    cost = history.cost_per_page
+    max_rate = budget / cost
+    calm_rate = footprint / settings.target_scan_seconds
+    slowdown = min(2**history.unproductive_scans, settings.max_slowdown)
+    severity = _pressure(obs, settings)
+    sprinting = history.sprint_until_full_scans is not None
+
+    if sprinting:
+        rate, mode = max_rate, "sprint"
+        left = history.sprint_until_full_scans - obs.full_scans  # type: ignore[operator]
+        why = f"new memory: scanning at the CPU budget for {left} more full scan(s)"
+    else:
+        rate, mode = calm_rate / slowdown, "calm" if slowdown == 1 else "slow"
+        why = f"one full scan per {settings.target_scan_seconds * slowdown:g} s"
+        if slowdown > 1:
+            why += f" (the last {history.unproductive_scans} full scan(s) added no sharing)"
+        pressure_rate = calm_rate + severity * (max_rate - calm_rate)
+        if severity > 0 and pressure_rate > rate:
+            rate, mode = pressure_rate, "pressure"
+            why = f"memory pressure {severity:.0%}: pace raised towards the CPU budget"
+    capped = rate > max_rate
+    rate = min(rate, max_rate)
+    pages, sleep_ms = _knobs_for_rate(rate, cost, settings)
+    if (
+        mode == history.last_mode
+        and sleep_ms == history.last_sleep_ms
+        and abs(pages - history.last_pages) <= HYSTERESIS * history.last_pages
+    ):
+        pages = history.last_pages
+    actual_rate = pages / (pages * cost + sleep_ms / 1000)
+    if capped:
+        why += f" (capped by max_ksmd_cpu_percent={settings.max_ksmd_cpu_percent:g})"
+    # advisor_mode=none must come first: pages_to_scan is EINVAL while the advisor is on.
+    off: tuple[tuple[str, int | str], ...] = (("advisor_mode", "none"),) if obs.advisor_on else ()
+    knobs = (*off, ("sleep_millisecs", sleep_ms), ("pages_to_scan", pages), ("run", 1))
+    history = replace(
+        history,
+        planned_rate=actual_rate,
+        advisor_since=None,
+        last_mode=mode,
+        last_pages=pages,
+        last_sleep_ms=sleep_ms,
+    )
+    return Plan(knobs, mode, why, actual_rate, history)
+
+
+def promised_merge_seconds(footprint_pages: int, settings: LawSettings) -> float:
+    """How long the law gives new memory to merge: the sprint's full scans at the CPU budget,
+    with ksmd's cost per page at the pessimistic default."""
+    budget = min(settings.max_ksmd_cpu_percent, 95.0) / 100
+    return settings.sprint_full_scans * footprint_pages * DEFAULT_COST_PER_PAGE / budget
+
+
+def planned_cpu_fraction(plan: Plan) -> float:
+    """ksmd's CPU share the plan expects, from its rate and the measured cost per page."""
+    return plan.pages_per_second * plan.history.cost_per_page
+
+
+def _knobs_for_rate(rate: float, cost: float, settings: LawSettings) -> tuple[int, int]:
+    """pages_to_scan and sleep_millisecs that scan `rate` pages per second."""
+    sleep_ms = settings.sleep_millisecs
+    busy = min(rate * cost, 0.99)
+    pages = rate * sleep_ms / 1000 / (1 - busy)
+    if pages < settings.min_pages_to_scan:
+        pages = settings.min_pages_to_scan
+        if rate > 0:
+            sleep_ms = math.ceil(1000 * pages * (1 / rate - cost))
+        sleep_ms = max(settings.sleep_millisecs, min(sleep_ms, settings.max_sleep_millisecs))
+    pages = min(max(settings.min_pages_to_scan, math.floor(pages)), settings.max_pages_to_scan)
+    return int(pages), int(sleep_ms)
+
+
+def _measure(obs: Observation, history: History) -> History:
+    """ksmd's CPU share since the last plan, and its cost per scanned page."""
+    first = history.time is None or history.ksmd_cpu_seconds is None
+    if first or obs.ksmd_cpu_seconds is None:
+        return replace(
+            history,
+            time=obs.time,
+            ksmd_cpu_seconds=obs.ksmd_cpu_seconds,
+            pages_scanned=obs.pages_scanned,
+            cost_window_cpu=obs.ksmd_cpu_seconds,
+            cost_window_pages=0.0,
+        )
+    elapsed = obs.time - history.time  # type: ignore[operator]
+    if elapsed <= 0:
+        return history
+    cpu = max(0.0, obs.ksmd_cpu_seconds - history.ksmd_cpu_seconds)  # type: ignore[operator]
+    if obs.pages_scanned is not None and history.pages_scanned is not None:
+        scanned = float(max(0, obs.pages_scanned - history.pages_scanned))
+    else:
+        scanned = history.planned_rate * elapsed  # older kernels: trust the plan
+    window_start = history.cost_window_cpu
+    if window_start is None:
+        window_start = history.ksmd_cpu_seconds
+    window_cpu = obs.ksmd_cpu_seconds - window_start  # type: ignore[operator]
+    window_pages = history.cost_window_pages + scanned
+    cost = history.cost_per_page
+    if window_pages >= 5_000 and window_cpu >= MIN_COST_WINDOW_CPU_SECONDS:
+        measured = min(max(window_cpu / window_pages, MIN_COST_PER_PAGE), MAX_COST_PER_PAGE)
+        # A sprint follows the newest window: the cost per page changes several times over as
+        # ksmd moves from checksumming new memory to merging it, and a sprint lasts seconds.
+        # At a calm pace, an average smooths the noise of small windows.
+        weight = 1.0 if history.sprint_until_full_scans is not None else 0.5
+        cost = (1 - weight) * cost + weight * measured
+        window_start, window_pages = obs.ksmd_cpu_seconds, 0.0
+    return replace(
+        history,
+        time=obs.time,
+        ksmd_cpu_seconds=obs.ksmd_cpu_seconds,
+        pages_scanned=obs.pages_scanned,
+        cost_per_page=cost,
+        cpu_percent=100 * cpu / elapsed,
+        cost_window_cpu=window_start,
+        cost_window_pages=window_pages,
+    )
+
+
+def _track_growth(obs: Observation, settings: LawSettings, history: History) -> History:
+    grown = obs.footprint_pages - history.footprint_pages
+    grew = grown >= max(GROWTH_MIN_PAGES, GROWTH_FRACTION * history.footprint_pages)
+    until = history.sprint_until_full_scans
+    if grew or obs.notes:
+        # Always the rest of a round too, even when nothing was mergeable before: ksmd keeps
+        # the slots of exited processes in its list until its scan reaches them, so a round
+        # can be under way (a sprint of two scans left new guests a third merged, in a test).
+        until = obs.full_scans + settings.sprint_full_scans
+    elif until is not None and obs.full_scans >= until:
+        until = None
+    return replace(history, footprint_pages=obs.footprint_pages, sprint_until_full_scans=until)
+
+
+def _track_productivity(obs: Observation, settings: LawSettings, history: History) -> History:
+    """Count consecutive full scans that added (almost) no sharing."""
+    if history.last_full_scans is None or history.sprint_until_full_scans is not None:
+        return replace(
+            history,
+            last_full_scans=obs.full_scans,
+            saved_at_last_full_scan=obs.saved_pages,
+            unproductive_scans=0,
+        )
+    if obs.full_scans <= history.last_full_scans:
+        return history
+    gain = obs.saved_pages - history.saved_at_last_full_scan
+    productive = gain > settings.unproductive_fraction * obs.footprint_pages
+    return replace(
+        history,
+        last_full_scans=obs.full_scans,
+        saved_at_last_full_scan=obs.saved_pages,
+        unproductive_scans=0 if productive else history.unproductive_scans + 1,
+    )
+
+
+def _pressure(obs: Observation, settings: LawSettings) -> float:
+    """0 with MemAvailable at or above the threshold, rising to 1 with nothing available."""
+    if obs.mem_total <= 0 or settings.memory_pressure_percent <= 0:
+        return 0.0
+    available = 100 * obs.mem_available / obs.mem_total
+    threshold = settings.memory_pressure_percent
+    return min(max((threshold - available) / threshold, 0.0), 1.0)
+
+
+def _advisor_plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
+    since = history.advisor_since
+    scans_at_start = history.advisor_scans_at_start
+    if since is None or not obs.advisor_on:
+        since, scans_at_start = obs.time, obs.full_scans
+    elif obs.time - since > 3 * settings.target_scan_seconds and obs.full_scans == scans_at_start:
+        # No full scan in three target periods: the advisor clamped itself (DESIGN.md 3.3).
+        failed = replace(history, advisor_failed=True, advisor_since=None)
+        result = plan(obs, replace(settings, kernel_advisor=False), failed)
+        reason = "kernel advisor made no progress in 3 target periods; pacing taken back: "
+        return replace(result, reason=reason + result.reason)
+    knobs: tuple[tuple[str, int | str], ...] = (
+        ("advisor_target_scan_time", max(1, round(settings.target_scan_seconds))),
+        ("advisor_max_cpu", max(1, min(100, round(settings.max_ksmd_cpu_percent)))),
+        ("advisor_mode", "scan-time"),
+        ("run", 1),
+    )
+    history = replace(history, advisor_since=since, advisor_scans_at_start=scans_at_start)
+    why = f"kernel scan-time advisor: target {settings.target_scan_seconds:g} s per full scan"
+    return Plan(knobs, "advisor", why, history.planned_rate, history)

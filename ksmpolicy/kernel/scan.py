@@ -1,0 +1,311 @@
+"""Running VMs and other KSM users, found in /proc: identity, guest RAM, mergeable memory."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ksmpolicy.paths import HostPaths
+
+log = logging.getLogger(__name__)
+
+# libvirt runs qemu-system-ARCH (comm truncated to 15 characters), RHEL qemu-kvm, Proxmox kvm.
+_QEMU_BINARY = re.compile(r"^(qemu-system-.*|qemu-kvm|kvm)$")
+_MERGEABLE_VMA = re.compile(rb"^VmFlags:[^\n]* mg\b", re.MULTILINE)
+_RSS = re.compile(rb"^Rss: +(\d+) kB$", re.MULTILINE)
+_SIZE = re.compile(rb"^Size: +(\d+) kB$", re.MULTILINE)
+_FLAGS = re.compile(rb"^VmFlags:([^\n]*)$", re.MULTILINE)
+_SIZE_UNITS = {"": 2**20, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+@dataclass(frozen=True)
+class KsmStat:
+    """/proc/PID/ksm_stat (Linux 6.1+); fields a kernel lacks are None."""
+
+    rmap_items: int | None = None
+    zero_pages: int | None = None
+    merging_pages: int | None = None
+    process_profit: int | None = None
+    mergeable: bool | None = None  # any VMA of the process is mergeable (6.10+)
+    merge_any: bool | None = None  # prctl(PR_SET_MEMORY_MERGE) was used
+
+
+@dataclass(frozen=True)
+class VmProcess:
+    pid: int
+    kind: str  # "qemu", or "other" for a non-QEMU process that opted in to KSM
+    name: str  # the VM name; for others "comm[pid]"
+    uuid: str | None
+    vmid: str | None  # Proxmox `-id`
+    ram_bytes: int | None  # guest RAM from `-m`
+    mem_merge: bool | None  # `-machine mem-merge=`: False for nosharepages / allow-ksm 0
+    mergeable_bytes: int  # resident memory in VMAs marked mergeable (smaps VmFlags "mg")
+    mergeable_vmas: int
+    ksm: KsmStat | None
+    # Whether the guest RAM itself (the VMAs at least half the size of -m) is mergeable. QEMU's
+    # small ROM regions stay mergeable when RAM is switched off, so ksm_stat can't tell.
+    ram_mergeable: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Identity:
+    kind: str
+    name: str
+    uuid: str | None
+    vmid: str | None
+    ram_bytes: int | None
+    mem_merge: bool | None
+
+
+def parse_qemu_cmdline(
+    argv: Sequence[str],
+) -> tuple[str | None, str | None, str | None, int | None, bool | None]:
+    """(name, uuid, vmid, ram_bytes, mem_merge) from a QEMU command line."""
+    name = uuid = vmid = None
+    ram = None
+    mem_merge = None
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-name":
+            props = _qemu_props(value)
+            name = props.get("guest") or props.get("")
+        elif flag == "-uuid":
+            uuid = value.lower()
+        elif flag == "-id":
+            vmid = value
+        elif flag == "-m":
+            props = _qemu_props(value)
+            ram = _size(props.get("size") or props.get(""))
+        elif flag == "-machine":
+            merge = _qemu_props(value).get("mem-merge")
+            if merge is not None:
+                mem_merge = merge in ("on", "yes", "true")
+    return name, uuid, vmid, ram, mem_merge
+
+
+def _qemu_props(value: str) -> dict[str, str]:
+    """`guest=a,,b,debug-threads=on` -> {"guest": "a,b", ...}; a leading bare value has key ""."""
+    props: dict[str, str] = {}
+    for index, escaped in enumerate(re.split(r"(?<!,),(?!,)", value)):
+        part = escaped.replace(",,", ",")
+        key, sep, val = part.partition("=")
+        if not sep:
+            if index == 0:
+                props[""] = part
+            continue
+        props[key] = val
+    return props
+
+
+def _size(text: str | None) -> int | None:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgtBKMGT]?)", text or "")
+    if not match:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def read_ksm_stat(path: Path) -> KsmStat | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.replace(":", " ", 1).partition(" ")
+        values[key.strip()] = value.strip()
+
+    def number(key: str) -> int | None:
+        value = values.get(key)
+        return int(value) if value and value.lstrip("-").isdigit() else None
+
+    def flag(key: str) -> bool | None:
+        value = values.get(key)
+        return None if value is None else value == "yes"
+
+    return KsmStat(
+        rmap_items=number("ksm_rmap_items"),
+        zero_pages=number("ksm_zero_pages"),
+        merging_pages=number("ksm_merging_pages"),
+        process_profit=number("ksm_process_profit"),
+        mergeable=flag("ksm_mergeable"),
+        merge_any=flag("ksm_merge_any"),
+    )
+
+
+def mergeable_resident(smaps: bytes) -> tuple[int, int]:
+    """(resident bytes, VMA count) of the VMAs whose VmFlags include `mg`."""
+    total = 0
+    count = 0
+    for flags in _MERGEABLE_VMA.finditer(smaps):
+        start = smaps.rfind(b"\nRss:", 0, flags.start())
+        rss = _RSS.match(smaps, start + 1) if start >= 0 else None
+        if rss:
+            total += int(rss.group(1)) * 1024
+            count += 1
+    return total, count
+
+
+def guest_ram_mergeable(smaps: bytes, ram_bytes: int | None) -> bool | None:
+    """Whether the VMAs holding guest RAM (at least half of `ram_bytes` each) are mergeable;
+    None without a RAM size or without such a VMA."""
+    if not ram_bytes:
+        return None
+    found = None
+    for size in _SIZE.finditer(smaps):
+        if int(size.group(1)) * 1024 < ram_bytes // 2:
+            continue
+        flags = _FLAGS.search(smaps, size.end())
+        if flags is None:
+            continue
+        mergeable = b" mg" in flags.group(1) + b" "
+        found = mergeable if found is None else (found or mergeable)
+    return found
+
+
+class ProcessScanner:
+    """Finds VM processes in /proc. Keeps what is costly to read between passes.
+
+    Reading smaps walks the page tables of the whole process (about 1 ms per small process), so
+    its result is reused: a process seen for less than `young_seconds` (a booting guest, whose
+    memory becomes resident) is re-read on every pass; an older one after
+    `smaps_max_age_seconds`, spread by PID so that not all of them come due in one pass; any
+    process at once when ksm_stat says its mergeability changed (a live toggle). Processes are
+    keyed by PID and start time, so a reused PID is a new process. ksm_stat is read every pass.
+    """
+
+    def __init__(
+        self,
+        paths: HostPaths,
+        *,
+        smaps_max_age_seconds: float = 30.0,
+        young_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.paths = paths
+        self.smaps_max_age_seconds = smaps_max_age_seconds
+        self.young_seconds = young_seconds
+        self.clock = clock
+        self._identity: dict[tuple[int, int], _Identity | None] = {}
+        self._first_seen: dict[tuple[int, int], float] = {}
+        # key -> (read at, resident mergeable bytes, VMA count, ksm_stat's flag, RAM mergeable)
+        self._smaps: dict[tuple[int, int], tuple[float, int, int, bool | None, bool | None]] = {}
+
+    def scan(self, *, refresh: bool = False) -> list[VmProcess]:
+        """Every QEMU process, and every other process with mergeable memory.
+
+        `refresh` re-reads smaps of every process (after a VM started or stopped).
+        """
+        now = self.clock()
+        found = []
+        alive: set[tuple[int, int]] = set()
+        try:
+            entries = [e for e in os.scandir(self.paths.proc) if e.name.isdigit()]
+        except OSError:
+            return []
+        for entry in entries:
+            pid = int(entry.name)
+            proc = Path(entry.path)
+            start = _start_time(proc)
+            if start is None:
+                continue  # gone, or a kernel thread
+            key = (pid, start)
+            alive.add(key)
+            if key not in self._identity:
+                self._identity[key] = _identify(proc, pid)
+                self._first_seen[key] = now
+            identity = self._identity[key]
+            if identity is None:
+                continue
+            ksm = read_ksm_stat(proc / "ksm_stat")
+            if identity.kind == "other" and not (ksm and (ksm.mergeable or ksm.merge_any)):
+                continue
+            ram: bool | None = None
+            if ksm is not None and ksm.mergeable is False and not ksm.merge_any:
+                merged, vmas = 0, 0
+                ram = False if identity.ram_bytes else None
+            else:
+                flag = ksm.mergeable if ksm else None
+                merged, vmas, ram = self._mergeable(
+                    proc, key, now, refresh=refresh, flag=flag, ram_bytes=identity.ram_bytes
+                )
+                if identity.kind == "other" and vmas == 0:
+                    continue
+            found.append(
+                VmProcess(
+                    pid=pid,
+                    kind=identity.kind,
+                    name=identity.name,
+                    uuid=identity.uuid,
+                    vmid=identity.vmid,
+                    ram_bytes=identity.ram_bytes,
+                    mem_merge=identity.mem_merge,
+                    mergeable_bytes=merged,
+                    mergeable_vmas=vmas,
+                    ksm=ksm,
+                    ram_mergeable=ram,
+                )
+            )
+        for cache in (self._identity, self._first_seen, self._smaps):
+            for key in [k for k in cache if k not in alive]:
+                del cache[key]
+        return found
+
+    def _mergeable(
+        self,
+        proc: Path,
+        key: tuple[int, int],
+        now: float,
+        *,
+        refresh: bool,
+        flag: bool | None,
+        ram_bytes: int | None,
+    ) -> tuple[int, int, bool | None]:
+        cached = self._smaps.get(key)
+        young = now - self._first_seen.get(key, now) < self.young_seconds
+        max_age = self.smaps_max_age_seconds * (1 + (key[0] % 8) / 8)
+        if cached and not (refresh or young) and cached[3] == flag and now - cached[0] < max_age:
+            return cached[1], cached[2], cached[4]
+        try:
+            data = (proc / "smaps").read_bytes()
+        except OSError:
+            return (cached[1], cached[2], cached[4]) if cached else (0, 0, None)
+        total, count = mergeable_resident(data)
+        ram = guest_ram_mergeable(data, ram_bytes)
+        self._smaps[key] = (now, total, count, flag, ram)
+        return total, count, ram
+
+
+def footprint_bytes(processes: Sequence[VmProcess]) -> int:
+    """The mergeable footprint: resident mergeable memory of every process, VM or not."""
+    return sum(p.mergeable_bytes for p in processes)
+
+
+def _start_time(proc: Path) -> int | None:
+    try:
+        text = (proc / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _identify(proc: Path, pid: int) -> _Identity | None:
+    try:
+        raw = (proc / "cmdline").read_bytes()
+        comm = (proc / "comm").read_text().strip()
+    except OSError:
+        return None
+    if not raw:
+        return None  # kernel thread or zombie
+    argv = raw.rstrip(b"\0").decode("utf-8", "replace").split("\0")
+    binary = Path(argv[0]).name
+    if _QEMU_BINARY.match(binary) or _QEMU_BINARY.match(comm):
+        name, uuid, vmid, ram, mem_merge = parse_qemu_cmdline(argv)
+        label = name or (f"vmid {vmid}" if vmid else f"{comm}[{pid}]")
+        return _Identity("qemu", label, uuid, vmid, ram, mem_merge)
+    return _Identity("other", f"{comm}[{pid}]", None, None, None, None)

@@ -1,0 +1,420 @@
+"""libvirt domain XML: VM facts, and the <nosharepages/> rewrite that touches nothing else.
+
+Parsing is hardened: no DOCTYPE (so no entities, no DTD, no network), a size limit, UTF-8 only.
+The rewrite edits the text at byte offsets found by the parser, so comments, namespaces,
+attribute quoting and order, and the whitespace of every untouched node stay byte for byte.
+"""
+
+from __future__ import annotations
+
+from xml.parsers import expat
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.policy.decide import Decider, Decision, VmFacts
+from ksmpolicy.records import dataclass, field
+
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MAX_XML_BYTES = 10 * 1024 * 1024
+NAMESPACE = "urn:ksmpolicy:vm:1"  # our <metadata> element: <vm><tag>database</tag></vm>
+NAMESPACE_PREFIX = "ksmpolicy"
+LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "kb": 1000,
+    "k": 1024,
+    "kib": 1024,
+    "mb": 1000**2,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "tb": 1000**4,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "pb": 1000**5,
+    "p": 1024**5,
+    "pib": 1024**5,
+}
+# Where a new <memoryBacking> goes: after the last of these present (libvirt's own order).
+_BEFORE_MEMORY_BACKING = (
+    "name",
+    "uuid",
+    "genid",
+    "title",
+    "description",
+    "metadata",
+    "maxMemory",
+    "memory",
+    "currentMemory",
+    "blkiotune",
+    "memtune",
+)
+
+
+class XmlError(KsmPolicyError):
+    """Domain XML that ksmpolicy will not read."""
+
+
+@dataclass(eq=False)
+class Element:
+    """A parsed element with the byte offsets of its source text."""
+
+    tag: str  # "{uri}local" for namespaced elements
+    attrs: dict[str, str]
+    start: int  # offset of "<"
+    start_end: int  # offset just after the start tag's ">"
+    end: int = 0  # offset just after the end tag (or the self-closing tag)
+    self_closing: bool = False
+    children: list[Element] = field(default_factory=list)
+    text: str = ""
+
+    def child(self, tag: str) -> Element | None:
+        return next((c for c in self.children if c.tag == tag), None)
+
+    def all(self, tag: str) -> list[Element]:
+        return [c for c in self.children if c.tag == tag]
+
+
+def parse(data: str | bytes) -> tuple[Element, bytes]:
+    """Parse domain XML; return the root element and the UTF-8 bytes its offsets refer to."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if len(raw) > MAX_XML_BYTES:
+        raise XmlError(f"domain XML is larger than {MAX_XML_BYTES // 2**20} MB: refusing it")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise XmlError(f"domain XML is not valid UTF-8 (byte {exc.start})") from None
+    parser = expat.ParserCreate("utf-8", namespace_separator="}")
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    stack: list[Element] = []
+    roots: list[Element] = []
+
+    def refuse_doctype(*_args: object) -> None:
+        raise XmlError("domain XML must not have a DOCTYPE (no DTDs or entities are read)")
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        at = parser.CurrentByteIndex
+        gt = _tag_end(raw, at)
+        element = Element(
+            tag=_clark(tag),
+            attrs={_clark(k): v for k, v in attrs.items()},
+            start=at,
+            start_end=gt + 1,
+            self_closing=raw[gt - 1 : gt] == b"/",
+        )
+        (stack[-1].children if stack else roots).append(element)
+        stack.append(element)
+
+    def end(_tag: str) -> None:
+        element = stack.pop()
+        if element.self_closing:
+            element.end = element.start_end
+        else:
+            element.end = _tag_end(raw, parser.CurrentByteIndex) + 1
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    parser.StartDoctypeDeclHandler = refuse_doctype
+    parser.EntityDeclHandler = refuse_doctype
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    try:
+        parser.Parse(raw, True)
+    except expat.ExpatError as exc:
+        raise XmlError(
+            f"domain XML is not well-formed: {expat.ErrorString(exc.code)} "
+            f"(line {exc.lineno}, column {exc.offset + 1})"
+        ) from None
+    if not roots:
+        raise XmlError("domain XML is empty")
+    return roots[0], raw
+
+
+def _clark(name: str) -> str:
+    uri, sep, local = name.rpartition("}")
+    return f"{{{uri}}}{local}" if sep else name
+
+
+def _tag_end(raw: bytes, at: int) -> int:
+    """Offset of the ">" that closes the tag starting at `at` (quotes respected)."""
+    quote = 0
+    for index in range(at, len(raw)):
+        byte = raw[index]
+        if quote:
+            if byte == quote:
+                quote = 0
+        elif byte in (0x22, 0x27):  # " '
+            quote = byte
+        elif byte == 0x3E:  # >
+            return index
+    raise XmlError("domain XML is not well-formed: unterminated tag")
+
+
+# --- facts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    target: str | None
+    source: str | None  # what the disk itself points at
+    root: str | None  # the base of its backing chain: the image identity
+    error: str | None = None  # why the chain could not be followed to its end
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    vm: VmFacts
+    nosharepages: bool
+    os_id: str | None
+    disks: tuple[DiskImage, ...]
+
+
+if TYPE_CHECKING:
+    BackingProbe = Callable[[str], tuple[str, str | None]]
+
+
+def domain_facts(data: str | bytes, probe: BackingProbe | None = None) -> DomainFacts:
+    """Facts of a domain from its XML. `probe(path)` follows qcow2 backing files on disk for
+    persistent XML, which has no <backingStore> chain; None leaves the chain unexplored."""
+    root, _raw = parse(data)
+    return facts_of(root, probe)
+
+
+def facts_of(root: Element, probe: BackingProbe | None = None) -> DomainFacts:
+    if root.tag != "domain":
+        raise XmlError(f"not a libvirt domain: the root element is <{root.tag}>")
+    name_element = root.child("name")
+    name = name_element.text.strip() if name_element is not None else ""
+    if not name:
+        raise XmlError("domain XML has no <name>")
+    uuid_element = root.child("uuid")
+    backing = root.child("memoryBacking")
+    tags: set[str] = set()
+    os_id = None
+    metadata = root.child("metadata")
+    if metadata is not None:
+        for ours in metadata.all(f"{{{NAMESPACE}}}vm"):
+            tags.update(t.text.strip() for t in ours.all(f"{{{NAMESPACE}}}tag") if t.text.strip())
+        osinfo = metadata.child(f"{{{LIBOSINFO}}}libosinfo")
+        os_element = osinfo.child(f"{{{LIBOSINFO}}}os") if osinfo is not None else None
+        os_id = os_element.attrs.get("id") if os_element is not None else None
+    disks = tuple(_disk(d, probe) for d in _devices(root, "disk") if _is_disk(d))
+    vm = VmFacts(
+        name=name,
+        uuid=uuid_element.text.strip().lower() if uuid_element is not None else None,
+        tags=frozenset(tags),
+        images=tuple(i for i in (d.root or d.source for d in disks) if i),
+        memory_bytes=_memory_bytes(root.child("memory")),
+        hugepages=backing is not None and backing.child("hugepages") is not None,
+        shared_memory=_shared_memory(root, backing),
+    )
+    return DomainFacts(
+        vm=vm,
+        nosharepages=backing is not None and backing.child("nosharepages") is not None,
+        os_id=os_id,
+        disks=disks,
+    )
+
+
+def _devices(root: Element, tag: str) -> list[Element]:
+    devices = root.child("devices")
+    return devices.all(tag) if devices is not None else []
+
+
+def _is_disk(disk: Element) -> bool:
+    return disk.attrs.get("device", "disk") in ("disk", "lun")
+
+
+def _memory_bytes(element: Element | None) -> int | None:
+    if element is None:
+        return None
+    try:
+        value = int(element.text.strip())
+    except ValueError:
+        return None
+    return value * _UNITS.get(element.attrs.get("unit", "KiB").lower(), 1024)
+
+
+def _shared_memory(root: Element, backing: Element | None) -> bool:
+    """memfd/file backing with shared access (virtiofs, vhost-user): never merged by KSM."""
+    if backing is not None:
+        access = backing.child("access")
+        if access is not None and access.attrs.get("mode") == "shared":
+            return True
+    cpu = root.child("cpu")
+    numa = cpu.child("numa") if cpu is not None else None
+    cells = numa.all("cell") if numa is not None else []
+    return any(cell.attrs.get("memAccess") == "shared" for cell in cells)
+
+
+def _source_identity(element: Element) -> str | None:
+    source = element.child("source")
+    if source is None:
+        return None
+    kind = element.attrs.get("type", "file")
+    if kind == "volume":
+        pool, volume = source.attrs.get("pool"), source.attrs.get("volume")
+        return f"{pool}/{volume}" if pool and volume else None
+    if kind == "network":
+        protocol, name = source.attrs.get("protocol"), source.attrs.get("name")
+        return f"{protocol}:{name}" if protocol and name else None
+    return source.attrs.get("file") or source.attrs.get("dev") or source.attrs.get("dir")
+
+
+def _disk(disk: Element, probe: BackingProbe | None) -> DiskImage:
+    target_element = disk.child("target")
+    target = target_element.attrs.get("dev") if target_element is not None else None
+    source = _source_identity(disk)
+    chain = disk.child("backingStore")
+    if chain is not None:  # live XML (or a user-given chain): follow it to its end
+        root = source
+        while chain is not None and chain.child("source") is not None:
+            root = _source_identity(chain) or root
+            chain = chain.child("backingStore")
+        return DiskImage(target, source, root)
+    if source is None:
+        return DiskImage(target, None, None, "disk has no source")
+    if probe is not None and disk.attrs.get("type", "file") == "file":
+        root, error = probe(source)
+        return DiskImage(target, source, root, error)
+    return DiskImage(target, source, source)
+
+
+# --- the rewrite -----------------------------------------------------------------------------
+
+
+def set_nosharepages(data: str, want: bool) -> str:
+    """Add (`want`) or remove <nosharepages/> in <memoryBacking>; the input when it complies.
+
+    Creates <memoryBacking> after <memory>/<currentMemory>/<memtune> when needed and removes
+    it when it is left with no child elements. Every other byte stays as it was.
+    """
+    root, raw = parse(data)
+    if root.tag != "domain":
+        raise XmlError(f"not a libvirt domain: the root element is <{root.tag}>")
+    backing = root.child("memoryBacking")
+    present = backing is not None and backing.child("nosharepages") is not None
+    if present == want:
+        return data
+    unit = _indent_unit(raw, root)
+    if want:
+        edited = _add(raw, root, backing, unit)
+    else:
+        assert backing is not None
+        edited = _remove(raw, backing)
+    return edited.decode("utf-8")
+
+
+def _line_indent(raw: bytes, at: int) -> str | None:
+    """The whitespace between the previous newline and `at`, or None if other text is there."""
+    line_start = raw.rfind(b"\n", 0, at) + 1
+    prefix = raw[line_start:at]
+    if line_start == 0 or prefix.strip():
+        return None
+    return prefix.decode()
+
+
+def _indent_unit(raw: bytes, root: Element) -> str:
+    root_indent = _line_indent(raw, root.start) or ""
+    for child in root.children:
+        indent = _line_indent(raw, child.start)
+        if indent is not None and len(indent) > len(root_indent):
+            return indent[len(root_indent) :]
+    return "  "
+
+
+def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes:
+    tag = b"<nosharepages/>"
+    if backing is None:
+        anchor = next(
+            (a for t in reversed(_BEFORE_MEMORY_BACKING) if (a := root.child(t)) is not None),
+            None,
+        )
+        at = anchor.end if anchor is not None else root.start_end
+        indent = _line_indent(raw, anchor.start) if anchor is not None else None
+        if indent is None:  # everything on one line: stay on it
+            block = b"<memoryBacking>" + tag + b"</memoryBacking>"
+        else:
+            inner = (indent + unit).encode()
+            block = (
+                b"\n"
+                + indent.encode()
+                + b"<memoryBacking>\n"
+                + inner
+                + tag
+                + b"\n"
+                + indent.encode()
+                + b"</memoryBacking>"
+            )
+        return raw[:at] + block + raw[at:]
+    outer = _line_indent(raw, backing.start)
+    if backing.self_closing or (
+        not backing.children and not raw[backing.start_end : _close_start(raw, backing)].strip()
+    ):
+        if outer is None:
+            body = b"<memoryBacking>" + tag + b"</memoryBacking>"
+        else:
+            body = (
+                b"<memoryBacking>\n"
+                + (outer + unit).encode()
+                + tag
+                + b"\n"
+                + outer.encode()
+                + b"</memoryBacking>"
+            )
+        return raw[: backing.start] + body + raw[backing.end :]
+    # After <hugepages> if there is one (libvirt's order), else first.
+    hugepages = backing.child("hugepages")
+    at = hugepages.end if hugepages is not None else backing.start_end
+    first = backing.children[0] if backing.children else None
+    indent = _line_indent(raw, first.start) if first is not None else None
+    if indent is None:
+        indent = None if outer is None else outer + unit
+    prefix = b"" if indent is None else b"\n" + indent.encode()
+    return raw[:at] + prefix + tag + raw[at:]
+
+
+def _close_start(raw: bytes, element: Element) -> int:
+    """Offset of the "</" of a non-self-closing element's end tag."""
+    return raw.rindex(b"</", element.start_end, element.end)
+
+
+def _remove(raw: bytes, backing: Element) -> bytes:
+    target = backing.child("nosharepages")
+    assert target is not None
+    others = [c for c in backing.children if c is not target]
+    if not others and not _has_comment(raw, backing):
+        return _cut(raw, backing)
+    return _cut(raw, target)
+
+
+def _has_comment(raw: bytes, element: Element) -> bool:
+    return b"<!--" in raw[element.start_end : element.end]
+
+
+def _cut(raw: bytes, element: Element) -> bytes:
+    """Remove an element together with the indentation and newline that introduce it."""
+    start = element.start
+    line_start = raw.rfind(b"\n", 0, start)
+    if line_start >= 0 and not raw[line_start + 1 : start].strip():
+        start = line_start  # also drop "\n" + indentation before it
+    return raw[:start] + raw[element.end :]
+
+
+def apply_policy(
+    data: str | bytes, decider: Decider, probe: BackingProbe | None = None
+) -> tuple[str, DomainFacts, Decision]:
+    """The definition as the policy wants it (the input text if it complies), with the facts
+    and decision behind it. One code path for the hook, `xml rewrite` and `apply`."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    facts = domain_facts(text, probe)
+    decision = decider.decide(facts.vm)
+    return set_nosharepages(text, decision.action.value == "exclude"), facts, decision

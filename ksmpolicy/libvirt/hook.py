@@ -1,0 +1,153 @@
+"""libvirt's qemu hook: argv + domain XML on stdin -> what to do, and the exit code.
+
+This runs on every VM start, so it imports only what the operation at hand needs, and it never
+calls back into libvirt (libvirtd waits for the hook: that would deadlock).
+"""
+
+from __future__ import annotations
+
+from ksmpolicy import hookcore
+
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from typing import IO
+
+    from ksmpolicy.libvirt.domain import DomainFacts
+    from ksmpolicy.policy.decide import Decision
+    from ksmpolicy.policy.model import Policy
+
+# libvirt operation/sub-operation -> the note the daemon gets.
+_NOTES = {
+    ("started", "begin"): "started",
+    ("stopped", "end"): "stopped",
+    ("release", "end"): "release",
+    ("reconnect", "begin"): "reconnect",
+}
+
+
+class LibvirtHook:
+    def __init__(self, name: str, policy_path: str | None, run_dir: str | None = None) -> None:
+        from ksmpolicy.paths import default_policy_fast  # noqa: PLC0415
+
+        self.name = name
+        self.policy_path = policy_path or default_policy_fast()
+        self.run_dir = run_dir
+
+    def run(
+        self, operation: str, suboperation: str, stdin: IO[bytes], out: IO[str], err: IO[str]
+    ) -> int:
+        note = _NOTES.get((operation, suboperation))
+        if note is not None:
+            self.notify(note)
+            return 0
+        if (operation, suboperation) == ("prepare", "begin"):
+            return self.check_start(stdin, err)
+        if (operation, suboperation) in (("migrate", "begin"), ("restore", "begin")):
+            return self.rewrite_incoming(operation, stdin, out, err)
+        return 0
+
+    # --- prepare begin: does the definition being started follow the policy?
+
+    def check_start(self, stdin: IO[bytes], err: IO[str]) -> int:
+        from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
+        from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
+
+        policy = self.load_policy(err)
+        if policy is None:
+            return hookcore.unusable_policy_status(self.policy_path)
+        if policy.enforcement is Enforcement.OFF:
+            return 0
+        who = hookcore.quote(self.name)
+        try:
+            facts, decision = self.evaluate(stdin, policy)
+        except (KsmPolicyError, OSError, ValueError) as exc:
+            return hookcore.own_failure(f"cannot check {who}: {exc}", policy, err)
+        except Exception as exc:  # a bug must not stop VMs unless the policy says so
+            what = f"{type(exc).__name__}: {exc}"
+            return hookcore.own_failure(f"internal error checking {who}: {what}", policy, err)
+        message = start_verdict(self.name, facts, decision)
+        if message is None:
+            return 0
+        blocks = message[0] == "mergeable"
+        if policy.enforcement is Enforcement.BLOCK and blocks:
+            hookcore.report(err, message[1] + f" Fix: ksmpolicy apply --domain {who}", "err")
+            return 1
+        hookcore.report(err, message[1] + f" Run: ksmpolicy apply --domain {who}", "warning")
+        return 0
+
+    # --- migrate begin / restore begin: hand libvirt this host's version of the XML
+
+    def rewrite_incoming(self, operation: str, stdin: IO[bytes], out: IO[str], err: IO[str]) -> int:
+        from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
+        from ksmpolicy.libvirt.domain import apply_policy  # noqa: PLC0415
+        from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
+        from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
+
+        policy = self.load_policy(err)
+        if policy is None:  # print nothing: libvirt keeps the XML it has
+            return hookcore.unusable_policy_status(self.policy_path)
+        who = hookcore.quote(self.name)
+        try:
+            rewritten, _facts, _decision = apply_policy(
+                read_stdin(stdin), Decider(policy), qcow2_backing_root
+            )
+        except (KsmPolicyError, OSError, ValueError) as exc:
+            message = f"cannot rewrite {who} on {operation}: {exc}"
+            return hookcore.own_failure(message, policy, err)
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            message = f"internal error on {operation} of {who}: {what}"
+            return hookcore.own_failure(message, policy, err)
+        out.write(rewritten)
+        out.flush()
+        return 0
+
+    # --- shared
+
+    def load_policy(self, err: IO[str]) -> Policy | None:
+        who = hookcore.quote(self.name)
+        return hookcore.load_policy(self.policy_path, hookcore.run_dir(self.run_dir), who, err)
+
+    def evaluate(self, stdin: IO[bytes], policy: Policy) -> tuple[DomainFacts, Decision]:
+        from ksmpolicy.libvirt.domain import domain_facts  # noqa: PLC0415
+        from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
+        from ksmpolicy.policy.decide import decide  # noqa: PLC0415
+
+        facts = domain_facts(read_stdin(stdin), qcow2_backing_root)
+        return facts, decide(facts.vm, policy)
+
+    def notify(self, event: str) -> None:
+        from ksmpolicy.control.notify import send_to  # noqa: PLC0415
+
+        send_to(hookcore.notify_socket(self.run_dir), event, self.name)
+
+
+def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[str, str] | None:
+    """None when the definition complies with the decision, else (how it drifts, one line)."""
+    from ksmpolicy.policy.decide import drift  # noqa: PLC0415
+
+    vm = facts.vm
+    can_merge = not (facts.nosharepages or vm.hugepages or vm.shared_memory)
+    how = drift(decision, can_merge=can_merge, merging_off=facts.nosharepages)
+    if how is None:
+        return None
+    rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+    who = hookcore.quote(name)
+    if how == "mergeable":
+        return how, (
+            f"ksmpolicy: {who} must not share memory ({rule}) but its definition lacks "
+            "<memoryBacking><nosharepages/>."
+        )
+    return (
+        how,
+        f"ksmpolicy: {who} may share memory ({rule}) but its definition has <nosharepages/>.",
+    )
+
+
+def read_stdin(stdin: IO[bytes]) -> bytes:
+    from ksmpolicy.libvirt.domain import MAX_XML_BYTES, XmlError  # noqa: PLC0415
+
+    data = stdin.read(MAX_XML_BYTES + 1)
+    if len(data) > MAX_XML_BYTES:
+        raise XmlError(f"domain XML on stdin is larger than {MAX_XML_BYTES // 2**20} MB")
+    return data

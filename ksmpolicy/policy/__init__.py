@@ -1,0 +1,1 @@
+"""The policy: its model, loading and validation, and the pure decider."""

@@ -1,0 +1,208 @@
+"""Loading the policy: the file read safely, the trust check, and a compiled cache for hooks.
+
+Validation of the YAML lives in `ksmpolicy.policy.validate`, imported only when a file is
+parsed: the hook, which runs on every VM start, normally reads the compiled cache instead.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+
+from ksmpolicy.errors import PolicyError, Problem
+from ksmpolicy.files import (
+    NotRegularFile,
+    make_private_dir,
+    open_regular,
+    read_fd,
+    untrusted_reason,
+    write_atomic,
+)
+from ksmpolicy.paths import DEFAULT_POLICY_PATH
+from ksmpolicy.policy.model import (
+    Action,
+    Enforcement,
+    Group,
+    Match,
+    Policy,
+    ProxmoxSettings,
+    ReconcilerSettings,
+    Rule,
+)
+
+MAX_POLICY_BYTES = 10 * 1024 * 1024
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_policy(
+    path: str | os.PathLike[str],
+    *,
+    check_trust: bool | None = None,
+    cache_dir: str | None = None,
+) -> Policy:
+    """Read and validate a policy file; raise PolicyError listing every problem.
+
+    `check_trust` refuses files others could have written; by default it is on when running as
+    root, because the hooks run as root and act on what this file says. With `cache_dir` (a
+    root-only directory) the validated policy is kept there in compiled form and reused while
+    the file's identity (device, inode, size, times) is unchanged.
+    """
+    file = os.fspath(path)
+    if check_trust is None:
+        check_trust = os.geteuid() == 0
+    try:
+        fd, st = open_regular(file)
+    except FileNotFoundError:
+        hint = " (copy one from policies/ or pass --policy)" if file == DEFAULT_POLICY_PATH else ""
+        raise _single(file, f"no such file{hint}") from None
+    except IsADirectoryError:
+        raise _single(file, "is a directory, expected a policy file") from None
+    except NotRegularFile as exc:
+        raise _single(file, f"{exc.strerror}: expected a policy file") from None
+    except PermissionError:
+        raise _single(file, "permission denied (run as root or make it readable)") from None
+    except OSError as exc:
+        raise _single(file, f"cannot read: {exc.strerror}") from None
+    try:
+        if check_trust:
+            _check_trust(file)
+        key = (file, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if cache_dir is not None:
+            cached = _read_cache(cache_dir, key)
+            if cached is not None:
+                return cached
+        try:
+            data = read_fd(fd, MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise _single(file, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_POLICY_BYTES:
+        raise _single(file, f"larger than {MAX_POLICY_BYTES // (1024 * 1024)} MB: not a policy")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PolicyError(
+            [Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}): save it as UTF-8")]
+        ) from None
+    policy = parse_policy(text, file)
+    if cache_dir is not None:
+        _write_cache(cache_dir, key, policy)
+    return policy
+
+
+def parse_policy(text: str, file: str = "<policy>") -> Policy:
+    """Validate policy text; raise PolicyError listing every problem found, in line order."""
+    from ksmpolicy.policy.validate import parse  # noqa: PLC0415 - YAML and validation load on demand
+
+    return parse(text, file)
+
+
+# --- the compiled cache --------------------------------------------------------------------
+
+_CACHE_FORMAT = 2
+
+
+def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
+    """One cache file per policy path, overwritten when the policy changes."""
+    name = str(key[0]).replace("%", "%25").replace("/", "%2F")
+    return os.path.join(cache_dir, f"policy-{name}.cache")  # noqa: PTH118
+
+
+def _read_cache(cache_dir: str, key: tuple[object, ...]) -> Policy | None:
+    stored = _read_cache_file(_cache_path(cache_dir, key))
+    if not isinstance(stored, tuple) or stored[:2] != (_CACHE_FORMAT, key):
+        return None
+    try:
+        return _thaw(stored[2])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _read_cache_file(path: str) -> object:
+    """The unmarshalled cache, or None. Only a regular file owned by us and writable by no one
+    else is read (the hook runs as root); a symlink at its name is not followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        return marshal.loads(read_fd(fd, MAX_POLICY_BYTES))
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _write_cache(cache_dir: str, key: tuple[object, ...], policy: Policy) -> None:
+    """Best effort: a cache that cannot be written only costs the next hook some time."""
+    try:
+        make_private_dir(cache_dir)
+        data = marshal.dumps((_CACHE_FORMAT, key, _freeze(policy)))  # type: ignore[arg-type]
+        write_atomic(_cache_path(cache_dir, key), data, 0o600, private_dir=True)
+    except OSError:
+        pass
+
+
+def _freeze(p: Policy) -> tuple[object, ...]:
+    return (
+        p.enforcement.value,
+        p.live,
+        p.default.value,
+        tuple((g.name, g.images, g.tags, g.names) for g in p.groups),
+        tuple(
+            (
+                r.name,
+                (r.match.names, r.match.tags, r.match.groups, r.match.images),
+                r.action.value,
+                r.line,
+            )
+            for r in p.rules
+        ),
+        tuple(p.vms.items()),
+        (
+            p.reconciler.interval_seconds,
+            p.reconciler.target_scan_seconds,
+            p.reconciler.max_ksmd_cpu_percent,
+            p.reconciler.memory_pressure_percent,
+            p.reconciler.kernel_advisor,
+        ),
+        p.proxmox.qemu_server_version,
+        p.source,
+    )
+
+
+def _thaw(data: tuple[object, ...]) -> Policy:
+    enforcement, live, default, groups, rules, vms, reconciler, qemu_server, source = data
+    return Policy(
+        enforcement=Enforcement(enforcement),
+        live=bool(live),
+        default=Action(default),
+        groups=tuple(Group(*g) for g in groups),  # type: ignore[attr-defined]
+        rules=tuple(
+            Rule(name, Match(*match), Action(action), line)
+            for name, match, action, line in rules  # type: ignore[attr-defined]
+        ),
+        vms=dict(vms),  # type: ignore[call-overload]
+        reconciler=ReconcilerSettings(*reconciler),  # type: ignore[misc]
+        proxmox=ProxmoxSettings(None if qemu_server is None else str(qemu_server)),
+        source=str(source),
+    )
+
+
+def _single(file: str, message: str) -> PolicyError:
+    return PolicyError([Problem(file, None, "", message)])
+
+
+def _check_trust(file: str) -> None:
+    """Refuse a policy that anyone but root could change, anywhere along its path."""
+    reason = untrusted_reason(file)
+    if reason is not None:
+        raise _single(file, f"refusing it: hooks run as root and act on it, but {reason}")

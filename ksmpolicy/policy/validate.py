@@ -1,0 +1,369 @@
+"""Validation of the policy YAML: every key checked, every problem reported with its line."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ksmpolicy.errors import PolicyError, Problem
+from ksmpolicy.policy import yamlsource
+from ksmpolicy.policy.model import (
+    SUPPORTED_VERSION,
+    Action,
+    Enforcement,
+    Group,
+    Match,
+    Policy,
+    ProxmoxSettings,
+    ReconcilerSettings,
+    Rule,
+)
+from ksmpolicy.policy.yamlsource import Document
+from ksmpolicy.policy.yamlsource import Path as KeyPath
+
+
+def parse(text: str, file: str = "<policy>") -> Policy:
+    """Validate policy text; raise PolicyError listing every problem found, in line order."""
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise PolicyError([Problem(file, line, "", "contains a NUL byte: not a text file")])
+    doc = yamlsource.load(text, file)
+    policy = _Validator(doc).policy() if not doc.problems or doc.value is not None else None
+    if doc.problems or policy is None:
+        problems = sorted(doc.problems, key=lambda p: p.line or 0)
+        raise PolicyError(problems or [Problem(file, 1, "", "invalid policy")])
+    return policy
+
+
+_TOP_KEYS = (
+    "version",
+    "enforcement",
+    "live",
+    "default",
+    "groups",
+    "rules",
+    "vms",
+    "reconciler",
+    "proxmox",
+)
+_RULE_KEYS = ("name", "match", "action", "description")
+_MATCH_KEYS = ("names", "tags", "groups", "images")
+_GROUP_KEYS = ("images", "tags", "names", "description")
+_VM_KEYS = ("tags", "description")
+_RECONCILER_LIMITS = {
+    "interval_seconds": (0.1, 3600.0),
+    "target_scan_seconds": (1.0, 86400.0),
+    "max_ksmd_cpu_percent": (0.1, 100.0),
+    "memory_pressure_percent": (0.0, 100.0),
+}
+_RECONCILER_KEYS = (*_RECONCILER_LIMITS, "kernel_advisor")
+_TAG_FORBIDDEN = set(" \t\r\n;,")
+
+E = TypeVar("E", Action, Enforcement)
+
+
+class _Validator:
+    """Walks the loaded document once and records every problem instead of stopping."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+
+    def policy(self) -> Policy | None:
+        doc = self.doc
+        if doc.value is None:
+            doc.problem((), "policy is empty: start it with 'version: 1' (see policies/)")
+            return None
+        top = self.mapping(doc.value, (), _TOP_KEYS)
+        if top is None:
+            return None
+        if "version" not in top:
+            doc.problem(("version",), "missing: add 'version: 1' as the first line", line=1)
+        elif top["version"] != SUPPORTED_VERSION or isinstance(top["version"], bool):
+            doc.problem(
+                ("version",),
+                f"unsupported version {top['version']!r}: this ksmpolicy reads version 1",
+            )
+        groups = self.groups(top.get("groups"))
+        group_names = [g.name for g in groups]
+        rules = self.rules(top.get("rules"), group_names)
+        return Policy(
+            enforcement=self.enum(top, "enforcement", Enforcement, Enforcement.WARN),
+            live=self.boolean(top, "live", default=True),
+            default=self.enum(top, "default", Action, Action.MERGE),
+            groups=tuple(groups),
+            rules=tuple(rules),
+            vms=self.vms(top.get("vms")),
+            reconciler=self.reconciler(top.get("reconciler")),
+            proxmox=self.proxmox(top.get("proxmox")),
+            source=doc.file,
+        )
+
+    # --- sections
+
+    def groups(self, value: Any) -> list[Group]:
+        section = self.mapping(value, ("groups",), None) if value is not None else None
+        result = []
+        for name, body in (section or {}).items():
+            path: KeyPath = ("groups", name)
+            spec = self.mapping(body, path, _GROUP_KEYS)
+            if spec is None:
+                continue
+            group = Group(
+                name=str(name),
+                images=self.globs(spec, (*path, "images"), _check_image_glob),
+                tags=self.tags(spec, (*path, "tags")),
+                names=self.globs(spec, (*path, "names"), _check_name_glob),
+            )
+            if not (group.images or group.tags or group.names):
+                self.doc.problem(path, "a group needs at least one of: images, tags, names")
+            result.append(group)
+        return result
+
+    def rules(self, value: Any, group_names: list[str]) -> list[Rule]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.doc.problem(("rules",), f"expected a list of rules, got {_kind(value)}")
+            return []
+        result = []
+        seen: dict[str, int] = {}
+        for index, body in enumerate(value):
+            path: KeyPath = ("rules", index)
+            spec = self.mapping(body, path, _RULE_KEYS)
+            if spec is None:
+                continue
+            line = self.doc.line(path)
+            name = spec.get("name", f"rules.{index}")
+            if not isinstance(name, str) or not name:
+                self.doc.problem((*path, "name"), "expected a non-empty string")
+                name = f"rules.{index}"
+            elif name in seen:
+                self.doc.problem(
+                    (*path, "name"), f"duplicate rule name (first used at line {seen[name]})"
+                )
+            seen[name] = line
+            if "action" not in spec:
+                self.doc.problem(path, "missing 'action': add 'action: exclude' or 'action: merge'")
+            action = self.enum(spec, "action", Action, Action.MERGE, path=path)
+            match = self.match(spec, (*path, "match"), group_names)
+            result.append(Rule(name=name, match=match, action=action, line=line))
+        return result
+
+    def match(self, rule: dict[str, Any], path: KeyPath, group_names: list[str]) -> Match:
+        if "match" not in rule:
+            self.doc.problem(
+                path[:-1],
+                "missing 'match': say which VMs the rule is for (names, tags, groups, images); "
+                "use 'default:' for all others",
+            )
+            return Match()
+        spec = self.mapping(rule["match"], path, _MATCH_KEYS)
+        if spec is None:
+            return Match()
+        match = Match(
+            names=self.globs(spec, (*path, "names"), _check_name_glob),
+            tags=self.tags(spec, (*path, "tags")),
+            groups=self.strings(spec, (*path, "groups")),
+            images=self.globs(spec, (*path, "images"), _check_image_glob),
+        )
+        for index, group in enumerate(match.groups):
+            if group not in group_names:
+                hint = _did_you_mean(group, group_names)
+                self.doc.problem(
+                    (*path, "groups", index),
+                    f"group {group!r} is not defined under 'groups:'{hint}",
+                )
+        if not spec:
+            self.doc.problem(path, "empty match would match every VM: use 'default:' for that")
+        return match
+
+    def vms(self, value: Any) -> dict[str, tuple[str, ...]]:
+        section = self.mapping(value, ("vms",), None) if value is not None else None
+        result = {}
+        for key, body in (section or {}).items():
+            path: KeyPath = ("vms", key)
+            spec = self.mapping(body, path, _VM_KEYS)
+            if spec is None:
+                continue
+            if "tags" not in spec:
+                self.doc.problem(path, "missing 'tags': give the VM at least one tag")
+            vm_key = str(key)
+            result[vm_key.lower() if _looks_like_uuid(vm_key) else vm_key] = self.tags(
+                spec, (*path, "tags")
+            )
+        return result
+
+    def reconciler(self, value: Any) -> ReconcilerSettings:
+        if value is None:
+            return ReconcilerSettings()
+        spec = self.mapping(value, ("reconciler",), _RECONCILER_KEYS)
+        if spec is None:
+            return ReconcilerSettings()
+        numbers = {}
+        for key, (low, high) in _RECONCILER_LIMITS.items():
+            if key in spec:
+                number = self.number(spec[key], ("reconciler", key), low, high)
+                if number is not None:
+                    numbers[key] = number
+        advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
+        return ReconcilerSettings(**numbers, kernel_advisor=advisor)
+
+    def proxmox(self, value: Any) -> ProxmoxSettings:
+        if value is None:
+            return ProxmoxSettings()
+        spec = self.mapping(value, ("proxmox",), ("qemu_server_version",))
+        if spec is None or "qemu_server_version" not in spec:
+            return ProxmoxSettings()
+        version = spec["qemu_server_version"]
+        text = str(version) if isinstance(version, str | int | float) else ""
+        if isinstance(version, bool) or not re.fullmatch(r"\d+(\.\d+){0,3}(-\d+)?", text):
+            self.doc.problem(
+                ("proxmox", "qemu_server_version"),
+                f"expected a version like 8.4.1 (quote it), got {version!r}",
+            )
+            return ProxmoxSettings()
+        return ProxmoxSettings(text)
+
+    # --- typed getters: each records a problem and returns a safe value on bad input
+
+    def mapping(
+        self, value: Any, path: KeyPath, known: tuple[str, ...] | None
+    ) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.doc.problem(path, f"expected a mapping (key: value lines), got {_kind(value)}")
+            return None
+        if known is not None:
+            for key in value:
+                if key not in known:
+                    hint = _did_you_mean(key, known)
+                    allowed = "" if hint else f" (allowed: {', '.join(known)})"
+                    self.doc.problem((*path, key), f"unknown key{hint}{allowed}")
+            return {k: v for k, v in value.items() if k in known}
+        return value
+
+    def enum(
+        self,
+        spec: dict[str, Any],
+        key: str,
+        kind: type[E],
+        default: E,
+        *,
+        path: KeyPath = (),
+    ) -> E:
+        if key not in spec:
+            return default
+        value = spec[key]
+        if value is False and "off" in {m.value for m in kind}:
+            value = "off"  # YAML 1.1 reads a bare `off` as false
+        choices = [m.value for m in kind]
+        if isinstance(value, str) and value.lower() in choices:
+            return kind(value.lower())
+        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        self.doc.problem((*path, key), f"expected one of {', '.join(choices)}, got {value!r}{hint}")
+        return default
+
+    def boolean(self, spec: dict[str, Any], key: str, *, default: bool, path: KeyPath = ()) -> bool:
+        value = spec.get(key, default)
+        if isinstance(value, bool):
+            return value
+        self.doc.problem((*path, key), f"expected true or false, got {value!r}")
+        return default
+
+    def number(self, value: Any, path: KeyPath, low: float, high: float) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.doc.problem(path, f"expected a number, got {_kind(value)}")
+            return None
+        if not low <= value <= high:
+            self.doc.problem(path, f"{value} is out of range: use {low:g} to {high:g}")
+            return None
+        return float(value)
+
+    def strings(self, spec: dict[str, Any], path: KeyPath) -> tuple[str, ...]:
+        """A list of strings; a single string counts as a list of one."""
+        if path[-1] not in spec:
+            return ()
+        value = spec[path[-1]]
+        items = [value] if isinstance(value, str | int) and not isinstance(value, bool) else value
+        if not isinstance(items, list):
+            self.doc.problem(path, f"expected a list of strings, got {_kind(value)}")
+            return ()
+        if not items:
+            self.doc.problem(path, "empty list matches nothing: remove the key or add items")
+        result = []
+        for index, item in enumerate(items):
+            item_path = (*path, index) if isinstance(value, list) else path
+            if isinstance(item, bool) or not isinstance(item, str | int):
+                self.doc.problem(item_path, f"expected a string, got {_kind(item)}")
+                continue
+            result.append(str(item))
+        return tuple(result)
+
+    def tags(self, spec: dict[str, Any], path: KeyPath) -> tuple[str, ...]:
+        tags = self.strings(spec, path)
+        for index, tag in enumerate(tags):
+            bad = sorted(set(tag) & _TAG_FORBIDDEN)
+            if not tag or bad:
+                what = "is empty" if not tag else f"contains {''.join(bad)!r}"
+                self.doc.problem((*path, index), f"tag {tag!r} {what}: no VM can carry such a tag")
+        return tuple(tag.lower() for tag in tags)
+
+    def globs(
+        self, spec: dict[str, Any], path: KeyPath, check: Callable[[str], str | None]
+    ) -> tuple[str, ...]:
+        patterns = self.strings(spec, path)
+        for index, pattern in enumerate(patterns):
+            why = _never_matches(pattern) or check(pattern)
+            if why:
+                self.doc.problem((*path, index), f"glob {pattern!r} can never match: {why}")
+        return patterns
+
+
+def _never_matches(pattern: str) -> str | None:
+    if not pattern:
+        return "it is empty"
+    if "\n" in pattern or "\0" in pattern:
+        return "it contains a newline or NUL"
+    if "(?!)" in fnmatch.translate(pattern):
+        return "a character range like [z-a] is empty"
+    return None
+
+
+def _check_name_glob(pattern: str) -> str | None:
+    if "/" in pattern:
+        return "VM names never contain '/'"
+    return None
+
+
+def _check_image_glob(pattern: str) -> str | None:
+    if pattern.startswith(("/", "*", "?", "[")) or ":" in pattern:
+        return None
+    return (
+        "images are absolute paths (libvirt) or STORAGE:VOLUME ids (Proxmox); "
+        f"did you mean '*/{pattern}'?"
+    )
+
+
+def _looks_like_uuid(value: str) -> bool:
+    return len(value) == 36 and value.count("-") == 4
+
+
+def _did_you_mean(word: object, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"a {type(value).__name__} ({value!r})"

@@ -1,0 +1,1 @@
+"""Proxmox VE: config facts and rewrite, the node side (qm, storages, hookscript), the hook."""

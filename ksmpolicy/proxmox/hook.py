@@ -1,0 +1,198 @@
+"""The Proxmox VE hookscript: `ksmpolicy-hook VMID PHASE` -> what to do, and the exit code.
+
+Proxmox aborts a start when the hookscript fails at pre-start and only warns at the other
+phases; what it prints goes to the task log. pre-start runs under the VM's config lock with the
+config already loaded, so a config change made then would only affect the next start: the
+decision is applied to the running VM at post-start (QMP), and written to the config in the
+background once the lock is released (`qm set`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ksmpolicy import hookcore
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.paths import HostPaths, default_policy
+from ksmpolicy.policy.model import Action, Enforcement, Policy
+
+TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from typing import IO
+
+    from ksmpolicy.policy.decide import Decision
+    from ksmpolicy.proxmox.conf import PveFacts
+
+PHASES = ("pre-start", "post-start", "pre-stop", "post-stop")
+QMP_TIMEOUT_SECONDS = 10.0  # the live switch at post-start; Proxmox waits for the hookscript
+CHAINED_TIMEOUT_SECONDS = 600
+
+
+class ProxmoxHook:
+    def __init__(
+        self,
+        vmid: str,
+        policy_path: str | None,
+        *,
+        root: str = "/",
+        run_dir: str | None = None,
+        qm: str = "qm",
+    ) -> None:
+        self.vmid = vmid
+        self.paths = HostPaths(Path(root), Path(run_dir) if run_dir else None)
+        self.policy_path = policy_path or default_policy(self.paths)
+        self.root = root
+        self.qm = qm
+
+    def run(self, phase: str, out: IO[str], err: IO[str]) -> int:
+        from ksmpolicy.proxmox.node import valid_vmid  # noqa: PLC0415
+
+        try:
+            valid_vmid(self.vmid)
+        except KsmPolicyError as exc:
+            hookcore.report(err, f"ksmpolicy: hookscript called for {exc}", "err")
+            if phase == "pre-start":
+                return hookcore.unusable_policy_status(self.policy_path)
+            return 0
+        chained = self.chained(phase, out, err)
+        if chained != 0 and phase == "pre-start":
+            return chained  # the other hookscript refused the start: so do we
+        if phase == "pre-start":
+            status = self.pre_start(err)
+        elif phase == "post-start":
+            status = self.post_start(err)
+        elif phase == "post-stop":
+            self.notify("stopped")
+            status = 0
+        else:
+            status = 0
+        return chained or status
+
+    # --- phases
+
+    def pre_start(self, err: IO[str]) -> int:
+        policy = self.load_policy(err)
+        if policy is None:
+            return hookcore.unusable_policy_status(self.policy_path)
+        if policy.enforcement is Enforcement.OFF:
+            return 0
+        try:
+            facts, decision, note = self.evaluate(policy)
+        except KsmPolicyError as exc:
+            return hookcore.own_failure(f"cannot check VM {self.vmid}: {exc}", policy, err)
+        except Exception as exc:  # a bug must not stop VMs unless the policy says so
+            what = f"{type(exc).__name__}: {exc}"
+            failure = f"internal error checking VM {self.vmid}: {what}"
+            return hookcore.own_failure(failure, policy, err)
+        if note:
+            hookcore.report(err, f"ksmpolicy: VM {self.vmid}: {note}", "warning")
+        found = verdict(self.vmid, facts, decision)
+        if found is None:
+            return 0
+        how, message = found
+        fix = f"ksmpolicy apply --proxmox --vmid {self.vmid}"
+        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
+            hookcore.report(err, f"{message} Fix: {fix}", "err")
+            return 1
+        line = f"{message} It is switched at post-start; to persist now: {fix}"
+        hookcore.report(err, line, "warning")
+        return 0
+
+    def post_start(self, err: IO[str]) -> int:
+        """Switch the running VM to its decision; persist it later; tell the daemon."""
+        from ksmpolicy.kernel.qmp import set_merge_on_socket  # noqa: PLC0415
+
+        self.notify("started")
+        policy = self.load_policy(err)
+        if policy is None:
+            return 0
+        try:
+            facts, decision, _note = self.evaluate(policy)
+            if policy.live and not (facts.vm.hugepages or facts.vm.shared_memory):
+                merge = decision.action is Action.MERGE
+                socket = str(self.paths.qmp_socket(self.vmid))
+                changed = set_merge_on_socket(socket, merge, timeout=QMP_TIMEOUT_SECONDS)
+                if changed:
+                    state = "on" if merge else "off"
+                    print(f"ksmpolicy: VM {self.vmid}: merging switched {state} live", file=err)
+            if verdict(self.vmid, facts, decision) is not None:
+                self.spawn_persist()
+        except KsmPolicyError as exc:
+            hookcore.report(err, f"ksmpolicy: VM {self.vmid}: post-start: {exc}", "warning")
+        except Exception as exc:  # post-start failures only warn in Proxmox: say so and go on
+            message = f"ksmpolicy: VM {self.vmid}: internal error at post-start: {exc}"
+            hookcore.report(err, message, "warning")
+        return 0
+
+    # --- shared
+
+    def load_policy(self, err: IO[str]) -> Policy | None:
+        run_dir = str(self.paths.run_dir)
+        return hookcore.load_policy(self.policy_path, run_dir, f"VM {self.vmid}", err)
+
+    def evaluate(self, policy: Policy) -> tuple[PveFacts, Decision, str | None]:
+        from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
+        from ksmpolicy.proxmox.conf import apply_policy  # noqa: PLC0415
+        from ksmpolicy.proxmox.node import read_config, uses_allow_ksm  # noqa: PLC0415
+
+        text = read_config(self.paths, self.vmid)
+        _new, facts, decision, note = apply_policy(
+            text, self.vmid, Decider(policy), use_allow_ksm=uses_allow_ksm(policy)
+        )
+        return facts, decision, note
+
+    def chained(self, phase: str, out: IO[str], err: IO[str]) -> int:
+        """Run the hookscript that was attached before ours, with the same arguments."""
+        from ksmpolicy.proxmox.hookscript import (  # noqa: PLC0415
+            is_our_volume,
+            previous_hookscript,
+            volume_path,
+        )
+
+        previous = previous_hookscript(self.paths, self.vmid)
+        if previous is None:
+            return 0
+        if is_our_volume(self.paths, previous):
+            line = f"ksmpolicy: VM {self.vmid}: the chained hookscript {previous} is ours: skipped"
+            hookcore.report(err, line, "warning")
+            return 0
+        try:
+            script = volume_path(self.paths, previous)
+            result = subprocess.run(
+                [str(script), self.vmid, phase], check=False, timeout=CHAINED_TIMEOUT_SECONDS
+            )
+        except (KsmPolicyError, OSError, subprocess.TimeoutExpired) as exc:
+            line = f"ksmpolicy: VM {self.vmid}: chained hookscript {previous}: {exc}"
+            hookcore.report(err, line, "err")
+            return 1
+        return result.returncode
+
+    def notify(self, event: str) -> None:
+        from ksmpolicy.control.notify import send  # noqa: PLC0415
+
+        send(self.paths, event, self.vmid)
+
+    def spawn_persist(self) -> None:
+        from ksmpolicy.proxmox.node import spawn_persist  # noqa: PLC0415
+
+        argv = [sys.executable, "-I", "-m", "ksmpolicy", "--policy", self.policy_path]
+        argv += ["proxmox", "persist", self.vmid, "--root", self.root, "--qm", self.qm]
+        spawn_persist(argv)
+
+
+def verdict(vmid: str, facts: PveFacts, decision: Decision) -> tuple[str, str] | None:
+    """None when the config complies with the decision, else (how it drifts, one line)."""
+    from ksmpolicy.policy.decide import drift  # noqa: PLC0415
+
+    vm = facts.vm
+    can_merge = not (facts.merging_off or vm.hugepages or vm.shared_memory)
+    how = drift(decision, can_merge=can_merge, merging_off=facts.merging_off)
+    if how is None:
+        return None
+    who = f"VM {vmid} ({vm.name!r})"
+    rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+    if how == "mergeable":
+        return how, f"ksmpolicy: {who} must not share memory ({rule}) but its config allows KSM."
+    return how, f"ksmpolicy: {who} may share memory ({rule}) but its config turns KSM off."

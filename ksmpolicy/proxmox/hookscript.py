@@ -1,0 +1,159 @@
+"""The Proxmox VE hookscript on a node: storages with snippets, install, attach and detach.
+
+Proxmox allows one hookscript per VM. Attaching ours to a VM that has another remembers that
+one (in /etc/pve/ksmpolicy/chain/, cluster-wide) and ours runs it first with the same
+arguments. A hookscript of ours on another storage is recognised and never chained to, so the
+hook cannot end up calling itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.files import carries_marker, write_atomic
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.proxmox.conf import parse
+from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
+
+HOOKSCRIPT_NAME = "ksmpolicy-hook"
+HOOKSCRIPT_MARKER = "# ksmpolicy-hookscript: written by `ksmpolicy proxmox install`"
+
+
+def storage_path(paths: HostPaths, storage: str) -> Path:
+    """The directory of a file-based storage, from /etc/pve/storage.cfg."""
+    try:
+        text = paths.pve_storage_cfg.read_text()
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot read {paths.pve_storage_cfg}: {exc.strerror}") from None
+    kind = None
+    path = None
+    for line in text.splitlines():
+        header = re.match(r"^(\w+):\s*(\S+)\s*$", line)
+        if header:
+            if kind is not None:
+                break
+            if header.group(2) == storage:
+                kind = header.group(1)
+            continue
+        if kind is not None:
+            option = line.strip().split(None, 1)
+            if option and option[0] == "path" and len(option) == 2:
+                path = option[1]
+    if kind is None:
+        raise KsmPolicyError(f"no storage {storage!r} in {paths.pve_storage_cfg}")
+    if path is None and kind in ("nfs", "cifs", "cephfs", "glusterfs"):
+        path = f"/mnt/pve/{storage}"
+    if path is None:
+        raise KsmPolicyError(
+            f"storage {storage!r} ({kind}) is not file-based: snippets need a directory storage"
+        )
+    return paths.root / path.lstrip("/")
+
+
+def volume_path(paths: HostPaths, volid: str) -> Path:
+    """`local:snippets/hook.sh` -> /var/lib/vz/snippets/hook.sh."""
+    storage, sep, volume = volid.partition(":")
+    if not sep or not volume.startswith("snippets/") or ".." in volume.split("/"):
+        raise KsmPolicyError(f"{volid!r} is not a snippets volume (STORAGE:snippets/NAME)")
+    return storage_path(paths, storage) / volume
+
+
+def hookscript_text(python: str, policy: str | None = None, extra: Sequence[str] = ()) -> str:
+    options = ["--policy", policy] if policy else []
+    options += list(extra)
+    return (
+        f"#!{python} -I\n"
+        f"{HOOKSCRIPT_MARKER}; Proxmox runs it as: ksmpolicy-hook VMID PHASE\n"
+        "import sys\n"
+        "from ksmpolicy.hook import main\n"
+        f"sys.exit(main([*{options!r}, 'proxmox', *sys.argv[1:]]))\n"
+    )
+
+
+def install_hookscript(
+    paths: HostPaths,
+    storage: str,
+    python: str,
+    policy: str | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[Path, str]:
+    """Write the hookscript into the storage's snippets directory; return (path, volid)."""
+    directory = storage_path(paths, storage) / "snippets"
+    path = directory / HOOKSCRIPT_NAME
+    if _is_ours(path) is False:
+        raise KsmPolicyError(f"{path} exists and was not written by ksmpolicy: not overwriting it")
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(path, hookscript_text(python, policy, extra).encode(), 0o755)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path, f"{storage}:snippets/{HOOKSCRIPT_NAME}"
+
+
+def _is_ours(path: Path) -> bool | None:
+    """Whether `path` holds a hookscript ksmpolicy wrote; None when nothing is there."""
+    try:
+        return carries_marker(path, HOOKSCRIPT_MARKER)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def is_our_volume(paths: HostPaths, volid: str) -> bool:
+    """Whether a hookscript volume is ours, on any storage: by its name, or by its content."""
+    _storage, _sep, volume = volid.partition(":")
+    if volume == f"snippets/{HOOKSCRIPT_NAME}":
+        return True
+    try:
+        return bool(_is_ours(volume_path(paths, volid)))
+    except KsmPolicyError:
+        return False
+
+
+def chain_file(paths: HostPaths, vmid: str) -> Path:
+    return paths.pve_ksmpolicy / "chain" / f"{valid_vmid(vmid)}.hookscript"
+
+
+def previous_hookscript(paths: HostPaths, vmid: str) -> str | None:
+    try:
+        return chain_file(paths, vmid).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def attach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm",)) -> str:
+    """Set our hookscript on a VM, remembering one that was there; return what happened."""
+    facts = parse(read_config(paths, vmid)).main.values
+    current = facts.get("hookscript")
+    if current == volid:
+        return "already attached"
+    if facts.get("template", "0").strip() == "1":
+        return "skipped (template)"
+    if current and is_our_volume(paths, current):
+        run_qm(qm, "set", vmid, "--hookscript", volid)  # ours elsewhere: moved, never chained
+        return f"attached (replaces ours from {current})"
+    if current:
+        chain = chain_file(paths, vmid)
+        chain.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_atomic(chain, (current + "\n").encode(), 0o644)
+        except OSError as exc:
+            raise KsmPolicyError(f"cannot write {chain}: {exc.strerror or exc}") from None
+    run_qm(qm, "set", vmid, "--hookscript", volid)
+    return f"attached (chains {current})" if current else "attached"
+
+
+def detach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm",)) -> str:
+    """Remove our hookscript, putting back the one it chained."""
+    current = parse(read_config(paths, vmid)).main.values.get("hookscript")
+    if current != volid:
+        return "not attached"
+    previous = previous_hookscript(paths, vmid)
+    if previous:
+        run_qm(qm, "set", vmid, "--hookscript", previous)
+    else:
+        run_qm(qm, "set", vmid, "--delete", "hookscript")
+    chain_file(paths, vmid).unlink(missing_ok=True)
+    return f"detached (restored {previous})" if previous else "detached"

@@ -1,0 +1,1 @@
+"""What KSM does for each VM: status with findings, and Prometheus metrics."""

@@ -1,0 +1,219 @@
+"""Prometheus metrics: per VM, per group, and the host figures node_exporter lacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+    write_to_textfile,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ksmpolicy.kernel.scan import ProcessScanner
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.model import Policy
+from ksmpolicy.report.status import Status, collect
+
+VM_LABELS = ["vm", "vmid", "group"]
+
+
+class StatusCollector:
+    """Collects on every scrape. `reconciler` (the daemon's) adds what it decided."""
+
+    def __init__(
+        self,
+        paths: HostPaths,
+        policy: Callable[[], Policy | None],
+        reconciler: Any = None,
+    ) -> None:
+        self.paths = paths
+        self.policy = policy
+        self.reconciler = reconciler
+        self.scanner = ProcessScanner(paths)
+        # prometheus_client serves scrapes on threads; the scanner's caches are not for sharing.
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            status = collect(self.paths, self.policy(), sample_seconds=0, scanner=self.scanner)
+        yield from status_metrics(status)
+        if self.reconciler is not None and self.reconciler.last_plan is not None:
+            yield from reconciler_metrics(self.reconciler)
+
+
+def status_metrics(status: Status) -> Iterator[Metric]:
+    host = status.host
+
+    def gauge(name: str, help_text: str, value: float | None) -> Iterator[Metric]:
+        if value is not None:
+            yield GaugeMetricFamily(f"ksmpolicy_{name}", help_text, value=value)
+
+    yield from gauge(
+        "ksm_available", "1 if the kernel has KSM (/sys/kernel/mm/ksm).", int(host.available)
+    )
+    yield from gauge("ksm_running", "1 if ksmd runs (run=1).", int(host.running))
+    if host.available:
+        yield from gauge(
+            "ksm_saved_bytes",
+            "Memory KSM saves: (pages_sharing + ksm_zero_pages) x page size.",
+            host.saved_bytes,
+        )
+        yield from gauge(
+            "ksm_pages_sharing", "KSM pages_sharing: sites sharing KSM pages.", host.pages_sharing
+        )
+        yield from gauge(
+            "ksm_pages_shared", "KSM pages_shared: KSM pages in use.", host.pages_shared
+        )
+        yield from gauge(
+            "ksm_zero_pages",
+            "KSM ksm_zero_pages: empty pages merged with the zero page.",
+            host.zero_pages,
+        )
+        yield from gauge(
+            "ksm_general_profit_bytes",
+            "KSM general_profit: memory saved minus rmap overhead; negative when KSM costs more.",
+            host.general_profit_bytes,
+        )
+        for knob, metric in (
+            ("pages_to_scan", "pages_to_scan"),
+            ("sleep_millisecs", "sleep_milliseconds"),
+        ):
+            value = host.knobs.get(knob)
+            if isinstance(value, int):
+                yield from gauge(f"ksm_{metric}", f"The KSM knob {knob}.", value)
+        if host.full_scans is not None:
+            yield CounterMetricFamily(
+                "ksmpolicy_ksm_full_scans",
+                "Full scans ksmd completed since boot.",
+                value=host.full_scans,
+            )
+        if host.ksmd_cpu_seconds is not None:
+            yield CounterMetricFamily(
+                "ksmpolicy_ksmd_cpu_seconds",
+                "CPU time of the ksmd thread since boot.",
+                value=host.ksmd_cpu_seconds,
+            )
+    families = {
+        "mergeable": GaugeMetricFamily(
+            "ksmpolicy_vm_mergeable_bytes",
+            "Resident memory of the VM that KSM may merge.",
+            labels=VM_LABELS,
+        ),
+        "merged": GaugeMetricFamily(
+            "ksmpolicy_vm_merged_bytes",
+            "Pages of the VM mapped to KSM pages (ksm_merging_pages).",
+            labels=VM_LABELS,
+        ),
+        "zero": GaugeMetricFamily(
+            "ksmpolicy_vm_zero_bytes",
+            "Pages of the VM merged with the zero page.",
+            labels=VM_LABELS,
+        ),
+        "profit": GaugeMetricFamily(
+            "ksmpolicy_vm_profit_bytes",
+            "ksm_process_profit of the VM: saved minus overhead.",
+            labels=VM_LABELS,
+        ),
+        "compliant": GaugeMetricFamily(
+            "ksmpolicy_vm_compliant",
+            "1 if the running VM merges as its policy decides, 0 if not.",
+            labels=[*VM_LABELS, "decision"],
+        ),
+    }
+    for vm in status.vms:
+        if vm.kind != "qemu":
+            continue
+        labels = [vm.name, vm.vmid or "", vm.group or ""]
+        families["mergeable"].add_metric(labels, vm.mergeable_bytes)
+        families["merged"].add_metric(labels, vm.merged_bytes)
+        families["zero"].add_metric(labels, vm.zero_bytes)
+        if vm.profit_bytes is not None:
+            families["profit"].add_metric(labels, vm.profit_bytes)
+        if vm.compliant is not None:
+            families["compliant"].add_metric([*labels, vm.decision or ""], int(vm.compliant))
+    yield from families.values()
+    group_vms = GaugeMetricFamily(
+        "ksmpolicy_group_vms", "Running VMs in the group.", labels=["group"]
+    )
+    group_mergeable = GaugeMetricFamily(
+        "ksmpolicy_group_mergeable_bytes", "Mergeable memory of the group's VMs.", labels=["group"]
+    )
+    group_merged = GaugeMetricFamily(
+        "ksmpolicy_group_merged_bytes", "Merged memory of the group's VMs.", labels=["group"]
+    )
+    for group in status.groups:
+        group_vms.add_metric([group.name], group.vms)
+        group_mergeable.add_metric([group.name], group.mergeable_bytes)
+        group_merged.add_metric([group.name], group.merged_bytes)
+    yield from (group_vms, group_mergeable, group_merged)
+    findings = GaugeMetricFamily(
+        "ksmpolicy_findings", "Findings of `ksmpolicy status`.", labels=["severity"]
+    )
+    for severity in ("info", "warning"):
+        findings.add_metric([severity], sum(f.severity == severity for f in status.findings))
+    yield findings
+
+
+def reconciler_metrics(reconciler: Any) -> Iterator[Metric]:
+    plan = reconciler.last_plan
+    mode = GaugeMetricFamily(
+        "ksmpolicy_reconciler_mode",
+        "The reconciler's mode (1 for the current one).",
+        labels=["mode"],
+    )
+    for name in ("stopped", "calm", "slow", "sprint", "pressure", "advisor"):
+        mode.add_metric([name], int(plan.mode == name))
+    yield mode
+    yield GaugeMetricFamily(
+        "ksmpolicy_reconciler_pages_per_second",
+        "Scan rate the reconciler planned.",
+        value=plan.pages_per_second,
+    )
+    yield GaugeMetricFamily(
+        "ksmpolicy_reconciler_cost_seconds_per_page",
+        "ksmd CPU-seconds per scanned page, measured.",
+        value=plan.history.cost_per_page,
+    )
+
+
+def registry_for(collector: StatusCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def exposition(collector: StatusCollector) -> str:
+    return generate_latest(registry_for(collector)).decode()
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """`9573`, `:9573`, `127.0.0.1:9573`, `[::1]:9573` -> (host, port); localhost by default."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = "", address
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def serve(collector: StatusCollector, address: str) -> None:
+    host, port = parse_listen(address)
+    start_http_server(port, addr=host, registry=registry_for(collector))
+
+
+def write_textfile(collector: StatusCollector, path: str) -> None:
+    """For node_exporter's textfile collector: written to a temporary file, then renamed."""
+    write_to_textfile(path, registry_for(collector))
+
+
+def every(seconds: float, action: Callable[[], None]) -> None:
+    while True:
+        action()
+        time.sleep(seconds)

@@ -1,0 +1,150 @@
+"""`ksmpolicy status` for people (80 columns) and for scripts (the documented JSON)."""
+
+from __future__ import annotations
+
+from ksmpolicy.report.status import Status
+
+JSON_VERSION = 1
+
+
+def mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def text(status: Status) -> str:
+    """The status for a terminal, readable at 80 columns."""
+    host = status.host
+    lines = []
+    if not host.available:
+        lines.append("KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)")
+    else:
+        state = "running" if host.running else "stopped"
+        lines.append(f"KSM: {state}, controlled by {host.controller}")
+        knobs = [f"{k}={v}" for k, v in host.knobs.items() if k != "run"]
+        lines += _wrap("  knobs: ", knobs)
+        cpu = "-" if host.ksmd_cpu_percent is None else f"{host.ksmd_cpu_percent:.1f} %"
+        lines.append(
+            f"  saved: {mib(host.saved_bytes)} MiB  general_profit: "
+            f"{mib(host.general_profit_bytes)} MiB  ksmd CPU: {cpu}  "
+            f"full_scans: {host.full_scans if host.full_scans is not None else '-'}"
+        )
+        if not host.full_scans and not host.saved_bytes:
+            lines.append("  (KSM has not scanned anything since boot)")
+    if status.policy_error:
+        lines.append(f"policy: not usable: {status.policy_error}")
+    elif status.policy:
+        lines.append(f"policy: {status.policy}")
+    qemus = [v for v in status.vms if v.kind == "qemu"]
+    others = [v for v in status.vms if v.kind != "qemu"]
+    lines.append("")
+    if not qemus:
+        lines.append("No running VMs.")
+    else:
+        columns = ("VM", "GROUP", "DECISION", "OK", "MERGEABLE", "MERGED", "PROFIT")
+        units = ("", "RULE", "", "", "MiB", "MiB", "MiB")
+        lines += [_row(columns), _row(units)]
+        for vm in sorted(qemus, key=lambda v: v.name):
+            ok = {True: "yes", False: "NO", None: "-"}[vm.compliant]
+            lines.append(
+                f"{_cut(vm.name, 18):<18} {_cut(vm.group or '-', 12):<12} "
+                f"{vm.decision or '-':<8} {ok:<3} {mib(vm.mergeable_bytes):>9} "
+                f"{mib(vm.merged_bytes):>8} {mib(vm.profit_bytes):>8}"
+            )
+            if vm.rule:
+                lines.append(f"{'':<18} {_cut(vm.rule, 60)}")
+    if others:
+        total = sum(v.mergeable_bytes for v in others)
+        lines.append(f"Other processes that opted in: {len(others)}, {mib(total)} MiB mergeable")
+    if status.groups and qemus:
+        lines.append("")
+        lines.append(f"{'GROUP':<24} {'VMS':>4} {'MERGEABLE MiB':>14} {'MERGED MiB':>11}")
+        for group in status.groups:
+            lines.append(
+                f"{_cut(group.name, 24):<24} {group.vms:>4} {mib(group.mergeable_bytes):>14} "
+                f"{mib(group.merged_bytes):>11}"
+            )
+    if status.findings:
+        lines.append("")
+        lines.append("Findings:")
+        for finding in status.findings:
+            who = f"{finding.vm}: " if finding.vm else ""
+            lines.append(f"  [{finding.severity}] {who}{finding.message}")
+            lines.append(f"      -> {finding.fix}")
+    return "\n".join(lines)
+
+
+def _wrap(prefix: str, words: list[str], width: int = 80) -> list[str]:
+    lines, line = [], prefix
+    for word in words:
+        if len(line) + len(word) + 1 > width and line.strip():
+            lines.append(line.rstrip())
+            line = " " * len(prefix)
+        line += word + " "
+    lines.append(line.rstrip())
+    return lines
+
+
+def _row(cells: tuple[str, ...]) -> str:
+    vm, group, decision, ok, mergeable, merged, profit = cells
+    return f"{vm:<18} {group:<12} {decision:<8} {ok:<3} {mergeable:>9} {merged:>8} {profit:>8}"
+
+
+def _cut(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def as_json(status: Status) -> dict[str, object]:
+    """The documented, stable JSON form (`version` changes if a key changes meaning)."""
+    host = status.host
+    return {
+        "version": JSON_VERSION,
+        "policy": status.policy,
+        "policy_error": status.policy_error,
+        "host": {
+            "ksm_available": host.available,
+            "running": host.running,
+            "controller": host.controller,
+            "knobs": host.knobs,
+            "saved_bytes": host.saved_bytes,
+            "general_profit_bytes": host.general_profit_bytes,
+            "full_scans": host.full_scans,
+            "pages_sharing": host.pages_sharing,
+            "pages_shared": host.pages_shared,
+            "ksm_zero_pages": host.zero_pages,
+            "ksmd_cpu_percent": host.ksmd_cpu_percent,
+            "ksmd_cpu_seconds": host.ksmd_cpu_seconds,
+        },
+        "vms": [
+            {
+                "pid": v.pid,
+                "name": v.name,
+                "vmid": v.vmid,
+                "kind": v.kind,
+                "source": v.source,
+                "group": v.group,
+                "decision": v.decision,
+                "rule": v.rule,
+                "compliant": v.compliant,
+                "ram_bytes": v.ram_bytes,
+                "mergeable_bytes": v.mergeable_bytes,
+                "merged_bytes": v.merged_bytes,
+                "zero_bytes": v.zero_bytes,
+                "profit_bytes": v.profit_bytes,
+            }
+            for v in status.vms
+        ],
+        "groups": [
+            {
+                "name": g.name,
+                "vms": g.vms,
+                "mergeable_bytes": g.mergeable_bytes,
+                "merged_bytes": g.merged_bytes,
+            }
+            for g in status.groups
+        ],
+        "findings": [
+            {"severity": f.severity, "vm": f.vm, "message": f.message, "fix": f.fix}
+            for f in status.findings
+        ],
+    }

@@ -1,0 +1,339 @@
+"""What KSM saves, for which VM, at what CPU cost: collected from /sys, /proc and the VMs'
+definitions, with findings that say what to do. Read-only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.files import read_regular
+from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
+from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.decide import Decider, Decision, VmFacts
+from ksmpolicy.policy.model import Policy
+
+# A VM that merges nothing after this many full scans costs scan CPU for no gain.
+USELESS_AFTER_FULL_SCANS = 3
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    pid: int
+    name: str  # VM name, or "VM <vmid>", or "comm[pid]" for non-QEMU processes
+    vmid: str | None
+    kind: str  # qemu | other
+    source: str  # libvirt | proxmox | process: where the facts came from
+    group: str | None
+    decision: str | None  # merge | exclude | never (memory cannot merge) | None (no policy)
+    rule: str | None
+    compliant: bool | None  # running state matches the decision; None when unknown
+    ram_bytes: int | None
+    mergeable_bytes: int
+    merged_bytes: int  # this VM's pages mapped to KSM pages (ksm_merging_pages)
+    zero_bytes: int  # this VM's pages mapped to the zero page (ksm_zero_pages)
+    profit_bytes: int | None  # ksm_process_profit: signed, rmap overhead counted
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    vms: int
+    mergeable_bytes: int
+    merged_bytes: int
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # info | warning
+    vm: str | None
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    available: bool  # the kernel has KSM
+    running: bool
+    controller: str  # who sets the knobs: ksmpolicy daemon, ksmtuned, kernel advisor, ...
+    knobs: dict[str, int | str]
+    saved_bytes: int
+    general_profit_bytes: int | None
+    full_scans: int | None
+    ksmd_cpu_percent: float | None
+    ksmd_cpu_seconds: float | None
+    pages_sharing: int | None
+    pages_shared: int | None
+    zero_pages: int | None
+
+
+@dataclass(frozen=True)
+class Status:
+    host: HostStatus
+    vms: tuple[VmStatus, ...]
+    groups: tuple[GroupStatus, ...]
+    findings: tuple[Finding, ...]
+    policy: str | None = None
+    policy_error: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def collect(
+    paths: HostPaths,
+    policy: Policy | None,
+    *,
+    sample_seconds: float = 0.2,
+    scanner: ProcessScanner | None = None,
+    policy_error: str | None = None,
+) -> Status:
+    """One look at the host. `sample_seconds` measures ksmd's CPU share (0: not measured)."""
+    state = read_ksm(paths)
+    ksmd = ksmd_pid(paths) if state is not None else None
+    cpu_before = process_cpu_seconds(paths, ksmd) if ksmd else None
+    started = time.monotonic()
+    processes = (scanner or ProcessScanner(paths)).scan()
+    decider = Decider(policy) if policy is not None else None
+    vms = tuple(_vm_status(paths, p, decider) for p in processes)
+    if cpu_before is not None and sample_seconds > 0:
+        time.sleep(max(0.0, sample_seconds - (time.monotonic() - started)))
+    elapsed = time.monotonic() - started
+    cpu_after = process_cpu_seconds(paths, ksmd) if ksmd else None
+    share = None
+    if cpu_before is not None and cpu_after is not None and elapsed > 0 and sample_seconds > 0:
+        share = 100 * (cpu_after - cpu_before) / elapsed
+    host = _host_status(paths, state, share, cpu_after)
+    groups = _groups(vms)
+    findings = tuple(_findings(host, vms, paths))
+    return Status(host, vms, groups, findings, policy.source if policy else None, policy_error)
+
+
+def _host_status(
+    paths: HostPaths, state: KsmState | None, share: float | None, cpu: float | None
+) -> HostStatus:
+    if state is None:
+        return HostStatus(
+            False,
+            False,
+            "none (no KSM in this kernel)",
+            {},
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+    values = state.values
+    running = state.get("run") == 1
+    return HostStatus(
+        available=True,
+        running=running,
+        controller=_controller(paths, state),
+        knobs={k: v for k, v in values.items() if k in _SHOWN_KNOBS},
+        saved_bytes=state.saved_bytes,
+        general_profit_bytes=state.get("general_profit"),
+        full_scans=state.get("full_scans"),
+        ksmd_cpu_percent=share,
+        ksmd_cpu_seconds=cpu,
+        pages_sharing=state.get("pages_sharing"),
+        pages_shared=state.get("pages_shared"),
+        zero_pages=state.get("ksm_zero_pages"),
+    )
+
+
+_SHOWN_KNOBS = (
+    "run",
+    "pages_to_scan",
+    "sleep_millisecs",
+    "advisor_mode",
+    "max_page_sharing",
+    "merge_across_nodes",
+    "use_zero_pages",
+    "smart_scan",
+)
+
+
+def _controller(paths: HostPaths, state: KsmState) -> str:
+    if daemon_pids(paths):
+        return "ksmpolicy daemon"
+    if processes_named(paths, ["ksmtuned"]):
+        return "ksmtuned"
+    if state.values.get("advisor_mode") == "scan-time":
+        return "kernel scan-time advisor"
+    if state.get("run") == 1:
+        return "unknown (KSM runs with fixed knobs)"
+    return "nobody (KSM is stopped)"
+
+
+def daemon_pids(paths: HostPaths) -> list[int]:
+    """PIDs of running `ksmpolicy daemon` processes."""
+    found = []
+    try:
+        entries = [e for e in paths.proc.iterdir() if e.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"daemon" in argv and any(
+            a.endswith(b"ksmpolicy") or a == b"ksmpolicy.cli" for a in argv
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) -> VmStatus:
+    facts, source = _facts(paths, process)
+    decision = decider.decide(facts) if decider is not None and process.kind == "qemu" else None
+    ksm = process.ksm
+    return VmStatus(
+        pid=process.pid,
+        name=facts.name,
+        vmid=process.vmid,
+        kind=process.kind,
+        source=source,
+        group=decision.group if decision else None,
+        decision=decision.verdict if decision else None,
+        rule=decision.rule if decision else None,
+        compliant=_compliant(process, facts, decision),
+        ram_bytes=process.ram_bytes,
+        mergeable_bytes=process.mergeable_bytes,
+        merged_bytes=(ksm.merging_pages or 0) * PAGE_SIZE if ksm else 0,
+        zero_bytes=(ksm.zero_pages or 0) * PAGE_SIZE if ksm else 0,
+        profit_bytes=ksm.process_profit if ksm else None,
+    )
+
+
+def _facts(paths: HostPaths, process: VmProcess) -> tuple[VmFacts, str]:
+    """The richest facts available without libvirt: Proxmox's config, libvirt's status XML."""
+    if process.vmid:
+        try:
+            from ksmpolicy.proxmox.conf import facts, parse  # noqa: PLC0415
+            from ksmpolicy.proxmox.node import read_config  # noqa: PLC0415
+
+            text = read_config(paths, process.vmid)
+            return facts(parse(text), process.vmid).vm, "proxmox"
+        except KsmPolicyError:
+            pass
+    if process.kind == "qemu" and process.name and "/" not in process.name:
+        status_xml = paths.libvirt_run / f"{process.name}.xml"
+        try:
+            from ksmpolicy.libvirt.domain import MAX_XML_BYTES, facts_of  # noqa: PLC0415
+            from ksmpolicy.libvirt.domain import parse as parse_xml  # noqa: PLC0415
+
+            data = read_regular(status_xml, MAX_XML_BYTES)
+
+            root, _raw = parse_xml(data)
+            domain = root if root.tag == "domain" else root.child("domain")
+            if domain is not None:
+                return facts_of(domain).vm, "libvirt"
+        except (OSError, KsmPolicyError):
+            pass
+    return VmFacts(name=process.name, uuid=process.uuid, vmid=process.vmid), "process"
+
+
+def _compliant(process: VmProcess, facts: VmFacts, decision: Decision | None) -> bool | None:
+    if decision is None:
+        return None
+    if facts.hugepages or facts.shared_memory:
+        return True  # its memory cannot merge, whatever the policy says; a finding tells
+    mergeable = process.ram_mergeable
+    if mergeable is None:
+        mergeable = process.mergeable_bytes > 0
+    return mergeable == decision.merge
+
+
+def _groups(vms: Sequence[VmStatus]) -> tuple[GroupStatus, ...]:
+    totals: dict[str, list[int]] = {}
+    for vm in vms:
+        if vm.kind != "qemu":
+            continue
+        entry = totals.setdefault(vm.group or "(none)", [0, 0, 0])
+        entry[0] += 1
+        entry[1] += vm.mergeable_bytes
+        entry[2] += vm.merged_bytes
+    return tuple(GroupStatus(name, *values) for name, values in sorted(totals.items()))
+
+
+def _findings(host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths) -> list[Finding]:
+    findings = []
+    if not host.available:
+        return [Finding("info", None, "this kernel has no KSM (CONFIG_KSM)", "nothing to do")]
+    wanting = [v for v in vms if v.decision == "merge" and v.mergeable_bytes > 0]
+    if wanting and not host.running:
+        findings.append(
+            Finding(
+                "warning",
+                None,
+                f"KSM is stopped while {len(wanting)} VM(s) may merge",
+                "start the daemon: ksmpolicy daemon (or systemctl start ksmpolicy)",
+            )
+        )
+    if daemon_pids(paths) and processes_named(paths, ["ksmtuned"]):
+        findings.append(
+            Finding(
+                "warning",
+                None,
+                "ksmtuned runs alongside the ksmpolicy daemon: they fight over the knobs",
+                "systemctl disable --now ksmtuned",
+            )
+        )
+    scans = host.full_scans or 0
+    for vm in vms:
+        if vm.kind != "qemu":
+            continue
+        if vm.decision == "exclude" and vm.compliant is False:
+            fix = (
+                f"ksmpolicy apply --proxmox --vmid {vm.vmid} (it follows at the next start)"
+                if vm.vmid
+                else f"ksmpolicy enforce --live --domain {vm.name}"
+            )
+            findings.append(
+                Finding(
+                    "warning", vm.name, "excluded by the policy but its memory is mergeable", fix
+                )
+            )
+        elif vm.decision == "merge" and vm.compliant is False:
+            findings.append(
+                Finding(
+                    "info",
+                    vm.name,
+                    "the policy lets it merge but its memory is not mergeable",
+                    f"ksmpolicy enforce --live --domain {vm.name}"
+                    if not vm.vmid
+                    else f"ksmpolicy apply --proxmox --vmid {vm.vmid}",
+                )
+            )
+        elif vm.decision == "never":
+            findings.append(
+                Finding(
+                    "info",
+                    vm.name,
+                    "the policy wants it merged, but hugepage/shared memory never merges",
+                    "exclude it in the policy, or drop hugepages if merging matters more",
+                )
+            )
+        if (
+            vm.decision == "merge"
+            and host.running
+            and scans >= USELESS_AFTER_FULL_SCANS
+            and vm.mergeable_bytes > 0
+            and vm.merged_bytes == 0
+            and vm.zero_bytes == 0
+        ):
+            findings.append(
+                Finding(
+                    "info",
+                    vm.name,
+                    f"merges nothing after {scans} full scans: it costs scan CPU for no gain",
+                    "exclude it in the policy (e.g. tag it and add a rule)",
+                )
+            )
+    return findings

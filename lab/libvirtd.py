@@ -1,0 +1,242 @@
+"""A real libvirtd with real QEMU guests (TCG), for the demo and the tests: started if none
+runs, stopped after.
+
+The guests boot Debian's kernel with a busybox initramfs (scripts/build-guest) whose image pages
+are the same in every guest; they say `ksmpolicy-guest: ready` on their serial console.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ksmpolicy.libvirt.install import install, uninstall
+from ksmpolicy.paths import HostPaths
+
+REPO = Path(__file__).resolve().parent.parent
+
+GUEST = REPO / ".cache/guest"
+HOOK_NAME = "ksmpolicy-test"
+PREFIX = "ksmpolicy-test-"
+NAMESPACE = "urn:ksmpolicy:vm:1"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def _pids(name: str) -> list[str]:
+    found = subprocess.run(["pidof", name], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+def _virsh_ok() -> bool:
+    return (
+        subprocess.run(
+            ["virsh", "-c", "qemu:///system", "version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+class Libvirtd:
+    """Connects to the system libvirtd, starting virtlogd and libvirtd (foreground children,
+    so their PIDs are known) when none runs; `stop` ends only what it started."""
+
+    def __init__(self, workdir: Path, *, own: bool = False) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.workdir = workdir
+        if own and (_virsh_ok() or _pids("libvirtd")):
+            raise RuntimeError(
+                f"a libvirtd is running (pid {' '.join(_pids('libvirtd')) or '?'}): the demo "
+                "starts a throwaway one of its own and would disturb it; stop it, or run the "
+                "demo on a test machine"
+            )
+        if not _virsh_ok():
+            for daemon in ("virtlogd", "libvirtd"):
+                if shutil.which(daemon) is None and not Path(f"/usr/sbin/{daemon}").exists():
+                    raise RuntimeError(f"{daemon} is not installed (make test installs it)")
+                log = (workdir / f"{daemon}.log").open("wb")
+                self.started.append(
+                    subprocess.Popen([f"/usr/sbin/{daemon}"], stdout=log, stderr=log)
+                )
+                time.sleep(0.5)
+            if not wait_for(_virsh_ok, 30):
+                self.stop()
+                raise RuntimeError("libvirtd did not come up: see its log in " + str(workdir))
+
+    def libvirtd_pid(self) -> int:
+        if self.started:
+            return self.started[-1].pid
+        return int(subprocess.check_output(["pidof", "-s", "libvirtd"]).split()[0])
+
+    def reload(self) -> None:
+        """SIGHUP: libvirtd reads its hooks again."""
+        os.kill(self.libvirtd_pid(), signal.SIGHUP)
+        time.sleep(1.0)
+        wait_for(_virsh_ok, 20)
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.started.clear()
+
+
+class Lab:
+    """Test guests, the test hook and the policy it reads."""
+
+    def __init__(
+        self, daemon: Libvirtd, workdir: Path, *, prefix: str = PREFIX, hook_name: str = HOOK_NAME
+    ) -> None:
+        import libvirt
+
+        libvirt.registerErrorHandler(lambda _ctx, _error: None, None)  # errors raise; no echo
+        self.libvirt = libvirt
+        self.daemon = daemon
+        self.workdir = workdir
+        self.prefix = prefix
+        self.hook_name = hook_name
+        self.policy = workdir / "policy.yaml"
+        self.conn = libvirt.open("qemu:///system")
+        self.defined: list[str] = []
+
+    # --- policy and hook
+
+    def write_policy(self, text: str) -> None:
+        temporary = self.policy.with_suffix(".tmp")
+        temporary.write_text(text)
+        temporary.chmod(0o644)
+        temporary.rename(self.policy)  # a new inode: the hook's cache sees the change
+
+    def install_hook(self, run_dir: Path | None = None, *, reload: bool = True) -> Path:
+        """The hook, with its notes and policy cache in `run_dir` (default: the lab's own)."""
+        path = install(
+            HostPaths(),
+            name=self.hook_name,
+            policy=str(self.policy),
+            run_dir=str(run_dir or self.workdir / "run"),
+            python=sys.executable,
+        )
+        if reload:
+            self.daemon.reload()
+        return path
+
+    def uninstall_hook(self, *, reload: bool = True) -> None:
+        uninstall(HostPaths(), name=self.hook_name)
+        if reload:
+            self.daemon.reload()
+
+    # --- guests
+
+    def console(self, name: str) -> Path:
+        return self.workdir / f"{name}.console"
+
+    def define(self, name: str, *, tags: tuple[str, ...] = (), nosharepages: bool = False) -> Any:
+        full = self.prefix + name
+        metadata = ""
+        if tags:
+            inner = "".join(f"<k:tag>{t}</k:tag>" for t in tags)
+            metadata = (
+                f"  <metadata>\n    <k:vm xmlns:k='{NAMESPACE}'>{inner}</k:vm>\n  </metadata>\n"
+            )
+        backing = (
+            "  <memoryBacking>\n    <nosharepages/>\n  </memoryBacking>\n" if nosharepages else ""
+        )
+        xml = (
+            f"<domain type='qemu'>\n  <name>{full}</name>\n{metadata}"
+            f"  <memory unit='MiB'>256</memory>\n{backing}  <vcpu>1</vcpu>\n"
+            "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n"
+            f"    <kernel>{GUEST / 'vmlinuz'}</kernel>\n"
+            f"    <initrd>{GUEST / 'initrd.img'}</initrd>\n"
+            "    <cmdline>console=ttyS0 quiet</cmdline>\n  </os>\n"
+            "  <devices>\n"
+            f"    <serial type='file'><source path='{self.console(full)}'/></serial>\n"
+            "    <memballoon model='none'/>\n"
+            "  </devices>\n</domain>\n"
+        )
+        domain = self.conn.defineXML(xml)
+        if full not in self.defined:
+            self.defined.append(full)
+        return domain
+
+    def domain(self, name: str) -> Any:
+        return self.conn.lookupByName(self.prefix + name)
+
+    def start(self, name: str) -> Any:
+        domain = self.domain(name)
+        console = self.console(self.prefix + name)
+        if console.exists():
+            console.unlink()
+        domain.create()
+        return domain
+
+    def wait_ready(self, name: str, timeout: float = 120) -> None:
+        console = self.console(self.prefix + name)
+        ok = wait_for(
+            lambda: console.exists() and b"ksmpolicy-guest: ready" in console.read_bytes(),
+            timeout,
+            step=0.5,
+        )
+        if not ok:
+            raise AssertionError(f"guest {name} did not get ready in {timeout} s")
+
+    def pid(self, name: str) -> int:
+        return int(Path(f"/run/libvirt/qemu/{self.prefix}{name}.pid").read_text())
+
+    def cmdline(self, name: str) -> str:
+        return Path(f"/proc/{self.pid(name)}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+    def ksm_stat(self, name: str) -> dict[str, str]:
+        text = Path(f"/proc/{self.pid(name)}/ksm_stat").read_text()
+        return dict(line.replace(":", "").split(None, 1) for line in text.splitlines())
+
+    def merging(self, name: str) -> int:
+        return int(self.ksm_stat(name)["ksm_merging_pages"])
+
+    def stop(self, name: str) -> None:
+        domain = self.domain(name)
+        if domain.isActive():
+            domain.destroy()
+
+    def cleanup(self) -> None:
+        for full in self.defined:
+            try:
+                domain = self.conn.lookupByName(full)
+            except self.libvirt.libvirtError:
+                continue
+            if domain.isActive():
+                domain.destroy()
+            domain.undefine()
+        self.conn.close()
+
+
+def lab_session(workdir: Path) -> Iterator[Lab]:
+    daemon = Libvirtd(workdir)
+    lab = None
+    try:
+        lab = Lab(daemon, workdir)
+        yield lab
+    finally:
+        if lab is not None:
+            lab.cleanup()
+            if (HostPaths().libvirt_hooks / "qemu.d" / lab.hook_name).exists():
+                lab.uninstall_hook()
+        daemon.stop()

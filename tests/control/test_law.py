@@ -1,0 +1,287 @@
+"""The control law, pure: scenarios step by step, and properties over random observations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ksmpolicy.control.law import (
+    DEFAULT_COST_PER_PAGE,
+    History,
+    LawSettings,
+    Observation,
+    Plan,
+    plan,
+    planned_cpu_fraction,
+    promised_merge_seconds,
+)
+from ksmpolicy.policy.model import ReconcilerSettings
+
+GIB = 2**30
+LAW = LawSettings(target_scan_seconds=120, max_ksmd_cpu_percent=20)
+CALM_MEMORY = {"mem_total": 24 * GIB, "mem_available": 20 * GIB}
+
+
+def obs(t: float, footprint: int, full_scans: int = 0, saved: int = 0, **kw: object) -> Observation:
+    values: dict[str, object] = {**CALM_MEMORY, **kw}
+    return Observation(
+        time=t,
+        footprint_pages=footprint,
+        full_scans=full_scans,
+        saved_pages=saved,
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def knobs(p: Plan) -> dict[str, int | str]:
+    return dict(p.knobs)
+
+
+def test_nothing_mergeable_stops_ksmd() -> None:
+    p = plan(obs(0, 0), LAW, History())
+    assert p.knobs == (("run", 0),)
+    assert p.mode == "stopped"
+
+
+def test_new_memory_sprints_at_the_budget_then_calms() -> None:
+    footprint = 524_288  # 2 GiB
+    first = plan(obs(0, footprint, full_scans=10), LAW, History())
+    assert first.mode == "sprint"
+    assert knobs(first)["run"] == 1
+    assert abs(planned_cpu_fraction(first) - 0.20) < 0.01
+    # Two full scans later it still sprints: the rest of the round plus two scans of new memory.
+    second = plan(obs(5, footprint, full_scans=12, saved=100_000), LAW, first.history)
+    assert second.mode == "sprint"
+    third = plan(obs(10, footprint, full_scans=13, saved=300_000), LAW, second.history)
+    assert third.mode == "calm"
+    assert abs(third.pages_per_second - footprint / 120) / (footprint / 120) < 0.05
+    assert "one full scan per 120 s" in third.reason
+
+
+def test_hook_note_sprints_even_before_memory_is_resident() -> None:
+    calm = plan(obs(0, 10_000, full_scans=5), LAW, History())
+    calm = plan(obs(10, 10_000, full_scans=9, saved=5000), LAW, calm.history)
+    assert calm.mode == "calm"
+    noted = plan(obs(11, 10_000, full_scans=9, saved=5000, notes=1), LAW, calm.history)
+    assert noted.mode == "sprint"
+    assert noted.history.sprint_until_full_scans == 12
+
+
+def test_unproductive_full_scans_slow_down_to_an_eighth() -> None:
+    p = plan(obs(0, 100_000, full_scans=0), LAW, History())
+    p = plan(obs(1, 100_000, full_scans=3, saved=50_000), LAW, p.history)  # sprint over
+    calm_rate = 100_000 / 120
+    rates = []
+    for scan in range(4, 10):
+        p = plan(obs(scan * 120, 100_000, full_scans=scan, saved=50_000), LAW, p.history)
+        rates.append(p.pages_per_second)
+    assert p.mode == "slow"
+    assert abs(rates[0] - calm_rate / 2) / calm_rate < 0.05
+    assert abs(rates[-1] - calm_rate / 8) / calm_rate < 0.05
+    # A scan that adds sharing resets the slowdown.
+    p = plan(obs(2000, 100_000, full_scans=11, saved=60_000), LAW, p.history)
+    assert p.mode == "calm"
+
+
+def test_memory_pressure_raises_the_pace_in_proportion() -> None:
+    base = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    base = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, base.history)
+    history = base.history
+    calm = plan(obs(2, 100_000, full_scans=7, saved=5000), LAW, history)
+    tenth = int(24 * GIB * 0.10)
+    half = plan(obs(2, 100_000, full_scans=7, saved=5000, mem_available=tenth), LAW, history)
+    none = plan(obs(2, 100_000, full_scans=7, saved=5000, mem_available=0), LAW, history)
+    assert calm.mode == "calm"
+    assert half.mode == "pressure"
+    assert calm.pages_per_second < half.pages_per_second < none.pages_per_second
+    assert abs(planned_cpu_fraction(none) - 0.20) < 0.01
+
+
+def test_a_sprint_follows_the_newest_measured_cost() -> None:
+    p = plan(obs(0, 524_288, ksmd_cpu_seconds=10.0, pages_scanned=0), LAW, History())
+    assert p.mode == "sprint"
+    assert p.history.cost_per_page == DEFAULT_COST_PER_PAGE
+    # 0.05 CPU-seconds for 50,000 pages in half a second: cheap first-pass checksums.
+    p = plan(obs(0.5, 524_288, ksmd_cpu_seconds=10.05, pages_scanned=50_000), LAW, p.history)
+    assert p.mode == "sprint"
+    assert p.history.cpu_percent == pytest.approx(10.0)
+    assert p.history.cost_per_page == pytest.approx(1e-6)
+    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+    # Then merging: 0.2 CPU-seconds for 20,000 pages. The next plan slows down at once.
+    fast = p.pages_per_second
+    p = plan(obs(1.0, 524_288, ksmd_cpu_seconds=10.25, pages_scanned=70_000), LAW, p.history)
+    assert p.history.cost_per_page == pytest.approx(1e-5)
+    assert p.pages_per_second < fast / 5
+    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+
+
+def test_a_calm_pace_averages_the_measured_cost() -> None:
+    calm = replace(
+        History(),
+        time=0.0,
+        ksmd_cpu_seconds=10.0,
+        pages_scanned=0,
+        footprint_pages=524_288,
+        last_full_scans=3,
+    )
+    # 1 CPU-second for 1,000,000 pages over 10 s, no growth: calm, the cost is averaged.
+    p = plan(obs(10, 524_288, 3, ksmd_cpu_seconds=11.0, pages_scanned=1_000_000), LAW, calm)
+    assert p.mode == "calm"
+    assert p.history.cpu_percent == 10.0
+    assert p.history.cost_per_page == (DEFAULT_COST_PER_PAGE + 1e-6) / 2
+
+
+def test_after_nothing_mergeable_a_sprint_still_waits_for_the_round() -> None:
+    # ksmd keeps exited processes' slots until it scans them: a round may be under way.
+    idle = plan(obs(0, 0, full_scans=5), LAW, History())
+    assert idle.mode == "stopped"
+    p = plan(obs(1, 524_288, full_scans=5), LAW, idle.history)
+    assert p.mode == "sprint"
+    assert p.history.sprint_until_full_scans == 8
+
+
+def test_advisor_gets_pacing_and_pages_to_scan_is_never_written() -> None:
+    law = replace(LAW, kernel_advisor=True)
+    p = plan(obs(0, 100_000, has_advisor=True), law, History())
+    assert p.mode == "advisor"
+    assert knobs(p) == {
+        "advisor_target_scan_time": 120,
+        "advisor_max_cpu": 20,
+        "advisor_mode": "scan-time",
+        "run": 1,
+    }
+
+
+def test_crippled_advisor_hands_pacing_back() -> None:
+    law = replace(LAW, kernel_advisor=True)
+    p = plan(obs(0, 100_000, full_scans=4, has_advisor=True), law, History())
+    p = plan(obs(100, 100_000, full_scans=4, has_advisor=True, advisor_on=True), law, p.history)
+    assert p.mode == "advisor"
+    p = plan(obs(400, 100_000, full_scans=4, has_advisor=True, advisor_on=True), law, p.history)
+    assert p.mode != "advisor"
+    assert p.knobs[0] == ("advisor_mode", "none")  # before pages_to_scan, which it needs off
+    assert "pages_to_scan" in knobs(p)
+    assert p.reason.startswith("kernel advisor made no progress")
+
+
+def test_advisor_missing_from_kernel_falls_back_to_own_law() -> None:
+    p = plan(obs(0, 100_000), replace(LAW, kernel_advisor=True), History())
+    assert p.mode == "sprint"
+
+
+def test_law_settings_from_policy() -> None:
+    law = LawSettings.from_policy(ReconcilerSettings(5, 60, 12.5, 30, True))
+    assert (law.target_scan_seconds, law.max_ksmd_cpu_percent) == (60, 12.5)
+    assert (law.memory_pressure_percent, law.kernel_advisor) == (30, True)
+
+
+def test_promise_for_the_design_workload() -> None:
+    # 4 x 512 MiB at a 20 % budget with the pessimistic cost: 3 scans of 2 GiB in 52 s.
+    assert round(promised_merge_seconds(524_288, LAW)) == 52
+
+
+# --- properties ------------------------------------------------------------------------------
+
+observations = st.builds(
+    Observation,
+    time=st.floats(0, 1e6),
+    footprint_pages=st.integers(0, 50_000_000),
+    full_scans=st.integers(0, 10_000),
+    saved_pages=st.integers(0, 10_000_000),
+    mem_total=st.integers(GIB, 1024 * GIB),
+    mem_available=st.integers(0, GIB),
+    ksmd_cpu_seconds=st.none() | st.floats(0, 1e6),
+    pages_scanned=st.none() | st.integers(0, 10**12),
+    notes=st.integers(0, 3),
+    has_advisor=st.booleans(),
+    advisor_on=st.booleans(),
+)
+laws = st.builds(
+    LawSettings,
+    target_scan_seconds=st.floats(1, 86400),
+    max_ksmd_cpu_percent=st.floats(0.1, 100),
+    memory_pressure_percent=st.floats(0, 100),
+    kernel_advisor=st.booleans(),
+)
+histories = st.builds(
+    History,
+    time=st.none() | st.floats(0, 1e6),
+    ksmd_cpu_seconds=st.none() | st.floats(0, 1e6),
+    pages_scanned=st.none() | st.integers(0, 10**12),
+    planned_rate=st.floats(0, 1e7),
+    footprint_pages=st.integers(0, 50_000_000),
+    sprint_until_full_scans=st.none() | st.integers(0, 10_000),
+    last_full_scans=st.none() | st.integers(0, 10_000),
+    unproductive_scans=st.integers(0, 20),
+    cost_per_page=st.floats(1 / 5_000_000, 1 / 20_000),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(observations, laws, histories)
+def test_outputs_stay_inside_their_bounds(o: Observation, law: LawSettings, h: History) -> None:
+    p = plan(o, law, h)
+    k = knobs(p)
+    assert k.get("run") in (0, 1)  # never 2
+    assert set(k) <= {
+        "run",
+        "pages_to_scan",
+        "sleep_millisecs",
+        "advisor_mode",
+        "advisor_target_scan_time",
+        "advisor_max_cpu",
+    }
+    if "pages_to_scan" in k:
+        assert law.min_pages_to_scan <= int(k["pages_to_scan"]) <= law.max_pages_to_scan
+        assert law.sleep_millisecs <= int(k["sleep_millisecs"]) <= law.max_sleep_millisecs
+        assert planned_cpu_fraction(p) <= min(law.max_ksmd_cpu_percent, 95) / 100 + 1e-9 or (
+            int(k["pages_to_scan"]) == law.min_pages_to_scan
+        )
+    if o.footprint_pages == 0:
+        assert p.knobs == (("run", 0),)
+
+
+@settings(max_examples=500, deadline=None)
+@given(observations, laws, histories)
+def test_pages_to_scan_never_written_while_the_advisor_stays_on(
+    o: Observation, law: LawSettings, h: History
+) -> None:
+    p = plan(o, law, h)
+    names = [name for name, _ in p.knobs]
+    if "pages_to_scan" in names:
+        # Either the advisor is off already, or this plan turns it off first.
+        assert not o.advisor_on or names.index("advisor_mode") < names.index("pages_to_scan")
+        assert dict(p.knobs).get("advisor_mode", "none") == "none"
+
+
+@settings(max_examples=500, deadline=None)
+@given(observations, laws, histories, st.integers(0, 2**40), st.integers(0, 2**40))
+def test_more_pressure_never_lowers_the_pace(
+    o: Observation, law: LawSettings, h: History, a: int, b: int
+) -> None:
+    more, less = sorted((a % (o.mem_total + 1), b % (o.mem_total + 1)))
+    tight = plan(replace(o, mem_available=more), law, h)
+    loose = plan(replace(o, mem_available=less), law, h)
+    # `more` is the smaller MemAvailable: more pressure.
+    assert tight.pages_per_second >= loose.pages_per_second - 1e-6 or tight.mode == "advisor"
+
+
+@settings(max_examples=300, deadline=None)
+@given(observations, laws, histories)
+def test_deterministic(o: Observation, law: LawSettings, h: History) -> None:
+    assert plan(o, law, h) == plan(o, law, h)
+
+
+def test_small_changes_in_the_same_mode_keep_the_knobs() -> None:
+    p = plan(obs(0, 2_000_000, full_scans=0), LAW, History())
+    p = plan(obs(1, 2_000_000, full_scans=3, saved=500_000), LAW, p.history)
+    assert p.mode == "calm"
+    first = int(knobs(p)["pages_to_scan"])
+    p = plan(obs(2, 2_020_000, full_scans=4, saved=600_000), LAW, p.history)  # +1 %
+    assert (p.mode, knobs(p)["pages_to_scan"]) == ("calm", first)
+    p = plan(obs(3, 1_600_000, full_scans=5, saved=700_000), LAW, p.history)  # -20 %
+    assert p.mode == "calm"
+    assert int(knobs(p)["pages_to_scan"]) < first

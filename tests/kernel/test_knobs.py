@@ -1,0 +1,82 @@
+"""KsmKnobs on a fake sysfs tree: allow-list, no run=2, skip unchanged, restore in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ksmpolicy.errors import HostError
+from ksmpolicy.kernel.ksm import KsmKnobs
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
+from ksmpolicy.paths import HostPaths
+
+
+def fake_ksm(root: Path, **values: str) -> Path:
+    ksm = root / "sys/kernel/mm/ksm"
+    ksm.mkdir(parents=True)
+    defaults = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20"}
+    for name, value in {**defaults, **values}.items():
+        (ksm / name).write_text(value + "\n")
+    return ksm
+
+
+def test_writes_only_changes_and_remembers_originals(tmp_path: Path) -> None:
+    ksm = fake_ksm(tmp_path)
+    knobs = KsmKnobs(HostPaths(tmp_path))
+    assert knobs.apply([("pages_to_scan", 100), ("sleep_millisecs", 10), ("run", 1)]) == [
+        "sleep_millisecs",
+        "run",
+    ]
+    assert (ksm / "sleep_millisecs").read_text() == "10\n"
+    assert knobs.apply([("sleep_millisecs", 10), ("run", 1)]) == []
+    assert knobs.original == {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 0}
+
+
+def test_refuses_run_2_and_unknown_knobs(tmp_path: Path) -> None:
+    ksm = fake_ksm(tmp_path)
+    knobs = KsmKnobs(HostPaths(tmp_path))
+    with pytest.raises(HostError, match=r"refusing to write run=2: ksmpolicy only writes 0 or 1"):
+        knobs.write("run", 2)
+    with pytest.raises(HostError, match="refusing to write merge_across_nodes"):
+        knobs.write("merge_across_nodes", 0)
+    assert (ksm / "run").read_text() == "0\n"
+
+
+def test_missing_knob_is_a_clear_error(tmp_path: Path) -> None:
+    fake_ksm(tmp_path)
+    with pytest.raises(HostError, match=r"cannot read .*/advisor_mode: No such file"):
+        KsmKnobs(HostPaths(tmp_path)).write("advisor_mode", "none")
+
+
+def test_restore_stops_first_when_found_stopped(tmp_path: Path) -> None:
+    ksm = fake_ksm(tmp_path, run="2")
+    knobs = KsmKnobs(HostPaths(tmp_path))
+    knobs.apply([("pages_to_scan", 5000), ("run", 1)])
+    knobs.restore()
+    assert (ksm / "run").read_text() == "0\n"  # 2 is restored as 0, never written
+    assert (ksm / "pages_to_scan").read_text() == "100\n"
+
+
+def test_restore_with_advisor_found_on(tmp_path: Path) -> None:
+    ksm = fake_ksm(tmp_path, run="1", advisor_mode="none [scan-time]")
+    knobs = KsmKnobs(HostPaths(tmp_path))
+    knobs.apply([("advisor_mode", "none"), ("pages_to_scan", 5000)])
+    (ksm / "advisor_mode").write_text("[none] scan-time\n")
+    knobs.restore()
+    # pages_to_scan is the advisor's to set; it is not written back.
+    assert (ksm / "pages_to_scan").read_text() == "5000\n"
+    assert (ksm / "advisor_mode").read_text() == "scan-time\n"
+
+
+def test_ksmd_cpu_from_stat(tmp_path: Path) -> None:
+    for pid, comm, utime, stime in ((7, "ksmd", 250, 50), (8, "ksmtuned", 1, 1)):
+        d = tmp_path / "proc" / str(pid)
+        d.mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        fields = ["S", "2"] + ["0"] * 9 + [str(utime), str(stime)] + ["0"] * 30
+        (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+    paths = HostPaths(tmp_path)
+    assert ksmd_pid(paths) == 7
+    assert process_cpu_seconds(paths, 7) == 3.0  # 300 ticks at 100 Hz
+    assert processes_named(paths, ["ksmtuned"]) == [8]

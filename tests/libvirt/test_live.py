@@ -1,0 +1,267 @@
+"""The libvirt side end to end: a real libvirtd, real QEMU guests (TCG), real ksmd.
+
+Needs root (CI runs as root). The module starts libvirtd if none runs and stops it after,
+installs its own hook (qemu.d/ksmpolicy-test) and removes it, and undefines its guests.
+The tests run in order and share the guests: booting one takes ~15 s under TCG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ksmpolicy.libvirt.domain import domain_facts
+from ksmpolicy.libvirt.host import live_merge
+from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, wait_for
+from tests.conftest import IS_ROOT, RealKsm
+
+pytestmark = [pytest.mark.root, pytest.mark.kernel]
+KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
+
+POLICY = """\
+version: 1
+enforcement: {mode}
+live: true
+rules:
+  - name: databases
+    match: {{tags: [database]}}
+    action: exclude
+{extra}"""
+
+
+def policy(mode: str = "block", extra: str = "") -> str:
+    return POLICY.format(mode=mode, extra=extra)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if not IS_ROOT:
+        pytest.skip("needs root to run libvirtd and QEMU (CI runs as root)")
+    if not (GUEST / "initrd.img").exists():
+        pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
+    pytest.importorskip("libvirt")
+    workdir = tmp_path_factory.mktemp("libvirt")
+    workdir.chmod(0o755)
+    yield from lab_session(workdir)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KSMPOLICY, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@contextlib.contextmanager
+def syslog_sink() -> Iterator[socket.socket | None]:
+    """Receive what is sent to syslog, when no syslog daemon owns /dev/log (as in CI)."""
+    if os.path.exists("/dev/log"):  # noqa: PTH110 - a real syslog: leave it alone
+        yield None
+        return
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind("/dev/log")
+    sink.settimeout(5)
+    try:
+        yield sink
+    finally:
+        sink.close()
+        os.unlink("/dev/log")  # noqa: PTH108
+
+
+def test_block_refuses_to_start_a_database_without_nosharepages(lab: Lab) -> None:
+    lab.write_policy(policy("block"))
+    lab.define("db", tags=("database",))
+    lab.install_hook()
+    with pytest.raises(lab.libvirt.libvirtError) as info:
+        lab.start("db")
+    message = str(info.value)
+    assert f"ksmpolicy: \"{PREFIX}db\" must not share memory (rule 'databases')" in message
+    assert f'Fix: ksmpolicy apply --domain "{PREFIX}db"' in message
+    assert not lab.domain("db").isActive()
+
+
+def test_warn_starts_it_and_logs_the_warning(lab: Lab) -> None:
+    lab.write_policy(policy("warn"))
+    with syslog_sink() as sink:
+        lab.start("db")
+        if sink is not None:
+            logged = sink.recv(4096).decode()
+            assert "ksmpolicy-hook" in logged
+            assert f'"{PREFIX}db" must not share memory' in logged
+    assert lab.domain("db").isActive()
+    assert "mem-merge=off" not in lab.cmdline("db")
+    lab.stop("db")
+
+
+def test_apply_makes_qemu_run_with_mem_merge_off(lab: Lab, tmp_path: Path) -> None:
+    lab.write_policy(policy("block"))
+    result = cli(
+        "-p",
+        str(lab.policy),
+        "apply",
+        "-c",
+        "qemu:///system",
+        "-d",
+        f"{PREFIX}db",
+        "--root",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{PREFIX}db: changed" in result.stdout
+    lab.start("db")  # block mode: the hook now lets it start
+    assert "mem-merge=off" in lab.cmdline("db")
+    assert lab.ksm_stat("db")["ksm_mergeable"] == "no"
+    assert len(list((tmp_path / "var/lib/ksmpolicy/backups").iterdir())) == 1
+
+
+def test_identical_guests_merge_and_the_excluded_one_does_not(lab: Lab, real_ksm: RealKsm) -> None:
+    lab.define("web-1")
+    lab.define("web-2")
+    lab.start("web-1")
+    lab.start("web-2")
+    lab.wait_ready("web-1")
+    lab.wait_ready("web-2")
+    lab.wait_ready("db")
+    real_ksm.write("pages_to_scan", 5000)
+    real_ksm.write("sleep_millisecs", 10)
+    real_ksm.write("run", 1)
+    image_pages = 48 * 256  # the initramfs image, the same in both guests
+    merged = wait_for(
+        lambda: (
+            lab.merging("web-1") > image_pages * 0.8 and lab.merging("web-2") > image_pages * 0.8
+        ),
+        90,
+        step=1,
+    )
+    assert merged, (lab.merging("web-1"), lab.merging("web-2"))
+    assert lab.merging("db") == 0
+    assert lab.ksm_stat("db")["ksm_mergeable"] == "no"
+
+
+def test_live_toggle_unmerges_a_running_guest_and_merges_it_again(
+    lab: Lab, real_ksm: RealKsm, tmp_path: Path
+) -> None:
+    real_ksm.write("pages_to_scan", 5000)
+    real_ksm.write("sleep_millisecs", 10)
+    real_ksm.write("run", 1)
+    assert wait_for(lambda: lab.merging("web-1") > 48 * 256 * 0.8, 60, step=1)
+    before = lab.merging("web-1")
+    lab.write_policy(
+        policy("warn", "  - name: web-1 off\n    match: {names: ['*web-1']}\n    action: exclude\n")
+    )
+    result = cli(
+        "-p",
+        str(lab.policy),
+        "enforce",
+        "--live",
+        "-c",
+        "qemu:///system",
+        "-d",
+        f"{PREFIX}web-1",
+        "--root",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{PREFIX}web-1: running toggled (merge off) /objects/pc.ram" in result.stdout
+    # Guest RAM is unmerged; QEMU's small ROM regions (BIOS, option ROMs) stay mergeable.
+    assert wait_for(lambda: lab.merging("web-1") < before * 0.02, 30), lab.merging("web-1")
+    lab.write_policy(policy("warn"))
+    result = cli(
+        "-p",
+        str(lab.policy),
+        "enforce",
+        "--live",
+        "-c",
+        "qemu:///system",
+        "-d",
+        f"{PREFIX}web-1",
+        "--root",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "running toggled (merge on)" in result.stdout
+    assert wait_for(lambda: lab.merging("web-1") > before * 0.8, 60, step=1), lab.merging("web-1")
+
+
+def test_restore_follows_the_policy_of_the_moment(lab: Lab, tmp_path: Path) -> None:
+    lab.write_policy(policy("warn"))
+    domain = lab.domain("web-2")
+    assert "mem-merge=off" not in lab.cmdline("web-2")
+    image = tmp_path / "web-2.save"
+    domain.save(str(image))
+    lab.write_policy(
+        policy(
+            "warn",
+            "  - name: web-2 now excluded\n    match: {names: ['*web-2']}\n    action: exclude\n",
+        )
+    )
+    lab.conn.restore(str(image))
+    assert "mem-merge=off" in lab.cmdline("web-2")
+    assert lab.ksm_stat("web-2")["ksm_mergeable"] == "no"
+    live = domain_facts(lab.domain("web-2").XMLDesc(0))
+    assert live.nosharepages
+
+
+def test_daemon_rewrites_new_definitions_and_switches_started_guests(
+    lab: Lab, real_ksm: RealKsm, tmp_path: Path
+) -> None:
+    """The daemon's libvirt watcher; skipped where other domains exist (it would touch them)."""
+    others = [d.name() for d in lab.conn.listAllDomains() if not d.name().startswith(PREFIX)]
+    if others:
+        pytest.skip(f"this host has other domains ({', '.join(others)}): the daemon acts on all")
+    late = "  - name: late\n    match: {names: ['*late*']}\n    action: exclude\n"
+    lab.write_policy(policy("warn", late))
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log:
+        daemon = real_ksm.track(
+            subprocess.Popen(
+                [
+                    KSMPOLICY,
+                    "-p",
+                    str(lab.policy),
+                    "daemon",
+                    "-c",
+                    "qemu:///system",
+                    "--restore-on-exit",
+                    "--run-dir",
+                    str(tmp_path / "run"),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                ],
+                stderr=log,
+                text=True,
+            )
+        )
+    assert wait_for(lambda: "watching libvirt events" in log_path.read_text(), 30), (
+        log_path.read_text()
+    )
+    # DEFINED: a new definition the policy excludes is rewritten at once.
+    lab.define("late-1")
+    assert wait_for(lambda: domain_facts(lab.domain("late-1").XMLDesc(2)).nosharepages, 15), (
+        log_path.read_text()
+    )
+    assert f"{PREFIX}late-1: definition rewritten for the policy" in log_path.read_text()
+    # STARTED: with enforcement off nothing rewrites definitions, but `live` still switches
+    # a started guest that the policy excludes.
+    lab.write_policy(policy("off", late))
+    daemon.send_signal(1)  # SIGHUP: reload
+    assert wait_for(lambda: "reloaded policy" in log_path.read_text(), 15)
+    lab.define("late-2")
+    time.sleep(1)
+    assert not domain_facts(lab.domain("late-2").XMLDesc(2)).nosharepages
+    lab.start("late-2")
+    assert "mem-merge=off" not in lab.cmdline("late-2")
+    switched_off = {"/objects/pc.ram": False}
+    assert wait_for(lambda: live_merge(lab.domain("late-2")) == switched_off, 20), (
+        log_path.read_text()
+    )
+    assert f"{PREFIX}late-2: merging switched off live" in log_path.read_text()
+    real_ksm.stop(daemon)
+    lab.stop("late-2")

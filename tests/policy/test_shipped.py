@@ -1,0 +1,44 @@
+"""Every shipped policy passes `ksmpolicy check`; the demo's sample VMs load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ksmpolicy.cli.main import main
+from ksmpolicy.policy.decide import Decider
+from ksmpolicy.policy.factsfile import load_facts
+from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.model import Action
+from tests.conftest import REPO
+
+POLICIES = sorted((REPO / "policies").glob("*.yaml"))
+
+
+def test_there_are_shipped_policies() -> None:
+    assert {p.name for p in POLICIES} >= {
+        "default.yaml",
+        "homelab.yaml",
+        "vps-multitenant.yaml",
+        "proxmox-cluster.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)
+def test_shipped_policy_passes_check(path: Path) -> None:
+    assert main(["check", str(path)]) == 0
+
+
+def test_default_policy_excludes_databases_and_latency_sensitive() -> None:
+    decider = Decider(load_policy(REPO / "policies/default.yaml"))
+    facts = {vm.name: vm for vm in load_facts(str(REPO / "demo/vms.yaml"))}
+    assert decider.decide(facts["pg-primary"]).action is Action.EXCLUDE
+    assert decider.decide(facts["web-1"]).merge is True
+    assert decider.decide(facts["hugepage-dpdk"]).merge is False
+
+
+def test_vps_policy_treats_unknown_vms_as_tenants() -> None:
+    decider = Decider(load_policy(REPO / "policies/vps-multitenant.yaml"))
+    facts = {vm.name: vm for vm in load_facts(str(REPO / "demo/vms.yaml"))}
+    assert not any(decider.decide(vm).merge for vm in facts.values())

@@ -1,0 +1,422 @@
+"""The Proxmox side on a fake node: a temporary root with /etc/pve, the installed hookscript run
+as a process, and `qm set` played by a small stand-in (tests/proxmox/qm_standin.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ksmpolicy.cli.main import cli
+from ksmpolicy.control.notify import Listener
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.paths import HostPaths
+from tests.conftest import REPO
+
+DATA = REPO / "tests/data/proxmox"
+POLICY = """\
+version: 1
+enforcement: {mode}
+rules:
+  - name: databases
+    match: {{tags: [database]}}
+    action: exclude
+proxmox: {{qemu_server_version: "{version}"}}
+"""
+
+
+class Node:
+    """A fake Proxmox node under a temporary root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "etc/pve/qemu-server").mkdir(parents=True)
+        (root / "var/lib/vz/snippets").mkdir(parents=True)
+        (root / "etc/pve/storage.cfg").write_text(
+            "dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup,snippets\n\n"
+            "lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n"
+        )
+        self.qm = root / "qm"
+        self.qm.write_text(
+            f'#!/bin/sh\nexec {sys.executable} {REPO / "tests/proxmox/qm_standin.py"} {root} "$@"\n'
+        )
+        self.qm.chmod(0o755)
+        self.policy = root / "policy.yaml"
+        self.set_policy()
+
+    def set_policy(self, mode: str = "block", version: str = "9.2.6") -> None:
+        temporary = self.root / "policy.tmp"
+        temporary.write_text(POLICY.format(mode=mode, version=version))
+        temporary.chmod(0o644)
+        temporary.rename(self.policy)
+
+    def add(self, vmid: str, source: str, **replace: str) -> Path:
+        text = (DATA / source).read_text()
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        path = self.root / "etc/pve/qemu-server" / f"{vmid}.conf"
+        path.write_text(text)
+        return path
+
+    def config(self, vmid: str) -> str:
+        return (self.root / "etc/pve/qemu-server" / f"{vmid}.conf").read_text()
+
+    def qm_log(self) -> list[str]:
+        log = self.root / "qm.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def cli(self, *args: str) -> tuple[int, str, str]:
+        """The command line in-process; errors as main() reports them (exit 1, one line)."""
+        result = CliRunner().invoke(cli, ["-p", str(self.policy), *args])
+        if isinstance(result.exception, KsmPolicyError):
+            return 1, result.stdout, f"ksmpolicy: error: {result.exception}\n"
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result.exit_code, result.stdout, result.stderr
+
+    def install(self) -> Path:
+        code, _out, err = self.cli(
+            "proxmox",
+            "install",
+            "--root",
+            str(self.root),
+            "--qm",
+            str(self.qm),
+            "--hook-policy",
+            str(self.policy),
+        )
+        assert code == 0, err
+        return self.root / "var/lib/vz/snippets/ksmpolicy-hook"
+
+    def hook(self, vmid: str, phase: str) -> subprocess.CompletedProcess[str]:
+        script = self.root / "var/lib/vz/snippets/ksmpolicy-hook"
+        return subprocess.run(
+            [str(script), vmid, phase], capture_output=True, text=True, timeout=30, check=False
+        )
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    root = tmp_path / "node"
+    root.mkdir()
+    root.chmod(0o755)
+    return Node(root)
+
+
+# --- apply and rewrite -------------------------------------------------------------------------
+
+
+def test_apply_dry_run_diffs_then_qm_sets(node: Node) -> None:
+    node.add("102", "pve-102-allow-ksm-off.conf", **{"tags: database": "tags: web"})
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    node.add("9000", "pve-9000-template.conf")
+    code, out, _ = node.cli(
+        "apply", "--proxmox", "--dry-run", "--root", str(node.root), "--qm", str(node.qm)
+    )
+    assert code == 0
+    assert "--- 102.conf\n+++ 102.conf (policy)\n" in out
+    assert "-allow-ksm: 0\n" in out
+    assert "+allow-ksm: 0\n" in out
+    assert "3 VMs: 0 changed, 2 would change, 0 failed" in out
+    assert node.qm_log() == []
+    code, out, _ = node.cli("apply", "--proxmox", "--root", str(node.root), "--qm", str(node.qm))
+    assert code == 0, out
+    assert node.qm_log() == ["set 102 --delete allow-ksm", "set 110 --allow-ksm 0"]
+    assert "allow-ksm" not in node.config("102")
+    assert "allow-ksm: 0\n" in node.config("110")
+    code, out, _ = node.cli("apply", "--proxmox", "--root", str(node.root), "--qm", str(node.qm))
+    assert "3 VMs: 0 changed, 0 would change, 0 failed" in out  # idempotent
+    assert len(node.qm_log()) == 2
+
+
+def test_apply_for_old_qemu_server_uses_args(node: Node) -> None:
+    node.set_policy(version="8.4.1")
+    node.add("110", "pve-104-odd-args.conf", **{"name: odd": "name: odd\ntags: database"})
+    node.add("111", "pve-103-old-args.conf")  # may merge now: the pair goes
+    code, out, err = node.cli("apply", "--proxmox", "--root", str(node.root), "--qm", str(node.qm))
+    assert code == 0, err
+    assert node.qm_log() == ["set 111 --args -cpu host,+invtsc"]
+    assert "args: -cpu host,+invtsc\n" in node.config("111")
+    assert "110 (odd): unchanged" in out  # its args already carry the pair
+
+
+def test_a_failing_qm_does_not_stop_the_others(node: Node) -> None:
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: a\ntags: database"})
+    node.add("111", "qs-simple1.conf", **{"name: simple": "name: b\ntags: database"})
+    failing = node.root / "qm-fail"
+    failing.write_text(
+        "#!/bin/sh\n[ \"$2\" = 110 ] && { echo 'VM 110 is locked (backup)' >&2; exit 2; }\n"
+        f'exec {node.qm} "$@"\n'
+    )
+    failing.chmod(0o755)
+    code, out, err = node.cli("apply", "--proxmox", "--root", str(node.root), "--qm", str(failing))
+    assert code == 1
+    assert "110 (a): failed: qm set 110 --allow-ksm 0 failed: VM 110 is locked (backup)" in err
+    assert "111 (b): changed" in out
+    assert "2 VMs: 1 changed, 0 would change, 1 failed (110)" in out
+
+
+def test_rewrite_and_explain_from_files(node: Node) -> None:
+    conf = DATA / "pve-101-linked-clone.conf"
+    code, out, err = node.cli("proxmox", "rewrite", str(conf))
+    assert code == 0
+    assert out == conf.read_text()  # web: may merge, nothing to change
+    assert "a pending change would make the decision exclude" in err
+    code, out, _ = node.cli(
+        "proxmox",
+        "rewrite",
+        "--qemu-server-version",
+        "8.0.3",
+        str(DATA / "pve-102-allow-ksm-off.conf"),
+    )
+    assert out == (DATA / "pve-102-allow-ksm-off.conf").read_text()  # database: compliant
+    code, out, _ = node.cli("explain", "--pve-conf", str(conf))
+    assert code == 0
+    assert "note: the [PENDING] changes would make it exclude" in out
+    assert "group:    -" in out
+    code, out, _ = node.cli("explain", "--pve-conf", str(DATA / "pve-102-allow-ksm-off.conf"))
+    assert "decision: exclude" in out
+
+
+# --- attach, detach, chaining ----------------------------------------------------------------
+
+
+def test_attach_chains_a_previous_hookscript_and_detach_restores_it(node: Node) -> None:
+    node.install()
+    node.add("101", "pve-101-linked-clone.conf")
+    node.add("110", "qs-simple1.conf")
+    node.add("9000", "pve-9000-template.conf")
+    args = ("--root", str(node.root), "--qm", str(node.qm))
+    code, out, _ = node.cli("proxmox", "attach", "--all", *args)
+    assert code == 0, out
+    assert out.splitlines() == [
+        "101: attached (chains local:snippets/backup-notify.sh)",
+        "110: attached",
+        "9000: skipped (template)",
+    ]
+    assert "hookscript: local:snippets/ksmpolicy-hook\n" in node.config("101")
+    chain = node.root / "etc/pve/ksmpolicy/chain/101.hookscript"
+    assert chain.read_text() == "local:snippets/backup-notify.sh\n"
+    assert node.cli("proxmox", "attach", "110", *args)[1] == "110: already attached\n"
+    code, out, _ = node.cli("proxmox", "detach", "--all", *args)
+    assert out.splitlines() == [
+        "101: detached (restored local:snippets/backup-notify.sh)",
+        "110: detached",
+        "9000: not attached",
+    ]
+    assert "hookscript: local:snippets/backup-notify.sh\n" in node.config("101")
+    assert "hookscript" not in node.config("110")
+    assert not chain.exists()
+
+
+def test_attach_needs_vmids_or_all(node: Node) -> None:
+    assert node.cli("proxmox", "attach", "--root", str(node.root))[0] == 2
+
+
+def test_install_refuses_a_foreign_file(node: Node) -> None:
+    (node.root / "var/lib/vz/snippets/ksmpolicy-hook").write_text("#!/bin/sh\necho mine\n")
+    code, _, err = node.cli("proxmox", "install", "--root", str(node.root))
+    assert code == 1
+    assert "was not written by ksmpolicy: not overwriting it" in err
+
+
+def test_install_on_a_storage_without_a_directory(node: Node) -> None:
+    code, _, err = node.cli(
+        "proxmox", "install", "--storage", "local-lvm", "--root", str(node.root)
+    )
+    assert code == 1
+    assert "storage 'local-lvm' (lvmthin) is not file-based" in err
+
+
+# --- the hookscript as Proxmox runs it ------------------------------------------------------
+
+
+def test_pre_start_blocks_a_database_that_allows_ksm(node: Node) -> None:
+    node.install()
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    result = node.hook("110", "pre-start")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "ksmpolicy: VM 110 ('pg-1') must not share memory (rule 'databases') but its config "
+        "allows KSM. Fix: ksmpolicy apply --proxmox --vmid 110\n"
+    )
+
+
+def test_pre_start_warn_and_off(node: Node) -> None:
+    node.install()
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    node.set_policy("warn")
+    result = node.hook("110", "pre-start")
+    assert result.returncode == 0
+    assert result.stderr.startswith("ksmpolicy: VM 110 ('pg-1') must not share memory")
+    assert "switched at post-start" in result.stderr
+    node.set_policy("off")
+    assert (node.hook("110", "pre-start").returncode, node.hook("110", "pre-start").stderr) == (
+        0,
+        "",
+    )
+
+
+def test_pre_start_compliant_and_other_phases(node: Node) -> None:
+    node.install()
+    node.add("102", "pve-102-allow-ksm-off.conf")
+    for phase in ("pre-start", "pre-stop", "post-stop"):
+        result = node.hook("102", phase)
+        assert (result.returncode, result.stderr) == (0, ""), phase
+
+
+def test_post_stop_notifies_the_daemon(node: Node) -> None:
+    node.install()
+    node.add("102", "pve-102-allow-ksm-off.conf")
+    listener = Listener(HostPaths(node.root))
+    try:
+        assert node.hook("102", "post-stop").returncode == 0
+        assert [(n.event, n.vm) for n in listener.receive()] == [("stopped", "102")]
+    finally:
+        listener.close()
+
+
+def test_chained_hookscript_runs_first_and_its_refusal_counts(node: Node) -> None:
+    node.install()
+    node.add("102", "pve-102-allow-ksm-off.conf")
+    previous = node.root / "var/lib/vz/snippets/backup-notify.sh"
+    marker = node.root / "previous-ran"
+    previous.write_text(
+        f'#!/bin/sh\necho "$@" >> {marker}\n[ "$2" = pre-start ] && exit 3\nexit 0\n'
+    )
+    previous.chmod(0o755)
+    chain = node.root / "etc/pve/ksmpolicy/chain"
+    chain.mkdir(parents=True)
+    (chain / "102.hookscript").write_text("local:snippets/backup-notify.sh\n")
+    assert node.hook("102", "pre-start").returncode == 3
+    assert node.hook("102", "post-stop").returncode == 0
+    assert marker.read_text() == "102 pre-start\n102 post-stop\n"
+
+
+@pytest.mark.parametrize(
+    "vmid", ["abc", "../../etc/passwd", "101/../102", "0", "-1", "1e3", "101\n"]
+)
+def test_hostile_vmids_never_crash(node: Node, vmid: str) -> None:
+    node.install()
+    result = node.hook(vmid, "pre-start")
+    assert result.returncode == 1  # this policy says block
+    assert result.stderr.count("\n") == 1
+    assert "is not a VMID" in result.stderr
+    node.set_policy("warn")
+    assert node.hook(vmid, "pre-start").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "setup"),
+    [
+        ("missing config", lambda n: None),
+        (
+            "unreadable bytes",
+            lambda n: (n.root / "etc/pve/qemu-server/110.conf").write_bytes(b"name: \xff\n"),
+        ),
+        (
+            "NUL bytes",
+            lambda n: (n.root / "etc/pve/qemu-server/110.conf").write_text("name: a\0b\n"),
+        ),
+        (
+            "broken lines",
+            lambda n: (n.root / "etc/pve/qemu-server/110.conf").write_text("]]]\n::\nname\n"),
+        ),
+    ],
+)
+@pytest.mark.parametrize(("mode", "status"), [("warn", 0), ("block", 1)])
+def test_hookscript_own_failures_follow_the_mode(
+    node: Node, case: str, setup: Callable[[Node], object], mode: str, status: int
+) -> None:
+    node.install()
+    node.set_policy(mode)
+    setup(node)
+    result = node.hook("110", "pre-start")
+    if case == "broken lines":
+        assert result.returncode == 0  # nothing to object to: kept, not judged
+        return
+    assert result.returncode == status, result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_broken_policy_never_blocks_unless_it_says_block(node: Node) -> None:
+    node.install()
+    node.add("110", "qs-simple1.conf")
+    node.policy.write_text("version: 1\nrules: [\n")
+    assert node.hook("110", "pre-start").returncode == 0
+    node.policy.write_text("version: 1\nenforcement: block\nrules: [\n")
+    assert node.hook("110", "pre-start").returncode == 1
+
+
+def test_the_repository_hookscript_runs_from_a_checkout(node: Node) -> None:
+    result = subprocess.run(
+        [str(REPO / "contrib/proxmox/ksmpolicy-hook"), "101", "pre-stop"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_persist_waits_for_the_config_lock(node: Node) -> None:
+    """The post-start helper: `qm set` only once the start's lock is gone."""
+    import fcntl
+
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    lock = node.root / "var/lock/qemu-server/lock-110.conf"
+    lock.parent.mkdir(parents=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        helper = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-m",
+                "ksmpolicy",
+                "-p",
+                str(node.policy),
+                "proxmox",
+                "persist",
+                "110",
+                "--root",
+                str(node.root),
+                "--qm",
+                str(node.qm),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        assert helper.poll() is None  # waiting for the lock
+        assert node.qm_log() == []
+    out, _ = helper.communicate(timeout=30)
+    assert (helper.returncode, out) == (0, "110: changed\n")
+    assert node.qm_log() == ["set 110 --allow-ksm 0"]
+
+
+def test_proxmox_modules_never_import_libvirt() -> None:
+    code = (
+        "import sys, ksmpolicy.proxmox.node, ksmpolicy.proxmox.hook, ksmpolicy.proxmox.conf, "
+        "ksmpolicy.proxmox.hookscript, ksmpolicy.cli.main; sys.exit('libvirt' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_stand_in_is_honest_about_what_it_does(tmp_path: Path) -> None:
+    """The qm stand-in keeps other sections byte for byte, like qm set."""
+    node = Node(tmp_path)
+    node.add("101", "pve-101-linked-clone.conf")
+    before = node.config("101")
+    assert (
+        subprocess.run([str(node.qm), "set", "101", "--allow-ksm", "0"], check=False).returncode
+        == 0
+    )
+    after = node.config("101")
+    assert after.split("[PENDING]")[1] == before.split("[PENDING]")[1]
+    assert "agent: 1\nallow-ksm: 0\nboot:" in after.split("[PENDING]")[0]  # sorted, as qm does
