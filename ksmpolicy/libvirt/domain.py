@@ -1,8 +1,11 @@
 """libvirt domain XML: VM facts, and the <nosharepages/> rewrite that touches nothing else.
 
-Parsing is hardened: no DOCTYPE (so no entities, no DTD, no network), a size limit, UTF-8 only.
-The rewrite edits the text at byte offsets found by the parser, so comments, namespaces,
-attribute quoting and order, and the whitespace of every untouched node stay byte for byte.
+Parsing is hardened: no DOCTYPE (so no entities, no DTD, no network), a size limit, UTF-8 only,
+and linear in time and memory on any input: expat gathers text in large chunks, text is kept
+(as parts, joined once) only for the few elements whose text is read, and elements are kept only
+in the subtrees that facts and the rewrite look at. The rewrite edits the text at byte offsets
+found by the parser, so comments, namespaces, attribute quoting and order, and the whitespace of
+every untouched node stay byte for byte; a line it inserts ends as the document's lines do.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-MAX_XML_BYTES = 10 * 1024 * 1024
+MAX_XML_BYTES = 32 * 1024 * 1024
+MAX_DISKS = 256  # disks whose backing chains are followed on disk; more is not a real domain
 NAMESPACE = "urn:ksmpolicy:vm:1"  # our <metadata> element: <vm><tag>database</tag></vm>
 NAMESPACE_PREFIX = "ksmpolicy"
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
@@ -91,35 +95,51 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
         raise XmlError(f"domain XML is not valid UTF-8 (byte {exc.start})") from None
     parser = expat.ParserCreate("utf-8", namespace_separator="}")
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    stack: list[Element] = []
+    parser.buffer_text = True  # adjacent text (and entity references) in one call, not many
+    parser.buffer_size = 1 << 16
+    # One entry per open element: the element when it is kept, else None (nor its children).
+    stack: list[Element | None] = []
+    parts: list[list[str] | None] = []  # its text, for the elements whose text is read
     roots: list[Element] = []
 
     def refuse_doctype(*_args: object) -> None:
         raise XmlError("domain XML must not have a DOCTYPE (no DTDs or entities are read)")
 
     def start(tag: str, attrs: dict[str, str]) -> None:
+        name = _clark(tag)
+        parent = stack[-1] if stack else None
+        if stack and (parent is None or not (parent is roots[0] or _keeps(parent, name))):
+            stack.append(None)
+            parts.append(None)
+            return
         at = parser.CurrentByteIndex
         gt = _tag_end(raw, at)
         element = Element(
-            tag=_clark(tag),
+            tag=name,
             attrs={_clark(k): v for k, v in attrs.items()},
             start=at,
             start_end=gt + 1,
             self_closing=raw[gt - 1 : gt] == b"/",
         )
-        (stack[-1].children if stack else roots).append(element)
+        (parent.children if parent is not None else roots).append(element)
         stack.append(element)
+        parts.append([] if name in _TEXT else None)
 
     def end(_tag: str) -> None:
         element = stack.pop()
+        text_parts = parts.pop()
+        if element is None:
+            return
+        if text_parts:
+            element.text = "".join(text_parts)
         if element.self_closing:
             element.end = element.start_end
         else:
             element.end = _tag_end(raw, parser.CurrentByteIndex) + 1
 
     def text(data: str) -> None:
-        if stack:
-            stack[-1].text += data
+        if parts and parts[-1] is not None:
+            parts[-1].append(data)
 
     parser.StartDoctypeDeclHandler = refuse_doctype
     parser.EntityDeclHandler = refuse_doctype
@@ -136,6 +156,28 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
     if not roots:
         raise XmlError("domain XML is empty")
     return roots[0], raw
+
+
+# Which children an element keeps (None: all); the root element keeps all of its children.
+_EXPAND: dict[str, frozenset[str] | None] = {
+    "domain": None,  # also inside libvirt's status files (<domstatus><domain>)
+    "memoryBacking": None,
+    "metadata": None,
+    f"{{{NAMESPACE}}}vm": None,
+    f"{{{LIBOSINFO}}}libosinfo": None,
+    "devices": frozenset({"disk"}),
+    "disk": None,
+    "backingStore": None,
+    "cpu": frozenset({"numa"}),
+    "numa": frozenset({"cell"}),
+}
+# Elements whose text is read.
+_TEXT = frozenset({"name", "uuid", "memory", f"{{{NAMESPACE}}}tag"})
+
+
+def _keeps(parent: Element, child: str) -> bool:
+    wanted = _EXPAND.get(parent.tag, frozenset())
+    return wanted is None or child in wanted
 
 
 def _clark(name: str) -> str:
@@ -178,12 +220,13 @@ class DomainFacts:
 
 
 if TYPE_CHECKING:
-    BackingProbe = Callable[[str], tuple[str, str | None]]
+    # (path, its declared format) -> (the base of its chain, why the chain ended early)
+    BackingProbe = Callable[[str, str | None], tuple[str, str | None]]
 
 
 def domain_facts(data: str | bytes, probe: BackingProbe | None = None) -> DomainFacts:
-    """Facts of a domain from its XML. `probe(path)` follows qcow2 backing files on disk for
-    persistent XML, which has no <backingStore> chain; None leaves the chain unexplored."""
+    """Facts of a domain from its XML. `probe(path, format)` follows qcow2 backing files on disk
+    for persistent XML, which has no <backingStore> chain; None leaves the chain unexplored."""
     root, _raw = parse(data)
     return facts_of(root, probe)
 
@@ -206,7 +249,8 @@ def facts_of(root: Element, probe: BackingProbe | None = None) -> DomainFacts:
         osinfo = metadata.child(f"{{{LIBOSINFO}}}libosinfo")
         os_element = osinfo.child(f"{{{LIBOSINFO}}}os") if osinfo is not None else None
         os_id = os_element.attrs.get("id") if os_element is not None else None
-    disks = tuple(_disk(d, probe) for d in _devices(root, "disk") if _is_disk(d))
+    found = [d for d in _devices(root, "disk") if _is_disk(d)]
+    disks = tuple(_disk(d, probe if i < MAX_DISKS else None) for i, d in enumerate(found))
     vm = VmFacts(
         name=name,
         uuid=uuid_element.text.strip().lower() if uuid_element is not None else None,
@@ -270,22 +314,32 @@ def _source_identity(element: Element) -> str | None:
 
 
 def _disk(disk: Element, probe: BackingProbe | None) -> DiskImage:
+    """A disk's image identity. The chain is followed only through declared formats (see
+    `images`): in live XML through `<backingStore>` layers that state `<format type='qcow2'/>`,
+    else, for a file libvirt declares as qcow2, through the headers on disk."""
     target_element = disk.child("target")
     target = target_element.attrs.get("dev") if target_element is not None else None
     source = _source_identity(disk)
     chain = disk.child("backingStore")
-    if chain is not None:  # live XML (or a user-given chain): follow it to its end
-        root = source
-        while chain is not None and chain.child("source") is not None:
+    declared = _format(disk.child("driver"), "type")
+    if chain is not None:  # live XML (or a user-given chain): follow it, never the files
+        root, fmt = source, declared
+        while chain is not None and chain.child("source") is not None and fmt == "qcow2":
             root = _source_identity(chain) or root
+            fmt = _format(chain.child("format"), "type")
             chain = chain.child("backingStore")
         return DiskImage(target, source, root)
     if source is None:
         return DiskImage(target, None, None, "disk has no source")
     if probe is not None and disk.attrs.get("type", "file") == "file":
-        root, error = probe(source)
+        root, error = probe(source, declared)
         return DiskImage(target, source, root, error)
     return DiskImage(target, source, source)
+
+
+def _format(element: Element | None, attribute: str) -> str | None:
+    value = element.attrs.get(attribute) if element is not None else None
+    return value.strip().lower() if value else None
 
 
 # --- the rewrite -----------------------------------------------------------------------------
@@ -306,7 +360,8 @@ def set_nosharepages(data: str, want: bool) -> str:
         return data
     unit = _indent_unit(raw, root)
     if want:
-        edited = _add(raw, root, backing, unit)
+        newline = b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
+        edited = _add(raw, root, backing, unit, newline)
     else:
         assert backing is not None
         edited = _remove(raw, backing)
@@ -331,7 +386,7 @@ def _indent_unit(raw: bytes, root: Element) -> str:
     return "  "
 
 
-def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes:
+def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline: bytes) -> bytes:
     tag = b"<nosharepages/>"
     if backing is None:
         anchor = next(
@@ -345,12 +400,13 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes
         else:
             inner = (indent + unit).encode()
             block = (
-                b"\n"
+                newline
                 + indent.encode()
-                + b"<memoryBacking>\n"
+                + b"<memoryBacking>"
+                + newline
                 + inner
                 + tag
-                + b"\n"
+                + newline
                 + indent.encode()
                 + b"</memoryBacking>"
             )
@@ -363,10 +419,11 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes
             body = b"<memoryBacking>" + tag + b"</memoryBacking>"
         else:
             body = (
-                b"<memoryBacking>\n"
+                b"<memoryBacking>"
+                + newline
                 + (outer + unit).encode()
                 + tag
-                + b"\n"
+                + newline
                 + outer.encode()
                 + b"</memoryBacking>"
             )
@@ -378,7 +435,7 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes
     indent = _line_indent(raw, first.start) if first is not None else None
     if indent is None:
         indent = None if outer is None else outer + unit
-    prefix = b"" if indent is None else b"\n" + indent.encode()
+    prefix = b"" if indent is None else newline + indent.encode()
     return raw[:at] + prefix + tag + raw[at:]
 
 
@@ -405,7 +462,9 @@ def _cut(raw: bytes, element: Element) -> bytes:
     start = element.start
     line_start = raw.rfind(b"\n", 0, start)
     if line_start >= 0 and not raw[line_start + 1 : start].strip():
-        start = line_start  # also drop "\n" + indentation before it
+        start = line_start  # also drop the line break and indentation before it
+        if raw[start - 1 : start] == b"\r":
+            start -= 1
     return raw[:start] + raw[element.end :]
 
 

@@ -46,23 +46,30 @@ class Decision:
 class Decider:
     """A policy compiled for fast repeated decisions (10,000 VMs x 500 rules well under 1 s).
 
-    Every rule is a bit; each match key has an index that returns, for one VM, the bit set of
-    rules whose criterion on that key the VM satisfies. AND-ing them leaves the rules that match
-    in full, and the lowest bit is the first match.
+    Each match key (tags, groups, names, images) has an index that returns, for one VM, the
+    numbers of the rules whose criterion on that key the VM satisfies. A rule matches when every
+    key it constrains is satisfied, so the candidates are the rules some key returned, and the
+    first match is the lowest-numbered candidate whose constrained keys were all returned.
+    Building is linear in the policy (sets of rule numbers, not one bit mask per value: a mask
+    per value made 160,000 rules take 4.6 s to compile, growing with the square).
     """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         rules = policy.rules
-        self._names = _GlobIndex([r.match.names for r in rules])
-        self._tags = _GlobIndex([r.match.tags for r in rules], globs=False)
-        self._groups = _GlobIndex([r.match.groups for r in rules], globs=False)
-        self._images = _GlobIndex([r.match.images for r in rules])
+        self._indices = (
+            _GlobIndex([r.match.tags for r in rules], globs=False),
+            _GlobIndex([r.match.groups for r in rules], globs=False),
+            _GlobIndex([r.match.names for r in rules]),
+            _GlobIndex([r.match.images for r in rules]),
+        )
+        # Which of the four keys each rule constrains, as bits in the order above.
+        self._needs = [sum(1 << k for k, items in enumerate(_keys(r)) if items) for r in rules]
+        self._always = next((i for i, need in enumerate(self._needs) if not need), None)
         groups = policy.groups
         self._group_tags = _GlobIndex([g.tags for g in groups], globs=False)
         self._group_names = _GlobIndex([g.names for g in groups])
         self._group_images = _GlobIndex([g.images for g in groups])
-        self._all = (1 << len(rules)) - 1
 
     def tags_of(self, facts: VmFacts) -> frozenset[str]:
         """The VM's own tags plus those the policy's `vms:` section gives its name, UUID or VMID."""
@@ -75,25 +82,32 @@ class Decider:
 
     def group_of(self, facts: VmFacts, tags: frozenset[str]) -> str | None:
         """The first group (in file order) that any of the VM's tags, name or images match."""
-        mask = (
+        hits = (
             self._group_tags.matched(tags)
             | self._group_names.matched((facts.name,))
             | self._group_images.matched(facts.images)
         )
-        return self.policy.groups[(mask & -mask).bit_length() - 1].name if mask else None
+        return self.policy.groups[min(hits)].name if hits else None
 
     def first_rule(self, facts: VmFacts, tags: frozenset[str], group: str | None) -> Rule | None:
-        mask = self._all
-        for index, values in (
-            (self._tags, tags),
-            (self._groups, (group,) if group else ()),
-            (self._names, (facts.name,)),
-            (self._images, facts.images),
-        ):
-            mask &= index.satisfied_by(values)
-            if not mask:
-                return None
-        return self.policy.rules[(mask & -mask).bit_length() - 1]
+        found = [
+            index.matched(values)
+            for index, values in zip(
+                self._indices,
+                (tags, (group,) if group else (), (facts.name,), facts.images),
+                strict=True,
+            )
+        ]
+        best = self._always
+        needs = self._needs
+        for key, hits in enumerate(found):
+            for number in hits:
+                if best is not None and number >= best:
+                    continue
+                need = needs[number]
+                if all(number in found[k] for k in range(4) if need >> k & 1 and k != key):
+                    best = number
+        return self.policy.rules[best] if best is not None else None
 
     def decide(self, facts: VmFacts) -> Decision:
         tags = self.tags_of(facts)
@@ -145,23 +159,18 @@ class _GlobIndex:
     """For one match key of many rules (or groups): which of them does a set of values hit?"""
 
     def __init__(self, per_item: list[tuple[str, ...]], *, globs: bool = True) -> None:
-        self.unconstrained = 0  # items that do not use this key: satisfied by any VM
-        self.literal: dict[str, int] = {}
+        self.literal: dict[str, list[int]] = {}
         # Globs are filed under their literal prefix ("svc12-" for "svc12-*") and tried only on
         # values that start with it, so 500 rules cost a few dict lookups, not 500 regexes.
         # They are compiled on first use: a hook deciding one VM compiles a handful.
         self.by_prefix: dict[str, list[tuple[str, int]]] = {}
         self._compiled: dict[str, list[tuple[re.Pattern[str], int]]] = {}
-        for index, items in enumerate(per_item):
-            bit = 1 << index
-            if not items:
-                self.unconstrained |= bit
+        for number, items in enumerate(per_item):
             for item in items:
                 if globs and _is_glob(item):
-                    prefix = _literal_prefix(item)
-                    self.by_prefix.setdefault(prefix, []).append((item, bit))
+                    self.by_prefix.setdefault(_literal_prefix(item), []).append((item, number))
                 else:
-                    self.literal[item] = self.literal.get(item, 0) | bit
+                    self.literal.setdefault(item, []).append(number)
         self.prefix_lengths = sorted({len(prefix) for prefix in self.by_prefix})
 
     def _bucket(self, prefix: str) -> list[tuple[re.Pattern[str], int]]:
@@ -172,27 +181,29 @@ class _GlobIndex:
             import fnmatch  # noqa: PLC0415
             import re  # noqa: PLC0415
 
-            compiled = [(re.compile(fnmatch.translate(g)), bit) for g, bit in globs]
+            compiled = [(re.compile(fnmatch.translate(g)), number) for g, number in globs]
             self._compiled[prefix] = compiled
         return compiled
 
-    def matched(self, values: Iterable[str]) -> int:
-        """Bits of the items that one of `values` matches (unconstrained ones not included)."""
-        mask = 0
+    def matched(self, values: Iterable[str]) -> set[int]:
+        """Numbers of the items that one of `values` matches."""
+        hits: set[int] = set()
         for value in values:
-            mask |= self.literal.get(value, 0)
+            hits.update(self.literal.get(value, ()))
             for length in self.prefix_lengths:
                 if length > len(value):
                     break
                 if value[:length] not in self.by_prefix:
                     continue
-                for regex, bit in self._bucket(value[:length]):
-                    if not mask & bit and regex.match(value):
-                        mask |= bit
-        return mask
+                for regex, number in self._bucket(value[:length]):
+                    if number not in hits and regex.match(value):
+                        hits.add(number)
+        return hits
 
-    def satisfied_by(self, values: Iterable[str]) -> int:
-        return self.unconstrained | self.matched(values)
+
+def _keys(rule: Rule) -> tuple[tuple[str, ...], ...]:
+    match = rule.match
+    return (match.tags, match.groups, match.names, match.images)
 
 
 def _literal_prefix(glob: str) -> str:

@@ -31,7 +31,7 @@ from ksmpolicy.policy.model import (
     Rule,
 )
 
-MAX_POLICY_BYTES = 10 * 1024 * 1024
+MAX_POLICY_BYTES = 32 * 1024 * 1024
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import gc
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,7 +27,22 @@ from ksmpolicy.policy.yamlsource import Path as KeyPath
 
 
 def parse(text: str, file: str = "<policy>") -> Policy:
-    """Validate policy text; raise PolicyError listing every problem found, in line order."""
+    """Validate policy text; raise PolicyError listing every problem found, in line order.
+
+    The cyclic garbage collector is paused meanwhile: building a large policy creates millions
+    of objects, and the collector's repeated passes over them cost two thirds of the time
+    (measured: 1.17 s against 0.39 s for 20,000 `vms:` entries). Nothing built here is cyclic.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse(text, file)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _parse(text: str, file: str) -> Policy:
     if "\0" in text:
         line = text[: text.index("\0")].count("\n") + 1
         raise PolicyError([Problem(file, line, "", "contains a NUL byte: not a text file")])
@@ -190,7 +206,7 @@ class _Validator:
                 continue
             if "tags" not in spec:
                 self.doc.problem(path, "missing 'tags': give the VM at least one tag")
-            vm_key = str(key)
+            vm_key = str(key)  # the key as written (yamlsource keeps `no` or `0101` as text)
             result[vm_key.lower() if _looks_like_uuid(vm_key) else vm_key] = self.tags(
                 spec, (*path, "tags")
             )
@@ -217,8 +233,8 @@ class _Validator:
         spec = self.mapping(value, ("proxmox",), ("qemu_server_version",))
         if spec is None or "qemu_server_version" not in spec:
             return ProxmoxSettings()
-        version = spec["qemu_server_version"]
-        text = str(version) if isinstance(version, str | int | float) else ""
+        version = self.doc.text(("proxmox", "qemu_server_version"), spec["qemu_server_version"])
+        text = version if isinstance(version, str) else ""
         if isinstance(version, bool) or not re.fullmatch(r"\d+(\.\d+){0,3}(-\d+)?", text):
             self.doc.problem(
                 ("proxmox", "qemu_server_version"),
@@ -286,19 +302,20 @@ class _Validator:
         if path[-1] not in spec:
             return ()
         value = spec[path[-1]]
-        items = [value] if isinstance(value, str | int) and not isinstance(value, bool) else value
+        items = value if isinstance(value, list) else [value]
         if not isinstance(items, list):
             self.doc.problem(path, f"expected a list of strings, got {_kind(value)}")
             return ()
         if not items:
             self.doc.problem(path, "empty list matches nothing: remove the key or add items")
         result = []
-        for index, item in enumerate(items):
+        for index, found in enumerate(items):
             item_path = (*path, index) if isinstance(value, list) else path
-            if isinstance(item, bool) or not isinstance(item, str | int):
+            item = self.doc.text(item_path, found)  # `no`, `0101`: the text as written
+            if not isinstance(item, str):
                 self.doc.problem(item_path, f"expected a string, got {_kind(item)}")
                 continue
-            result.append(str(item))
+            result.append(item)
         return tuple(result)
 
     def tags(self, spec: dict[str, Any], path: KeyPath) -> tuple[str, ...]:

@@ -117,19 +117,59 @@ def test_live_backing_chains_give_their_roots() -> None:
     ]
 
 
-def qcow2(path: Path, backing: str | None) -> None:
-    """A minimal qcow2 header naming a backing file, as qemu-img writes it."""
+def qcow2(path: Path, backing: str | None, fmt: str | None = "qcow2") -> None:
+    """A minimal qcow2 version 3 header as qemu-img writes it: a backing file name, and its
+    format in the backing_fmt header extension (`fmt=None`: an image without one)."""
     name = (backing or "").encode()
-    header = b"QFI\xfb" + struct.pack(">I", 3)
-    header += struct.pack(">QI", 104 if backing else 0, len(name))
-    path.write_bytes(header.ljust(104, b"\0") + name)
+    extensions = b""
+    if backing and fmt:
+        data = fmt.encode()
+        extensions += struct.pack(">II", 0xE2792ACA, len(data)) + data.ljust(8, b"\0")
+    extensions += struct.pack(">II", 0, 0)
+    offset = 112 + len(extensions)
+    header = b"QFI\xfb" + struct.pack(">IQII", 3, offset if backing else 0, len(name), 16)
+    header = header.ljust(100, b"\0") + struct.pack(">I", 112)
+    path.write_bytes(header.ljust(112, b"\0") + extensions + name)
 
 
-def test_persistent_xml_follows_qcow2_headers(tmp_path: Path) -> None:
-    (tmp_path / "base.img").write_bytes(b"\0" * 512)  # raw: the end of the chain
-    qcow2(tmp_path / "mid.qcow2", "base.img")  # relative: beside its overlay
+def test_persistent_xml_follows_declared_qcow2_headers(tmp_path: Path) -> None:
+    (tmp_path / "base.img").write_bytes(b"\0" * 512)
+    qcow2(tmp_path / "mid.qcow2", "base.img", "raw")  # relative: beside its overlay
     qcow2(tmp_path / "top.qcow2", str(tmp_path / "mid.qcow2"))
     assert qcow2_backing_root(str(tmp_path / "top.qcow2")) == (str(tmp_path / "base.img"), None)
+
+
+def test_an_undeclared_backing_format_ends_the_chain_unopened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "base.qcow2")  # opening it for reading would block the hook
+    qcow2(tmp_path / "top.qcow2", "base.qcow2", fmt=None)
+    root, why = qcow2_backing_root(str(tmp_path / "top.qcow2"))
+    assert root == str(tmp_path / "base.qcow2")
+    assert why == f"{root}: its format is not declared, so its backing chain is not followed"
+
+
+def test_a_raw_disk_is_never_read_even_with_a_forged_header(tmp_path: Path) -> None:
+    """A guest writes a qcow2 header naming someone else's image into its raw disk."""
+    forged = tmp_path / "guest.img"
+    qcow2(forged, "/var/lib/libvirt/images/provider-base.qcow2")
+    for declared in ("raw", None, "RAW"):
+        xml = (
+            "<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
+            + (f"<driver name='qemu' type='{declared}'/>" if declared else "")
+            + f"<source file='{forged}'/><target dev='vda'/></disk></devices></domain>"
+        )
+        assert domain_facts(xml, qcow2_backing_root).vm.images == (str(forged),)
+    assert qcow2_backing_root(str(forged), "raw") == (str(forged), None)
+
+
+def test_a_fifo_or_device_declared_qcow2_is_not_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.qcow2")
+    root, why = qcow2_backing_root(str(tmp_path / "fifo.qcow2"))
+    assert (root, why) == (
+        str(tmp_path / "fifo.qcow2"),
+        f"cannot read {root}: is a FIFO, not a regular file",
+    )
+    root, why = qcow2_backing_root("/dev/zero")
+    assert why == "cannot read /dev/zero: is a character device, not a regular file"
 
 
 def test_missing_and_looping_chains_are_facts_not_crashes(tmp_path: Path) -> None:
@@ -146,13 +186,25 @@ def test_missing_and_looping_chains_are_facts_not_crashes(tmp_path: Path) -> Non
 
 def test_domain_facts_with_probe_uses_the_base_image(tmp_path: Path) -> None:
     (tmp_path / "debian-12.img").write_bytes(b"\0" * 512)
-    qcow2(tmp_path / "vm.qcow2", "debian-12.img")
+    qcow2(tmp_path / "vm.qcow2", "debian-12.img", "raw")
     xml = (
         "<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
-        f"<source file='{tmp_path / 'vm.qcow2'}'/><target dev='vda'/></disk></devices></domain>"
+        f"<driver name='qemu' type='qcow2'/><source file='{tmp_path / 'vm.qcow2'}'/>"
+        "<target dev='vda'/></disk></devices></domain>"
     )
     facts = domain_facts(xml, qcow2_backing_root)
     assert facts.vm.images == (str(tmp_path / "debian-12.img"),)
+
+
+def test_a_live_chain_stops_at_an_undeclared_layer() -> None:
+    xml = (
+        "<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
+        "<driver name='qemu' type='qcow2'/><source file='/img/top.qcow2'/>"
+        "<backingStore type='file'><source file='/img/mid.qcow2'/>"
+        "<backingStore type='file'><format type='qcow2'/><source file='/img/base.qcow2'/>"
+        "</backingStore></backingStore><target dev='vda'/></disk></devices></domain>"
+    )
+    assert domain_facts(xml).vm.images == ("/img/mid.qcow2",)
 
 
 # --- the rewrite: golden files ----------------------------------------------------------------
@@ -328,7 +380,7 @@ def test_hostile_xml_is_refused_with_one_line(data: str | bytes, message: str) -
 
 def test_100_mb_is_refused_before_parsing() -> None:
     big = "<domain><name>x</name>" + "<!-- padding -->" * (100 * 2**20 // 16) + "</domain>"
-    with pytest.raises(XmlError, match="larger than 10 MB: refusing it"):
+    with pytest.raises(XmlError, match="larger than 32 MB: refusing it"):
         domain_facts(big)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -272,11 +274,29 @@ def test_validation_message(case: str) -> None:
     assert problems(text) == expected
 
 
-def test_alias_bomb_is_refused_not_expanded() -> None:
+def test_alias_bomb_is_refused_before_any_expansion() -> None:
     lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    started = time.perf_counter()
     found = problems("\n".join(lines) + "\n")
-    assert any("document expands to more than 2000000 nodes (alias bomb?)" in p for p in found)
+    took = time.perf_counter() - started
+    assert len(found) == 1
+    assert re.fullmatch(
+        r"p\.yaml:1: YAML aliases expand this document by [\d,]{15,} nodes "
+        r"\(at most 1,000,000\): an alias bomb\?",
+        found[0],
+    ), found
+    assert took < 0.1, f"refusing the bomb took {took:.2f} s"
+
+
+def test_aliases_within_reason_still_work() -> None:
+    text = "version: 1\ngroups:\n  a: {tags: &t [web, app]}\n  b: {tags: *t}\n"
+    assert [g.tags for g in parse_policy(text).groups] == [("web", "app"), ("web", "app")]
+
+
+def test_nesting_beyond_reason_is_refused() -> None:
+    deep = "version: 1\nx:\n" + "".join(f"{'  ' * (i + 1)}k{i}:\n" for i in range(80)) + "\n"
+    assert problems(deep) == ["p.yaml:1: nested deeper than 64 levels: not a policy"]
 
 
 def test_scalar_single_string_is_a_list_of_one() -> None:
@@ -302,9 +322,9 @@ def test_directory_is_refused(tmp_path: Path) -> None:
         load_policy(tmp_path, check_trust=False)
 
 
-def test_file_over_10_mb_is_refused(write_policy: Callable[..., Path]) -> None:
-    path = write_policy("version: 1\n" + "#" * (10 * 1024 * 1024) + "\n")
-    with pytest.raises(PolicyError, match=r"larger than 10 MB: not a policy$"):
+def test_file_over_32_mb_is_refused(write_policy: Callable[..., Path]) -> None:
+    path = write_policy("version: 1\n" + "#" * (32 * 1024 * 1024) + "\n")
+    with pytest.raises(PolicyError, match=r"larger than 32 MB: not a policy$"):
         load_policy(path, check_trust=False)
 
 
