@@ -124,7 +124,7 @@ def write_atomic(
     fd = os.open(temporary, flags, mode)
     try:
         try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what the caller asked for
+            _set_mode(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -139,6 +139,16 @@ def write_atomic(
             pass
         raise
     _fsync_directory(directory)
+
+
+def _set_mode(fd: int, mode: int) -> None:
+    """The mode the caller asked for, whatever the umask. pmxcfs (/etc/pve) refuses chmod and
+    sets its own modes: that is accepted when the file is no more open than asked."""
+    try:
+        os.fchmod(fd, mode)
+    except OSError:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & ~mode:
+            raise
 
 
 def make_private_dir(path: StrPath) -> None:

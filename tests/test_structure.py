@@ -154,6 +154,7 @@ HOOK_MODULES = {
     "ksmpolicy",
     "ksmpolicy.hook",
     "ksmpolicy.hookcore",
+    "ksmpolicy.quoting",
     "ksmpolicy.records",
     "ksmpolicy.errors",
     "ksmpolicy.paths",

@@ -75,7 +75,10 @@ def read_input(file: str) -> bytes:
     """A file's bytes, or stdin's for `-`, up to MAX_INPUT_BYTES."""
     try:
         if file == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None or stdin.closed:
+                raise KsmPolicyError("standard input is closed: give a FILE, or pipe one in")
+            data = bytes(stdin.read(MAX_INPUT_BYTES + 1))
         else:
             with Path(file).open("rb") as handle:
                 data = handle.read(MAX_INPUT_BYTES + 1)
@@ -94,9 +97,35 @@ def read_text(file: str) -> str:
         raise KsmPolicyError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
 
 
-def vmid_from_name(file: str) -> str:
-    stem = Path(file).name.split(".")[0]
-    return stem if stem.isdigit() else "?"
+def vmid_for(file: str, vmid: str | None) -> str:
+    """The VMID of a Proxmox config: --vmid, else the file's name (VMID.conf); refused as the
+    hookscript refuses it. Without one, `vms:` tags keyed by VMID would be lost silently."""
+    from ksmpolicy.proxmox.node import valid_vmid  # noqa: PLC0415
+
+    if vmid is None:
+        stem = Path(file).name.split(".")[0] if file != "-" else ""
+        if not stem.isdigit():
+            raise click.UsageError(f"give --vmid VMID: the VM's id cannot be told from {file!r}")
+        vmid = stem
+    return valid_vmid(vmid)
+
+
+def qemu_server_version_option(func: F) -> F:
+    """--qemu-server-version, checked like the policy's `proxmox.qemu_server_version`."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        from ksmpolicy.proxmox.conf import valid_qemu_server_version  # noqa: PLC0415
+
+        if value is not None and not valid_qemu_server_version(value):
+            raise click.BadParameter(f"{value!r} is not a version like 8.4.1 or 9.0.27-1")
+        return value
+
+    return click.option(
+        "--qemu-server-version",
+        metavar="V",
+        callback=check,
+        help="Write configs for this qemu-server version (default: the installed one).",
+    )(func)
 
 
 def count(items: Sized, noun: str) -> str:

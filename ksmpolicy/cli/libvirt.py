@@ -12,6 +12,7 @@ from ksmpolicy.cli.common import (
     Options,
     host_paths,
     policy_option,
+    qemu_server_version_option,
     read_input,
 )
 from ksmpolicy.cli.render import outcome_line, outcome_summary
@@ -116,7 +117,7 @@ def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
 )
 @click.option("--proxmox", is_flag=True, help="Proxmox VE: the VM configs of this node.")
 @click.option("--vmid", "vmids", multiple=True, metavar="VMID", help="With --proxmox: only these.")
-@click.option("--qemu-server-version", metavar="V", help="With --proxmox: write configs for it.")
+@qemu_server_version_option
 @QM
 @ROOT
 @policy_option

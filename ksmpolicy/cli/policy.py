@@ -12,7 +12,7 @@ from ksmpolicy.cli.common import (
     policy_option,
     read_input,
     read_text,
-    vmid_from_name,
+    vmid_for,
 )
 from ksmpolicy.cli.render import decision_json, decision_table, decision_text
 from ksmpolicy.errors import KsmPolicyError
@@ -112,7 +112,7 @@ def explain(
     elif pve_file is not None:
         from ksmpolicy.proxmox import conf  # noqa: PLC0415
 
-        vmid = vmid or vmid_from_name(pve_file)
+        vmid = vmid_for(pve_file, vmid)
         config = conf.parse(read_text(pve_file))
         vms = [conf.facts(config, vmid).vm]
         pending = conf.with_pending(config)

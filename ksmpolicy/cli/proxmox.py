@@ -12,8 +12,9 @@ from ksmpolicy.cli.common import (
     Options,
     host_paths,
     policy_option,
+    qemu_server_version_option,
     read_text,
-    vmid_from_name,
+    vmid_for,
 )
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import Decider
@@ -100,7 +101,7 @@ def _attach_or_detach(
 @proxmox.command("rewrite")
 @click.argument("file", default="-", metavar="[FILE]")
 @click.option("--vmid", metavar="VMID", help="The VM's id (default: from FILE's name).")
-@click.option("--qemu-server-version", metavar="V", help="Write for this qemu-server version.")
+@qemu_server_version_option
 @policy_option
 @click.pass_obj
 def proxmox_rewrite(
@@ -114,10 +115,11 @@ def proxmox_rewrite(
     """
     from ksmpolicy.proxmox import conf, node  # noqa: PLC0415
 
+    vmid = vmid_for(file, vmid)
     policy = options.load()
     new, _facts, _decision, note = conf.apply_policy(
         read_text(file),
-        vmid or vmid_from_name(file),
+        vmid,
         Decider(policy),
         use_allow_ksm=node.uses_allow_ksm(policy, qemu_server_version),
     )

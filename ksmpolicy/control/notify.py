@@ -12,6 +12,7 @@ import _socket
 import os
 
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.files import make_private_dir
 from ksmpolicy.records import dataclass
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -58,8 +59,7 @@ class Listener:
         self.path = paths.notify_socket
         directory = paths.run_dir
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            directory.chmod(0o700)
+            make_private_dir(directory)  # root-only, and never a symlink someone planted
             if self.path.exists() or self.path.is_symlink():
                 self.path.unlink()
             self.socket = _socket.socket(_socket.AF_UNIX, DATAGRAM)

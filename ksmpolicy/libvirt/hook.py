@@ -32,6 +32,9 @@ class LibvirtHook:
         self.name = name
         self.policy_path = policy_path or default_policy_fast()
         self.run_dir = run_dir
+        self.session = hookcore.Session(
+            hookcore.quote(name), self.policy_path, hookcore.run_dir(run_dir)
+        )
 
     def run(
         self, operation: str, suboperation: str, stdin: IO[bytes], out: IO[str], err: IO[str]
@@ -41,72 +44,69 @@ class LibvirtHook:
             self.notify(note)
             return 0
         if (operation, suboperation) == ("prepare", "begin"):
-            return self.check_start(stdin, err)
+            return hookcore.run(self.session, lambda: self.check_start(stdin), out, err)
         if (operation, suboperation) in (("migrate", "begin"), ("restore", "begin")):
-            return self.rewrite_incoming(operation, stdin, out, err)
+            work = lambda: self.rewrite_incoming(operation, stdin)  # noqa: E731
+            return hookcore.run(self.session, work, out, err)
         return 0
 
     # --- prepare begin: does the definition being started follow the policy?
 
-    def check_start(self, stdin: IO[bytes], err: IO[str]) -> int:
+    def check_start(self, stdin: IO[bytes]) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
 
-        policy = self.load_policy(err)
+        session = self.session
+        policy = session.load_policy()
         if policy is None:
-            return hookcore.unusable_policy_status(self.policy_path)
+            return session.unusable_policy_status()
         if policy.enforcement is Enforcement.OFF:
             return 0
-        who = hookcore.quote(self.name)
+        who = session.who
         try:
             facts, decision = self.evaluate(stdin, policy)
         except (KsmPolicyError, OSError, ValueError) as exc:
-            return hookcore.own_failure(f"cannot check {who}: {exc}", policy, err)
+            return session.own_failure(f"cannot check {who}: {exc}")
         except Exception as exc:  # a bug must not stop VMs unless the policy says so
             what = f"{type(exc).__name__}: {exc}"
-            return hookcore.own_failure(f"internal error checking {who}: {what}", policy, err)
-        message = start_verdict(self.name, facts, decision)
-        if message is None:
+            return session.own_failure(f"internal error checking {who}: {what}")
+        found = start_verdict(self.name, facts, decision)
+        if found is None:
             return 0
-        blocks = message[0] == "mergeable"
-        if policy.enforcement is Enforcement.BLOCK and blocks:
-            hookcore.report(err, message[1] + f" Fix: ksmpolicy apply --domain {who}", "err")
+        how, message = found
+        fix = hookcore.fix_command("ksmpolicy apply", self.name, facts.vm.uuid)
+        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
+            session.report(f"{message} Fix: {fix}", "err")
             return 1
-        hookcore.report(err, message[1] + f" Run: ksmpolicy apply --domain {who}", "warning")
+        session.report(f"{message} Run: {fix}", "warning")
         return 0
 
     # --- migrate begin / restore begin: hand libvirt this host's version of the XML
 
-    def rewrite_incoming(self, operation: str, stdin: IO[bytes], out: IO[str], err: IO[str]) -> int:
+    def rewrite_incoming(self, operation: str, stdin: IO[bytes]) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.libvirt.domain import apply_policy  # noqa: PLC0415
         from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
         from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
 
-        policy = self.load_policy(err)
+        session = self.session
+        policy = session.load_policy()
         if policy is None:  # print nothing: libvirt keeps the XML it has
-            return hookcore.unusable_policy_status(self.policy_path)
-        who = hookcore.quote(self.name)
+            return session.unusable_policy_status()
+        who = session.who
         try:
             rewritten, _facts, _decision = apply_policy(
                 read_stdin(stdin), Decider(policy), qcow2_backing_root
             )
         except (KsmPolicyError, OSError, ValueError) as exc:
-            message = f"cannot rewrite {who} on {operation}: {exc}"
-            return hookcore.own_failure(message, policy, err)
+            return session.own_failure(f"cannot rewrite {who} on {operation}: {exc}")
         except Exception as exc:
             what = f"{type(exc).__name__}: {exc}"
-            message = f"internal error on {operation} of {who}: {what}"
-            return hookcore.own_failure(message, policy, err)
-        out.write(rewritten)
-        out.flush()
+            return session.own_failure(f"internal error on {operation} of {who}: {what}")
+        session.stdout = rewritten
         return 0
 
     # --- shared
-
-    def load_policy(self, err: IO[str]) -> Policy | None:
-        who = hookcore.quote(self.name)
-        return hookcore.load_policy(self.policy_path, hookcore.run_dir(self.run_dir), who, err)
 
     def evaluate(self, stdin: IO[bytes], policy: Policy) -> tuple[DomainFacts, Decision]:
         from ksmpolicy.libvirt.domain import domain_facts  # noqa: PLC0415
@@ -127,8 +127,8 @@ def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[st
     from ksmpolicy.policy.decide import drift  # noqa: PLC0415
 
     vm = facts.vm
-    can_merge = not (facts.nosharepages or vm.hugepages or vm.shared_memory)
-    how = drift(decision, can_merge=can_merge, merging_off=facts.nosharepages)
+    memory_mergeable = not (vm.hugepages or vm.shared_memory)
+    how = drift(decision, merging_off=facts.nosharepages, memory_mergeable=memory_mergeable)
     if how is None:
         return None
     rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
@@ -144,9 +144,11 @@ def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[st
     )
 
 
-def read_stdin(stdin: IO[bytes]) -> bytes:
+def read_stdin(stdin: IO[bytes] | None) -> bytes:
     from ksmpolicy.libvirt.domain import MAX_XML_BYTES, XmlError  # noqa: PLC0415
 
+    if stdin is None:
+        raise XmlError("no domain XML: standard input is closed")
     data = stdin.read(MAX_XML_BYTES + 1)
     if len(data) > MAX_XML_BYTES:
         raise XmlError(f"domain XML on stdin is larger than {MAX_XML_BYTES // 2**20} MB")

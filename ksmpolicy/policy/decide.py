@@ -135,15 +135,18 @@ class Decider:
         )
 
 
-def drift(decision: Decision, *, can_merge: bool, merging_off: bool) -> str | None:
+def drift(decision: Decision, *, merging_off: bool, memory_mergeable: bool) -> str | None:
     """How a VM's definition disagrees with its decision, or None when it complies.
 
-    `can_merge`: the definition lets KSM merge the VM's memory (no merging switched off, no
-    hugepage or shared memory). `merging_off`: it switches merging off (`<nosharepages/>`,
-    `allow-ksm: 0`). Returns `"mergeable"` when the VM must not merge but could (the only case
-    a start is ever refused for) and `"off"` when it may merge but is switched off (a warning).
+    `merging_off`: the definition switches merging off (`<nosharepages/>`, `allow-ksm: 0`).
+    `memory_mergeable`: its memory is of a kind KSM merges at all (not hugepages, not shared);
+    when it is not, the definition cannot disagree. Returns `"mergeable"` when the VM must not
+    merge but could (the only case a start is ever refused for) and `"off"` when it may merge
+    but is switched off (a warning).
     """
-    if decision.action is Action.EXCLUDE and can_merge:
+    if not memory_mergeable:
+        return None
+    if decision.action is Action.EXCLUDE and not merging_off:
         return "mergeable"
     if decision.action is Action.MERGE and merging_off:
         return "off"

@@ -113,6 +113,22 @@ def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
     return os.path.join(cache_dir, f"policy-{name}.cache")  # noqa: PTH118
 
 
+def load_last_good(path: str | os.PathLike[str], cache_dir: str) -> Policy | None:
+    """The policy last compiled from `path` into `cache_dir`, whatever the file is now, or
+    None. The hooks fall back to it when the file cannot be used (see hookcore)."""
+    file = os.fspath(path)
+    stored = _read_cache_file(_cache_path(cache_dir, (file,)))
+    if not isinstance(stored, tuple) or len(stored) != 3 or stored[0] != _CACHE_FORMAT:
+        return None
+    key = stored[1]
+    if not isinstance(key, tuple) or not key or key[0] != file:
+        return None
+    try:
+        return _thaw(stored[2])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def _read_cache(cache_dir: str, key: tuple[object, ...]) -> Policy | None:
     stored = _read_cache_file(_cache_path(cache_dir, key))
     if not isinstance(stored, tuple) or stored[:2] != (_CACHE_FORMAT, key):

@@ -24,6 +24,7 @@ from ksmpolicy.policy.model import (
 )
 from ksmpolicy.policy.yamlsource import Document
 from ksmpolicy.policy.yamlsource import Path as KeyPath
+from ksmpolicy.proxmox.conf import valid_qemu_server_version
 
 
 def parse(text: str, file: str = "<policy>") -> Policy:
@@ -52,6 +53,42 @@ def _parse(text: str, file: str) -> Policy:
         problems = sorted(doc.problems, key=lambda p: p.line or 0)
         raise PolicyError(problems or [Problem(file, 1, "", "invalid policy")])
     return policy
+
+
+def enforcement_in(text: str) -> Enforcement | None:
+    """The enforcement a policy's text asks for, read as the validator reads it, even when the
+    rest of the file is invalid; None when it does not say or cannot be read. For the hooks'
+    fallback when no policy can be used (the file broken, and no last good one)."""
+    text = text.removeprefix("\ufeff")
+    doc = yamlsource.load(text, "<policy>")
+    if isinstance(doc.value, dict):
+        return _choice(doc.value.get("enforcement"), Enforcement)
+    if doc.value is not None:
+        return None
+    # Not even YAML: the top-level line, with the quoting and case YAML and the validator allow.
+    for line in text.splitlines():
+        found = _ENFORCEMENT_LINE.match(line)
+        if found:
+            return _choice(found.group("value"), Enforcement)
+    return None
+
+
+_ENFORCEMENT_LINE = re.compile(
+    r"""^(?P<q>["']?)enforcement(?P=q)[ \t]*:[ \t]*(?P<v>["']?)(?P<value>[^"'#\s]*)(?P=v)"""
+    r"""[ \t]*(?:#.*)?$"""
+)
+
+
+def _choice(value: Any, kind: type[E]) -> E | None:
+    """The member a policy value names, as the validator accepts it (any case; a bare YAML
+    `off`, which YAML 1.1 reads as false, is "off"), or None."""
+    if value is False and "off" in {m.value for m in kind}:
+        value = "off"
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value.lower():
+                return member
+    return None
 
 
 _TOP_KEYS = (
@@ -235,7 +272,7 @@ class _Validator:
             return ProxmoxSettings()
         version = self.doc.text(("proxmox", "qemu_server_version"), spec["qemu_server_version"])
         text = version if isinstance(version, str) else ""
-        if isinstance(version, bool) or not re.fullmatch(r"\d+(\.\d+){0,3}(-\d+)?", text):
+        if isinstance(version, bool) or not valid_qemu_server_version(text):
             self.doc.problem(
                 ("proxmox", "qemu_server_version"),
                 f"expected a version like 8.4.1 (quote it), got {version!r}",
@@ -272,11 +309,10 @@ class _Validator:
         if key not in spec:
             return default
         value = spec[key]
-        if value is False and "off" in {m.value for m in kind}:
-            value = "off"  # YAML 1.1 reads a bare `off` as false
+        member = _choice(value, kind)
+        if member is not None:
+            return member
         choices = [m.value for m in kind]
-        if isinstance(value, str) and value.lower() in choices:
-            return kind(value.lower())
         hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
         self.doc.problem((*path, key), f"expected one of {', '.join(choices)}, got {value!r}{hint}")
         return default

@@ -66,13 +66,26 @@ class PveFacts:
         return self.allow_ksm is False or self.args_mem_merge_off
 
 
+def split_lines(text: str) -> tuple[str, ...]:
+    """Lines as qemu-server splits them: at `\n` only, each with its ending (`\r\n` stays).
+
+    `str.splitlines` would also split at `\v`, `\f`, `\x1c`-`\x1e`, `\x85` and U+2028, so
+    that a description or a VM name holding one could smuggle in a key Proxmox never sees.
+    """
+    parts = text.split("\n")
+    lines = [part + "\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return tuple(lines)
+
+
 def parse(text: str) -> PveConfig:
     """Split a config into sections; malformed lines are kept, not judged."""
     if len(text) > MAX_CONF_BYTES:
         raise ConfError(f"config is larger than {MAX_CONF_BYTES // 2**20} MB: refusing it")
     if "\0" in text:
         raise ConfError("config contains NUL bytes: not a Proxmox config")
-    lines = tuple(text.splitlines(keepends=True))
+    lines = split_lines(text)
     sections: list[Section] = []
     name: str | None = None
     first = 0
@@ -156,6 +169,14 @@ def _image(value: str) -> str | None:
 
 
 # --- the rewrite -----------------------------------------------------------------------------
+
+
+# A qemu-server package version as the policy and the command line take it: 8.4.1, 9.0.27-1.
+_VERSION = re.compile(r"\d+(\.\d+){0,3}(-\d+)?")
+
+
+def valid_qemu_server_version(text: str) -> bool:
+    return bool(_VERSION.fullmatch(text))
 
 
 def qemu_server_supports_allow_ksm(version: str | None) -> bool:

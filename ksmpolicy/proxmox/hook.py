@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ksmpolicy.proxmox.conf import PveFacts
 
 PHASES = ("pre-start", "post-start", "pre-stop", "post-stop")
-QMP_TIMEOUT_SECONDS = 10.0  # the live switch at post-start; Proxmox waits for the hookscript
+QMP_TIMEOUT_SECONDS = 3.0  # the live switch at post-start, within the hook's 5 s deadline
 CHAINED_TIMEOUT_SECONDS = 600
 
 
@@ -45,6 +45,11 @@ class ProxmoxHook:
         self.policy_path = policy_path or default_policy(self.paths)
         self.root = root
         self.qm = qm
+        self.session = hookcore.Session(
+            f"VM {vmid!r}" if not vmid.isdigit() else f"VM {vmid}",
+            self.policy_path,
+            str(self.paths.run_dir),
+        )
 
     def run(self, phase: str, out: IO[str], err: IO[str]) -> int:
         from ksmpolicy.proxmox.node import valid_vmid  # noqa: PLC0415
@@ -54,15 +59,16 @@ class ProxmoxHook:
         except KsmPolicyError as exc:
             hookcore.report(err, f"ksmpolicy: hookscript called for {exc}", "err")
             if phase == "pre-start":
-                return hookcore.unusable_policy_status(self.policy_path)
+                return self.session.unusable_policy_status()
             return 0
         chained = self.chained(phase, out, err)
         if chained != 0 and phase == "pre-start":
             return chained  # the other hookscript refused the start: so do we
         if phase == "pre-start":
-            status = self.pre_start(err)
+            status = hookcore.run(self.session, self.pre_start, out, err)
         elif phase == "post-start":
-            status = self.post_start(err)
+            self.notify("started")
+            status = hookcore.run(self.session, self.post_start, out, err)
         elif phase == "post-stop":
             self.notify("stopped")
             status = 0
@@ -72,40 +78,40 @@ class ProxmoxHook:
 
     # --- phases
 
-    def pre_start(self, err: IO[str]) -> int:
-        policy = self.load_policy(err)
+    def pre_start(self) -> int:
+        session = self.session
+        policy = session.load_policy()
         if policy is None:
-            return hookcore.unusable_policy_status(self.policy_path)
+            return session.unusable_policy_status()
         if policy.enforcement is Enforcement.OFF:
             return 0
         try:
             facts, decision, note = self.evaluate(policy)
         except KsmPolicyError as exc:
-            return hookcore.own_failure(f"cannot check VM {self.vmid}: {exc}", policy, err)
+            return session.own_failure(f"cannot check VM {self.vmid}: {exc}")
         except Exception as exc:  # a bug must not stop VMs unless the policy says so
             what = f"{type(exc).__name__}: {exc}"
-            failure = f"internal error checking VM {self.vmid}: {what}"
-            return hookcore.own_failure(failure, policy, err)
+            return session.own_failure(f"internal error checking VM {self.vmid}: {what}")
         if note:
-            hookcore.report(err, f"ksmpolicy: VM {self.vmid}: {note}", "warning")
+            session.report(f"ksmpolicy: VM {self.vmid}: {note}", "warning")
         found = verdict(self.vmid, facts, decision)
         if found is None:
             return 0
         how, message = found
         fix = f"ksmpolicy apply --proxmox --vmid {self.vmid}"
         if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
-            hookcore.report(err, f"{message} Fix: {fix}", "err")
+            session.report(f"{message} Fix: {fix}", "err")
             return 1
         line = f"{message} It is switched at post-start; to persist now: {fix}"
-        hookcore.report(err, line, "warning")
+        session.report(line, "warning")
         return 0
 
-    def post_start(self, err: IO[str]) -> int:
-        """Switch the running VM to its decision; persist it later; tell the daemon."""
+    def post_start(self) -> int:
+        """Switch the running VM to its decision; persist it later. Only ever warns."""
         from ksmpolicy.kernel.qmp import set_merge_on_socket  # noqa: PLC0415
 
-        self.notify("started")
-        policy = self.load_policy(err)
+        session = self.session
+        policy = session.load_policy()
         if policy is None:
             return 0
         try:
@@ -116,21 +122,19 @@ class ProxmoxHook:
                 changed = set_merge_on_socket(socket, merge, timeout=QMP_TIMEOUT_SECONDS)
                 if changed:
                     state = "on" if merge else "off"
-                    print(f"ksmpolicy: VM {self.vmid}: merging switched {state} live", file=err)
+                    session.report(
+                        f"ksmpolicy: VM {self.vmid}: merging switched {state} live", "info"
+                    )
             if verdict(self.vmid, facts, decision) is not None:
                 self.spawn_persist()
         except KsmPolicyError as exc:
-            hookcore.report(err, f"ksmpolicy: VM {self.vmid}: post-start: {exc}", "warning")
+            session.report(f"ksmpolicy: VM {self.vmid}: post-start: {exc}", "warning")
         except Exception as exc:  # post-start failures only warn in Proxmox: say so and go on
             message = f"ksmpolicy: VM {self.vmid}: internal error at post-start: {exc}"
-            hookcore.report(err, message, "warning")
+            session.report(message, "warning")
         return 0
 
     # --- shared
-
-    def load_policy(self, err: IO[str]) -> Policy | None:
-        run_dir = str(self.paths.run_dir)
-        return hookcore.load_policy(self.policy_path, run_dir, f"VM {self.vmid}", err)
 
     def evaluate(self, policy: Policy) -> tuple[PveFacts, Decision, str | None]:
         from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
@@ -187,8 +191,8 @@ def verdict(vmid: str, facts: PveFacts, decision: Decision) -> tuple[str, str] |
     from ksmpolicy.policy.decide import drift  # noqa: PLC0415
 
     vm = facts.vm
-    can_merge = not (facts.merging_off or vm.hugepages or vm.shared_memory)
-    how = drift(decision, can_merge=can_merge, merging_off=facts.merging_off)
+    memory_mergeable = not (vm.hugepages or vm.shared_memory)
+    how = drift(decision, merging_off=facts.merging_off, memory_mergeable=memory_mergeable)
     if how is None:
         return None
     who = f"VM {vmid} ({vm.name!r})"

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.files import carries_marker, write_atomic
+from ksmpolicy.files import carries_marker, read_regular, write_atomic
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.proxmox.conf import parse
+from ksmpolicy.proxmox.conf import MAX_CONF_BYTES, parse, split_lines
 from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
 
 HOOKSCRIPT_NAME = "ksmpolicy-hook"
@@ -25,12 +25,12 @@ HOOKSCRIPT_MARKER = "# ksmpolicy-hookscript: written by `ksmpolicy proxmox insta
 def storage_path(paths: HostPaths, storage: str) -> Path:
     """The directory of a file-based storage, from /etc/pve/storage.cfg."""
     try:
-        text = paths.pve_storage_cfg.read_text()
+        text = read_regular(paths.pve_storage_cfg, MAX_CONF_BYTES).decode("utf-8", "replace")
     except OSError as exc:
         raise KsmPolicyError(f"cannot read {paths.pve_storage_cfg}: {exc.strerror}") from None
     kind = None
     path = None
-    for line in text.splitlines():
+    for line in split_lines(text):
         header = re.match(r"^(\w+):\s*(\S+)\s*$", line)
         if header:
             if kind is not None:
@@ -118,9 +118,10 @@ def chain_file(paths: HostPaths, vmid: str) -> Path:
 
 def previous_hookscript(paths: HostPaths, vmid: str) -> str | None:
     try:
-        return chain_file(paths, vmid).read_text().strip() or None
+        data = read_regular(chain_file(paths, vmid), 4096)
     except OSError:
         return None
+    return data.decode("utf-8", "replace").strip() or None
 
 
 def attach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm",)) -> str:

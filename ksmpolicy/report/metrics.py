@@ -11,10 +11,10 @@ from prometheus_client import (
     CollectorRegistry,
     generate_latest,
     start_http_server,
-    write_to_textfile,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ksmpolicy.files import write_atomic
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
@@ -209,8 +209,9 @@ def serve(collector: StatusCollector, address: str) -> None:
 
 
 def write_textfile(collector: StatusCollector, path: str) -> None:
-    """For node_exporter's textfile collector: written to a temporary file, then renamed."""
-    write_to_textfile(path, registry_for(collector))
+    """For node_exporter's textfile collector: a new file beside it, renamed over it, following
+    no symlink (its directory may belong to node_exporter's user)."""
+    write_atomic(path, generate_latest(registry_for(collector)), 0o644)
 
 
 def every(seconds: float, action: Callable[[], None]) -> None:

@@ -120,6 +120,7 @@ def as_json(status: Status) -> dict[str, object]:
                 "pid": v.pid,
                 "name": v.name,
                 "vmid": v.vmid,
+                "uuid": v.uuid,
                 "kind": v.kind,
                 "source": v.source,
                 "group": v.group,

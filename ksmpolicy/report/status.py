@@ -15,6 +15,7 @@ from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.quoting import fix_command
 
 # A VM that merges nothing after this many full scans costs scan CPU for no gain.
 USELESS_AFTER_FULL_SCANS = 3
@@ -25,6 +26,7 @@ class VmStatus:
     pid: int
     name: str  # VM name, or "VM <vmid>", or "comm[pid]" for non-QEMU processes
     vmid: str | None
+    uuid: str | None
     kind: str  # qemu | other
     source: str  # libvirt | proxmox | process: where the facts came from
     group: str | None
@@ -197,6 +199,7 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         pid=process.pid,
         name=facts.name,
         vmid=process.vmid,
+        uuid=facts.uuid or process.uuid,
         kind=process.kind,
         source=source,
         group=decision.group if decision else None,
@@ -293,7 +296,7 @@ def _findings(host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths) -> li
             fix = (
                 f"ksmpolicy apply --proxmox --vmid {vm.vmid} (it follows at the next start)"
                 if vm.vmid
-                else f"ksmpolicy enforce --live --domain {vm.name}"
+                else fix_command("ksmpolicy enforce --live", vm.name, vm.uuid)
             )
             findings.append(
                 Finding(
@@ -306,7 +309,7 @@ def _findings(host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths) -> li
                     "info",
                     vm.name,
                     "the policy lets it merge but its memory is not mergeable",
-                    f"ksmpolicy enforce --live --domain {vm.name}"
+                    fix_command("ksmpolicy enforce --live", vm.name, vm.uuid)
                     if not vm.vmid
                     else f"ksmpolicy apply --proxmox --vmid {vm.vmid}",
                 )

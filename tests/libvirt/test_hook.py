@@ -69,7 +69,7 @@ def test_block_refuses_a_database_without_nosharepages(make_hook: Callable[..., 
     assert result.returncode == 1
     assert result.stderr.decode() == (
         "ksmpolicy: \"pg-primary\" must not share memory (rule 'databases') but its definition "
-        'lacks <memoryBacking><nosharepages/>. Fix: ksmpolicy apply --domain "pg-primary"\n'
+        'lacks <memoryBacking><nosharepages/>. Fix: ksmpolicy apply --domain pg-primary\n'
     )
     assert result.stdout == b""
 
@@ -78,7 +78,7 @@ def test_warn_lets_it_start_and_says_why(make_hook: Callable[..., Hook]) -> None
     result = make_hook("warn")("pg-primary", "prepare", "begin", DATABASE_XML)
     assert result.returncode == 0
     assert result.stderr.decode().startswith('ksmpolicy: "pg-primary" must not share memory')
-    assert result.stderr.decode().endswith('Run: ksmpolicy apply --domain "pg-primary"\n')
+    assert result.stderr.decode().endswith("Run: ksmpolicy apply --domain pg-primary\n")
 
 
 def test_off_says_nothing(make_hook: Callable[..., Hook]) -> None:

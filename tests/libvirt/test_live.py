@@ -83,7 +83,7 @@ def test_block_refuses_to_start_a_database_without_nosharepages(lab: Lab) -> Non
         lab.start("db")
     message = str(info.value)
     assert f"ksmpolicy: \"{PREFIX}db\" must not share memory (rule 'databases')" in message
-    assert f'Fix: ksmpolicy apply --domain "{PREFIX}db"' in message
+    assert f"Fix: ksmpolicy apply --domain {PREFIX}db" in message
     assert not lab.domain("db").isActive()
 
 

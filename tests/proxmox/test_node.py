@@ -163,7 +163,7 @@ def test_a_failing_qm_does_not_stop_the_others(node: Node) -> None:
 
 def test_rewrite_and_explain_from_files(node: Node) -> None:
     conf = DATA / "pve-101-linked-clone.conf"
-    code, out, err = node.cli("proxmox", "rewrite", str(conf))
+    code, out, err = node.cli("proxmox", "rewrite", "--vmid", "101", str(conf))
     assert code == 0
     assert out == conf.read_text()  # web: may merge, nothing to change
     assert "a pending change would make the decision exclude" in err
@@ -172,14 +172,18 @@ def test_rewrite_and_explain_from_files(node: Node) -> None:
         "rewrite",
         "--qemu-server-version",
         "8.0.3",
+        "--vmid",
+        "102",
         str(DATA / "pve-102-allow-ksm-off.conf"),
     )
     assert out == (DATA / "pve-102-allow-ksm-off.conf").read_text()  # database: compliant
-    code, out, _ = node.cli("explain", "--pve-conf", str(conf))
+    code, out, _ = node.cli("explain", "--vmid", "101", "--pve-conf", str(conf))
     assert code == 0
     assert "note: the [PENDING] changes would make it exclude" in out
     assert "group:    -" in out
-    code, out, _ = node.cli("explain", "--pve-conf", str(DATA / "pve-102-allow-ksm-off.conf"))
+    code, out, _ = node.cli(
+        "explain", "--vmid", "102", "--pve-conf", str(DATA / "pve-102-allow-ksm-off.conf")
+    )
     assert "decision: exclude" in out
 
 

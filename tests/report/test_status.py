@@ -147,6 +147,7 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "pid",
         "name",
         "vmid",
+        "uuid",
         "kind",
         "source",
         "group",

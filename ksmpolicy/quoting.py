@@ -1,0 +1,47 @@
+"""Names in what ksmpolicy prints: escaped in log lines, quoted for a shell in commands.
+
+VM names are chosen by whoever defines the VM and may hold quotes, `$(...)`, backticks and
+newlines (libvirt accepts all of them). A log line shows them escaped, on one line; a command
+ksmpolicy suggests (`Fix: ksmpolicy apply --domain ...`) quotes them for a POSIX shell, so that
+pasting it runs nothing but ksmpolicy. Only plain string operations: the hooks use this.
+"""
+
+from __future__ import annotations
+
+
+def unprintable(char: str) -> bool:
+    """A control character (C0, DEL, C1) or a line or paragraph separator: anything that could
+    break a line or move a terminal's cursor."""
+    return char < " " or "\x7f" <= char <= "\x9f" or char in "\u2028\u2029"
+
+
+def quote(name: str) -> str:
+    """A VM name on one line, in double quotes, with quotes, backslashes and unprintable
+    characters escaped (json's rules, without importing json). For log lines, not shells."""
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in escaped)
+    return f'"{escaped}"'
+
+
+_SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@%+=:,./-_")
+
+
+def shell_word(word: str) -> str | None:
+    """`word` quoted for a POSIX shell as shlex.quote does (without importing shlex and re), or
+    None when it holds a control character: such a word cannot be pasted as one line."""
+    if any(unprintable(c) for c in word):
+        return None
+    if word and all(c in _SHELL_SAFE for c in word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def fix_command(command: str, name: str, uuid: str | None, option: str = "--domain") -> str:
+    """A command to paste, naming the VM safely: by name when it quotes onto one line, else by
+    UUID, else a pointer to find it."""
+    word = shell_word(name)
+    if word is None and uuid:
+        word = shell_word(uuid)
+    if word is None:
+        return f"{command} {option} UUID (its name has control characters; see virsh list --uuid)"
+    return f"{command} {option} {word}"
