@@ -62,6 +62,12 @@ class HostPaths:
         """Definitions as they were before ksmpolicy changed them (root-only)."""
         return self.state_dir / "backups"
 
+    def daemon_writes(self) -> tuple[Path, ...]:
+        """Every place the daemon writes: the KSM knobs, its runtime directory (the hooks'
+        notify socket) and the backups of definitions it rewrites. The systemd unit allows
+        these and nothing else (tests/control/test_unit.py checks it)."""
+        return (self.ksm_dir, self.notify_socket, self.backup_dir)
+
     @property
     def libvirt_hooks(self) -> Path:
         return self.root / "etc/libvirt/hooks"
