@@ -116,17 +116,18 @@ class ProxmoxHook:
             return 0
         try:
             facts, decision, _note = self.evaluate(policy)
+            # The config first (in the background, once the start's lock is released): a live
+            # switch that fails must not keep the decision out of the config.
+            if verdict(self.vmid, facts, decision) is not None:
+                self.spawn_persist()
             if policy.live and not (facts.vm.hugepages or facts.vm.shared_memory):
                 merge = decision.action is Action.MERGE
                 socket = str(self.paths.qmp_socket(self.vmid))
                 changed = set_merge_on_socket(socket, merge, timeout=QMP_TIMEOUT_SECONDS)
                 if changed:
                     state = "on" if merge else "off"
-                    session.report(
-                        f"ksmpolicy: VM {self.vmid}: merging switched {state} live", "info"
-                    )
-            if verdict(self.vmid, facts, decision) is not None:
-                self.spawn_persist()
+                    line = f"ksmpolicy: VM {self.vmid}: merging switched {state} live"
+                    session.report(line, "info")
         except KsmPolicyError as exc:
             session.report(f"ksmpolicy: VM {self.vmid}: post-start: {exc}", "warning")
         except Exception as exc:  # post-start failures only warn in Proxmox: say so and go on

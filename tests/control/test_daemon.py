@@ -351,3 +351,29 @@ def test_daemon_serves_metrics_with_its_decisions(
         daemon.output()
     )
     assert "ksmpolicy_ksm_running 0.0" in scrape()
+
+
+def test_a_signal_arriving_while_signals_are_handled_is_not_lost(tmp_path: Path) -> None:
+    """A SIGTERM that lands after the loop has gone through the queued signals, but before it
+    cleared them, used to be cleared unseen: the daemon then ran on. Here it lands at exactly
+    that point (the queue's iterator delivers it when it is exhausted)."""
+    from ksmpolicy.control.daemon import Daemon
+
+    fake_host(tmp_path / "root")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
+    paths = HostPaths(tmp_path / "root", tmp_path / "run")
+    daemon = Daemon(paths, str(policy), dry_run=True, use_libvirt=False)
+
+    class ArrivesAtTheEnd(list[int]):
+        def __iter__(self) -> Iterator[int]:
+            yield from list.__iter__(self)
+            daemon._on_signal(signal.SIGTERM, None)  # lands after the last queued signal
+
+    reloads: list[float] = []
+    daemon.reload = lambda: reloads.append(time.monotonic())  # type: ignore[method-assign]
+    daemon._signals = ArrivesAtTheEnd([signal.SIGHUP])
+    started = time.monotonic()
+    daemon.run(max_seconds=5)
+    assert len(reloads) == 1
+    assert time.monotonic() - started < 3, "the SIGTERM was lost: the daemon ran on"

@@ -69,7 +69,7 @@ def test_block_refuses_a_database_without_nosharepages(make_hook: Callable[..., 
     assert result.returncode == 1
     assert result.stderr.decode() == (
         "ksmpolicy: \"pg-primary\" must not share memory (rule 'databases') but its definition "
-        'lacks <memoryBacking><nosharepages/>. Fix: ksmpolicy apply --domain pg-primary\n'
+        "lacks <memoryBacking><nosharepages/>. Fix: ksmpolicy apply --domain pg-primary\n"
     )
     assert result.stdout == b""
 
@@ -296,4 +296,20 @@ def test_repository_hook_runs_from_a_checkout() -> None:
     result = subprocess.run(
         [str(shim_path), "vm", "start", "begin", "-"], capture_output=True, timeout=20, check=False
     )
+    assert (result.returncode, result.stderr) == (0, b"")
+
+
+def test_a_hugepage_vm_with_nosharepages_starts_under_block(
+    make_hook: Callable[..., Hook],
+) -> None:
+    """Hugepage memory never merges, so <nosharepages/> on it disagrees with nothing: the hook
+    used to refuse such a VM under `block` whenever the policy let it merge."""
+    xml = (
+        b"<domain type='kvm'><name>big-1</name><memory unit='GiB'>8</memory>"
+        b"<memoryBacking><hugepages/><nosharepages/></memoryBacking></domain>"
+    )
+    result = make_hook("block")("big-1", "prepare", "begin", xml)
+    assert (result.returncode, result.stderr) == (0, b"")
+    excluded = xml.replace(b"<name>big-1</name>", b"<name>latency-box</name>")
+    result = make_hook("block", latency="merge")("latency-box", "prepare", "begin", excluded)
     assert (result.returncode, result.stderr) == (0, b"")

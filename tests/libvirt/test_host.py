@@ -178,3 +178,94 @@ def test_cli_apply_reports_and_exits_1_on_failure(tmp_path: Path) -> None:
     assert "2 domains: 1 changed, 0 would change, 1 failed (ghost)" in result.output
     driver.defineXML(original)  # the driver's state lives on in this process
     driver.close()
+
+
+# --- regressions ------------------------------------------------------------------------------
+
+
+class EditedMeanwhile:
+    """The test driver, where an admin edits a domain between ksmpolicy's read and its write:
+    the first read of `name` also redefines it with a new <description>."""
+
+    def __init__(self, conn: Any, name: str) -> None:
+        self.conn = conn
+        self.name = name
+
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
+        return [
+            self.Domain(d, self) if d.name() == self.name else d
+            for d in self.conn.listAllDomains(flags)
+        ]
+
+    def defineXML(self, xml: str) -> Any:
+        return self.conn.defineXML(xml)
+
+    class Domain:
+        def __init__(self, domain: Any, outer: EditedMeanwhile) -> None:
+            self.domain = domain
+            self.outer = outer
+            self.reads = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.domain, name)
+
+        def XMLDesc(self, flags: int = 0) -> str:
+            xml = str(self.domain.XMLDesc(flags))
+            self.reads += 1
+            if self.reads == 1:  # the admin's edit lands right after ksmpolicy read it
+                edited = xml.replace("</name>", "</name>\n  <description>edited</description>")
+                self.outer.conn.defineXML(edited)
+            return xml
+
+
+def test_apply_never_overwrites_an_edit_made_meanwhile(conn: Any, tmp_path: Path) -> None:
+    results = {
+        r.key: r for r in apply(EditedMeanwhile(conn, "db-orders"), POLICY, backup_dir=tmp_path)
+    }
+    assert results["db-orders"].status == "failed"
+    assert "changed while ksmpolicy was working on it" in (results["db-orders"].error or "")
+    current = conn.lookupByName("db-orders").XMLDesc(2)
+    assert "<description>edited</description>" in current  # the admin's edit survives
+    assert not nosharepages(conn, "db-orders")
+    assert results["pg-main"].status == "changed"  # the others go on
+
+
+def test_catch_up_leaves_definitions_alone_when_enforcement_is_off(
+    conn: Any, tmp_path: Path
+) -> None:
+    from ksmpolicy.libvirt.events import Enforcer
+
+    off = parse_policy(
+        "version: 1\nenforcement: off\nlive: false\n"
+        "rules:\n  - {match: {names: ['db-*']}, action: exclude}\n"
+    )
+    before = {d.name(): d.XMLDesc(2) for d in conn.listAllDomains(4)}
+    Enforcer(conn, None, tmp_path / "backups").catch_up(off)
+    assert {d.name(): d.XMLDesc(2) for d in conn.listAllDomains(4)} == before
+    assert not (tmp_path / "backups").exists()
+    warn = parse_policy(
+        "version: 1\nlive: false\nrules:\n  - {match: {names: ['db-*']}, action: exclude}\n"
+    )
+    Enforcer(conn, None, tmp_path / "backups").catch_up(warn)
+    assert nosharepages(conn, "db-orders")  # the same pass does rewrite when enforcement is on
+
+
+def test_libvirt_errors_are_not_echoed_on_stderr(tmp_path: Path) -> None:
+    """libvirt's default handler printed "libvirt: ... error" on stderr for every error, e.g.
+    on the daemon's stderr when no libvirtd ran; the error still raises and is reported once."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ksmpolicy.libvirt.host import connect\n"
+        "from ksmpolicy.errors import KsmPolicyError\n"
+        "try:\n"
+        f"    connect('qemu:///system?socket={tmp_path}/no-such.sock')\n"
+        "except KsmPolicyError as exc:\n"
+        "    print('raised:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.stdout.startswith("raised: cannot connect to libvirt"), result.stdout
+    assert result.stderr == ""

@@ -424,3 +424,120 @@ def test_stand_in_is_honest_about_what_it_does(tmp_path: Path) -> None:
     after = node.config("101")
     assert after.split("[PENDING]")[1] == before.split("[PENDING]")[1]
     assert "agent: 1\nallow-ksm: 0\nboot:" in after.split("[PENDING]")[0]  # sorted, as qm does
+
+
+# --- regressions ------------------------------------------------------------------------------
+
+
+class SilentQemu:
+    """A QMP socket whose QEMU greets and then never answers (a guest stuck in a long
+    migration, an overloaded host): a stand-in for a real but hung QEMU."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.clients: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            client.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+            self.clients.append(client)  # reads nothing, answers nothing
+
+    def close(self) -> None:
+        self.server.close()
+        for client in self.clients:
+            client.close()
+
+
+def test_post_start_gives_up_on_a_qemu_that_never_answers(node: Node) -> None:
+    node.install()
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    qemu = SilentQemu(node.root / "var/run/qemu-server/110.qmp")
+    try:
+        started = time.monotonic()
+        result = node.hook("110", "post-start")  # times out after 30 s: the old hook hung here
+        took = time.monotonic() - started
+    finally:
+        qemu.close()
+    assert result.returncode == 0  # post-start never blocks
+    assert took < 10, f"post-start took {took:.1f} s"
+    assert "ksmpolicy: VM 110: post-start: QMP on" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_attach_never_chains_to_our_own_hookscript_elsewhere(node: Node) -> None:
+    """A VM still pointing at our hookscript on another storage used to get it as the chained
+    one: the hook then ran itself first, at every phase."""
+    shared = node.root / "mnt/shared/snippets"
+    shared.mkdir(parents=True)
+    with (node.root / "etc/pve/storage.cfg").open("a") as cfg:
+        cfg.write("\ndir: shared\n\tpath /mnt/shared\n\tcontent snippets\n")
+    code, _out, err = node.cli(
+        "proxmox", "install", "--storage", "shared", "--root", str(node.root), "--qm", str(node.qm)
+    )
+    assert code == 0, err
+    node.install()
+    node.add(
+        "101",
+        "qs-simple1.conf",
+        **{"name: simple": "name: web\nhookscript: shared:snippets/ksmpolicy-hook"},
+    )
+    code, out, err = node.cli(
+        "proxmox", "attach", "101", "--root", str(node.root), "--qm", str(node.qm)
+    )
+    assert (code, out) == (
+        0,
+        "101: attached (replaces ours from shared:snippets/ksmpolicy-hook)\n",
+    ), err
+    assert not (node.root / "etc/pve/ksmpolicy/chain/101.hookscript").exists()
+    assert node.qm_log() == ["set 101 --hookscript local:snippets/ksmpolicy-hook"]
+    # A chain file left by an older version that names ours is skipped, not run.
+    chain = node.root / "etc/pve/ksmpolicy/chain"
+    chain.mkdir(parents=True, exist_ok=True)
+    (chain / "101.hookscript").write_text("shared:snippets/ksmpolicy-hook\n")
+    result = node.hook("101", "pre-stop")
+    assert result.returncode == 0
+    assert result.stderr == (
+        "ksmpolicy: VM 101: the chained hookscript shared:snippets/ksmpolicy-hook is ours: "
+        "skipped\n"
+    )
+
+
+def test_the_persist_helper_runs_isolated(node: Node, tmp_path: Path) -> None:
+    """post-start re-runs ksmpolicy in the background to persist the decision. Without -I that
+    Python honoured PYTHONPATH and the current directory, and ran whatever `ksmpolicy` module
+    it found there first."""
+    evil = tmp_path / "evil/ksmpolicy"
+    evil.mkdir(parents=True)
+    marker = tmp_path / "evil-ran"
+    (evil / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (evil / "__main__.py").write_text("")
+    node.install()
+    node.set_policy("warn")
+    node.add("110", "qs-simple1.conf", **{"name: simple": "name: pg-1\ntags: database"})
+    script = node.root / "var/lib/vz/snippets/ksmpolicy-hook"
+    result = subprocess.run(
+        [str(script), "110", "post-start"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "evil")},
+        cwd=tmp_path / "evil",
+    )
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.qm_log() != ["set 110 --allow-ksm 0"]:
+        time.sleep(0.2)
+    assert node.qm_log() == ["set 110 --allow-ksm 0"]  # the real ksmpolicy persisted it
+    assert not marker.exists()

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -346,3 +347,31 @@ def test_status_numbers_move_as_merging_happens(real_ksm: RealKsm) -> None:
     assert status.host.ksmd_cpu_percent is not None
     ours = [vm for vm in status.vms if vm.pid in pids]
     assert all(vm.decision == "merge" and vm.compliant for vm in ours)
+
+
+def test_concurrent_scrapes_never_share_the_scanner_at_once(tmp_path: Path) -> None:
+    """prometheus_client serves each scrape on its own thread; the scanner's caches were
+    used by two scrapes at once."""
+    import threading
+
+    from ksmpolicy.kernel.scan import ProcessScanner
+
+    class Watching(ProcessScanner):
+        inside = 0
+        most = 0
+
+        def scan(self, *, refresh: bool = False) -> list[Any]:
+            Watching.inside += 1
+            Watching.most = max(Watching.most, Watching.inside)
+            time.sleep(0.05)  # a scan of many guests takes this long
+            Watching.inside -= 1
+            return []
+
+    collector = StatusCollector(HostPaths(tmp_path), lambda: None)
+    collector.scanner = Watching(HostPaths(tmp_path))
+    threads = [threading.Thread(target=lambda: list(collector.collect())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert Watching.most == 1
