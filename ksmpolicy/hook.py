@@ -37,8 +37,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: IO[bytes] | None = None) -
 
         stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
         hook = LibvirtHook(args[1], policy, options.get("--run-dir"))
-        status = hook.run(args[2], args[3], stream, sys.stdout, sys.stderr)  # type: ignore[arg-type]
-        return _leave_if_stuck(hook.session.timed_out, status)
+        return hook.run(args[2], args[3], stream, sys.stdout, sys.stderr)  # type: ignore[arg-type]
     if args[:1] == ["proxmox"] and len(args) >= 3:
         from ksmpolicy.proxmox.hook import ProxmoxHook  # noqa: PLC0415
 
@@ -49,20 +48,9 @@ def main(argv: Sequence[str] | None = None, *, stdin: IO[bytes] | None = None) -
             run_dir=options.get("--run-dir"),
             qm=options.get("--qm", "qm"),
         )
-        status = proxmox.run(args[2], sys.stdout, sys.stderr)
-        return _leave_if_stuck(proxmox.session.timed_out, status)
+        return proxmox.run(args[2], sys.stdout, sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
-
-
-def _leave_if_stuck(timed_out: bool, status: int) -> int:
-    """After a deadline the hook's worker may be blocked in the kernel (a hung NFS read): end
-    the process now, with the status already decided, instead of waiting for it at exit."""
-    if timed_out:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
 
 
 if __name__ == "__main__":

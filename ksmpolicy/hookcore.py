@@ -6,8 +6,9 @@ The libvirt hook (`ksmpolicy.libvirt.hook`) and the Proxmox hookscript
 input they cannot parse, a bug, a deadline passed) never stop a VM unless the policy says
 `enforcement: block`. The rules:
 
-* **Deadline.** The work runs against `DEADLINE_SECONDS` (5 s; `KSMPOLICY_HOOK_DEADLINE`
-  changes it). A disk on a hung NFS mount, a FIFO or a slow pmxcfs cannot hold a start longer;
+* **Deadline.** The work runs in a child process against `DEADLINE_SECONDS` (5 s;
+  `KSMPOLICY_HOOK_DEADLINE` changes it). A disk on a hung NFS mount, a FIFO or a hung pmxcfs
+  cannot hold a start longer (see `deadline.run_in_child` for why a child, not a thread);
   when the deadline passes the hook takes the own-failure path with the enforcement of the
   policy it had loaded, else of the last good one, else warns.
 * **Last good policy.** Every policy a hook loads successfully is kept compiled in the
@@ -16,7 +17,8 @@ input they cannot parse, a bug, a deadline passed) never stop a VM unless the po
   one line on every start, so removing or breaking the file never switches enforcement off
   silently. `ksmpolicy check` shows why the file is refused.
 * **No policy ever.** With no file and no last good policy, a broken file decides alone: the
-  start is refused only if the file asks for `block` in a spelling the validator accepts.
+  start is refused only if the file asks for `block` in a spelling the validator accepts, and
+  only if no one but root could have written it (else its text is nobody's word).
 
 Only `os` is imported at module level; the rest is imported when needed.
 """
@@ -49,21 +51,33 @@ def deadline_seconds() -> float:
 class Session:
     """One hook run: what it will say, and the policy it acts on.
 
-    The work runs on a worker thread (see `run`); it only appends to `lines` and sets `stdout`,
-    and the caller's thread writes them out, so nothing is half-written when a deadline passes.
+    The work runs in a child process (see `run`): each line it reports, and the enforcement of
+    the policy it loads, reach the hook at once, so that a run cut off by the deadline still
+    says what it knew. The hook process writes them out.
     """
 
     def __init__(self, who: str, policy_path: str, cache_dir: str) -> None:
         self.who = who
         self.policy_path = policy_path
         self.cache_dir = cache_dir
-        self.lines: list[tuple[str, str]] = []
         self.stdout: str | None = None
         self.policy: Policy | None = None
         self.timed_out = False
+        self._send: Callable[[object], None] | None = None
+        self._preface: str | None = None  # said before the next line, on the same line
 
     def report(self, message: str, level: str) -> None:
-        self.lines.append((message, level))
+        if self._preface is not None:
+            message = f"{self._preface} {message.removeprefix('ksmpolicy: ')}"
+            level, self._preface = "err", None
+        if self._send is not None:
+            self._send(("line", message, level))
+
+    def finish(self) -> None:
+        """Say what is still to be said (a preface with nothing after it)."""
+        if self._preface is not None:
+            preface, self._preface = self._preface, None
+            self.report(preface, "err")
 
     def load_policy(self) -> Policy | None:
         """The policy, from the compiled cache while the file is unchanged; the last good one
@@ -73,21 +87,21 @@ class Session:
 
         try:
             self.policy = load_policy(self.policy_path, cache_dir=self.cache_dir)
-            return self.policy
         except KsmPolicyError as exc:
             first = str(exc).splitlines()[0]
-        last = load_last_good(self.policy_path, self.cache_dir)
-        if last is not None:
-            self.report(
+            last = load_last_good(self.policy_path, self.cache_dir)
+            if last is None:
+                self.report(f"ksmpolicy: policy not usable, {self.who} not checked: {first}", "err")
+                return None
+            self._preface = (
                 f"ksmpolicy: policy not usable: {first}; {self.who} is checked against the "
                 "last good policy compiled from that file (fix the file, or run "
-                "`ksmpolicy check` to see why)",
-                "err",
+                "`ksmpolicy check` to see why)."
             )
             self.policy = last
-            return last
-        self.report(f"ksmpolicy: policy not usable, {self.who} not checked: {first}", "err")
-        return None
+        if self._send is not None:
+            self._send(("enforcement", self.policy.enforcement.value))
+        return self.policy
 
     def unusable_policy_status(self) -> int:
         """The exit status when no policy can be used: 1 only if the file asks for `block`."""
@@ -101,42 +115,53 @@ class Session:
 
 
 def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -> int:
-    """Run `work` against the deadline and write out what the session collected.
+    """Run `work` in a child process against the deadline, and write out what it reported."""
+    from ksmpolicy.deadline import run_in_child  # noqa: PLC0415
 
-    After a deadline the worker may still be blocked in the kernel; the caller must then end
-    the process without waiting for it (`session.timed_out`; `ksmpolicy.hook.main` does).
-    """
-    from ksmpolicy.deadline import DeadlineExceeded, call_with_deadline  # noqa: PLC0415
+    def child(send: Callable[[object], None]) -> object:
+        session._send = send
+        status = work()
+        session.finish()
+        return (status, session.stdout)
 
     seconds = deadline_seconds()
-    try:
-        status = call_with_deadline(work, seconds, f"checking {session.who}")
-    except DeadlineExceeded:
-        session.timed_out = True
-        policy = session.policy or _last_good(session)
-        block = _blocks(policy)
-        lines = list(session.lines)
-        lines.append(
-            (
-                f"ksmpolicy: {session.who} not checked within {seconds:g} s (a disk or the policy "
-                "on a slow or hung filesystem, or a FIFO?): "
-                + ("refusing the start (enforcement: block)" if block else "starting it anyway"),
-                "err" if block else "warning",
-            )
-        )
-        for message, level in lines:
-            report(err, message, level)
+    out.flush()
+    err.flush()
+    result = run_in_child(child, seconds)
+    enforcement: str | None = None
+    for message in result.progress:
+        if not isinstance(message, tuple):
+            continue
+        if message[0] == "line":
+            report(err, message[1], message[2])
+        elif message[0] == "enforcement":
+            enforcement = message[1]
+    if result.finished and isinstance(result.result, tuple):
+        status, stdout = result.result
+        if stdout is not None:
+            out.write(stdout)
+            out.flush()
+        return int(status)
+    if enforcement is None:
+        last = _last_good(session)
+        enforcement = last.enforcement.value if last is not None else None
+    block = enforcement == "block"
+    if result.error is not None:  # a bug in the hook: never a traceback, never a block unless asked
+        report(err, f"ksmpolicy: internal error on {session.who}: {result.error}", _level(block))
         return 1 if block else 0
-    except Exception as exc:  # a bug in the hook: never a traceback, never a block unless asked
-        status = session.own_failure(
-            f"internal error on {session.who}: {type(exc).__name__}: {exc}"
-        )
-    for message, level in session.lines:
-        report(err, message, level)
-    if session.stdout is not None:
-        out.write(session.stdout)
-        out.flush()
-    return status
+    session.timed_out = True
+    outcome = "refusing the start (enforcement: block)" if block else "starting it anyway"
+    report(
+        err,
+        f"ksmpolicy: {session.who} not checked within {seconds:g} s (a disk or the policy on a "
+        f"slow or hung filesystem, or a FIFO?): {outcome}",
+        _level(block),
+    )
+    return 1 if block else 0
+
+
+def _level(block: bool) -> str:
+    return "err" if block else "warning"
 
 
 def _blocks(policy: Policy | None) -> bool:
@@ -169,9 +194,11 @@ def report(err: IO[str], message: str, level: str) -> None:
 def says_block(path: str) -> bool:
     """Best effort for an unusable policy: does its text ask for `enforcement: block`, in any
     spelling the validator accepts? Reads a regular file only, and never blocks on it."""
-    from ksmpolicy.files import read_regular  # noqa: PLC0415
+    from ksmpolicy.files import read_regular, untrusted_reason  # noqa: PLC0415
     from ksmpolicy.policy.load import MAX_POLICY_BYTES  # noqa: PLC0415
 
+    if os.geteuid() == 0 and untrusted_reason(path) is not None:
+        return False  # its text is not root's: whoever wrote it must not get to refuse starts
     try:
         data = read_regular(path, MAX_POLICY_BYTES)
     except OSError:

@@ -44,15 +44,17 @@ class LibvirtHook:
             self.notify(note)
             return 0
         if (operation, suboperation) == ("prepare", "begin"):
-            return hookcore.run(self.session, lambda: self.check_start(stdin), out, err)
+            xml = read_stdin(stdin)  # here: the check runs in a child whose stdin is /dev/null
+            return hookcore.run(self.session, lambda: self.check_start(xml), out, err)
         if (operation, suboperation) in (("migrate", "begin"), ("restore", "begin")):
-            work = lambda: self.rewrite_incoming(operation, stdin)  # noqa: E731
+            xml = read_stdin(stdin)
+            work = lambda: self.rewrite_incoming(operation, xml)  # noqa: E731
             return hookcore.run(self.session, work, out, err)
         return 0
 
     # --- prepare begin: does the definition being started follow the policy?
 
-    def check_start(self, stdin: IO[bytes]) -> int:
+    def check_start(self, xml: bytes | Exception) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
 
@@ -64,7 +66,7 @@ class LibvirtHook:
             return 0
         who = session.who
         try:
-            facts, decision = self.evaluate(stdin, policy)
+            facts, decision = self.evaluate(xml, policy)
         except (KsmPolicyError, OSError, ValueError) as exc:
             return session.own_failure(f"cannot check {who}: {exc}")
         except Exception as exc:  # a bug must not stop VMs unless the policy says so
@@ -83,7 +85,7 @@ class LibvirtHook:
 
     # --- migrate begin / restore begin: hand libvirt this host's version of the XML
 
-    def rewrite_incoming(self, operation: str, stdin: IO[bytes]) -> int:
+    def rewrite_incoming(self, operation: str, xml: bytes | Exception) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.libvirt.domain import apply_policy  # noqa: PLC0415
         from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
@@ -96,7 +98,7 @@ class LibvirtHook:
         who = session.who
         try:
             rewritten, _facts, _decision = apply_policy(
-                read_stdin(stdin), Decider(policy), qcow2_backing_root
+                _data(xml), Decider(policy), qcow2_backing_root
             )
         except (KsmPolicyError, OSError, ValueError) as exc:
             return session.own_failure(f"cannot rewrite {who} on {operation}: {exc}")
@@ -108,12 +110,12 @@ class LibvirtHook:
 
     # --- shared
 
-    def evaluate(self, stdin: IO[bytes], policy: Policy) -> tuple[DomainFacts, Decision]:
+    def evaluate(self, xml: bytes | Exception, policy: Policy) -> tuple[DomainFacts, Decision]:
         from ksmpolicy.libvirt.domain import domain_facts  # noqa: PLC0415
         from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
         from ksmpolicy.policy.decide import decide  # noqa: PLC0415
 
-        facts = domain_facts(read_stdin(stdin), qcow2_backing_root)
+        facts = domain_facts(_data(xml), qcow2_backing_root)
         return facts, decide(facts.vm, policy)
 
     def notify(self, event: str) -> None:
@@ -144,12 +146,23 @@ def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[st
     )
 
 
-def read_stdin(stdin: IO[bytes] | None) -> bytes:
+def read_stdin(stdin: IO[bytes] | None) -> bytes | Exception:
+    """The domain XML libvirt passes, or the error reading it (reported by the check, which
+    knows the enforcement mode)."""
     from ksmpolicy.libvirt.domain import MAX_XML_BYTES, XmlError  # noqa: PLC0415
 
     if stdin is None:
-        raise XmlError("no domain XML: standard input is closed")
-    data = stdin.read(MAX_XML_BYTES + 1)
+        return XmlError("no domain XML: standard input is closed")
+    try:
+        data = stdin.read(MAX_XML_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        return XmlError(f"cannot read the domain XML: {exc}")
     if len(data) > MAX_XML_BYTES:
-        raise XmlError(f"domain XML on stdin is larger than {MAX_XML_BYTES // 2**20} MB")
+        return XmlError(f"domain XML on stdin is larger than {MAX_XML_BYTES // 2**20} MB")
     return data
+
+
+def _data(xml: bytes | Exception) -> bytes:
+    if isinstance(xml, Exception):
+        raise xml
+    return xml

@@ -244,7 +244,7 @@ def _scalar(node: yaml.Node, path: Path, doc: Document, loader: yaml.SafeLoader)
             path, f"unsupported YAML tag {node.tag}: use plain YAML", line=node.start_mark.line + 1
         )
         return None
-    if isinstance(node, yaml.ScalarNode) and node.style is None:
+    if isinstance(node, yaml.ScalarNode) and not node.style:  # plain: None, or '' from libyaml
         doc.written[path] = node.value
     try:
         return loader.construct_object(node, deep=True)
