@@ -25,8 +25,8 @@ def shim(python: str, policy: str | None = None, run_dir: str | None = None) -> 
         f"#!{python} -I\n"
         f"{MARKER}; `ksmpolicy uninstall libvirt` removes it.\n"
         "import sys\n"
-        "from ksmpolicy.hook import main\n"
-        f"sys.exit(main([*{options!r}, 'libvirt', *sys.argv[1:]]))\n"
+        "from ksmpolicy.hook import leave\n"
+        f"leave([*{options!r}, 'libvirt', *sys.argv[1:]])\n"
     )
 
 

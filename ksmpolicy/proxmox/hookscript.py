@@ -68,8 +68,8 @@ def hookscript_text(python: str, policy: str | None = None, extra: Sequence[str]
         f"#!{python} -I\n"
         f"{HOOKSCRIPT_MARKER}; Proxmox runs it as: ksmpolicy-hook VMID PHASE\n"
         "import sys\n"
-        "from ksmpolicy.hook import main\n"
-        f"sys.exit(main([*{options!r}, 'proxmox', *sys.argv[1:]]))\n"
+        "from ksmpolicy.hook import leave\n"
+        f"leave([*{options!r}, 'proxmox', *sys.argv[1:]])\n"
     )
 
 

@@ -313,3 +313,28 @@ def test_a_hugepage_vm_with_nosharepages_starts_under_block(
     excluded = xml.replace(b"<name>big-1</name>", b"<name>latency-box</name>")
     result = make_hook("block", latency="merge")("latency-box", "prepare", "begin", excluded)
     assert (result.returncode, result.stderr) == (0, b"")
+
+
+def test_a_shim_written_by_the_previous_version_still_works(tmp_path: Path) -> None:
+    """Hooks installed before the restructure call `ksmpolicy.hook.main` with this text."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(mode="block", latency="exclude"))
+    policy.chmod(0o644)
+    old = tmp_path / "old-shim"
+    options = ["--policy", str(policy), "--run-dir", str(tmp_path / "run")]
+    old.write_text(
+        f"#!{sys.executable} -I\n"
+        "# ksmpolicy-hook: written by `ksmpolicy install libvirt`; `ksmpolicy uninstall libvirt`"
+        " removes it.\nimport sys\nfrom ksmpolicy.hook import main\n"
+        f"sys.exit(main([*{options!r}, 'libvirt', *sys.argv[1:]]))\n"
+    )
+    old.chmod(0o755)
+    result = subprocess.run(
+        [str(old), "pg-primary", "prepare", "begin", "-"],
+        input=DATABASE_XML,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"must not share memory" in result.stderr
