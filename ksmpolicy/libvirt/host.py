@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ksmpolicy.apply import Outcome, Planned, apply_targets
+from ksmpolicy.apply import DEADLINE_SECONDS, Outcome, Planned, apply_targets
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.qmp import merge_state, set_merge
 from ksmpolicy.libvirt.domain import NAMESPACE, NAMESPACE_PREFIX, apply_policy, domain_facts
@@ -130,9 +130,11 @@ def apply(
     backup_dir: Path,
     dry_run: bool = False,
     only: Iterable[str] = (),
+    deadline_seconds: float = DEADLINE_SECONDS,
 ) -> list[Outcome]:
     """Redefine every persistent domain whose definition disagrees with the policy; `only`
-    names domains by name or UUID. The old definition is saved under `backup_dir` first."""
+    names domains by name or UUID. The old definition is saved under `backup_dir` first. Each
+    domain gets `deadline_seconds` to be read (its disks on a hung NFS mount fail it alone)."""
     wanted = set(only)
     decider = Decider(policy)
     domains = sorted(conn.listAllDomains(LIST_PERSISTENT), key=lambda d: d.name())
@@ -144,7 +146,9 @@ def apply(
             continue
         seen |= keys
         chosen.append(DomainTarget(conn, domain, decider))
-    results = apply_targets(chosen, backup_dir=backup_dir, dry_run=dry_run)
+    results = apply_targets(
+        chosen, backup_dir=backup_dir, dry_run=dry_run, deadline_seconds=deadline_seconds
+    )
     for missing in sorted(wanted - seen):
         results.append(Outcome(missing, missing, "failed", error=NO_SUCH_DOMAIN))
     return results

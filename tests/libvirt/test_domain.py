@@ -390,3 +390,21 @@ def test_odd_names_survive_the_rewrite() -> None:
     out = set_nosharepages(xml, True)
     assert f"<name>{name}</name>" in out
     assert domain_facts(out).vm.name == 'a "quoted" $(touch /tmp/pwned) & `x`\nsecond line'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "  <memory unit='KiB'>1048576</memory>\n",
+        "  <memory unit='KiB'>1048576</memory>\n  <memoryBacking>\n    <hugepages/>\n"
+        "  </memoryBacking>\n",
+        "  <memory unit='KiB'>1048576</memory>\n  <memoryBacking/>\n",
+    ],
+)
+def test_crlf_documents_stay_crlf(body: str) -> None:
+    lf = f"<domain type='kvm'>\n  <name>db</name>\n{body}</domain>\n"
+    crlf = lf.replace("\n", "\r\n")
+    added = set_nosharepages(crlf, True)
+    assert added == set_nosharepages(lf, True).replace("\n", "\r\n")
+    assert "\r\n" in added and "\n" not in added.replace("\r\n", "")
+    assert set_nosharepages(added, False) == crlf.replace("  <memoryBacking/>\r\n", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,34 @@ def test_libvirt_errors_are_not_echoed_on_stderr(tmp_path: Path) -> None:
     )
     assert result.stdout.startswith("raised: cannot connect to libvirt"), result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.root
+def test_a_domain_on_a_hung_filesystem_fails_alone(conn: Any, tmp_path: Path) -> None:
+    """apply gives each domain its own deadline: one whose disk hangs does not stop the rest."""
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError):
+        pytest.skip("needs fusepy and libfuse2 (scripts/bootstrap installs them)")
+    from lab.slowfs import mounted
+
+    with mounted(tmp_path / "nfs") as nfs:
+        stuck = domain_xml("db-stuck").replace(
+            "  <os>",
+            "  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='{nfs / 'slow.qcow2'}'/><target dev='vda' bus='virtio'/></disk>\n"
+            "  </devices>\n  <os>",
+        )
+        conn.defineXML(stuck)
+        try:
+            started = time.monotonic()
+            results = {
+                r.key: r for r in apply(conn, POLICY, backup_dir=tmp_path / "b", deadline_seconds=1)
+            }
+            took = time.monotonic() - started
+        finally:
+            conn.lookupByName("db-stuck").undefine()
+    assert results["db-stuck"].status == "failed"
+    assert results["db-stuck"].error == "reading db-stuck took longer than 1 s"
+    assert results["db-orders"].status == "changed"
+    assert took < 10
