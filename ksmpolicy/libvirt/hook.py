@@ -128,12 +128,10 @@ def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[st
     """None when the definition complies with the decision, else (how it drifts, one line)."""
     from ksmpolicy.policy.decide import drift  # noqa: PLC0415
 
-    vm = facts.vm
-    memory_mergeable = not (vm.hugepages or vm.shared_memory)
-    how = drift(decision, merging_off=facts.nosharepages, memory_mergeable=memory_mergeable)
+    how = drift(decision, facts.vm, merging_off=facts.nosharepages)
     if how is None:
         return None
-    rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+    rule = decision.rule_text
     who = hookcore.quote(name)
     if how == "mergeable":
         return how, (

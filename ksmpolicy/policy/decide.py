@@ -36,6 +36,11 @@ class Decision:
     tags: tuple[str, ...] = ()
 
     @property
+    def rule_text(self) -> str:
+        """`rule 'databases'`, or `the policy default`: what decided, for messages."""
+        return f"rule {self.rule!r}" if self.rule else "the policy default"
+
+    @property
     def verdict(self) -> str:
         """`merge`, `exclude`, or `never` (the policy says merge, but the memory cannot)."""
         if self.merge:
@@ -161,16 +166,15 @@ class Decider:
         )
 
 
-def drift(decision: Decision, *, merging_off: bool, memory_mergeable: bool) -> str | None:
+def drift(decision: Decision, vm: VmFacts, *, merging_off: bool) -> str | None:
     """How a VM's definition disagrees with its decision, or None when it complies.
 
     `merging_off`: the definition switches merging off (`<nosharepages/>`, `allow-ksm: 0`).
-    `memory_mergeable`: its memory is of a kind KSM merges at all (not hugepages, not shared);
-    when it is not, the definition cannot disagree. Returns `"mergeable"` when the VM must not
-    merge but could (the only case a start is ever refused for) and `"off"` when it may merge
-    but is switched off (a warning).
+    Memory KSM never merges (hugepages, shared memory) cannot disagree. Returns `"mergeable"`
+    when the VM must not merge but could (the only case a start is ever refused for) and
+    `"off"` when it may merge but is switched off (a warning).
     """
-    if not memory_mergeable:
+    if vm.hugepages or vm.shared_memory:
         return None
     if decision.action is Action.EXCLUDE and not merging_off:
         return "mergeable"

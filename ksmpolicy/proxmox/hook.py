@@ -191,13 +191,11 @@ def verdict(vmid: str, facts: PveFacts, decision: Decision) -> tuple[str, str] |
     """None when the config complies with the decision, else (how it drifts, one line)."""
     from ksmpolicy.policy.decide import drift  # noqa: PLC0415
 
-    vm = facts.vm
-    memory_mergeable = not (vm.hugepages or vm.shared_memory)
-    how = drift(decision, merging_off=facts.merging_off, memory_mergeable=memory_mergeable)
+    how = drift(decision, facts.vm, merging_off=facts.merging_off)
     if how is None:
         return None
-    who = f"VM {vmid} ({vm.name!r})"
-    rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+    who = f"VM {vmid} ({facts.vm.name!r})"
+    rule = decision.rule_text
     if how == "mergeable":
         return how, f"ksmpolicy: {who} must not share memory ({rule}) but its config allows KSM."
     return how, f"ksmpolicy: {who} may share memory ({rule}) but its config turns KSM off."
