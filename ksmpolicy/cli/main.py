@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import click
 
 from ksmpolicy import __version__
-from ksmpolicy.cli import daemon, libvirt, policy, proxmox, status
+from ksmpolicy.cli import daemon, libvirt, pages, policy, proxmox, status
 from ksmpolicy.cli.common import Options
 from ksmpolicy.errors import KsmPolicyError, PolicyError
 
@@ -51,6 +51,7 @@ for command in (
     policy.explain,
     status.status,
     status.metrics,
+    pages.pages,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

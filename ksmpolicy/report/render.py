@@ -1,7 +1,10 @@
-"""`ksmpolicy status` for people (80 columns) and for scripts (the documented JSON)."""
+"""`ksmpolicy status` and `ksmpolicy pages` for people (80 columns) and for scripts (the
+documented JSON)."""
 
 from __future__ import annotations
 
+from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.report.sharing import PairShare, Sharing
 from ksmpolicy.report.status import Status
 
 JSON_VERSION = 1
@@ -40,7 +43,7 @@ def text(status: Status) -> str:
     if not qemus:
         lines.append("No running VMs.")
     else:
-        columns = ("VM", "GROUP", "DECISION", "OK", "MERGEABLE", "MERGED", "PROFIT")
+        columns = ("VM", "GROUP", "DECISION", "OK", "MERGEABLE", "MERGED", "SAVED")
         units = ("", "RULE", "", "", "MiB", "MiB", "MiB")
         lines += [_row(columns), _row(units)]
         for vm in sorted(qemus, key=lambda v: v.name):
@@ -48,10 +51,11 @@ def text(status: Status) -> str:
             lines.append(
                 f"{_cut(vm.name, 18):<18} {_cut(vm.group or '-', 12):<12} "
                 f"{vm.decision or '-':<8} {ok:<3} {mib(vm.mergeable_bytes):>9} "
-                f"{mib(vm.merged_bytes):>8} {mib(vm.profit_bytes):>8}"
+                f"{mib(vm.merged_bytes):>8} {mib(vm.saved_bytes):>8}"
             )
             if vm.rule:
                 lines.append(f"{'':<18} {_cut(vm.rule, 60)}")
+        lines += _wrap("", _savings_line(status).split())
     if others:
         total = sum(v.mergeable_bytes for v in others)
         lines.append(f"Other processes that opted in: {len(others)}, {mib(total)} MiB mergeable")
@@ -71,6 +75,17 @@ def text(status: Status) -> str:
             lines.append(f"  [{finding.severity}] {who}{finding.message}")
             lines.append(f"      -> {finding.fix}")
     return "\n".join(lines)
+
+
+def _savings_line(status: Status) -> str:
+    if status.sharing is not None:
+        total = sum(v.saved_bytes for v in status.sharing.vms)
+        return (
+            f"SAVED: exact, from the page map ({mib(total)} MiB in all; "
+            "`ksmpolicy pages` shows who shares with whom)"
+        )
+    why = f" ({status.savings_note})" if status.savings_note else ""
+    return f"SAVED: from ksm_stat, counting a shared page fully for each VM{why}"
 
 
 def _wrap(prefix: str, words: list[str], width: int = 80) -> list[str]:
@@ -101,6 +116,7 @@ def as_json(status: Status) -> dict[str, object]:
         "version": JSON_VERSION,
         "policy": status.policy,
         "policy_error": status.policy_error,
+        "savings_note": status.savings_note,
         "host": {
             "ksm_available": host.available,
             "running": host.running,
@@ -132,6 +148,8 @@ def as_json(status: Status) -> dict[str, object]:
                 "merged_bytes": v.merged_bytes,
                 "zero_bytes": v.zero_bytes,
                 "profit_bytes": v.profit_bytes,
+                "saved_bytes": v.saved_bytes,
+                "savings_source": v.savings_source,
             }
             for v in status.vms
         ],
@@ -148,4 +166,111 @@ def as_json(status: Status) -> dict[str, object]:
             {"severity": f.severity, "vm": f.vm, "message": f.message, "fix": f.fix}
             for f in status.findings
         ],
+    }
+
+
+# --- ksmpolicy pages ------------------------------------------------------------------------
+
+
+def pages_text(sharing: Sharing, *, top: int = 10) -> str:
+    """Per-VM exact savings, the group x group matrix and the pairs that share most."""
+    vms = sorted(sharing.vms, key=lambda v: (v.group is None, v.group or "", v.name))
+    lines = [
+        f"{'VM':<20} {'GROUP':<12} {'SAVED':>8} {'KSM PAGES':>10} {'WITH GROUP':>10} {'ZERO':>7}",
+        f"{'':<20} {'':<12} {'MiB':>8} {'':>10} {'MiB':>10} {'MiB':>7}",
+    ]
+    for vm in vms:
+        lines.append(
+            f"{_cut(vm.name, 20):<20} {_cut(vm.group or '-', 12):<12} {mib(vm.saved_bytes):>8} "
+            f"{vm.ksm_pages:>10} {amount(vm.shared_with_group_pages):>10} "
+            f"{mib(vm.zero_bytes):>7}"
+        )
+    total = sum(v.saved_bytes for v in sharing.vms)
+    kernel = ((sharing.pages_sharing or 0) + (sharing.ksm_zero_pages or 0)) * PAGE_SIZE
+    lines.append(
+        f"Saved in all: {mib(total)} MiB; the kernel's pages_sharing + ksm_zero_pages: "
+        f"{mib(kernel)} MiB (walk: {sharing.seconds:.2f} s)"
+    )
+    groups = sorted({g for p in sharing.group_pairs for g in (p.a, p.b)})
+    if groups:
+        lines += ["", "Shared between groups, MiB of content, + zero pages (p: pages):"]
+        width = max(8, *(min(len(g), 12) for g in groups))
+        lines.append(" " * 14 + " ".join(f"{_cut(g, width):>{width}}" for g in groups))
+        cells = {(p.a, p.b): p for p in sharing.group_pairs}
+        for row in groups:
+            values = []
+            for column in groups:
+                pair = cells.get((row, column)) or cells.get((column, row))
+                values.append(f"{_cell(pair):>{width}}")
+            lines.append(f"{_cut(row, 13):<13} " + " ".join(values))
+    shared = sorted(sharing.pairs, key=lambda p: -p.shared_pages)[:top]
+    if shared:
+        lines += ["", f"VM pairs that share most (of {len(sharing.pairs)}):"]
+        for pair in shared:
+            zero = f" (+{amount(pair.zero_pages)} zero)" if pair.zero_pages else ""
+            lines.append(
+                f"  {_cut(pair.a, 24)} ~ {_cut(pair.b, 24)}: {amount(pair.shared_pages)}{zero}"
+            )
+    if sharing.findings:
+        lines += ["", "Findings:"]
+        for finding in sharing.findings:
+            who = f"{finding.vm}: " if finding.vm else ""
+            lines += [f"  [{finding.severity}] {who}{finding.message}", f"      -> {finding.fix}"]
+    return "\n".join(lines)
+
+
+def amount(pages: int) -> str:
+    """Pages as MiB, or as a page count when that would round to nothing."""
+    size = pages * PAGE_SIZE / 2**20
+    return f"{size:.1f}" if size >= 0.1 or not pages else f"{pages}p"
+
+
+def _cell(pair: PairShare | None) -> str:
+    if pair is None:
+        return "-"
+    zero = f"+{amount(pair.zero_pages)}" if pair.zero_pages else ""
+    return amount(pair.shared_pages) + zero
+
+
+def pages_json(sharing: Sharing) -> dict[str, object]:
+    """The documented JSON of `ksmpolicy pages` (keys are only ever added)."""
+
+    def pair(p: PairShare) -> dict[str, object]:
+        return {
+            "a": p.a,
+            "b": p.b,
+            "shared_pages": p.shared_pages,
+            "zero_pages": p.zero_pages,
+            "saved_bytes": p.saved_bytes,
+        }
+
+    return {
+        "version": JSON_VERSION,
+        "page_size": PAGE_SIZE,
+        "pages_sharing": sharing.pages_sharing,
+        "ksm_zero_pages": sharing.ksm_zero_pages,
+        "seconds": round(sharing.seconds, 3),
+        "vms": [
+            {
+                "name": v.name,
+                "pid": v.pid,
+                "group": v.group,
+                "domain": v.domain,
+                "kind": v.kind,
+                "saved_bytes": v.saved_bytes,
+                "ksm_saved_bytes": v.ksm_saved_bytes,
+                "zero_bytes": v.zero_bytes,
+                "ksm_pages": v.ksm_pages,
+                "present_pages": v.present_pages,
+                "shared_with_group_pages": v.shared_with_group_pages,
+            }
+            for v in sharing.vms
+        ],
+        "pairs": [pair(p) for p in sharing.pairs],
+        "group_pairs": [pair(p) for p in sharing.group_pairs],
+        "findings": [
+            {"severity": f.severity, "vm": f.vm, "message": f.message, "fix": f.fix}
+            for f in sharing.findings
+        ],
+        "exited_pids": list(sharing.exited),
     }

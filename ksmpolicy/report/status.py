@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
+from ksmpolicy.kernel.pagemap import PageMapUnavailable
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.quoting import fix_command
+from ksmpolicy.report.findings import Finding
+from ksmpolicy.report.sharing import Party, Sharing, measure
 
 # A VM that merges nothing after this many full scans costs scan CPU for no gain.
 USELESS_AFTER_FULL_SCANS = 3
@@ -38,6 +41,11 @@ class VmStatus:
     merged_bytes: int  # this VM's pages mapped to KSM pages (ksm_merging_pages)
     zero_bytes: int  # this VM's pages mapped to the zero page (ksm_zero_pages)
     profit_bytes: int | None  # ksm_process_profit: signed, rmap overhead counted
+    # What merging saves this VM: exact from the page map (each KSM page's saving split among
+    # its mappers), else ksm_stat's merged and zero pages, which count a shared page fully
+    # for every VM that maps it.
+    saved_bytes: int = 0
+    savings_source: str = "ksm_stat"  # pagemap | ksm_stat
 
 
 @dataclass(frozen=True)
@@ -46,14 +54,6 @@ class GroupStatus:
     vms: int
     mergeable_bytes: int
     merged_bytes: int
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # info | warning
-    vm: str | None
-    message: str
-    fix: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class Status:
     policy: str | None = None
     policy_error: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    sharing: Sharing | None = None  # the sharing map, when the page map could be read
+    savings_note: str | None = None  # why per-VM savings come from ksm_stat
 
 
 def collect(
@@ -90,8 +92,10 @@ def collect(
     sample_seconds: float = 0.2,
     scanner: ProcessScanner | None = None,
     policy_error: str | None = None,
+    pagemap: bool = True,
 ) -> Status:
-    """One look at the host. `sample_seconds` measures ksmd's CPU share (0: not measured)."""
+    """One look at the host. `sample_seconds` measures ksmd's CPU share (0: not measured);
+    `pagemap` reads the page map for exact savings and the sharing map (root)."""
     state = read_ksm(paths)
     ksmd = ksmd_pid(paths) if state is not None else None
     cpu_before = process_cpu_seconds(paths, ksmd) if ksmd else None
@@ -107,9 +111,39 @@ def collect(
     if cpu_before is not None and cpu_after is not None and elapsed > 0 and sample_seconds > 0:
         share = 100 * (cpu_after - cpu_before) / elapsed
     host = _host_status(paths, state, share, cpu_after)
+    sharing, note = (None, "not read") if not pagemap else _sharing(paths, vms, host)
+    if sharing is not None:
+        exact = {v.pid: v.saved_bytes for v in sharing.vms}
+        vms = tuple(
+            replace(v, saved_bytes=exact[v.pid], savings_source="pagemap") if v.pid in exact else v
+            for v in vms
+        )
     groups = _groups(vms)
-    findings = tuple(_findings(host, vms, paths))
-    return Status(host, vms, groups, findings, policy.source if policy else None, policy_error)
+    findings = (*_findings(host, vms, paths), *(sharing.findings if sharing else ()))
+    return Status(
+        host,
+        vms,
+        groups,
+        findings,
+        policy.source if policy else None,
+        policy_error,
+        sharing=sharing,
+        savings_note=note,
+    )
+
+
+def _sharing(
+    paths: HostPaths, vms: Sequence[VmStatus], host: HostStatus
+) -> tuple[Sharing | None, str | None]:
+    """The sharing map of the running VMs, or None and why it could not be read."""
+    if not host.available:
+        return None, "this kernel has no KSM"
+    parties = [Party(v.pid, v.name, v.group, kind=v.kind) for v in vms]
+    zeros = {v.pid: v.zero_bytes // PAGE_SIZE for v in vms}
+    try:
+        return measure(paths, parties, zero_pages=zeros, ksm_zero_pages=host.zero_pages), None
+    except PageMapUnavailable as exc:
+        return None, str(exc)
 
 
 def _host_status(
@@ -211,6 +245,7 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         merged_bytes=(ksm.merging_pages or 0) * PAGE_SIZE if ksm else 0,
         zero_bytes=(ksm.zero_pages or 0) * PAGE_SIZE if ksm else 0,
         profit_bytes=ksm.process_profit if ksm else None,
+        saved_bytes=((ksm.merging_pages or 0) + (ksm.zero_pages or 0)) * PAGE_SIZE if ksm else 0,
     )
 
 

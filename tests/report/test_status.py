@@ -142,7 +142,16 @@ def test_status_text_fits_80_columns(host: Path) -> None:
 def test_status_json_is_the_documented_shape(host: Path) -> None:
     data = as_json(collect(HostPaths(host), POLICY, sample_seconds=0))
     assert data["version"] == 1
-    assert set(data) == {"version", "policy", "policy_error", "host", "vms", "groups", "findings"}
+    assert set(data) == {
+        "version",
+        "policy",
+        "policy_error",
+        "savings_note",
+        "host",
+        "vms",
+        "groups",
+        "findings",
+    }
     vm = data["vms"][0]  # type: ignore[index]
     assert set(vm) == {
         "pid",
@@ -160,7 +169,10 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "merged_bytes",
         "zero_bytes",
         "profit_bytes",
+        "saved_bytes",
+        "savings_source",
     }
+    assert vm["savings_source"] == "ksm_stat"  # a fake host has no page map  # type: ignore[index]
     json.dumps(data)  # serialisable
 
 

@@ -1,0 +1,61 @@
+"""The sharing map as a picture: the VM x VM heatmap, ordered by group (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.report.sharing import Sharing
+
+INSTALL_HINT = (
+    "drawing needs matplotlib: apt install python3-matplotlib, or pip install 'ksmpolicy[plot]'"
+)
+
+
+def heatmap(sharing: Sharing, path: Path, *, title: str = "KSM pages shared between VMs") -> None:
+    """Write a PNG: MiB of content both VMs of a pair map, zero pages left out; groups framed."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+        from matplotlib.patches import Rectangle  # noqa: PLC0415
+    except ImportError:
+        raise KsmPolicyError(INSTALL_HINT) from None
+    vms = sorted(sharing.vms, key=lambda v: (v.group is None, v.group or "", v.name))
+    if not vms:
+        raise KsmPolicyError("no VM maps any KSM page: nothing to draw")
+    where = {v.name: i for i, v in enumerate(vms)}
+    grid = np.zeros((len(vms), len(vms)))
+    for pair in sharing.pairs:
+        i, j = where.get(pair.a), where.get(pair.b)
+        if i is not None and j is not None:
+            grid[i, j] = grid[j, i] = pair.shared_pages * PAGE_SIZE / 2**20
+    np.fill_diagonal(grid, np.nan)
+    size = max(4.0, min(16.0, 1.5 + 0.35 * len(vms)))
+    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    image = axes.imshow(grid, cmap="viridis", interpolation="nearest")
+    labels = [f"{v.name} ({v.group or '-'})" for v in vms]
+    axes.set_xticks(range(len(vms)), labels, rotation=90, fontsize=8)
+    axes.set_yticks(range(len(vms)), labels, fontsize=8)
+    start = 0
+    for index in range(1, len(vms) + 1):
+        if index == len(vms) or vms[index].group != vms[start].group:
+            axes.add_patch(
+                Rectangle(
+                    (start - 0.5, start - 0.5),
+                    index - start,
+                    index - start,
+                    fill=False,
+                    edgecolor="white",
+                    linewidth=1.5,
+                )
+            )
+            start = index
+    figure.colorbar(image, ax=axes, label="MiB of content KSM pages both map")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
