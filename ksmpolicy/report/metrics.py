@@ -15,33 +15,61 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ksmpolicy.files import write_atomic
+from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.report.sharing import Sharing
 from ksmpolicy.report.status import Status, collect
 
 VM_LABELS = ["vm", "vmid", "group"]
 
 
+PAGEMAP_SECONDS = 60.0  # scrapes in between reuse the last page-map walk
+
+
 class StatusCollector:
-    """Collects on every scrape. `reconciler` (the daemon's) adds what it decided."""
+    """Collects on every scrape. `reconciler` (the daemon's) adds what it decided.
+
+    The page map (exact savings, the sharing map) is walked at most every `pagemap_seconds`:
+    a walk reads every guest's page tables, which on a large host costs seconds of CPU, and
+    scrapes come every 15 s or so. In between, the last walk's figures are reused for the VMs
+    still running.
+    """
 
     def __init__(
         self,
         paths: HostPaths,
         policy: Callable[[], Policy | None],
         reconciler: Any = None,
+        pagemap_seconds: float = PAGEMAP_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.paths = paths
         self.policy = policy
         self.reconciler = reconciler
         self.scanner = ProcessScanner(paths)
+        self.pagemap_seconds = pagemap_seconds
+        self.clock = clock
+        self._sharing: Sharing | None = None
+        self._walked: float | None = None
         # prometheus_client serves scrapes on threads; the scanner's caches are not for sharing.
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            status = collect(self.paths, self.policy(), sample_seconds=0, scanner=self.scanner)
+            now = self.clock()
+            fresh = self._walked is not None and now - self._walked < self.pagemap_seconds
+            status = collect(
+                self.paths,
+                self.policy(),
+                sample_seconds=0,
+                scanner=self.scanner,
+                pagemap=not fresh,
+                reuse=self._sharing if fresh else None,
+            )
+            if not fresh:
+                self._sharing, self._walked = status.sharing, now
         yield from status_metrics(status)
         if self.reconciler is not None and self.reconciler.last_plan is not None:
             yield from reconciler_metrics(self.reconciler)
@@ -58,6 +86,7 @@ def status_metrics(status: Status) -> Iterator[Metric]:
         "ksm_available", "1 if the kernel has KSM (/sys/kernel/mm/ksm).", int(host.available)
     )
     yield from gauge("ksm_running", "1 if ksmd runs (run=1).", int(host.running))
+    yield from gauge("page_size_bytes", "The kernel's page size, which KSM merges in.", PAGE_SIZE)
     if host.available:
         yield from gauge(
             "ksm_saved_bytes",
@@ -120,6 +149,12 @@ def status_metrics(status: Status) -> Iterator[Metric]:
             "ksm_process_profit of the VM: saved minus overhead.",
             labels=VM_LABELS,
         ),
+        "saved": GaugeMetricFamily(
+            "ksmpolicy_vm_saved_bytes",
+            "Memory the VM's merging saves: exact from the page map (source=pagemap), else "
+            "ksm_stat's merged and zero pages, which over-count shared pages (source=ksm_stat).",
+            labels=[*VM_LABELS, "source"],
+        ),
         "compliant": GaugeMetricFamily(
             "ksmpolicy_vm_compliant",
             "1 if the running VM merges as its policy decides, 0 if not.",
@@ -135,9 +170,12 @@ def status_metrics(status: Status) -> Iterator[Metric]:
         families["zero"].add_metric(labels, vm.zero_bytes)
         if vm.profit_bytes is not None:
             families["profit"].add_metric(labels, vm.profit_bytes)
+        families["saved"].add_metric([*labels, vm.savings_source], vm.saved_bytes)
         if vm.compliant is not None:
             families["compliant"].add_metric([*labels, vm.decision or ""], int(vm.compliant))
     yield from families.values()
+    if status.sharing is not None:
+        yield from sharing_metrics(status.sharing)
     group_vms = GaugeMetricFamily(
         "ksmpolicy_group_vms", "Running VMs in the group.", labels=["group"]
     )
@@ -158,6 +196,25 @@ def status_metrics(status: Status) -> Iterator[Metric]:
     for severity in ("info", "warning"):
         findings.add_metric([severity], sum(f.severity == severity for f in status.findings))
     yield findings
+
+
+def sharing_metrics(sharing: Sharing) -> Iterator[Metric]:
+    """Shared pages per group pair (a group with itself: pages two of its VMs share)."""
+    pairs = GaugeMetricFamily(
+        "ksmpolicy_group_pair_shared_pages",
+        "KSM pages that VMs of both groups map (kind=content), or zero pages (kind=zero); "
+        "group_a = group_b: pages shared within the group. '-' is VMs in no group.",
+        labels=["group_a", "group_b", "kind"],
+    )
+    for pair in sharing.group_pairs:
+        pairs.add_metric([pair.a, pair.b, "content"], pair.shared_pages)
+        pairs.add_metric([pair.a, pair.b, "zero"], pair.zero_pages)
+    yield pairs
+    yield GaugeMetricFamily(
+        "ksmpolicy_pagemap_walk_seconds",
+        "How long the last page-map walk took.",
+        value=sharing.seconds,
+    )
 
 
 def reconciler_metrics(reconciler: Any) -> Iterator[Metric]:

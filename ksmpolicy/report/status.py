@@ -93,9 +93,11 @@ def collect(
     scanner: ProcessScanner | None = None,
     policy_error: str | None = None,
     pagemap: bool = True,
+    reuse: Sharing | None = None,
 ) -> Status:
     """One look at the host. `sample_seconds` measures ksmd's CPU share (0: not measured);
-    `pagemap` reads the page map for exact savings and the sharing map (root)."""
+    `pagemap` reads the page map for exact savings and the sharing map (root); `reuse` gives
+    an earlier walk's map instead (the figures of VMs that still run)."""
     state = read_ksm(paths)
     ksmd = ksmd_pid(paths) if state is not None else None
     cpu_before = process_cpu_seconds(paths, ksmd) if ksmd else None
@@ -111,7 +113,14 @@ def collect(
     if cpu_before is not None and cpu_after is not None and elapsed > 0 and sample_seconds > 0:
         share = 100 * (cpu_after - cpu_before) / elapsed
     host = _host_status(paths, state, share, cpu_after)
-    sharing, note = (None, "not read") if not pagemap else _sharing(paths, vms, host)
+    sharing: Sharing | None
+    note: str | None
+    if reuse is not None:
+        sharing, note = reuse, None
+    elif pagemap:
+        sharing, note = _sharing(paths, vms, host)
+    else:
+        sharing, note = None, "the page map was not read"
     if sharing is not None:
         exact = {v.pid: v.saved_bytes for v in sharing.vms}
         vms = tuple(

@@ -318,6 +318,12 @@ def test_grafana_dashboard_uses_exposed_metrics(host: Path) -> None:
     dashboard = json.loads((REPO / "contrib/grafana/ksmpolicy.json").read_text())
     exposed = exposition(StatusCollector(HostPaths(host), lambda: POLICY, daemon_like()))
     names = {f.name for f in text_string_to_metric_families(exposed)}
+    # A fake host has no page map: the sharing map's metrics, from a map of two groups.
+    from ksmpolicy.report.metrics import sharing_metrics
+    from ksmpolicy.report.sharing import PairShare, Sharing
+
+    pairs = (PairShare("web", "web", 100, 2), PairShare("db", "web", 0, 1))
+    names |= {m.name for m in sharing_metrics(Sharing((), (), pairs, 200, 0, (), 0.1))}
     names |= {f"{n}_total" for n in names}
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
