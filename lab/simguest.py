@@ -35,7 +35,9 @@ def page_plan(pages: int, image_percent: float, zero_percent: float) -> tuple[in
     return image, zero, pages - image - zero
 
 
-def fill(memory: mmap.mmap, image_seed: str, image: int, zero: int, unique_token: bytes) -> None:
+def fill(
+    memory: mmap.mmap | memoryview, image_seed: str, image: int, zero: int, unique_token: bytes
+) -> None:
     pad = b"\xa5" * (PAGE - 64)
     view = memoryview(memory)
     chunk = 256  # pages per write
@@ -55,13 +57,21 @@ def fill(memory: mmap.mmap, image_seed: str, image: int, zero: int, unique_token
         view[first * PAGE : first * PAGE + len(data)] = data
 
 
-def churn_tick(memory: mmap.mmap, image: int, zero: int, pages: int, rng: random.Random) -> None:
-    """Rewrite `pages` random unique pages, like a guest at work."""
-    unique = range(image + zero, len(memory) // PAGE)
-    if not unique:
+def churn_tick(
+    memory: mmap.mmap,
+    image: int,
+    zero: int,
+    pages: int,
+    rng: random.Random,
+    region: str = "unique",
+) -> None:
+    """Rewrite `pages` random pages of a region (unique pages, like a guest at work; or image
+    pages, like a guest that rewrites what it booted from)."""
+    chosen = range(0, image) if region == "image" else range(image + zero, len(memory) // PAGE)
+    if not chosen:
         return
     for _ in range(pages):
-        index = rng.choice(unique)
+        index = rng.choice(chosen)
         memory[index * PAGE : index * PAGE + 16] = rng.randbytes(16)
 
 
@@ -81,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-percent", type=float, default=60.0)
     parser.add_argument("--zero-percent", type=float, default=10.0)
     parser.add_argument("--no-merge", action="store_true", help="like mem-merge=off")
+    parser.add_argument(
+        "--touch-mib", type=int, default=None, help="fill only this much (an idle guest)"
+    )
     parser.add_argument("--churn", type=float, default=0.0, help="unique pages rewritten per s")
     parser.add_argument(
         "--churn-on-signal", action="store_true", help="start churning on SIGUSR1 only"
     )
+    parser.add_argument("--churn-region", choices=("unique", "image"), default="unique")
     parser.add_argument("--comm", default="qemu-system-x86")
     # QEMU-style identity options are accepted and ignored: they are for /proc/PID/cmdline.
     args, _qemu_args = parser.parse_known_args(argv)
@@ -94,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     memory = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if not args.no_merge:
         memory.madvise(mmap.MADV_MERGEABLE)
-    image, zero, _unique = page_plan(pages, args.image_percent, args.zero_percent)
-    fill(memory, args.image, image, zero, os.urandom(8).hex().encode())
+    touched = pages if args.touch_mib is None else min(pages, args.touch_mib * 2**20 // PAGE)
+    image, zero, _unique = page_plan(touched, args.image_percent, args.zero_percent)
+    filled = memory if touched == pages else memoryview(memory)[: touched * PAGE]
+    fill(filled, args.image, image, zero, os.urandom(8).hex().encode())
     churning = [args.churn > 0 and not args.churn_on_signal]
 
     def start_churning(_signum: int, _frame: FrameType | None) -> None:
@@ -108,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     interval = 0.1
     while True:
         if churning[0]:
-            churn_tick(memory, image, zero, max(1, round(args.churn * interval)), rng)
+            pages_now = max(1, round(args.churn * interval))
+            churn_tick(memory, image, zero, pages_now, rng, args.churn_region)
             time.sleep(interval)
         else:
             signal.pause()
@@ -127,6 +144,8 @@ def spawn(
     churn_on_signal: bool = False,
     extra_args: tuple[str, ...] = (),
     binary: str = "qemu-system-x86_64",
+    touch_mib: int | None = None,
+    churn_region: str = "unique",
     python: str = sys.executable,
     timeout: float = 60.0,
 ) -> subprocess.Popen[str]:
@@ -149,6 +168,10 @@ def spawn(
         argv += ["-machine", "pc,mem-merge=off", "--no-merge"]
     if churn_on_signal:
         argv.append("--churn-on-signal")
+    if touch_mib is not None:
+        argv.append(f"--touch-mib={touch_mib}")
+    if churn_region != "unique":
+        argv.append(f"--churn-region={churn_region}")
     # argv[0] is the QEMU name; the interpreter is given as the executable.
     process = subprocess.Popen(
         argv, executable=python, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True

@@ -52,6 +52,7 @@ for command in (
     status.status,
     status.metrics,
     pages.pages,
+    pages.estimate,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

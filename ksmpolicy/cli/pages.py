@@ -57,3 +57,94 @@ def pages(options: Options, as_json: bool, plot: Path | None, top: int, root: st
         click.echo(render.pages_text(status.sharing, top=top))
         if plot is not None:
             click.echo(f"\nheatmap: {plot}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0, 600),
+    default=3.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Hash repeated pages again after this long; pages that changed are left out.",
+)
+@click.option(
+    "--limit-mib",
+    type=click.FloatRange(1, None),
+    metavar="MIB/S",
+    help="Read guest RAM at most this fast (spare a production host).",
+)
+@click.option("--vm", "names", multiple=True, metavar="NAME", help="Only these VMs.")
+@ROOT
+@policy_option
+@click.pass_obj
+def estimate(
+    options: Options,
+    as_json: bool,
+    interval: float,
+    limit_mib: float | None,
+    names: tuple[str, ...],
+    root: str,
+) -> None:
+    """Predict what KSM would save, before ksmd does any work (root, read-only).
+
+    Reads the present pages of every running VM's guest RAM (/proc/PID/mem),
+    hashes each with xxh3-128, and again after --interval for pages that
+    appear more than once (ksmd never merges pages that change). Prints the
+    saving per VM, per group and for the host, respecting max_page_sharing;
+    for VMs the policy excludes, what merging them would save and with whom;
+    and suggested groups as a `groups:` section for the policy. Never runs
+    ksmd and never writes a KSM knob. Big hosts take minutes: --limit-mib
+    bounds the read rate.
+    """
+    import sys  # noqa: PLC0415
+
+    from ksmpolicy.kernel.ksm import read_ksm  # noqa: PLC0415
+    from ksmpolicy.report import render  # noqa: PLC0415
+    from ksmpolicy.report.estimate import Guest  # noqa: PLC0415
+    from ksmpolicy.report.estimate import estimate as predict  # noqa: PLC0415
+    from ksmpolicy.report.status import collect  # noqa: PLC0415
+
+    paths = host_paths(root)
+    policy, _error = options.load_or_error()
+    status = collect(paths, policy, sample_seconds=0, pagemap=False)
+    guests = [
+        Guest(vm.pid, vm.name, vm.group, vm.decision in ("merge", None), vm.ram_bytes)
+        for vm in status.vms
+        if vm.decision != "never" and (not names or vm.name in names)
+    ]
+    if not guests:
+        raise KsmPolicyError(
+            "no running VM to read" + (f" named {', '.join(names)}" if names else "")
+        )
+    state = read_ksm(paths)
+    cap = state.get("max_page_sharing") if state else None
+    zero = state.get("use_zero_pages") if state else None
+    if policy is not None:
+        zero = int(policy.reconciler.use_zero_pages)  # the daemon writes it
+    show = sys.stderr.isatty() and not as_json
+
+    def progress(done: int, total: int) -> None:
+        if show and total:
+            sys.stderr.write(
+                f"\rreading guest RAM: {100 * done / total:3.0f} % "
+                f"({done / 2**30:.2f} of {total / 2**30:.2f} GiB)"
+            )
+            sys.stderr.flush()
+
+    found = predict(
+        paths,
+        guests,
+        interval=interval,
+        limit_bytes_per_second=limit_mib * 2**20 if limit_mib else None,
+        max_page_sharing=cap or 256,
+        use_zero_pages=bool(zero),
+        progress=progress,
+    )
+    if show:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+    if as_json:
+        click.echo(json.dumps(render.estimate_json(found), indent=2))
+    else:
+        click.echo(render.estimate_text(found))

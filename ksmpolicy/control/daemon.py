@@ -66,6 +66,7 @@ class Observer:
             notes=notes,
             has_advisor="advisor_mode" in state.values,
             advisor_on=state.values.get("advisor_mode") == "scan-time",
+            has_use_zero_pages="use_zero_pages" in state.values,
         )
 
 

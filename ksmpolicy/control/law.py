@@ -48,6 +48,7 @@ class LawSettings:
     max_ksmd_cpu_percent: float = 20.0
     memory_pressure_percent: float = 20.0
     kernel_advisor: bool = False
+    use_zero_pages: bool | None = None  # None: leave the knob alone
     sleep_millisecs: int = 20
     max_sleep_millisecs: int = 2000
     min_pages_to_scan: int = 32
@@ -63,6 +64,7 @@ class LawSettings:
             max_ksmd_cpu_percent=settings.max_ksmd_cpu_percent,
             memory_pressure_percent=settings.memory_pressure_percent,
             kernel_advisor=settings.kernel_advisor,
+            use_zero_pages=settings.use_zero_pages,
         )
 
 
@@ -81,6 +83,7 @@ class Observation:
     notes: int = 0  # hook notes (VM started or stopped) since the last plan
     has_advisor: bool = False
     advisor_on: bool = False
+    has_use_zero_pages: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,14 @@ class Plan:
 
 def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
     """Decide ksmd's knobs for the next interval."""
+    result = _plan(obs, settings, history)
+    if settings.use_zero_pages is None or not obs.has_use_zero_pages:
+        return result
+    zero: tuple[str, int | str] = ("use_zero_pages", int(settings.use_zero_pages))
+    return replace(result, knobs=(zero, *result.knobs))
+
+
+def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
     history = _measure(obs, history)
     history = _track_growth(obs, settings, history)
     history = _track_productivity(obs, settings, history)
@@ -305,7 +316,7 @@ def _advisor_plan(obs: Observation, settings: LawSettings, history: History) -> 
     elif obs.time - since > 3 * settings.target_scan_seconds and obs.full_scans == scans_at_start:
         # No full scan in three target periods: the advisor clamped itself (DESIGN.md 3.3).
         failed = replace(history, advisor_failed=True, advisor_since=None)
-        result = plan(obs, replace(settings, kernel_advisor=False), failed)
+        result = _plan(obs, replace(settings, kernel_advisor=False), failed)
         reason = "kernel advisor made no progress in 3 target periods; pacing taken back: "
         return replace(result, reason=reason + result.reason)
     knobs: tuple[tuple[str, int | str], ...] = (

@@ -108,6 +108,7 @@ WRITABLE_KNOBS = frozenset(
         "run",
         "pages_to_scan",
         "sleep_millisecs",
+        "use_zero_pages",
         "advisor_mode",
         "advisor_target_scan_time",
         "advisor_max_cpu",

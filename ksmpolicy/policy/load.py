@@ -104,7 +104,7 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
 
 # --- the compiled cache --------------------------------------------------------------------
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
@@ -189,6 +189,7 @@ def _freeze(p: Policy) -> tuple[object, ...]:
             p.reconciler.max_ksmd_cpu_percent,
             p.reconciler.memory_pressure_percent,
             p.reconciler.kernel_advisor,
+            p.reconciler.use_zero_pages,
         ),
         p.proxmox.qemu_server_version,
         p.source,

@@ -107,7 +107,7 @@ _RECONCILER_LIMITS = {
     "max_ksmd_cpu_percent": (0.1, 100.0),
     "memory_pressure_percent": (0.0, 100.0),
 }
-_RECONCILER_KEYS = (*_RECONCILER_LIMITS, "kernel_advisor")
+_RECONCILER_KEYS = (*_RECONCILER_LIMITS, "kernel_advisor", "use_zero_pages")
 _TAG_FORBIDDEN = set(" \t\r\n;,")
 
 E = TypeVar("E", Action, Enforcement)
@@ -257,7 +257,8 @@ class _Validator:
                 if number is not None:
                     numbers[key] = number
         advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
-        return ReconcilerSettings(**numbers, kernel_advisor=advisor)
+        zero = self.boolean(spec, "use_zero_pages", default=True, path=("reconciler",))
+        return ReconcilerSettings(**numbers, kernel_advisor=advisor, use_zero_pages=zero)
 
     def proxmox(self, value: Any) -> ProxmoxSettings:
         if value is None:

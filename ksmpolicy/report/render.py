@@ -4,6 +4,7 @@ documented JSON)."""
 from __future__ import annotations
 
 from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.report.estimate import Estimate, yaml_snippet
 from ksmpolicy.report.sharing import PairShare, Sharing
 from ksmpolicy.report.status import Status
 
@@ -273,4 +274,74 @@ def pages_json(sharing: Sharing) -> dict[str, object]:
             for f in sharing.findings
         ],
         "exited_pids": list(sharing.exited),
+    }
+
+
+# --- ksmpolicy estimate ---------------------------------------------------------------------
+
+
+def estimate_text(found: Estimate) -> str:
+    volatile = sum(v.volatile_pages for v in found.vms)
+    lines = [
+        f"Read {found.read_bytes / 2**30:.2f} GiB of guest RAM in {found.seconds:.1f} s "
+        f"(twice; {volatile} pages changed in between and are left out).",
+        f"Predicted saving: {mib(found.predicted_saved_bytes)} MiB "
+        f"(max_page_sharing {found.max_page_sharing}, "
+        f"use_zero_pages {int(found.use_zero_pages)})",
+        "",
+        f"{'VM':<20} {'GROUP':<12} {'MERGES':<6} {'PRESENT':>9} {'PREDICTED':>9}",
+        f"{'':<20} {'':<12} {'':<6} {'MiB':>9} {'MiB':>9}",
+    ]
+    for vm in sorted(found.vms, key=lambda v: (v.group is None, v.group or "", v.name)):
+        lines.append(
+            f"{_cut(vm.name, 20):<20} {_cut(vm.group or '-', 12):<12} "
+            f"{'yes' if vm.merges else 'no':<6} {mib(vm.present_bytes):>9} "
+            f"{mib(vm.predicted_saved_bytes):>9}"
+        )
+        if not vm.merges and vm.if_merged_saved_bytes:
+            best = vm.shares_with[0] if vm.shares_with else None
+            also = f": it shares {mib(best[1])} MiB with group {best[0]}" if best else ""
+            lines += _wrap(
+                "    ", f"merging it would save {mib(vm.if_merged_saved_bytes)} MiB{also}".split()
+            )
+    if found.groups:
+        lines += ["", f"{'GROUP':<24} {'PREDICTED MiB':>14}"]
+        lines += [f"{_cut(g, 24):<24} {mib(b):>14}" for g, b in found.groups]
+    if found.suggested:
+        lines += [
+            "",
+            "Suggested groups (VMs whose content overlaps; `ksmpolicy check` accepts it):",
+        ]
+        lines.append(yaml_snippet(found.suggested).rstrip())
+    return "\n".join(lines)
+
+
+def estimate_json(found: Estimate) -> dict[str, object]:
+    """The documented JSON of `ksmpolicy estimate` (keys are only ever added)."""
+    return {
+        "version": JSON_VERSION,
+        "predicted_saved_bytes": found.predicted_saved_bytes,
+        "max_page_sharing": found.max_page_sharing,
+        "use_zero_pages": found.use_zero_pages,
+        "read_bytes": found.read_bytes,
+        "seconds": round(found.seconds, 3),
+        "vms": [
+            {
+                "name": v.name,
+                "group": v.group,
+                "merges": v.merges,
+                "present_bytes": v.present_bytes,
+                "volatile_pages": v.volatile_pages,
+                "predicted_saved_bytes": v.predicted_saved_bytes,
+                "if_merged_saved_bytes": v.if_merged_saved_bytes,
+                "shares_with": [{"group": g, "bytes": b} for g, b in v.shares_with],
+            }
+            for v in found.vms
+        ],
+        "groups": [{"name": g, "predicted_saved_bytes": b} for g, b in found.groups],
+        "suggested_groups": [
+            {"name": s.name, "vms": list(s.vms), "shared_bytes": s.shared_bytes}
+            for s in found.suggested
+        ],
+        "suggested_yaml": yaml_snippet(found.suggested),
     }

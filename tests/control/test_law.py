@@ -285,3 +285,18 @@ def test_small_changes_in_the_same_mode_keep_the_knobs() -> None:
     p = plan(obs(3, 1_600_000, full_scans=5, saved=700_000), LAW, p.history)  # -20 %
     assert p.mode == "calm"
     assert int(knobs(p)["pages_to_scan"]) < first
+
+
+def test_use_zero_pages_is_written_only_when_the_policy_says() -> None:
+    free = LawSettings()
+    assert all(name != "use_zero_pages" for name, _ in plan(obs(0, 5000), free, History()).knobs)
+    for wanted in (True, False):
+        settings = LawSettings(use_zero_pages=wanted)
+        for footprint in (0, 5000):
+            knobs = plan(obs(0, footprint), settings, History()).knobs
+            assert knobs[0] == ("use_zero_pages", int(wanted))  # before run=1: new merges use it
+            assert sum(name == "use_zero_pages" for name, _ in knobs) == 1
+    old_kernel = obs(0, 5000, has_use_zero_pages=False)
+    assert "use_zero_pages" not in dict(
+        plan(old_kernel, LawSettings(use_zero_pages=True), History()).knobs
+    )

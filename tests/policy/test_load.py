@@ -442,3 +442,13 @@ def test_proxmox_section() -> None:
     assert problems("version: 1\nproxmox: {qemu_version: '9'}\n") == [
         "p.yaml:2: proxmox.qemu_version: unknown key (did you mean 'qemu_server_version'?)"
     ]
+
+
+def test_use_zero_pages_key() -> None:
+    assert parse_policy("version: 1\n").reconciler.use_zero_pages is True  # measured default
+    assert parse_policy("version: 1\nreconciler: {use_zero_pages: yes}\n").reconciler.use_zero_pages
+    off = parse_policy("version: 1\nreconciler: {use_zero_pages: false}\n")
+    assert off.reconciler.use_zero_pages is False
+    assert problems("version: 1\nreconciler: {use_zero_pages: sometimes}\n") == [
+        "p.yaml:2: reconciler.use_zero_pages: expected true or false, got 'sometimes'"
+    ]

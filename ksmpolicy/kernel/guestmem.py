@@ -1,0 +1,139 @@
+"""Reading guest RAM for the savings estimate: present pages only, hashed, never written (root).
+
+Which memory: a process's mergeable VMAs (`mg`), and for a QEMU guest also its guest-RAM VMAs
+(at least half of `-m`) when they are not mergeable, so that the estimate can tell what
+merging an excluded VM would save. Which pages: those present in RAM, from pagemap's present
+bit (PFNs are not needed). How: `pread` on /proc/PID/mem in runs of consecutive present pages,
+each page hashed with xxHash's xxh3-128. Reading a KSM page does not unshare it; nothing is
+written, no KSM knob is touched. Pages that are swapped out, not yet touched, or given back by
+a balloon driver are not read: the estimate cannot see them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.kernel.pagemap import PM_PRESENT, mergeable_ranges
+from ksmpolicy.paths import HostPaths
+
+HASH = np.dtype([("high", ">u8"), ("low", ">u8")])  # xxh3-128 digests, compared as one key
+READ_PAGES = 1024  # pages per read: 4 MiB
+ZERO_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
+Hashes = npt.NDArray[np.void]
+
+
+@dataclass
+class Runs:
+    """Present pages of a process: (first address, pages) runs, in address order."""
+
+    starts: npt.NDArray[np.uint64]
+    lengths: npt.NDArray[np.int64]
+
+    @property
+    def pages(self) -> int:
+        return int(self.lengths.sum())
+
+    def addresses(self, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+        """The addresses of the pages with these indices (in reading order)."""
+        ends = np.cumsum(self.lengths)
+        run = np.searchsorted(ends, indices, side="right")
+        before = ends[run] - self.lengths[run]
+        return self.starts[run] + ((indices - before) * PAGE_SIZE).astype(np.uint64)
+
+
+class RateLimit:
+    """At most `bytes_per_second` read on average (None: no limit)."""
+
+    def __init__(self, bytes_per_second: float | None) -> None:
+        self.rate = bytes_per_second
+        self.started = time.monotonic()
+        self.done = 0
+
+    def take(self, count: int) -> None:
+        self.done += count
+        if self.rate:
+            ahead = self.done / self.rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def guest_ranges(smaps: bytes, ram_bytes: int | None) -> list[tuple[int, int]]:
+    """The VMAs whose pages could be merged: mergeable ones, and guest RAM (at least half of
+    `ram_bytes`) whether or not it is mergeable now."""
+    ranges = set(mergeable_ranges(smaps))
+    if ram_bytes:
+        for line in smaps.splitlines():
+            head = line.split(b" ", 1)[0]
+            if b"-" in head and len(head) > 3 and all(c in b"0123456789abcdef-" for c in head):
+                low, _, high = head.partition(b"-")
+                start, end = int(low, 16), int(high, 16)
+                if end - start >= ram_bytes // 2:
+                    ranges.add((start, end))
+    return sorted(ranges)
+
+
+def present_runs(paths: HostPaths, pid: int, ranges: list[tuple[int, int]]) -> Runs:
+    """Runs of present pages in `ranges`, from /proc/PID/pagemap."""
+    starts: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    with open(paths.proc / str(pid) / "pagemap", "rb", buffering=0) as pagemap:  # noqa: PTH123
+        fd = pagemap.fileno()
+        for start, end in ranges:
+            first, last = start // PAGE_SIZE, end // PAGE_SIZE
+            for chunk in range(first, last, 1 << 18):
+                count = min(1 << 18, last - chunk)
+                data = os.pread(fd, count * 8, chunk * 8)
+                present = (np.frombuffer(data, np.uint64) & PM_PRESENT) != 0
+                if not present.any():
+                    continue
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], present.view(np.int8), [0]))))
+                run_starts, run_ends = edges[0::2], edges[1::2]
+                starts.append((run_starts + chunk).astype(np.uint64) * np.uint64(PAGE_SIZE))
+                lengths.append((run_ends - run_starts).astype(np.int64))
+    if not starts:
+        return Runs(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    return Runs(np.concatenate(starts), np.concatenate(lengths))
+
+
+def hash_runs(
+    paths: HostPaths,
+    pid: int,
+    starts: npt.NDArray[np.uint64],
+    lengths: npt.NDArray[np.int64],
+    limit: RateLimit,
+    progress: Callable[[int], None] = lambda _bytes: None,
+) -> Hashes:
+    """xxh3-128 of every page in the runs, in order. A page that cannot be read (unmapped
+    meanwhile) hashes as the zero page would not: it gets a digest of its own address."""
+    digest = xxhash.xxh3_128_digest
+    out = bytearray(16 * int(lengths.sum()))
+    at = 0
+    with open(paths.proc / str(pid) / "mem", "rb", buffering=0) as memory:  # noqa: PTH123
+        fd = memory.fileno()
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            for offset in range(0, length, READ_PAGES):
+                count = min(READ_PAGES, length - offset)
+                address = start + offset * PAGE_SIZE
+                try:
+                    data = os.pread(fd, count * PAGE_SIZE, address)
+                except OSError:
+                    data = b""
+                view = memoryview(data)
+                for page in range(count):
+                    piece = view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+                    if len(piece) == PAGE_SIZE:
+                        out[at : at + 16] = digest(piece)
+                    else:  # gone: a digest no real page has (of its address, with a tag)
+                        out[at : at + 16] = digest(b"unreadable" + str(address).encode())
+                    at += 16
+                limit.take(count * PAGE_SIZE)
+                progress(count * PAGE_SIZE)
+    return np.frombuffer(bytes(out), dtype=HASH)

@@ -1,0 +1,328 @@
+"""What KSM would save, before ksmd does any work: a prediction from the guests' own pages.
+
+1. Read every present page of each VM's guest RAM (kernel/guestmem.py) and hash it (xxh3-128).
+2. Wait a few seconds and hash again every page whose content appears more than once: ksmd
+   merges a page only once its checksum held still for a whole scan, so pages that changed
+   in between (volatile) are left out.
+3. Count the copies of each content among the VMs the policy lets merge. n copies become
+   ceil(n / max_page_sharing) KSM pages (one KSM page has at most that many sharers), so
+   they save n - ceil(n / max_page_sharing) pages; with `use_zero_pages`, zero pages merge
+   with the kernel's zero page and each one saves a page. Each copy is credited its share.
+4. For each VM the policy excludes: what merging it would add (the host-wide saving with it,
+   minus without), and how much of its content each group already holds.
+5. Suggested groups: VMs whose content overlaps (at least a quarter of the smaller one's
+   non-zero pages) are joined, transitively.
+
+What it cannot see: pages that are swapped out or not yet touched, memory a balloon driver
+took back, and how guests will change their memory later. It never runs ksmd and never writes
+a KSM knob.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ksmpolicy.kernel import guestmem
+from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.paths import HostPaths
+
+ALIKE = 0.25  # shared non-zero content, as a share of the smaller VM's, to suggest a group
+MIN_ALIKE_PAGES = 256
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A VM to read: who it is, and whether the policy lets it merge."""
+
+    pid: int
+    name: str
+    group: str | None
+    merges: bool  # the policy lets it merge (its prediction counts in the host's)
+    ram_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GuestEstimate:
+    name: str
+    group: str | None
+    merges: bool
+    present_bytes: int
+    volatile_pages: int
+    predicted_saved_bytes: int  # its share of the host's saving (0 when it does not merge)
+    if_merged_saved_bytes: int  # for an excluded VM: what merging it would add host-wide
+    shares_with: tuple[tuple[str, int], ...]  # (group, bytes of its content that group holds)
+
+
+@dataclass(frozen=True)
+class SuggestedGroup:
+    name: str
+    vms: tuple[str, ...]
+    shared_bytes: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    vms: tuple[GuestEstimate, ...]
+    groups: tuple[tuple[str, int], ...]  # (group, predicted saved bytes)
+    predicted_saved_bytes: int
+    suggested: tuple[SuggestedGroup, ...]
+    read_bytes: int
+    seconds: float
+    max_page_sharing: int
+    use_zero_pages: bool
+
+
+@dataclass
+class _Sample:
+    guest: Guest
+    runs: guestmem.Runs
+    hashes: np.ndarray
+
+
+def estimate(
+    paths: HostPaths,
+    guests: Sequence[Guest],
+    *,
+    interval: float = 3.0,
+    limit_bytes_per_second: float | None = None,
+    max_page_sharing: int = 256,
+    use_zero_pages: bool = False,
+    progress: Callable[[int, int], None] = lambda _done, _total: None,
+) -> Estimate:
+    """Read, hash twice `interval` seconds apart, and predict."""
+    started = time.monotonic()
+    limit = guestmem.RateLimit(limit_bytes_per_second)
+    samples = []
+    for guest in guests:
+        try:
+            smaps = (paths.proc / str(guest.pid) / "smaps").read_bytes()
+            runs = guestmem.present_runs(
+                paths, guest.pid, guestmem.guest_ranges(smaps, guest.ram_bytes)
+            )
+        except OSError:
+            continue  # gone
+        samples.append(_Sample(guest, runs, np.zeros(0, guestmem.HASH)))
+    total = 2 * sum(s.runs.pages for s in samples) * PAGE_SIZE  # a generous progress total
+    done = [0]
+
+    def step(count: int) -> None:
+        done[0] += count
+        progress(done[0], total)
+
+    for sample in samples:
+        try:
+            sample.hashes = guestmem.hash_runs(
+                paths, sample.guest.pid, sample.runs.starts, sample.runs.lengths, limit, step
+            )
+        except OSError:
+            sample.hashes = np.zeros(0, guestmem.HASH)
+    first_pass = time.monotonic()
+    volatile = _second_pass(
+        paths, samples, limit, step, max(0.0, interval - (first_pass - started))
+    )
+    progress(total, total)
+    return _predict(samples, volatile, max_page_sharing, use_zero_pages, done[0], started)
+
+
+def _second_pass(
+    paths: HostPaths,
+    samples: Sequence[_Sample],
+    limit: guestmem.RateLimit,
+    step: Callable[[int], None],
+    wait: float,
+) -> dict[int, int]:
+    """Hash again the pages whose content appeared more than once; a page that changed gets a
+    content no other page has. Returns the volatile pages per pid."""
+    every = np.concatenate([s.hashes for s in samples]) if samples else np.zeros(0, guestmem.HASH)
+    contents, counts = np.unique(every, return_counts=True)
+    repeated = contents[counts >= 2]
+    time.sleep(wait)
+    volatile = {}
+    for sample in samples:
+        indices = np.flatnonzero(np.isin(sample.hashes, repeated)).astype(np.int64)
+        if not indices.size:
+            volatile[sample.guest.pid] = 0
+            continue
+        addresses = sample.runs.addresses(indices)
+        breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
+        run_starts = np.split(addresses, breaks)
+        starts = np.array([r[0] for r in run_starts], dtype=np.uint64)
+        lengths = np.array([r.size for r in run_starts], dtype=np.int64)
+        try:
+            again = guestmem.hash_runs(paths, sample.guest.pid, starts, lengths, limit, step)
+        except OSError:
+            again = np.zeros(indices.size, guestmem.HASH)
+        changed = indices[again != sample.hashes[indices]]
+        hashes = sample.hashes.copy()
+        # A changed page matches nothing: a digest built from its position.
+        for offset, index in enumerate(changed.tolist()):
+            hashes[index] = (0xFFFF0000 + sample.guest.pid, offset)
+        sample.hashes = hashes
+        volatile[sample.guest.pid] = int(changed.size)
+    return volatile
+
+
+def _saving(copies: np.ndarray, is_zero: np.ndarray, cap: int, zero_page: bool) -> np.ndarray:
+    """Pages saved by each content's copies: n - ceil(n / cap), or n for zero pages merged
+    with the zero page."""
+    merged = copies - np.ceil(copies / cap)
+    return np.where(is_zero & zero_page, copies, merged).astype(np.float64)
+
+
+def _predict(
+    samples: Sequence[_Sample],
+    volatile: dict[int, int],
+    cap: int,
+    zero_page: bool,
+    read_bytes: int,
+    started: float,
+) -> Estimate:
+    zero = np.frombuffer(guestmem.ZERO_DIGEST, dtype=guestmem.HASH)[0]
+    merging = [s for s in samples if s.guest.merges]
+    pool = np.concatenate([s.hashes for s in merging]) if merging else np.zeros(0, guestmem.HASH)
+    contents, copies = np.unique(pool, return_counts=True)
+    saved = _saving(copies.astype(np.float64), contents == zero, cap, zero_page)
+    per_copy = np.divide(saved, copies, out=np.zeros_like(saved), where=copies > 0)
+    vms = []
+    group_totals: dict[str, float] = {}
+    for sample in samples:
+        guest = sample.guest
+        mine, mine_counts = np.unique(sample.hashes, return_counts=True)
+        where = np.searchsorted(contents, mine)
+        found = (where < contents.size) & (contents[np.minimum(where, contents.size - 1)] == mine)
+        predicted = if_merged = 0.0
+        if guest.merges:
+            predicted = float(np.sum(per_copy[where[found]] * mine_counts[found]))
+            if guest.group is not None:
+                group_totals[guest.group] = group_totals.get(guest.group, 0.0) + predicted
+        else:
+            base = np.zeros(mine.size)
+            base[found] = copies[where[found]]
+            with_it = base + mine_counts
+            is_zero = mine == zero
+            if_merged = float(
+                np.sum(
+                    _saving(with_it, is_zero, cap, zero_page)
+                    - _saving(base, is_zero, cap, zero_page)
+                )
+            )
+        vms.append(
+            GuestEstimate(
+                name=guest.name,
+                group=guest.group,
+                merges=guest.merges,
+                present_bytes=sample.runs.pages * PAGE_SIZE,
+                volatile_pages=volatile.get(guest.pid, 0),
+                predicted_saved_bytes=round(predicted * PAGE_SIZE),
+                if_merged_saved_bytes=round(if_merged * PAGE_SIZE),
+                shares_with=_shares_with(sample, samples, zero),
+            )
+        )
+    suggested = _suggest(samples, zero)
+    return Estimate(
+        vms=tuple(vms),
+        groups=tuple(sorted((g, round(t * PAGE_SIZE)) for g, t in group_totals.items())),
+        predicted_saved_bytes=round(float(saved.sum()) * PAGE_SIZE),
+        suggested=suggested,
+        read_bytes=read_bytes,
+        seconds=time.monotonic() - started,
+        max_page_sharing=cap,
+        use_zero_pages=zero_page,
+    )
+
+
+def _shares_with(
+    sample: _Sample, samples: Sequence[_Sample], zero: np.void
+) -> tuple[tuple[str, int], ...]:
+    """For each group (of the other VMs): how much of this VM's non-zero content it holds."""
+    mine = sample.hashes[sample.hashes != zero]
+    found = []
+    groups = sorted({s.guest.group for s in samples if s.guest.group and s is not sample})
+    for group in groups:
+        theirs = np.unique(
+            np.concatenate(
+                [s.hashes for s in samples if s.guest.group == group and s is not sample]
+            )
+        )
+        pages = int(np.isin(mine, theirs).sum())
+        if pages:
+            found.append((group, pages * PAGE_SIZE))
+    return tuple(sorted(found, key=lambda item: -item[1]))
+
+
+def _suggest(samples: Sequence[_Sample], zero: np.void) -> tuple[SuggestedGroup, ...]:
+    """Clusters of VMs whose non-zero content overlaps, as groups for the policy."""
+    distinct = [np.unique(s.hashes[s.hashes != zero]) for s in samples]
+    parent = list(range(len(samples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    shared: dict[tuple[int, int], int] = {}
+    for i in range(len(samples)):
+        for j in range(i + 1, len(samples)):
+            both = int(np.isin(distinct[i], distinct[j], assume_unique=True).sum())
+            smaller = min(distinct[i].size, distinct[j].size)
+            if both >= max(MIN_ALIKE_PAGES, ALIKE * smaller):
+                shared[(i, j)] = both
+                parent[root(i)] = root(j)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(samples)):
+        clusters.setdefault(root(i), []).append(i)
+    suggested = []
+    taken: set[str] = set()
+    for members in sorted(clusters.values(), key=lambda m: min(samples[i].guest.name for i in m)):
+        if len(members) < 2:
+            continue
+        names = tuple(sorted(samples[i].guest.name for i in members))
+        pages = max((shared.get((a, b), 0) for a in members for b in members if a < b), default=0)
+        name = _group_name(names, taken)
+        taken.add(name)
+        suggested.append(SuggestedGroup(name, names, pages * PAGE_SIZE))
+    return tuple(suggested)
+
+
+def _group_name(names: Sequence[str], taken: set[str]) -> str:
+    """A name for a suggested group: the members' common prefix ("web-1", "web-2": "web"),
+    else image-N."""
+    prefix = names[0]
+    for name in names[1:]:
+        while not name.startswith(prefix):
+            prefix = prefix[:-1]
+    base = prefix.rstrip("-_.0123456789 ")
+    base = "".join(c if c.isalnum() or c in "-_" else "-" for c in base).strip("-_")
+    if not base or base in taken:
+        number = 1
+        while f"image-{number}" in taken:
+            number += 1
+        base = f"image-{number}"
+    return base
+
+
+def yaml_snippet(suggested: Sequence[SuggestedGroup]) -> str:
+    """The suggested groups as a `groups:` section that `ksmpolicy check` accepts."""
+    if not suggested:
+        return ""
+    lines = ["groups:"]
+    for group in suggested:
+        names = ", ".join(_yaml_name(n) for n in group.vms)
+        lines.append(
+            f"  {group.name}:  # {len(group.vms)} VMs, {group.shared_bytes / 2**20:.1f} MiB alike"
+        )
+        lines.append(f"    names: [{names}]")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_name(name: str) -> str:
+    """A VM name as a literal glob (wildcards in brackets), quoted as a YAML string."""
+    import json  # noqa: PLC0415
+
+    literal = "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    return json.dumps(literal)

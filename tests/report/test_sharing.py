@@ -1,0 +1,218 @@
+"""The page map and the sharing map on the real kernel (root): guest-like processes with known
+content, merged by the real ksmd, then measured page by page."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.report.sharing import Party, measure
+from ksmpolicy.report.status import collect
+from lab.simguest import page_plan, spawn
+from tests.conftest import RealKsm
+
+MIB = 32
+IMAGE_PERCENT = 60.0
+ZERO_PERCENT = 10.0
+PAGES = MIB * 2**20 // PAGE_SIZE
+IMAGE_PAGES, ZERO_PAGES, _ = page_plan(PAGES, IMAGE_PERCENT, ZERO_PERCENT)
+# Two groups booting two images, and a VM of a third image in no group.
+WORKLOAD = {"a-0": "alpha", "a-1": "alpha", "a-2": "alpha", "b-0": "beta", "b-1": "beta"}
+WORKLOAD["lone"] = "gamma"
+GROUP = {"alpha": "alpha", "beta": "beta", "gamma": None}
+
+
+def start(real_ksm: RealKsm, workload: dict[str, str]) -> dict[str, int]:
+    pids = {}
+    for name, image in workload.items():
+        guest = spawn(
+            name, mib=MIB, image=image, image_percent=IMAGE_PERCENT, zero_percent=ZERO_PERCENT
+        )
+        pids[name] = real_ksm.track(guest).pid
+    return pids
+
+
+def converge(real_ksm: RealKsm, timeout: float = 90) -> None:
+    """Run ksmd fast until its savings stop growing."""
+    real_ksm.write("sleep_millisecs", 10)
+    real_ksm.write("pages_to_scan", 5000)
+    real_ksm.write("run", 1)
+    last, steady, deadline = -1, 0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        state = read_ksm(HostPaths())
+        assert state is not None
+        now = state.saved_pages
+        steady = steady + 1 if now == last and now > 0 else 0
+        if steady >= 3:
+            break
+        last = now
+    real_ksm.write("run", 0)  # stop: the counters hold still while the map is read
+
+
+def parties(pids: dict[str, int], workload: dict[str, str]) -> list[Party]:
+    return [Party(pid, name, GROUP[workload[name]]) for name, pid in pids.items()]
+
+
+def zero_pages_of(pids: dict[str, int]) -> dict[int, int]:
+    from ksmpolicy.kernel.scan import read_ksm_stat
+
+    found = {}
+    for pid in pids.values():
+        stat = read_ksm_stat(Path(f"/proc/{pid}/ksm_stat"))
+        found[pid] = (stat.zero_pages or 0) if stat else 0
+    return found
+
+
+@pytest.fixture(params=[0, 1], ids=["use_zero_pages=0", "use_zero_pages=1"])
+def merged(
+    request: pytest.FixtureRequest, real_ksm: RealKsm
+) -> Iterator[tuple[dict[str, int], int]]:
+    real_ksm.write("use_zero_pages", request.param)
+    pids = start(real_ksm, WORKLOAD)
+    converge(real_ksm)
+    yield pids, request.param
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_exact_savings_add_up_to_the_kernels(merged: tuple[dict[str, int], int]) -> None:
+    pids, _zero = merged
+    state = read_ksm(HostPaths())
+    assert state is not None
+    sharing = measure(
+        HostPaths(),
+        parties(pids, WORKLOAD),
+        zero_pages=zero_pages_of(pids),
+        ksm_zero_pages=state.get("ksm_zero_pages"),
+    )
+    kernel = state.saved_pages * PAGE_SIZE
+    ours = sum(vm.saved_bytes for vm in sharing.vms)
+    assert kernel > 0
+    assert abs(ours - kernel) <= 0.005 * kernel, (ours, kernel)
+    # ksm_stat's profit over-counts: its per-process figures add up to more than the saving.
+    from ksmpolicy.kernel.scan import read_ksm_stat
+
+    stats = [read_ksm_stat(Path(f"/proc/{pid}/ksm_stat")) for pid in pids.values()]
+    profits = sum(s.process_profit or 0 for s in stats if s is not None)
+    assert profits > ours
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_the_sharing_map_shows_what_the_workload_built(merged: tuple[dict[str, int], int]) -> None:
+    pids, zero = merged
+    sharing = measure(HostPaths(), parties(pids, WORKLOAD), zero_pages=zero_pages_of(pids))
+    within = {(p.a, p.b): p for p in sharing.group_pairs}
+    for group in ("alpha", "beta"):
+        shared = within[(group, group)].shared_pages
+        assert abs(shared - IMAGE_PAGES) <= 0.02 * IMAGE_PAGES, (group, shared, IMAGE_PAGES)
+    for pair in sharing.group_pairs:
+        if pair.a != pair.b:
+            assert pair.shared_pages == 0, pair  # no content crosses a group
+            if not zero:
+                assert pair.zero_pages > 0  # zero pages merge across every group
+    for pair in sharing.pairs:
+        same = GROUP[WORKLOAD[pair.a]] == GROUP[WORKLOAD[pair.b]] is not None
+        assert (pair.shared_pages > 0) == same, pair
+    assert not [f for f in sharing.findings if "share" in f.message and f.vm is None]
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_two_tenants_on_one_image_show_up_in_the_map(real_ksm: RealKsm) -> None:
+    """The map can fail: two groups whose guests hold the same image share content."""
+    workload = {"t1-a": "same", "t1-b": "same", "t2-a": "same", "t2-b": "same"}
+    pids = start(real_ksm, workload)
+    converge(real_ksm)
+    labelled = [Party(pid, name, name.split("-")[0]) for name, pid in pids.items()]
+    sharing = measure(HostPaths(), labelled)
+    across = next(p for p in sharing.group_pairs if {p.a, p.b} == {"t1", "t2"})
+    assert abs(across.shared_pages - IMAGE_PAGES) <= 0.02 * IMAGE_PAGES
+    assert any("groups t1 and t2 share" in f.message for f in sharing.findings)
+    tenants = [Party(p.pid, p.name, p.group, domain=p.group or "") for p in labelled]
+    warned = measure(HostPaths(), tenants).findings
+    assert any("across trust domains" in f.message for f in warned)
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_a_vm_that_exits_mid_walk_is_left_out(real_ksm: RealKsm) -> None:
+    pids = start(real_ksm, {"x-0": "x", "x-1": "x", "x-2": "x"})
+    converge(real_ksm)
+    leaving = real_ksm.processes[1]
+
+    class Interrupted(PageMapReader):
+        def _candidates(self, pid: int):  # type: ignore[no-untyped-def]
+            if pid == pids["x-0"] and leaving.poll() is None:
+                real_ksm.stop(leaving)  # it exits while the walk is under way
+            return super()._candidates(pid)
+
+    with Interrupted(HostPaths()) as reader:
+        pagemap = reader.walk(list(pids.values()))
+    assert pagemap.exited == [pids["x-1"]]
+    assert set(pagemap.processes) == {pids["x-0"], pids["x-2"]}
+    assert pagemap.saved_pages(pids["x-0"]) > 0
+
+
+def test_a_kernel_without_kpageflags_gets_the_ksm_stat_fallback(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    with pytest.raises(PageMapUnavailable, match="kpageflags does not exist"):
+        PageMapReader(HostPaths(tmp_path))
+    (tmp_path / "sys/kernel/mm/ksm").mkdir(parents=True)
+    (tmp_path / "sys/kernel/mm/ksm/run").write_text("1\n")
+    status = collect(HostPaths(tmp_path), None, sample_seconds=0)
+    assert status.sharing is None
+    assert "kpageflags does not exist" in (status.savings_note or "")
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_without_root_the_map_says_why_and_status_falls_back(
+    real_ksm: RealKsm, tmp_path: Path
+) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is missing")
+    nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
+    command = str(Path(sys.executable).with_name("ksmpolicy"))
+    guest = subprocess.Popen(
+        [*nobody, sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path
+    )
+    real_ksm.processes.append(guest)  # type: ignore[arg-type]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    pages = subprocess.run(
+        [*nobody, command, "pages"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert pages.returncode == 1
+    assert pages.stderr.splitlines() == [
+        "ksmpolicy: error: the page map cannot be read: cannot read /proc/kpageflags: permission "
+        "denied (run as root): per-VM savings come from ksm_stat"
+    ]
+    status = subprocess.run(
+        [*nobody, command, "status", "--json", "--sample", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+    assert '"savings_note": "cannot read /proc/kpageflags: permission denied' in status.stdout
