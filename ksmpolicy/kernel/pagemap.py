@@ -142,6 +142,11 @@ class PageMapReader:
             os.close(self._flags)
             raise PageMapUnavailable(f"cannot read {paths.proc / 'kpagecount'}: {exc}") from None
 
+    @property
+    def flags_fd(self) -> int:
+        """/proc/kpageflags, open (for `read_words`)."""
+        return self._flags
+
     def __enter__(self) -> PageMapReader:
         return self
 

@@ -288,6 +288,14 @@ def estimate_text(found: Estimate) -> str:
         f"Predicted saving: {mib(found.predicted_saved_bytes)} MiB "
         f"(max_page_sharing {found.max_page_sharing}, "
         f"use_zero_pages {int(found.use_zero_pages)})",
+        *(
+            [
+                f"Splitting huge pages frees another {mib(found.split_zero_bytes)} MiB of zero "
+                "pages (the kernel does not count it as KSM's saving)."
+            ]
+            if found.split_zero_bytes
+            else []
+        ),
         "",
         f"{'VM':<20} {'GROUP':<12} {'MERGES':<6} {'PRESENT':>9} {'PREDICTED':>9}",
         f"{'':<20} {'':<12} {'':<6} {'MiB':>9} {'MiB':>9}",
@@ -321,6 +329,7 @@ def estimate_json(found: Estimate) -> dict[str, object]:
     return {
         "version": JSON_VERSION,
         "predicted_saved_bytes": found.predicted_saved_bytes,
+        "split_zero_bytes": found.split_zero_bytes,
         "max_page_sharing": found.max_page_sharing,
         "use_zero_pages": found.use_zero_pages,
         "read_bytes": found.read_bytes,
@@ -333,6 +342,7 @@ def estimate_json(found: Estimate) -> dict[str, object]:
                 "present_bytes": v.present_bytes,
                 "volatile_pages": v.volatile_pages,
                 "predicted_saved_bytes": v.predicted_saved_bytes,
+                "split_zero_bytes": v.split_zero_bytes,
                 "if_merged_saved_bytes": v.if_merged_saved_bytes,
                 "shares_with": [{"group": g, "bytes": b} for g, b in v.shares_with],
             }

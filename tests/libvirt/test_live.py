@@ -20,6 +20,7 @@ import pytest
 
 from ksmpolicy.libvirt.domain import domain_facts
 from ksmpolicy.libvirt.host import live_merge
+from ksmpolicy.paths import HostPaths
 from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, wait_for
 from tests.conftest import IS_ROOT, RealKsm
 
@@ -73,6 +74,59 @@ def syslog_sink() -> Iterator[socket.socket | None]:
     finally:
         sink.close()
         os.unlink("/dev/log")  # noqa: PTH108
+
+
+ESTIMATE_RESULTS: dict[str, object] = {}
+
+
+def test_the_estimate_of_two_guests_from_one_image(lab: Lab, real_ksm: RealKsm) -> None:
+    """Predicted before ksmd runs, then compared with what it saves (within 10 %). First in
+    the module: no other guest runs yet to share their pages."""
+    from ksmpolicy.report.estimate import Guest, estimate
+    from ksmpolicy.report.sharing import Party, measure
+
+    real_ksm.write("run", 0)
+    for name in ("est-1", "est-2"):
+        lab.define(name)
+        lab.start(name)
+    for name in ("est-1", "est-2"):
+        lab.wait_ready(name)
+    time.sleep(3)  # the guests settle after printing "ready"
+    guests = [Guest(lab.pid(n), n, "est", True, 256 * 2**20) for n in ("est-1", "est-2")]
+    predicted = estimate(
+        HostPaths(),
+        guests,
+        interval=3.0,
+        max_page_sharing=int(real_ksm.read("max_page_sharing")),
+        use_zero_pages=bool(real_ksm.read("use_zero_pages")),
+    )
+    real_ksm.write("pages_to_scan", 5000)
+    real_ksm.write("sleep_millisecs", 10)
+    real_ksm.write("run", 1)
+    last, steady = -1, 0
+    for _ in range(120):
+        time.sleep(1)
+        now = sum(lab.merging(n) for n in ("est-1", "est-2"))
+        steady = steady + 1 if abs(now - last) <= 16 and now else 0
+        last = now
+        if steady >= 5:
+            break
+    real_ksm.write("run", 0)
+    zeros = {g.pid: int(lab.ksm_stat(g.name)["ksm_zero_pages"]) for g in guests}
+    measured = measure(HostPaths(), [Party(g.pid, g.name, "est") for g in guests], zero_pages=zeros)
+    real = {vm.name: vm.saved_bytes for vm in measured.vms}
+    for vm in predicted.vms:
+        ESTIMATE_RESULTS[vm.name] = (vm.predicted_saved_bytes, real[vm.name])
+        assert abs(vm.predicted_saved_bytes - real[vm.name]) <= 0.10 * real[vm.name], (
+            vm.name,
+            vm.predicted_saved_bytes,
+            real[vm.name],
+        )
+    total = sum(real.values())
+    assert abs(predicted.predicted_saved_bytes - total) <= 0.10 * total
+    print(f"TCG estimate: predicted {predicted.predicted_saved_bytes}, measured {total}")
+    for name in ("est-1", "est-2"):
+        lab.stop(name)
 
 
 def test_block_refuses_to_start_a_database_without_nosharepages(lab: Lab) -> None:
