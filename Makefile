@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-zero-pages bench-ksm clean
+.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm clean
 
 all: test
 
@@ -26,7 +26,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-zero-pages bench-ksm
+bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -45,6 +45,9 @@ bench-status: $(STAMP)
 
 bench-pagemap: $(STAMP)
 	$(BIN)/python -m bench.bench_pagemap
+
+bench-estimate: $(STAMP)
+	$(BIN)/python -m bench.bench_estimate
 
 # use_zero_pages off against on, on the pacing benchmark's workload and Windows-like guests.
 bench-zero-pages: $(STAMP)

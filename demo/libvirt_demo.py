@@ -1,14 +1,18 @@
 """The real thing: a throwaway libvirtd, three TCG guests, the hook, the daemon, real ksmd.
 
 Two guests boot the same image, one is tagged `database`. The policy excludes databases:
-`ksmpolicy apply` gives that one <nosharepages/>, the hook checks every start, and the daemon
-paces ksmd (stopped with no guests, a sprint when they start, calm after). At the end every
-guest, the hook, the daemon and libvirtd are gone and the KSM knobs are as they were.
+`ksmpolicy apply` gives that one <nosharepages/>, the hook checks every start. With KSM
+stopped, `ksmpolicy estimate` predicts what merging will save (and what merging the database
+would add); then the daemon paces ksmd (a sprint for the running guests, calm after) and
+`ksmpolicy pages` shows who shares what with whom, with a heatmap (written where
+$KSMPOLICY_DEMO_PLOT says, else in the demo's temporary directory). At the end every guest,
+the hook, the daemon and libvirtd are gone and the KSM knobs are as they were.
 Run by `make demo` as root; refuses when a libvirtd already runs (it would disturb it).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.libvirt.domain import domain_facts
 from ksmpolicy.paths import HostPaths
@@ -132,6 +136,18 @@ def run(lab: Lab, workdir: Path) -> subprocess.Popen[bytes]:
         ],
         check=False,
     )
+    state = read_ksm(HostPaths())
+    assert state is not None
+    print(f"\n== Three guests start while KSM is stopped (run={state.values.get('run')})")
+    start = time.monotonic()
+    for name in ("web-1", "web-2", "db-1"):
+        lab.start(name)
+    for name in ("web-1", "web-2", "db-1"):
+        lab.wait_ready(name)
+    print(f"   ready after {time.monotonic() - start:.0f} s (TCG)")
+    time.sleep(3)
+    print("\n== ksmpolicy estimate: what KSM would save, before ksmd does any work")
+    subprocess.run([KSMPOLICY, "-p", str(lab.policy), "estimate"], check=False)
     log = (workdir / "daemon.log").open("w")
     daemon = subprocess.Popen(
         [
@@ -150,16 +166,13 @@ def run(lab: Lab, workdir: Path) -> subprocess.Popen[bytes]:
         stderr=log,
     )
     wait_for((run_dir / "notify.sock").exists, 20)
-    time.sleep(1)
-    state = read_ksm(HostPaths())
-    assert state is not None
-    print(f"\n== The daemon runs. No guests yet: KSM run={state.values.get('run')}")
     start = time.monotonic()
-    for name in ("web-1", "web-2", "db-1"):
-        lab.start(name)
-    print("\n== Three guests started (TCG: ~15-30 s to boot); the hook told the daemon")
-    timeline(lab, start, 40)
+    print("\n== The daemon starts and finds the guests: it sprints, then calms down")
+    timeline(lab, start, 30)
     table(lab)
+    plot = os.environ.get("KSMPOLICY_DEMO_PLOT") or str(workdir / "pages.png")
+    print("\n== ksmpolicy pages: who shares what with whom, exact")
+    subprocess.run([KSMPOLICY, "-p", str(lab.policy), "pages", "--plot", plot], check=False)
     return daemon
 
 
@@ -198,7 +211,7 @@ def table(lab: Lab) -> None:
         print(
             f"{PREFIX + name:24} {decision.group or '-':14} "
             f"{'merge' if decision.merge else 'exclude':9} {decision.rule or '(default)':10} "
-            f"{stat['ksm_mergeable']:9} {int(stat['ksm_merging_pages']) * 4096 / 2**20:10.1f}"
+            f"{stat['ksm_mergeable']:9} {int(stat['ksm_merging_pages']) * PAGE_SIZE / 2**20:10.1f}"
         )
 
 

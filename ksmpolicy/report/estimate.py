@@ -88,8 +88,16 @@ class Estimate:
 class _Sample:
     guest: Guest
     runs: guestmem.Runs
-    hashes: np.ndarray
+    hashes: np.ndarray  # N x 2 uint64: the digest of each page, in reading order
+    ids: np.ndarray | None = None  # N int64: each page's content as a dense id (see _number)
+    apart: np.ndarray | None = None  # pages left out of the pool (changed, or split zero)
     split_zero: int = 0  # zero pages in huge pages, set apart from the pool
+    volatile: int = 0
+
+    def pool_ids(self) -> np.ndarray:
+        """Its pages' content ids, without the pages set apart."""
+        assert self.ids is not None
+        return self.ids if self.apart is None else self.ids[~self.apart]
 
 
 def estimate(
@@ -118,7 +126,7 @@ def estimate(
                 runs = guestmem.present_runs(paths, guest.pid, ranges, reader)
             except OSError:
                 continue  # gone
-            samples.append(_Sample(guest, runs, np.zeros(0, guestmem.HASH)))
+            samples.append(_Sample(guest, runs, _NO_HASHES))
     finally:
         if reader is not None:
             reader.close()
@@ -135,14 +143,34 @@ def estimate(
                 paths, sample.guest.pid, sample.runs.starts, sample.runs.lengths, limit, step
             )
         except OSError:
-            sample.hashes = np.zeros(0, guestmem.HASH)
+            sample.hashes = _NO_HASHES
     first_pass = time.monotonic()
-    volatile = _second_pass(
-        paths, samples, limit, step, max(0.0, interval - (first_pass - started))
-    )
-    _set_apart_huge_zero_pages(paths, samples)
+    zero_id = _number(samples)
+    _second_pass(paths, samples, limit, step, max(0.0, interval - (first_pass - started)))
+    _set_apart_huge_zero_pages(paths, samples, zero_id)
     progress(total, total)
-    return _predict(samples, volatile, max_page_sharing, use_zero_pages, done[0], started)
+    return _predict(samples, zero_id, max_page_sharing, use_zero_pages, done[0], started)
+
+
+_NO_HASHES = np.zeros((0, 2), dtype=np.uint64)
+
+
+def _number(samples: Sequence[_Sample]) -> int:
+    """Give each distinct digest a dense id (0, 1, ...), once, for all that follows: counting
+    and matching plain integers, not 16-byte digests. Returns the zero page's id (-1: none)."""
+    every = np.concatenate([s.hashes for s in samples]) if samples else _NO_HASHES
+    order = np.lexsort((every[:, 1], every[:, 0]))
+    ordered = every[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    ids = np.empty(order.size, dtype=np.int64)
+    ids[order] = np.cumsum(new) - 1
+    at = 0
+    for sample in samples:
+        sample.ids = ids[at : at + len(sample.hashes)]
+        at += len(sample.hashes)
+    zero = np.flatnonzero(new & np.all(ordered == guestmem.ZERO, axis=1))
+    return int(np.cumsum(new)[zero[0]] - 1) if zero.size else -1
 
 
 def _second_pass(
@@ -151,61 +179,55 @@ def _second_pass(
     limit: guestmem.RateLimit,
     step: Callable[[int], None],
     wait: float,
-) -> dict[int, int]:
-    """Hash again the pages whose content appeared more than once; a page that changed gets a
-    content no other page has. Returns the volatile pages per pid."""
-    every = np.concatenate([s.hashes for s in samples]) if samples else np.zeros(0, guestmem.HASH)
-    contents, counts = np.unique(every, return_counts=True)
-    repeated = contents[counts >= 2]
+) -> None:
+    """Hash again the pages whose content appeared more than once; a page that changed is set
+    apart from the pool."""
+    counts = np.bincount(
+        np.concatenate([s.ids for s in samples if s.ids is not None] or [np.zeros(0, np.int64)])
+    )
     time.sleep(wait)
-    volatile = {}
     for sample in samples:
-        indices = np.flatnonzero(np.isin(sample.hashes, repeated)).astype(np.int64)
+        assert sample.ids is not None
+        sample.apart = np.zeros(sample.ids.size, dtype=bool)
+        indices = np.flatnonzero(counts[sample.ids] >= 2).astype(np.int64)
         if not indices.size:
-            volatile[sample.guest.pid] = 0
             continue
         addresses = sample.runs.addresses(indices)
         breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
-        run_starts = np.split(addresses, breaks)
-        starts = np.array([r[0] for r in run_starts], dtype=np.uint64)
-        lengths = np.array([r.size for r in run_starts], dtype=np.int64)
+        pieces = np.split(addresses, breaks)
+        starts = np.array([p[0] for p in pieces], dtype=np.uint64)
+        lengths = np.array([p.size for p in pieces], dtype=np.int64)
         try:
             again = guestmem.hash_runs(paths, sample.guest.pid, starts, lengths, limit, step)
         except OSError:
-            again = np.zeros(indices.size, guestmem.HASH)
-        changed = indices[again != sample.hashes[indices]]
-        hashes = sample.hashes.copy()
-        # A changed page matches nothing: a digest built from its position.
-        for offset, index in enumerate(changed.tolist()):
-            hashes[index] = (0xFFFF0000 + sample.guest.pid, offset)
-        sample.hashes = hashes
-        volatile[sample.guest.pid] = int(changed.size)
-    return volatile
+            again = np.zeros((indices.size, 2), dtype=np.uint64)
+        changed = indices[np.any(again != sample.hashes[indices], axis=1)]
+        sample.apart[changed] = True
+        sample.volatile = int(changed.size)
 
 
-def _set_apart_huge_zero_pages(paths: HostPaths, samples: Sequence[_Sample]) -> None:
+def _set_apart_huge_zero_pages(paths: HostPaths, samples: Sequence[_Sample], zero_id: int) -> None:
     """Zero pages that sit in transparent huge pages leave the pool: splitting frees them."""
-    zero = np.frombuffer(guestmem.ZERO_DIGEST, dtype=guestmem.HASH)[0]
+    if zero_id < 0:
+        return
     try:
         reader = PageMapReader(paths)
     except PageMapUnavailable:
         return  # no PFNs: they cannot be told apart
     try:
         for sample in samples:
-            indices = np.flatnonzero(sample.hashes == zero).astype(np.int64)
+            assert sample.ids is not None and sample.apart is not None
+            indices = np.flatnonzero((sample.ids == zero_id) & ~sample.apart).astype(np.int64)
             if not indices.size:
                 continue
-            addresses = sample.runs.addresses(indices)
             try:
-                huge = guestmem.in_huge_pages(paths, sample.guest.pid, addresses, reader)
+                huge = guestmem.in_huge_pages(
+                    paths, sample.guest.pid, sample.runs.addresses(indices), reader
+                )
             except OSError:
                 continue
-            chosen = indices[huge]
-            hashes = sample.hashes.copy()
-            for offset, index in enumerate(chosen.tolist()):
-                hashes[index] = (0xFFFE0000 + sample.guest.pid, offset)  # out of the pool
-            sample.hashes = hashes
-            sample.split_zero = int(chosen.size)
+            sample.apart[indices[huge]] = True
+            sample.split_zero = int(huge.sum())
     finally:
         reader.close()
 
@@ -219,61 +241,80 @@ def _saving(copies: np.ndarray, is_zero: np.ndarray, cap: int, zero_page: bool) 
 
 def _predict(
     samples: Sequence[_Sample],
-    volatile: dict[int, int],
+    zero_id: int,
     cap: int,
     zero_page: bool,
     read_bytes: int,
     started: float,
 ) -> Estimate:
-    zero = np.frombuffer(guestmem.ZERO_DIGEST, dtype=guestmem.HASH)[0]
-    merging = [s for s in samples if s.guest.merges]
-    pool = np.concatenate([s.hashes for s in merging]) if merging else np.zeros(0, guestmem.HASH)
-    contents, copies = np.unique(pool, return_counts=True)
-    saved = _saving(copies.astype(np.float64), contents == zero, cap, zero_page)
+    size = 1 + max(
+        (int(s.ids.max()) for s in samples if s.ids is not None and s.ids.size), default=0
+    )
+    is_zero = np.zeros(size, dtype=bool)
+    if zero_id >= 0:
+        is_zero[zero_id] = True
+    merging = [s.pool_ids() for s in samples if s.guest.merges]
+    copies = np.bincount(np.concatenate(merging or [np.zeros(0, np.int64)]), minlength=size)
+    copies = copies.astype(np.float64)
+    saved = _saving(copies, is_zero, cap, zero_page)
     per_copy = np.divide(saved, copies, out=np.zeros_like(saved), where=copies > 0)
+    held = {
+        group: np.bincount(
+            np.concatenate([s.pool_ids() for s in samples if s.guest.group == group]),
+            minlength=size,
+        )
+        > 0
+        for group in sorted({s.guest.group for s in samples if s.guest.group})
+    }
     vms = []
     group_totals: dict[str, float] = {}
     for sample in samples:
         guest = sample.guest
-        mine, mine_counts = np.unique(sample.hashes, return_counts=True)
-        where = np.searchsorted(contents, mine)
-        found = (where < contents.size) & (contents[np.minimum(where, contents.size - 1)] == mine)
+        mine = sample.pool_ids()
         predicted = if_merged = 0.0
         if guest.merges:
-            predicted = float(np.sum(per_copy[where[found]] * mine_counts[found]))
+            predicted = float(per_copy[mine].sum())
             if guest.group is not None:
                 group_totals[guest.group] = group_totals.get(guest.group, 0.0) + predicted
         else:
-            base = np.zeros(mine.size)
-            base[found] = copies[where[found]]
-            with_it = base + mine_counts
-            is_zero = mine == zero
+            ids, counts = np.unique(mine, return_counts=True)
+            base = copies[ids]
+            with_it = base + counts
+            zeros = is_zero[ids]
             if_merged = float(
                 np.sum(
-                    _saving(with_it, is_zero, cap, zero_page)
-                    - _saving(base, is_zero, cap, zero_page)
+                    _saving(with_it, zeros, cap, zero_page) - _saving(base, zeros, cap, zero_page)
                 )
             )
+        content = mine[~is_zero[mine]]
+        shares = []
+        for group, present in held.items():
+            others = [s for s in samples if s.guest.group == group and s is not sample]
+            if not others:
+                continue
+            theirs = present if guest.group != group else _held_by(others, size)
+            pages = int(theirs[content].sum())
+            if pages:
+                shares.append((group, pages * PAGE_SIZE))
         vms.append(
             GuestEstimate(
                 name=guest.name,
                 group=guest.group,
                 merges=guest.merges,
                 present_bytes=sample.runs.pages * PAGE_SIZE,
-                volatile_pages=volatile.get(guest.pid, 0),
+                volatile_pages=sample.volatile,
                 predicted_saved_bytes=round(predicted * PAGE_SIZE),
                 split_zero_bytes=sample.split_zero * PAGE_SIZE,
                 if_merged_saved_bytes=round(if_merged * PAGE_SIZE),
-                shares_with=_shares_with(sample, samples, zero),
+                shares_with=tuple(sorted(shares, key=lambda item: -item[1])),
             )
         )
-    suggested = _suggest(samples, zero)
     return Estimate(
         vms=tuple(vms),
         groups=tuple(sorted((g, round(t * PAGE_SIZE)) for g, t in group_totals.items())),
         predicted_saved_bytes=round(float(saved.sum()) * PAGE_SIZE),
         split_zero_bytes=sum(s.split_zero for s in samples) * PAGE_SIZE,
-        suggested=suggested,
+        suggested=_suggest(samples, is_zero),
         read_bytes=read_bytes,
         seconds=time.monotonic() - started,
         max_page_sharing=cap,
@@ -281,28 +322,16 @@ def _predict(
     )
 
 
-def _shares_with(
-    sample: _Sample, samples: Sequence[_Sample], zero: np.void
-) -> tuple[tuple[str, int], ...]:
-    """For each group (of the other VMs): how much of this VM's non-zero content it holds."""
-    mine = sample.hashes[sample.hashes != zero]
-    found = []
-    groups = sorted({s.guest.group for s in samples if s.guest.group and s is not sample})
-    for group in groups:
-        theirs = np.unique(
-            np.concatenate(
-                [s.hashes for s in samples if s.guest.group == group and s is not sample]
-            )
-        )
-        pages = int(np.isin(mine, theirs).sum())
-        if pages:
-            found.append((group, pages * PAGE_SIZE))
-    return tuple(sorted(found, key=lambda item: -item[1]))
+def _held_by(samples: Sequence[_Sample], size: int) -> np.ndarray:
+    return np.bincount(np.concatenate([s.pool_ids() for s in samples]), minlength=size) > 0
 
 
-def _suggest(samples: Sequence[_Sample], zero: np.void) -> tuple[SuggestedGroup, ...]:
+def _suggest(samples: Sequence[_Sample], is_zero: np.ndarray) -> tuple[SuggestedGroup, ...]:
     """Clusters of VMs whose non-zero content overlaps, as groups for the policy."""
-    distinct = [np.unique(s.hashes[s.hashes != zero]) for s in samples]
+    distinct = []
+    for sample in samples:
+        ids = np.unique(sample.pool_ids())
+        distinct.append(ids[~is_zero[ids]])
     parent = list(range(len(samples)))
 
     def root(i: int) -> int:
