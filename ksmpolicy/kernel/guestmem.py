@@ -32,7 +32,6 @@ from ksmpolicy.kernel.pagemap import (
     PM_PFN,
     PM_PRESENT,
     PageMapReader,
-    mergeable_ranges,
 )
 from ksmpolicy.paths import HostPaths
 
@@ -77,29 +76,6 @@ class RateLimit:
             ahead = self.done / self.rate - (time.monotonic() - self.started)
             if ahead > 0:
                 time.sleep(ahead)
-
-
-def guest_ranges(smaps: bytes, ram_bytes: int | None) -> list[tuple[int, int]]:
-    """The VMAs whose pages could be merged: mergeable ones, and guest RAM whether or not it is
-    mergeable now: writable, not executable (TCG's translation buffer is larger than RAM and
-    executable), from half of `ram_bytes` to its size (and alignment)."""
-    ranges = set(mergeable_ranges(smaps))
-    if ram_bytes:
-        for line in smaps.splitlines():
-            head, _, rest = line.partition(b" ")
-            if b"-" not in head or not all(c in b"0123456789abcdef-" for c in head):
-                continue
-            perms = rest[:4]
-            low, _, high = head.partition(b"-")
-            start, end = int(low, 16), int(high, 16)
-            size = end - start
-            if (
-                perms[:2] == b"rw"
-                and b"x" not in perms
-                and ram_bytes // 2 <= size <= ram_bytes + (4 << 20)
-            ):
-                ranges.add((start, end))
-    return sorted(ranges)
 
 
 def present_runs(

@@ -8,15 +8,20 @@ Three files, all read-only:
 * `/proc/kpageflags`: 8 bytes per PFN: bit 21 `KPF_KSM`, 24 `KPF_ZERO_PAGE`, 22 `KPF_THP`.
 * `/proc/kpagecount`: 8 bytes per PFN: how many page table entries map it.
 
-**Cost.** A page mapped exclusively is never shared, so only present pages *without* bit 56
-are looked up in kpageflags: on a merged host that is the KSM pages, a small part of guest
-RAM. The PFN files are never read whole (kpageflags is 8 bytes per page of host RAM): the
-sorted PFNs are read in windows of at most 64 Ki PFNs, only the span each window needs.
-Memory: pagemap is read 256 MiB of guest RAM at a time and each piece reduced to its distinct
-PFNs at once; the walk keeps, per process, the KSM PFNs it maps and how often (12 bytes per
-distinct KSM page), and no addresses: the few it needs later (to read a page's content) are
-found again in the pagemap of one process that maps them. Measured: under 16 bytes per guest
-page at the peak (bench/results/pagemap.md).
+**Cost.** Guest RAM is mostly holes on an idle host (a 1 GiB guest may touch 32 MiB), so the
+walk first asks the PAGEMAP_SCAN ioctl (Linux 6.7+) where the present and swapped pages are and
+reads pagemap entries only there (runs a few pages apart are read as one); older kernels get
+the whole VMA read. The mergeable VMAs come from the caller's smaps read when it has one
+(`status` passes the scanner's), since reading smaps costs as much as the walk. A page mapped
+exclusively is never shared, so only present pages *without* bit 56 are looked up in
+kpageflags: on a merged host that is the KSM pages, a small part of guest RAM. The PFN files
+are never read whole (kpageflags is 8 bytes per page of host RAM): the sorted PFNs are read in
+clusters, at most 64 Ki PFNs at once, never the PFNs between clusters. Memory: pagemap is read
+256 MiB of guest RAM at a time and each piece reduced to its distinct PFNs at once; the walk
+keeps, per process, the KSM PFNs it maps and how often (12 bytes per distinct KSM page), and no
+addresses: the few it needs later (to read a page's content) are found again in the pagemap of
+one process that maps them. Measured: under 16 bytes per guest page at the peak
+(bench/results/pagemap.md).
 
 **Accuracy.** A walk is a snapshot of moving state: between reading a process's pagemap and a
 PFN's flags, ksmd may merge or a guest may write (breaking a merge), so a page can be counted in
@@ -31,9 +36,11 @@ Without CAP_SYS_ADMIN the kernel zeroes the PFNs in pagemap (since 4.2): the rea
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
-import re
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +48,7 @@ import numpy.typing as npt
 
 from ksmpolicy.errors import HostError
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
 PM_PRESENT = np.uint64(1 << 63)
@@ -52,8 +60,15 @@ KPF_THP = 22
 KPF_ZERO_PAGE = 24
 CHUNK_PAGES = 1 << 16  # pagemap entries read at once: 512 KiB of pagemap, 256 MiB of guest RAM
 WINDOW_PFNS = 1 << 16  # kpageflags / kpagecount: at most 512 KiB read at once
-_VMA = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ", re.MULTILINE)
-_FLAGS = re.compile(rb"^VmFlags:([^\n]*)$", re.MULTILINE)
+PFN_GAP = 32  # PFNs closer than this are read in one pread (a syscall costs ~30 entries)
+# PAGEMAP_SCAN (Linux 6.7+): an ioctl on a pagemap fd that returns runs of pages by category,
+# so the walk reads pagemap entries only where pages are, not across the holes of guest RAM.
+PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+SCAN_REGIONS = 1 << 12  # page_region entries per ioctl (96 KiB)
+SPAN_GAP_PAGES = 64  # runs closer than this are read as one span (fewer reads)
+_scan_works = True  # cleared when the kernel answers that it has no PAGEMAP_SCAN
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -106,18 +121,6 @@ class PageMap:
         return float(np.sum(process.mappings * (counts - 1) / np.maximum(counts, 1)))
 
 
-def mergeable_ranges(smaps: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each VMA whose VmFlags include `mg` (MADV_MERGEABLE or prctl)."""
-    ranges = []
-    headers = list(_VMA.finditer(smaps))
-    for index, header in enumerate(headers):
-        end_of_block = headers[index + 1].start() if index + 1 < len(headers) else len(smaps)
-        flags = _FLAGS.search(smaps, header.end(), end_of_block)
-        if flags is not None and b" mg" in flags.group(1) + b" ":
-            ranges.append((int(header.group(1), 16), int(header.group(2), 16)))
-    return ranges
-
-
 class PageMapReader:
     """Walks processes' page tables. One reader per walk; `close` (or `with`) releases it."""
 
@@ -161,7 +164,11 @@ class PageMapReader:
             except OSError:
                 pass
 
-    def walk(self, pids: Iterable[int]) -> PageMap:
+    def walk(
+        self, pids: Iterable[int], ranges: Mapping[int, Sequence[tuple[int, int]]] | None = None
+    ) -> PageMap:
+        """Walk these processes. `ranges` gives a process's mergeable VMAs when the caller has
+        just parsed its smaps (reading smaps again costs as much as the walk itself)."""
         import time  # noqa: PLC0415
 
         started = time.monotonic()
@@ -170,15 +177,22 @@ class PageMapReader:
         present: dict[int, tuple[int, int]] = {}
         exited = []
         everything = np.zeros(0, np.uint64)  # the union so far: VMs share most of their PFNs
+        pending: list[U64] = []  # candidates not yet in it: joined once they are as many
         for pid in pids:
             try:
-                pfns, mappings, n_present, n_swapped = self._candidates(pid)
+                known = ranges.get(pid) if ranges is not None else None
+                pfns, mappings, n_present, n_swapped = self._candidates(pid, known)
             except ProcessLookupError:
                 exited.append(pid)
                 continue
             candidates[pid] = (pfns, mappings)
             present[pid] = (n_present, n_swapped)
-            everything = np.union1d(everything, pfns)
+            pending.append(pfns)
+            if sum(p.size for p in pending) >= max(everything.size, 1 << 16):
+                everything = np.unique(np.concatenate([everything, *pending]))
+                pending.clear()
+        everything = np.unique(np.concatenate([everything, *pending]))
+        pending.clear()
         flags = self.read_words(self._flags, everything)
         ksm_pfns = everything[(flags >> np.uint64(KPF_KSM)) & np.uint64(1) == 1]
         del everything, flags
@@ -210,12 +224,15 @@ class PageMapReader:
         state = read_ksm(self.paths)
         return state.get("pages_sharing") if state is not None else None
 
-    def _candidates(self, pid: int) -> tuple[U64, U32, int, int]:
+    def _candidates(
+        self, pid: int, ranges: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[U64, U32, int, int]:
         """The distinct PFNs a process maps that could be shared (present, not mapped
         exclusively), how often it maps each, and its present and swapped page counts."""
         proc = self.paths.proc / str(pid)
         try:
-            smaps = (proc / "smaps").read_bytes()
+            if ranges is None:
+                ranges = parse_smaps((proc / "smaps").read_bytes()).mergeable_ranges()
             fd = os.open(proc / "pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ProcessLookupError(pid) from None
@@ -227,8 +244,8 @@ class PageMapReader:
         present = swapped = 0
         seen_pfn = False
         try:
-            for start, end in mergeable_ranges(smaps):
-                for _chunk, entries in _entries(fd, proc, pid, start, end):
+            for first, last in _spans(fd, proc, pid, ranges):
+                for _chunk, entries in _entries(fd, proc, pid, first, last):
                     is_present = (entries & PM_PRESENT) != 0
                     n_present = int(np.count_nonzero(is_present))
                     present += n_present
@@ -265,13 +282,13 @@ class PageMapReader:
         proc = self.paths.proc / str(pid)
         found: dict[int, int] = {}
         try:
-            smaps = (proc / "smaps").read_bytes()
+            ranges = parse_smaps((proc / "smaps").read_bytes()).mergeable_ranges()
             fd = os.open(proc / "pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return found
         try:
-            for start, end in mergeable_ranges(smaps):
-                for chunk, entries in _entries(fd, proc, pid, start, end):
+            for first, last in _spans(fd, proc, pid, ranges):
+                for chunk, entries in _entries(fd, proc, pid, first, last):
                     page_pfns = entries & PM_PFN
                     hits = np.flatnonzero(_member(page_pfns, pfns) & ((entries & PM_PRESENT) != 0))
                     for index in hits.tolist():
@@ -286,28 +303,103 @@ class PageMapReader:
 
     @staticmethod
     def read_words(fd: int, pfns: U64) -> U64:
-        """The 8-byte entries of sorted, unique PFNs from kpageflags or kpagecount, read in
-        windows of at most WINDOW_PFNS (never the whole file)."""
+        """The 8-byte entries of sorted, unique PFNs from kpageflags or kpagecount: each cluster
+        of PFNs less than PFN_GAP apart is read with one pread of at most WINDOW_PFNS entries
+        (never the whole file, and not the PFNs between clusters: the kernel computes each
+        entry it returns, about 60 ns apiece)."""
         result = np.zeros(pfns.size, dtype=np.uint64)
         if not pfns.size:
             return result
         windows = pfns // np.uint64(WINDOW_PFNS)
-        bounds = np.flatnonzero(np.diff(windows)) + 1
-        starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [pfns.size]))
-        for begin, finish in zip(starts.tolist(), ends.tolist(), strict=True):
-            low, high = int(pfns[begin]), int(pfns[finish - 1])
-            data = os.pread(fd, (high - low + 1) * 8, low * 8)
-            words = np.frombuffer(data, dtype=np.uint64)
-            offsets = (pfns[begin:finish] - np.uint64(low)).astype(np.int64)
-            inside = offsets < words.size  # PFNs beyond the end of RAM read as nothing
-            result[begin:finish][inside] = words[offsets[inside]]
+        cut = (np.diff(pfns) > np.uint64(PFN_GAP)) | (np.diff(windows) != 0)
+        firsts = np.concatenate(([0], np.flatnonzero(cut) + 1))
+        lasts = np.concatenate((firsts[1:], [pfns.size])) - 1
+        low, high = pfns[firsts], pfns[lasts]
+        lengths = (high - low + np.uint64(1)).astype(np.int64)
+        pieces = []
+        for start, count in zip(low.tolist(), lengths.tolist(), strict=True):
+            data = os.pread(fd, count * 8, start * 8)
+            pieces.append(data + bytes(count * 8 - len(data)))  # beyond the end of RAM: 0
+        words = np.frombuffer(b"".join(pieces), dtype=np.uint64)
+        bases = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        cluster = np.repeat(np.arange(firsts.size), lasts - firsts + 1)
+        offsets = bases[cluster] + (pfns - low[cluster]).astype(np.int64)
+        result[:] = words[offsets]
         return result
 
 
-def _entries(fd: int, proc: object, pid: int, start: int, end: int) -> Iterable[tuple[int, U64]]:
-    """(first page number, pagemap entries) of a VMA, CHUNK_PAGES at a time."""
-    first, last = start // PAGE_SIZE, end // PAGE_SIZE
+def _spans(
+    fd: int, proc: object, pid: int, ranges: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(first, last) page numbers worth reading in these address ranges: the runs of present
+    or swapped pages PAGEMAP_SCAN finds, joined across gaps under SPAN_GAP_PAGES; the whole
+    ranges on a kernel without it."""
+    global _scan_works  # noqa: PLW0603
+    spans: list[tuple[int, int]] = []
+    for start, end in ranges:
+        runs = _scan(fd, proc, pid, start, end) if _scan_works else None
+        if runs is None:
+            _scan_works = False
+            spans.append((start // PAGE_SIZE, end // PAGE_SIZE))
+        elif runs.size:
+            # Successive ioctls can report a run twice (a full buffer makes the kernel resume
+            # at the start of a page table), so the runs are joined as a union.
+            pages = (runs // np.uint64(PAGE_SIZE)).astype(np.int64)
+            pages = pages[np.argsort(pages[:, 0], kind="stable")]
+            reach = np.maximum.accumulate(pages[:, 1])  # the furthest end so far
+            breaks = np.flatnonzero(pages[1:, 0] - reach[:-1] >= SPAN_GAP_PAGES) + 1
+            firsts = pages[np.concatenate(([0], breaks)), 0]
+            lasts = reach[np.concatenate((breaks - 1, [len(pages) - 1]))]
+            spans.extend(zip(firsts.tolist(), lasts.tolist(), strict=True))
+    return spans
+
+
+def _scan(fd: int, proc: object, pid: int, start: int, end: int) -> U64 | None:
+    """(start, end) address pairs of the runs of present or swapped pages between start and
+    end, from the PAGEMAP_SCAN ioctl; None if this kernel does not have it."""
+    regions = np.zeros((SCAN_REGIONS, 3), dtype=np.uint64)  # struct page_region[]
+    runs: list[U64] = []
+    wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    while start < end:
+        arg = bytearray(
+            struct.pack(
+                "12Q",
+                96,
+                0,
+                start,
+                end,
+                0,
+                regions.ctypes.data,
+                SCAN_REGIONS,
+                0,
+                0,
+                0,
+                wanted,
+                wanted,
+            )
+        )
+        try:
+            found = fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            if exc.errno == errno.ESRCH:
+                raise ProcessLookupError(pid) from None
+            raise HostError(f"cannot scan {proc}/pagemap: {exc.strerror}") from None
+        runs.append(regions[:found, :2].copy())
+        walk_end = struct.unpack_from("Q", arg, 32)[0]
+        if walk_end <= start:
+            break
+        if found == SCAN_REGIONS and walk_end - start < SCAN_REGIONS * SPAN_GAP_PAGES * PAGE_SIZE:
+            # runs this dense would be read as one span anyway: scanning on costs more
+            runs.append(np.array([[walk_end, end]], dtype=np.uint64))
+            break
+        start = walk_end
+    return np.concatenate(runs) if runs else np.zeros((0, 2), np.uint64)
+
+
+def _entries(fd: int, proc: object, pid: int, first: int, last: int) -> Iterable[tuple[int, U64]]:
+    """(first page number, pagemap entries) of pages first..last, CHUNK_PAGES at a time."""
     for chunk in range(first, last, CHUNK_PAGES):
         count = min(CHUNK_PAGES, last - chunk)
         try:

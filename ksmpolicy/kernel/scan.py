@@ -11,16 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
 log = logging.getLogger(__name__)
 
 # libvirt runs qemu-system-ARCH (comm truncated to 15 characters), RHEL qemu-kvm, Proxmox kvm.
 _QEMU_BINARY = re.compile(r"^(qemu-system-.*|qemu-kvm|kvm)$")
-_MERGEABLE_VMA = re.compile(rb"^VmFlags:[^\n]* mg\b", re.MULTILINE)
-_RSS = re.compile(rb"^Rss: +(\d+) kB$", re.MULTILINE)
-_SIZE = re.compile(rb"^Size: +(\d+) kB$", re.MULTILINE)
-_FLAGS = re.compile(rb"^VmFlags:([^\n]*)$", re.MULTILINE)
 _SIZE_UNITS = {"": 2**20, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -51,6 +48,18 @@ class VmProcess:
     # Whether the guest RAM itself (the VMAs at least half the size of -m) is mergeable. QEMU's
     # small ROM regions stay mergeable when RAM is switched off, so ksm_stat can't tell.
     ram_mergeable: bool | None = None
+    # (start, end) of the mergeable VMAs, as of the smaps read the other figures come from
+    mergeable_ranges: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Mergeable:
+    """What one smaps read says about a process's mergeable memory."""
+
+    resident: int
+    vmas: int
+    ram: bool | None
+    ranges: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -137,36 +146,6 @@ def read_ksm_stat(path: Path) -> KsmStat | None:
     )
 
 
-def mergeable_resident(smaps: bytes) -> tuple[int, int]:
-    """(resident bytes, VMA count) of the VMAs whose VmFlags include `mg`."""
-    total = 0
-    count = 0
-    for flags in _MERGEABLE_VMA.finditer(smaps):
-        start = smaps.rfind(b"\nRss:", 0, flags.start())
-        rss = _RSS.match(smaps, start + 1) if start >= 0 else None
-        if rss:
-            total += int(rss.group(1)) * 1024
-            count += 1
-    return total, count
-
-
-def guest_ram_mergeable(smaps: bytes, ram_bytes: int | None) -> bool | None:
-    """Whether the VMAs holding guest RAM (at least half of `ram_bytes` each) are mergeable;
-    None without a RAM size or without such a VMA."""
-    if not ram_bytes:
-        return None
-    found = None
-    for size in _SIZE.finditer(smaps):
-        if int(size.group(1)) * 1024 < ram_bytes // 2:
-            continue
-        flags = _FLAGS.search(smaps, size.end())
-        if flags is None:
-            continue
-        mergeable = b" mg" in flags.group(1) + b" "
-        found = mergeable if found is None else (found or mergeable)
-    return found
-
-
 class ProcessScanner:
     """Finds VM processes in /proc. Keeps what is costly to read between passes.
 
@@ -193,7 +172,7 @@ class ProcessScanner:
         self._identity: dict[tuple[int, int], _Identity | None] = {}
         self._first_seen: dict[tuple[int, int], float] = {}
         # key -> (read at, resident mergeable bytes, VMA count, ksm_stat's flag, RAM mergeable)
-        self._smaps: dict[tuple[int, int], tuple[float, int, int, bool | None, bool | None]] = {}
+        self._smaps: dict[tuple[int, int], tuple[float, bool | None, _Mergeable]] = {}
 
     def scan(self, *, refresh: bool = False) -> list[VmProcess]:
         """Every QEMU process, and every other process with mergeable memory.
@@ -224,16 +203,14 @@ class ProcessScanner:
             ksm = read_ksm_stat(proc / "ksm_stat")
             if identity.kind == "other" and not (ksm and (ksm.mergeable or ksm.merge_any)):
                 continue
-            ram: bool | None = None
             if ksm is not None and ksm.mergeable is False and not ksm.merge_any:
-                merged, vmas = 0, 0
-                ram = False if identity.ram_bytes else None
+                mergeable = _Mergeable(0, 0, False if identity.ram_bytes else None, ())
             else:
                 flag = ksm.mergeable if ksm else None
-                merged, vmas, ram = self._mergeable(
+                mergeable = self._mergeable(
                     proc, key, now, refresh=refresh, flag=flag, ram_bytes=identity.ram_bytes
                 )
-                if identity.kind == "other" and vmas == 0:
+                if identity.kind == "other" and mergeable.vmas == 0:
                     continue
             found.append(
                 VmProcess(
@@ -244,10 +221,11 @@ class ProcessScanner:
                     vmid=identity.vmid,
                     ram_bytes=identity.ram_bytes,
                     mem_merge=identity.mem_merge,
-                    mergeable_bytes=merged,
-                    mergeable_vmas=vmas,
+                    mergeable_bytes=mergeable.resident,
+                    mergeable_vmas=mergeable.vmas,
                     ksm=ksm,
-                    ram_mergeable=ram,
+                    ram_mergeable=mergeable.ram,
+                    mergeable_ranges=mergeable.ranges,
                 )
             )
         for cache in (self._identity, self._first_seen, self._smaps):
@@ -264,20 +242,22 @@ class ProcessScanner:
         refresh: bool,
         flag: bool | None,
         ram_bytes: int | None,
-    ) -> tuple[int, int, bool | None]:
+    ) -> _Mergeable:
         cached = self._smaps.get(key)
         young = now - self._first_seen.get(key, now) < self.young_seconds
         max_age = self.smaps_max_age_seconds * (1 + (key[0] % 8) / 8)
-        if cached and not (refresh or young) and cached[3] == flag and now - cached[0] < max_age:
-            return cached[1], cached[2], cached[4]
+        if cached and not (refresh or young) and cached[1] == flag and now - cached[0] < max_age:
+            return cached[2]
         try:
-            data = (proc / "smaps").read_bytes()
+            smaps = parse_smaps((proc / "smaps").read_bytes())
         except OSError:
-            return (cached[1], cached[2], cached[4]) if cached else (0, 0, None)
-        total, count = mergeable_resident(data)
-        ram = guest_ram_mergeable(data, ram_bytes)
-        self._smaps[key] = (now, total, count, flag, ram)
-        return total, count, ram
+            return cached[2] if cached else _Mergeable(0, 0, None, ())
+        resident, count = smaps.mergeable_resident()
+        found = _Mergeable(
+            resident, count, smaps.ram_mergeable(ram_bytes), tuple(smaps.mergeable_ranges())
+        )
+        self._smaps[key] = (now, flag, found)
+        return found
 
 
 def footprint_bytes(processes: Sequence[VmProcess]) -> int:

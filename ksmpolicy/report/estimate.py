@@ -34,6 +34,7 @@ import numpy as np
 from ksmpolicy.kernel import guestmem
 from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
+from ksmpolicy.kernel.smaps import parse as smaps_of
 from ksmpolicy.paths import HostPaths
 
 ALIKE = 0.25  # shared non-zero content, as a share of the smaller VM's, to suggest a group
@@ -122,7 +123,7 @@ def estimate(
         for guest in guests:
             try:
                 smaps = (paths.proc / str(guest.pid) / "smaps").read_bytes()
-                ranges = guestmem.guest_ranges(smaps, guest.ram_bytes)
+                ranges = smaps_of(smaps).guest_ranges(guest.ram_bytes)
                 runs = guestmem.present_runs(paths, guest.pid, ranges, reader)
             except OSError:
                 continue  # gone
@@ -379,25 +380,3 @@ def _group_name(names: Sequence[str], taken: set[str]) -> str:
             number += 1
         base = f"image-{number}"
     return base
-
-
-def yaml_snippet(suggested: Sequence[SuggestedGroup]) -> str:
-    """The suggested groups as a `groups:` section that `ksmpolicy check` accepts."""
-    if not suggested:
-        return ""
-    lines = ["groups:"]
-    for group in suggested:
-        names = ", ".join(_yaml_name(n) for n in group.vms)
-        lines.append(
-            f"  {group.name}:  # {len(group.vms)} VMs, {group.shared_bytes / 2**20:.1f} MiB alike"
-        )
-        lines.append(f"    names: [{names}]")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_name(name: str) -> str:
-    """A VM name as a literal glob (wildcards in brackets), quoted as a YAML string."""
-    import json  # noqa: PLC0415
-
-    literal = "".join(f"[{c}]" if c in "*?[" else c for c in name)
-    return json.dumps(literal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,8 +19,10 @@ from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.sharing import Sharing
 from ksmpolicy.report.status import Status, collect
+
+if TYPE_CHECKING:
+    from ksmpolicy.report.sharing import Sharing
 
 VM_LABELS = ["vm", "vmid", "group"]
 

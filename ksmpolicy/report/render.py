@@ -3,10 +3,17 @@ documented JSON)."""
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
 from ksmpolicy.kernel.ksm import PAGE_SIZE
-from ksmpolicy.report.estimate import Estimate, yaml_snippet
-from ksmpolicy.report.sharing import PairShare, Sharing
 from ksmpolicy.report.status import Status
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ksmpolicy.report.estimate import Estimate, SuggestedGroup
+    from ksmpolicy.report.sharing import PairShare, Sharing
 
 JSON_VERSION = 1
 
@@ -355,3 +362,23 @@ def estimate_json(found: Estimate) -> dict[str, object]:
         ],
         "suggested_yaml": yaml_snippet(found.suggested),
     }
+
+
+def yaml_snippet(suggested: Sequence[SuggestedGroup]) -> str:
+    """The suggested groups as a `groups:` section that `ksmpolicy check` accepts."""
+    if not suggested:
+        return ""
+    lines = ["groups:"]
+    for group in suggested:
+        names = ", ".join(_yaml_name(n) for n in group.vms)
+        lines.append(
+            f"  {group.name}:  # {len(group.vms)} VMs, {group.shared_bytes / 2**20:.1f} MiB alike"
+        )
+        lines.append(f"    names: [{names}]")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_name(name: str) -> str:
+    """A VM name as a literal glob (wildcards in brackets), quoted as a YAML string."""
+    literal = "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    return json.dumps(literal)

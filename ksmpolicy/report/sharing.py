@@ -21,7 +21,7 @@ same image); groups of different trust domains that share pages at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,15 +335,17 @@ def measure(
     *,
     zero_pages: dict[int, int] | None = None,
     ksm_zero_pages: int | None = None,
+    ranges: Mapping[int, Sequence[tuple[int, int]]] | None = None,
 ) -> Sharing:
     """Walk the parties' page tables and build their sharing map (root). Raises
     PageMapUnavailable (with the reason) when this host or user cannot read the page map.
+    `ranges` gives the parties' mergeable VMAs when the caller has just read their smaps.
 
     Zero pages are told apart by reading one mapper's copy of each KSM page that VMs of more
     than one group map (a zero page merges across every group; that is where it matters).
     """
     with PageMapReader(paths) as reader:
-        pagemap = reader.walk([p.pid for p in parties])
+        pagemap = reader.walk([p.pid for p in parties], ranges)
     by_group: dict[str, list[U64]] = {}
     for party in parties:
         process = pagemap.processes.get(party.pid)

@@ -4,13 +4,13 @@ definitions, with findings that say what to do. Read-only."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
-from ksmpolicy.kernel.pagemap import PageMapUnavailable
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import HostPaths
@@ -18,7 +18,9 @@ from ksmpolicy.policy.decide import Decider, Decision, VmFacts
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.quoting import fix_command
 from ksmpolicy.report.findings import Finding
-from ksmpolicy.report.sharing import Party, Sharing, measure
+
+if TYPE_CHECKING:
+    from ksmpolicy.report.sharing import Sharing
 
 # A VM that merges nothing after this many full scans costs scan CPU for no gain.
 USELESS_AFTER_FULL_SCANS = 3
@@ -118,7 +120,8 @@ def collect(
     if reuse is not None:
         sharing, note = reuse, None
     elif pagemap:
-        sharing, note = _sharing(paths, vms, host)
+        ranges = {p.pid: p.mergeable_ranges for p in processes}  # smaps is not read twice
+        sharing, note = _sharing(paths, vms, host, ranges)
     else:
         sharing, note = None, "the page map was not read"
     if sharing is not None:
@@ -142,15 +145,25 @@ def collect(
 
 
 def _sharing(
-    paths: HostPaths, vms: Sequence[VmStatus], host: HostStatus
+    paths: HostPaths,
+    vms: Sequence[VmStatus],
+    host: HostStatus,
+    ranges: Mapping[int, Sequence[tuple[int, int]]],
 ) -> tuple[Sharing | None, str | None]:
     """The sharing map of the running VMs, or None and why it could not be read."""
     if not host.available:
         return None, "this kernel has no KSM"
+    # numpy loads only here, so `status --no-pagemap` and the hook never pay for it
+    from ksmpolicy.kernel.pagemap import PageMapUnavailable  # noqa: PLC0415
+    from ksmpolicy.report.sharing import Party, measure  # noqa: PLC0415
+
     parties = [Party(v.pid, v.name, v.group, kind=v.kind) for v in vms]
     zeros = {v.pid: v.zero_bytes // PAGE_SIZE for v in vms}
     try:
-        return measure(paths, parties, zero_pages=zeros, ksm_zero_pages=host.zero_pages), None
+        found = measure(
+            paths, parties, zero_pages=zeros, ksm_zero_pages=host.zero_pages, ranges=ranges
+        )
+        return found, None
     except PageMapUnavailable as exc:
         return None, str(exc)
 

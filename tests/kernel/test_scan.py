@@ -11,7 +11,6 @@ from ksmpolicy.kernel.scan import (
     KsmStat,
     ProcessScanner,
     footprint_bytes,
-    mergeable_resident,
     parse_qemu_cmdline,
     read_ksm_stat,
 )
@@ -92,10 +91,6 @@ def test_proxmox_cmdline() -> None:
 )
 def test_memory_sizes(value: str, expected: int) -> None:
     assert parse_qemu_cmdline(["qemu-system-x86_64", "-m", value])[3] == expected
-
-
-def test_mergeable_resident_counts_only_mg_vmas() -> None:
-    assert mergeable_resident(SMAPS) == ((200000 + 512) * 1024, 2)
 
 
 def write_process(
@@ -198,15 +193,3 @@ def test_real_guest_like_processes_are_found(real_ksm: RealKsm) -> None:
     assert (ex.mem_merge, ex.mergeable_bytes) == (False, 0)
     assert ex.ksm is not None and ex.ksm.mergeable is False
     assert os.getpid() not in found
-
-
-def test_guest_ram_mergeable_looks_at_the_ram_vma_only() -> None:
-    from ksmpolicy.kernel.scan import guest_ram_mergeable
-
-    assert guest_ram_mergeable(SMAPS, 256 * 2**20) is True  # the 256 MiB VMA has "mg"
-    unmerged = SMAPS.replace(
-        b"VmFlags: rd wr mr mw me ac sd mg\n7f0010", b"VmFlags: rd wr mr mw me ac sd\n7f0010"
-    )
-    assert guest_ram_mergeable(unmerged, 256 * 2**20) is False  # a ROM-sized "mg" VMA is not RAM
-    assert guest_ram_mergeable(SMAPS, None) is None
-    assert guest_ram_mergeable(SMAPS, 64 * 2**30) is None  # no VMA that large

@@ -13,7 +13,8 @@ import pytest
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
-from ksmpolicy.report.estimate import Guest, estimate, yaml_snippet
+from ksmpolicy.report.estimate import Guest, estimate
+from ksmpolicy.report.render import yaml_snippet
 from ksmpolicy.report.sharing import measure
 from lab.simguest import spawn
 from tests.conftest import RealKsm

@@ -153,10 +153,10 @@ def test_a_vm_that_exits_mid_walk_is_left_out(real_ksm: RealKsm) -> None:
     leaving = real_ksm.processes[1]
 
     class Interrupted(PageMapReader):
-        def _candidates(self, pid: int):  # type: ignore[no-untyped-def]
+        def _candidates(self, pid: int, ranges=None):  # type: ignore[no-untyped-def]
             if pid == pids["x-0"] and leaving.poll() is None:
                 real_ksm.stop(leaving)  # it exits while the walk is under way
-            return super()._candidates(pid)
+            return super()._candidates(pid, ranges)
 
     with Interrupted(HostPaths()) as reader:
         pagemap = reader.walk(list(pids.values()))
