@@ -13,7 +13,12 @@ INSTALL_HINT = (
 )
 
 
-def heatmap(sharing: Sharing, path: Path, *, title: str = "KSM pages shared between VMs") -> None:
+def heatmap(
+    sharing: Sharing,
+    path: Path,
+    *,
+    title: str = "KSM pages shared by each pair of VMs\n(zero pages left out; groups framed)",
+) -> None:
     """Write a PNG: MiB of content both VMs of a pair map, zero pages left out; groups framed."""
     try:
         import matplotlib  # noqa: PLC0415
@@ -34,12 +39,21 @@ def heatmap(sharing: Sharing, path: Path, *, title: str = "KSM pages shared betw
         if i is not None and j is not None:
             grid[i, j] = grid[j, i] = pair.shared_pages * PAGE_SIZE / 2**20
     np.fill_diagonal(grid, np.nan)
-    size = max(4.0, min(16.0, 1.5 + 0.35 * len(vms)))
-    figure, axes = plt.subplots(figsize=(size + 1.5, size))
-    image = axes.imshow(grid, cmap="viridis", interpolation="nearest")
     labels = [f"{v.name} ({v.group or '-'})" for v in vms]
+    cells = max(3.0, min(14.0, 0.4 * len(vms)))  # the matrix, in inches
+    margin = min(4.5, 0.075 * max(len(label) for label in labels))  # room for the labels
+    figure, axes = plt.subplots(
+        figsize=(cells + margin + 1.6, cells + margin + 0.6), layout="constrained"
+    )
+    image = axes.imshow(grid, cmap="viridis", interpolation="nearest")
     axes.set_xticks(range(len(vms)), labels, rotation=90, fontsize=8)
     axes.set_yticks(range(len(vms)), labels, fontsize=8)
+    if len(vms) <= 12:  # few enough to print each figure
+        top = np.nanmax(grid) if np.isfinite(grid).any() else 0.0
+        for (i, j), value in np.ndenumerate(grid):
+            if i != j:
+                colour = "black" if value > 0.6 * top else "white"
+                axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color=colour)
     start = 0
     for index in range(1, len(vms) + 1):
         if index == len(vms) or vms[index].group != vms[start].group:
@@ -54,8 +68,7 @@ def heatmap(sharing: Sharing, path: Path, *, title: str = "KSM pages shared betw
                 )
             )
             start = index
-    figure.colorbar(image, ax=axes, label="MiB of content KSM pages both map")
-    axes.set_title(title)
-    figure.tight_layout()
+    figure.colorbar(image, ax=axes, label="MiB of KSM pages both map", shrink=0.8)
+    axes.set_title(title, fontsize=10)
     figure.savefig(path, dpi=110)
     plt.close(figure)
