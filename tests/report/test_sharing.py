@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,3 +217,54 @@ def test_without_root_the_map_says_why_and_status_falls_back(
     )
     assert status.returncode == 0, status.stderr
     assert '"savings_note": "cannot read /proc/kpageflags: permission denied' in status.stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.root
+def test_the_commands_json_keeps_its_promised_keys(
+    real_ksm: RealKsm, write_policy: Callable[..., Path]
+) -> None:
+    """`pages --json` and `status --json` as scripts read them (README, "For scripts")."""
+    import json
+
+    policy = write_policy(
+        "version: 1\ngroups:\n  alpha: {names: ['a-*']}\n  beta: {names: ['b-*']}\n"
+    )
+    real_ksm.write("use_zero_pages", 1)
+    pids = start(real_ksm, WORKLOAD)
+    converge(real_ksm)
+    command = str(Path(sys.executable).with_name("ksmpolicy"))
+
+    def run(*args: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [command, "-p", str(policy), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        found: dict[str, Any] = json.loads(done.stdout)
+        return found
+
+    pages = run("pages", "--json")
+    state = read_ksm(HostPaths())
+    assert state is not None
+    ours = {vm["name"]: vm for vm in pages["vms"] if vm["name"] in pids}
+    assert set(ours) == set(pids)
+    assert {ours[n]["group"] for n in ("a-0", "a-1", "a-2")} == {"alpha"}
+    assert ours["lone"]["group"] is None
+    total = sum(vm["saved_bytes"] for vm in pages["vms"])
+    assert abs(total - state.saved_pages * PAGE_SIZE) <= 0.005 * state.saved_pages * PAGE_SIZE
+    assert pages["pages_sharing"] == state.get("pages_sharing")
+    pair = {(p["a"], p["b"]): p["shared_pages"] for p in pages["pairs"]}
+    alike = pair.get(("a-0", "a-1"), pair.get(("a-1", "a-0"), 0))
+    assert abs(alike - IMAGE_PAGES) <= 0.02 * IMAGE_PAGES  # the image both boot
+    assert not any({p["a"], p["b"]} & {"lone"} for p in pages["pairs"] if p["shared_pages"])
+
+    status = run("status", "--json", "--sample", "0")
+    mine = [vm for vm in status["vms"] if vm["name"] in pids]
+    assert {vm["savings_source"] for vm in mine} == {"pagemap"}
+    by_name = {vm["name"]: vm["saved_bytes"] for vm in mine}
+    for name, vm in ours.items():
+        assert abs(by_name[name] - vm["saved_bytes"]) <= 0.01 * max(vm["saved_bytes"], PAGE_SIZE)
