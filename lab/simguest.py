@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import mmap
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 PAGE = mmap.PAGESIZE  # the kernel's page size, which KSM merges in
@@ -75,6 +79,49 @@ def churn_tick(
         memory[index * PAGE : index * PAGE + 16] = rng.randbytes(16)
 
 
+def serve_qmp(path: str, memory: mmap.mmap, mergeable: list[bool]) -> None:
+    """A QMP server like QEMU's for the live toggle: one backend, /objects/pc.ram, whose
+    `merge` property madvises the guest RAM (the rest of QMP is not there)."""
+    Path(path).unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer(request: dict[str, object]) -> dict[str, object]:
+        command = request.get("execute")
+        arguments = request.get("arguments") or {}
+        assert isinstance(arguments, dict)
+        if command == "qmp_capabilities":
+            return {"return": {}}
+        if command == "qom-list" and arguments.get("path") == "/objects":
+            return {"return": [{"name": "pc.ram", "type": "child<memory-backend-ram>"}]}
+        if command in ("qom-get", "qom-set") and arguments.get("path") == "/objects/pc.ram":
+            if arguments.get("property") != "merge":
+                return {"error": {"class": "GenericError", "desc": "no such property"}}
+            if command == "qom-get":
+                return {"return": mergeable[0]}
+            want = bool(arguments.get("value"))
+            memory.madvise(mmap.MADV_MERGEABLE if want else mmap.MADV_UNMERGEABLE)
+            mergeable[0] = want
+            return {"return": {}}
+        return {"error": {"class": "CommandNotFound", "desc": f"{command} is not here"}}
+
+    def run() -> None:
+        while True:
+            connection, _ = server.accept()
+            try:
+                with connection, connection.makefile("rwb") as stream:
+                    stream.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+                    stream.flush()
+                    for line in stream:
+                        stream.write(json.dumps(answer(json.loads(line))).encode() + b"\n")
+                        stream.flush()
+            except (OSError, ValueError):
+                continue  # the client went away, or sent something that is not JSON
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def set_process_name(name: str) -> None:
     """prctl(PR_SET_NAME): what /proc/PID/comm shows, as QEMU's would."""
     try:
@@ -108,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     memory = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if not args.no_merge:
         memory.madvise(mmap.MADV_MERGEABLE)
+    if "-qmp" in _qemu_args:
+        where = _qemu_args[_qemu_args.index("-qmp") + 1]
+        serve_qmp(where.removeprefix("unix:").split(",")[0], memory, [not args.no_merge])
     touched = pages if args.touch_mib is None else min(pages, args.touch_mib * 2**20 // PAGE)
     image, zero, _unique = page_plan(touched, args.image_percent, args.zero_percent)
     filled = memory if touched == pages else memoryview(memory)[: touched * PAGE]
@@ -148,10 +198,12 @@ def spawn(
     churn_region: str = "unique",
     python: str = sys.executable,
     timeout: float = 60.0,
+    qmp: str | None = None,
 ) -> subprocess.Popen[str]:
     """Start a guest-like process that /proc shows as QEMU; return once its memory is filled.
 
-    `vmid` makes it look like a Proxmox guest (`kvm -id VMID`), else like a libvirt one.
+    `vmid` makes it look like a Proxmox guest (`kvm -id VMID`), else like a libvirt one. `qmp`:
+    serve QMP's live merge toggle on this UNIX socket, named on the command line as QEMU's is.
     """
     identity = (
         ["-id", vmid, "-name", f"{name},debug-threads=on"]
@@ -172,6 +224,8 @@ def spawn(
         argv.append(f"--touch-mib={touch_mib}")
     if churn_region != "unique":
         argv.append(f"--churn-region={churn_region}")
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     # argv[0] is the QEMU name; the interpreter is given as the executable.
     process = subprocess.Popen(
         argv, executable=python, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True

@@ -595,7 +595,7 @@ def test_proxmox_arguments_are_checked(host: Host) -> None:
 def test_a_hidden_line_in_a_proxmox_config_is_no_key(tmp_path: Path, separator: str) -> None:
     from ksmpolicy.policy.decide import Decider
     from ksmpolicy.policy.load import parse_policy
-    from ksmpolicy.proxmox.conf import apply_policy
+    from ksmpolicy.proxmox.rewrite import apply_policy
 
     policy = parse_policy("version: 1\nrules:\n  - {match: {tags: [database]}, action: exclude}\n")
     base = "boot: order=scsi0\nmemory: 2048\nname: web{}\nscsi0: local-lvm:vm-101-disk-0\n"

@@ -35,8 +35,8 @@ def xml_rewrite(options: Options, file: str) -> None:
     it for VMs it lets merge; every other byte is kept. The same code path as
     the hook's migrate and restore rewrite. Exit 1 (and print nothing) on bad XML.
     """
-    from ksmpolicy.libvirt.domain import apply_policy  # noqa: PLC0415
     from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
+    from ksmpolicy.libvirt.rewrite import apply_policy  # noqa: PLC0415
 
     policy = options.load()
     rewritten, _facts, _decision = apply_policy(

@@ -53,6 +53,7 @@ for command in (
     status.metrics,
     pages.pages,
     pages.estimate,
+    pages.audit,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

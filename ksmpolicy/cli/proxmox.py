@@ -113,11 +113,12 @@ def proxmox_rewrite(
     9.0.27); description, [PENDING], cloud-init and snapshot sections are kept
     byte for byte. The same code path as `apply --proxmox`.
     """
-    from ksmpolicy.proxmox import conf, node  # noqa: PLC0415
+    from ksmpolicy.proxmox import node  # noqa: PLC0415
+    from ksmpolicy.proxmox.rewrite import apply_policy  # noqa: PLC0415
 
     vmid = vmid_for(file, vmid)
     policy = options.load()
-    new, _facts, _decision, note = conf.apply_policy(
+    new, _facts, _decision, note = apply_policy(
         read_text(file),
         vmid,
         Decider(policy),

@@ -131,6 +131,8 @@ class Daemon:
         self.reconciler = Reconciler(paths, load_policy(policy_path), dry_run=dry_run)
         self._signals: list[int] = []
         self._warned_rivals: set[int] = set()
+        self.keeper: Any = None  # control.domains.Keeper, under trust domains
+        self._said: dict[str, float] = {}
 
     def run(self, *, max_seconds: float | None = None) -> None:
         listener = Listener(self.paths)
@@ -230,6 +232,7 @@ class Daemon:
             now = time.monotonic()
             if replan or now >= next_plan:
                 self._warn_about_rivals()
+                notes += self._keep_domains()
                 result = self.reconciler.step(notes=notes)
                 notes = 0
                 replan = False
@@ -243,6 +246,35 @@ class Daemon:
             if watchdog is not None and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
+
+    def _keep_domains(self) -> int:
+        """Trust domains and merge scopes, before the pace is planned; returns how many VMs
+        were switched on (new mergeable memory: the law sprints)."""
+        policy = self.reconciler.policy
+        if self.reconciler.dry_run or not (
+            policy.uses_domains or policy.isolation.merge_across_nodes is not None
+        ):
+            return 0
+        from ksmpolicy.control.domains import Keeper, keep_merge_scope, toggle_vm  # noqa: PLC0415
+        from ksmpolicy.domains.scopes import read_host  # noqa: PLC0415
+        from ksmpolicy.report.status import collect  # noqa: PLC0415
+
+        try:
+            host = keep_merge_scope(
+                self.paths, self.reconciler.knobs, policy, read_host(self.paths), self._said
+            )
+            if not policy.uses_domains:
+                return 0
+            if self.keeper is None:
+                conn = lambda: self.enforcer.conn if self.enforcer is not None else None  # noqa: E731
+                self.keeper = Keeper(self.paths, toggle_vm(self.paths, conn))
+            scanner = self.reconciler.observer.scanner
+            vms = collect(self.paths, policy, sample_seconds=0, scanner=scanner, pagemap=False).vms
+            look = self.keeper.look(policy, vms, host)
+        except (KsmPolicyError, OSError, TimeoutError) as exc:
+            log.error("trust domains: %s", exc)
+            return 0
+        return len(look.switched_on)
 
     def _start_enforcer(self, wake: socket.socket) -> Any:
         """The libvirt event watcher, when libvirt is here; the daemon is fine without it."""

@@ -185,5 +185,22 @@ class KsmKnobs:
         if run is not None:
             self.write("run", run)
 
+    def switch_merge_across_nodes(self, across: bool) -> None:
+        """Change the merge scope (merge_across_nodes), which the kernel allows only with no
+        page merged: unmerge everything first (run=2; the write returns once it is done),
+        then write the knob, and leave ksmd stopped for the caller to start again. The only
+        place ksmpolicy writes run=2: the caller has checked the memory guard."""
+        if "run" not in self.original:
+            self.original["run"] = self.read("run")  # (merge_across_nodes is never restored:
+        for name, value in (("run", 2), ("merge_across_nodes", int(across)), ("run", 0)):
+            path = self._path(name)  # that would need everything unmerged once more)
+            try:
+                path.write_text(f"{value}\n")
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise HostError(f"cannot write {value} to {path}: {why}") from exc
+            self._last[name] = value
+            log.info("ksm %s: -> %s", name, value)
+
     def _path(self, name: str) -> Path:
         return self.paths.ksm_dir / name

@@ -120,6 +120,20 @@ class PageMap:
         counts = self.counts_of(process.ksm_pfns).astype(np.float64)
         return float(np.sum(process.mappings * (counts - 1) / np.maximum(counts, 1)))
 
+    def unmerge_pages(self) -> int:
+        """Pages that unmerging every walked process would re-materialise: each of their
+        mappings of a KSM page becomes a private copy, and a KSM page nobody else maps is
+        freed. (Zero pages merged with the zero page come on top: see ksm_stat.)"""
+        parts = [p for p in self.processes.values() if p.ksm_pfns.size]
+        if not parts:
+            return 0
+        pfns = np.concatenate([p.ksm_pfns for p in parts])
+        mappings = np.concatenate([p.mappings for p in parts]).astype(np.int64)
+        unique, inverse = np.unique(pfns, return_inverse=True)
+        own = np.bincount(inverse, weights=mappings, minlength=unique.size)
+        freed = int(np.count_nonzero(own >= self.counts_of(unique)))
+        return int(own.sum()) - freed
+
 
 class PageMapReader:
     """Walks processes' page tables. One reader per walk; `close` (or `with`) releases it."""

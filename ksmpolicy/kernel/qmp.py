@@ -18,8 +18,10 @@ in the listen queue without a greeting, which the deadline turns into a retry.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +67,7 @@ def set_merge(execute: Execute, merge: bool) -> list[str]:
 class QmpSocket:
     """One QMP session on a UNIX socket, every step bounded by `deadline` (monotonic time)."""
 
-    def __init__(self, path: str, deadline: float) -> None:
+    def __init__(self, path: str, deadline: float, *, expect_pid: int | None = None) -> None:
         self.path = path
         self.deadline = deadline
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -73,6 +75,8 @@ class QmpSocket:
         try:
             self._settimeout()
             self.sock.connect(path)
+            if expect_pid is not None:
+                self._check_peer(expect_pid)
             greeting = self._message()
             if "QMP" not in greeting:
                 raise QmpError(f"{path}: not a QMP socket (no greeting)")
@@ -106,6 +110,14 @@ class QmpSocket:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def _check_peer(self, pid: int) -> None:
+        """The process at the other end must be the one we decided about: a socket path named
+        on a command line, or left behind by a VM that stopped, could be anyone's."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer, uid, _gid = struct.unpack("3i", creds)
+        if peer != pid:
+            raise QmpError(f"{self.path} is served by PID {peer} (uid {uid}), not by PID {pid}")
+
     def _settimeout(self) -> None:
         left = self.deadline - time.monotonic()
         if left <= 0:
@@ -131,14 +143,17 @@ class QmpSocket:
         return message
 
 
-def set_merge_on_socket(path: str, merge: bool, *, timeout: float = 10.0) -> list[str]:
+def set_merge_on_socket(
+    path: str, merge: bool, *, timeout: float = 10.0, expect_pid: int | None = None
+) -> list[str]:
     """`set_merge` over a QMP socket (Proxmox VE), retrying while another client holds it,
-    all within `timeout` seconds."""
+    all within `timeout` seconds. `expect_pid`: refuse a socket another process serves."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with QmpSocket(path, min(deadline, time.monotonic() + 2.0)) as qmp:
+            step = min(deadline, time.monotonic() + 2.0)
+            with QmpSocket(path, step, expect_pid=expect_pid) as qmp:
                 return set_merge(qmp.execute, merge)
         except QmpError as exc:
             if "closed the connection" not in str(exc):
@@ -148,3 +163,40 @@ def set_merge_on_socket(path: str, merge: bool, *, timeout: float = 10.0) -> lis
             last = exc
         time.sleep(0.1)
     raise QmpError(f"QMP on {path}: no usable answer within {timeout:g} s ({last})")
+
+
+def socket_of(argv: list[str]) -> str | None:
+    """The QMP UNIX socket a QEMU command line serves: `-qmp unix:PATH,server...`, or a
+    `-chardev socket,id=ID,path=PATH,server...` that a `-mon chardev=ID,mode=control` uses
+    (how Proxmox VE starts QEMU). libvirt passes its monitor as a file descriptor: None."""
+    chardevs: dict[str, str] = {}
+    monitors: list[str] = []
+    for flag, value in itertools.pairwise(argv):
+        options = dict(_options(value))
+        if flag in ("-qmp", "-qmp-pretty") and value.startswith("unix:"):
+            return value[5:].split(",", 1)[0]
+        server = options.get("server", "off") in ("on", "", "yes")
+        named = "path" in options and "id" in options
+        if flag == "-chardev" and value.startswith("socket,") and server and named:
+            chardevs[options["id"]] = options["path"]
+        if flag == "-mon" and options.get("mode") == "control" and "chardev" in options:
+            monitors.append(options["chardev"])
+    return next((chardevs[m] for m in monitors if m in chardevs), None)
+
+
+def _options(value: str) -> list[tuple[str, str]]:
+    """QEMU's `a=b,c` option syntax (`,,` is a literal comma)."""
+    parts, current, index = [], "", 0
+    while index < len(value):
+        if value[index] == ",":
+            if value[index + 1 : index + 2] == ",":
+                current += ","
+                index += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += value[index]
+        index += 1
+    parts.append(current)
+    return [(k, v) for k, _, v in (p.partition("=") for p in parts)]

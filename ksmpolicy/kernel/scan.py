@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -50,6 +51,14 @@ class VmProcess:
     ram_mergeable: bool | None = None
     # (start, end) of the mergeable VMAs, as of the smaps read the other figures come from
     mergeable_ranges: tuple[tuple[int, int], ...] = ()
+    uid: int | None = None  # who runs it (the owner of /proc/PID)
+    start: int | None = None  # start time in clock ticks since boot: PID and start name it
+
+    @property
+    def trusted(self) -> bool:
+        """Run by root or by the hypervisor's QEMU user: its name and command line are the
+        hypervisor's word. Anyone can start a process that calls itself qemu-system-x86_64."""
+        return self.uid is not None and self.uid in hypervisor_uids()
 
 
 @dataclass(frozen=True)
@@ -212,8 +221,14 @@ class ProcessScanner:
                 )
                 if identity.kind == "other" and mergeable.vmas == 0:
                     continue
+            try:
+                uid: int | None = entry.stat().st_uid
+            except OSError:
+                uid = None
             found.append(
                 VmProcess(
+                    uid=uid,
+                    start=start,
                     pid=pid,
                     kind=identity.kind,
                     name=identity.name,
@@ -289,3 +304,21 @@ def _identify(proc: Path, pid: int) -> _Identity | None:
         label = name or (f"vmid {vmid}" if vmid else f"{comm}[{pid}]")
         return _Identity("qemu", label, uuid, vmid, ram, mem_merge)
     return _Identity("other", f"{comm}[{pid}]", None, None, None, None)
+
+
+_HYPERVISOR_USERS = ("libvirt-qemu", "qemu")  # Debian's and Red Hat's QEMU user for libvirt
+_hypervisor_uids: frozenset[int] | None = None
+
+
+def hypervisor_uids() -> frozenset[int]:
+    """root, and the users libvirt runs QEMU as."""
+    global _hypervisor_uids  # noqa: PLW0603
+    if _hypervisor_uids is None:
+        import pwd  # noqa: PLC0415
+
+        found = {0}
+        for name in _HYPERVISOR_USERS:
+            with contextlib.suppress(KeyError):
+                found.add(pwd.getpwnam(name).pw_uid)
+        _hypervisor_uids = frozenset(found)
+    return _hypervisor_uids

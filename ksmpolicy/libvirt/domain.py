@@ -13,7 +13,7 @@ from __future__ import annotations
 from xml.parsers import expat
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.policy.decide import Decider, Decision, VmFacts
+from ksmpolicy.policy.decide import VmFacts
 from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -45,7 +45,7 @@ _UNITS = {
     "pib": 1024**5,
 }
 # Where a new <memoryBacking> goes: after the last of these present (libvirt's own order).
-_BEFORE_MEMORY_BACKING = (
+BEFORE_MEMORY_BACKING = (
     "name",
     "uuid",
     "genid",
@@ -162,6 +162,7 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
 _EXPAND: dict[str, frozenset[str] | None] = {
     "domain": None,  # also inside libvirt's status files (<domstatus><domain>)
     "memoryBacking": None,
+    "numatune": None,  # <memory>, <memnode>: libvirt/numatune.py rewrites them
     "metadata": None,
     f"{{{NAMESPACE}}}vm": None,
     f"{{{LIBOSINFO}}}libosinfo": None,
@@ -358,7 +359,7 @@ def set_nosharepages(data: str, want: bool) -> str:
     present = backing is not None and backing.child("nosharepages") is not None
     if present == want:
         return data
-    unit = _indent_unit(raw, root)
+    unit = indent_unit(raw, root)
     if want:
         newline = b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
         edited = _add(raw, root, backing, unit, newline)
@@ -368,7 +369,7 @@ def set_nosharepages(data: str, want: bool) -> str:
     return edited.decode("utf-8")
 
 
-def _line_indent(raw: bytes, at: int) -> str | None:
+def line_indent(raw: bytes, at: int) -> str | None:
     """The whitespace between the previous newline and `at`, or None if other text is there."""
     line_start = raw.rfind(b"\n", 0, at) + 1
     prefix = raw[line_start:at]
@@ -377,10 +378,10 @@ def _line_indent(raw: bytes, at: int) -> str | None:
     return prefix.decode()
 
 
-def _indent_unit(raw: bytes, root: Element) -> str:
-    root_indent = _line_indent(raw, root.start) or ""
+def indent_unit(raw: bytes, root: Element) -> str:
+    root_indent = line_indent(raw, root.start) or ""
     for child in root.children:
-        indent = _line_indent(raw, child.start)
+        indent = line_indent(raw, child.start)
         if indent is not None and len(indent) > len(root_indent):
             return indent[len(root_indent) :]
     return "  "
@@ -390,11 +391,11 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline:
     tag = b"<nosharepages/>"
     if backing is None:
         anchor = next(
-            (a for t in reversed(_BEFORE_MEMORY_BACKING) if (a := root.child(t)) is not None),
+            (a for t in reversed(BEFORE_MEMORY_BACKING) if (a := root.child(t)) is not None),
             None,
         )
         at = anchor.end if anchor is not None else root.start_end
-        indent = _line_indent(raw, anchor.start) if anchor is not None else None
+        indent = line_indent(raw, anchor.start) if anchor is not None else None
         if indent is None:  # everything on one line: stay on it
             block = b"<memoryBacking>" + tag + b"</memoryBacking>"
         else:
@@ -411,7 +412,7 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline:
                 + b"</memoryBacking>"
             )
         return raw[:at] + block + raw[at:]
-    outer = _line_indent(raw, backing.start)
+    outer = line_indent(raw, backing.start)
     if backing.self_closing or (
         not backing.children and not raw[backing.start_end : _close_start(raw, backing)].strip()
     ):
@@ -432,7 +433,7 @@ def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline:
     hugepages = backing.child("hugepages")
     at = hugepages.end if hugepages is not None else backing.start_end
     first = backing.children[0] if backing.children else None
-    indent = _line_indent(raw, first.start) if first is not None else None
+    indent = line_indent(raw, first.start) if first is not None else None
     if indent is None:
         indent = None if outer is None else outer + unit
     prefix = b"" if indent is None else newline + indent.encode()
@@ -466,14 +467,3 @@ def _cut(raw: bytes, element: Element) -> bytes:
         if raw[start - 1 : start] == b"\r":
             start -= 1
     return raw[:start] + raw[element.end :]
-
-
-def apply_policy(
-    data: str | bytes, decider: Decider, probe: BackingProbe | None = None
-) -> tuple[str, DomainFacts, Decision]:
-    """The definition as the policy wants it (the input text if it complies), with the facts
-    and decision behind it. One code path for the hook, `xml rewrite` and `apply`."""
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    facts = domain_facts(text, probe)
-    decision = decider.decide(facts.vm)
-    return set_nosharepages(text, decision.action.value == "exclude"), facts, decision

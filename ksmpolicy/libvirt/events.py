@@ -95,7 +95,7 @@ class Enforcer:
     def catch_up(self, policy: Policy) -> None:
         if policy.enforcement is not Enforcement.OFF:
             self._definitions(policy, ())
-        if policy.live:
+        if policy.live and not policy.uses_domains:  # under domains the keeper switches
             for result in enforce_live(self.conn, policy):
                 if result.status in ("toggled", "failed"):
                     log.info("%s: %s %s", result.name, result.status, result.detail)
@@ -109,7 +109,7 @@ class Enforcer:
                 self._definitions(policy, (event.name,))
             elif event.kind == "started":
                 starts += 1
-                if policy.live:
+                if policy.live and not policy.uses_domains:
                     self._live(policy, event.name)
             elif event.kind == "stopped":
                 stops += 1

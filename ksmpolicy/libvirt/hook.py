@@ -87,8 +87,8 @@ class LibvirtHook:
 
     def rewrite_incoming(self, operation: str, xml: bytes | Exception) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
-        from ksmpolicy.libvirt.domain import apply_policy  # noqa: PLC0415
         from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
+        from ksmpolicy.libvirt.rewrite import apply_policy  # noqa: PLC0415
         from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
 
         session = self.session
@@ -133,6 +133,12 @@ def start_verdict(name: str, facts: DomainFacts, decision: Decision) -> tuple[st
         return None
     rule = decision.rule_text
     who = hookcore.quote(name)
+    if how == "mergeable" and decision.merge:  # under trust domains
+        return how, (
+            f"ksmpolicy: {who} is in trust domain {decision.domain!r}: ksmpolicy switches its "
+            "merging on, live, only while that domain merges, so its definition needs "
+            "<memoryBacking><nosharepages/>."
+        )
     if how == "mergeable":
         return how, (
             f"ksmpolicy: {who} must not share memory ({rule}) but its definition lacks "

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 from ksmpolicy.apply import DEADLINE_SECONDS, Outcome, Planned, apply_targets
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.qmp import merge_state, set_merge
-from ksmpolicy.libvirt.domain import NAMESPACE, NAMESPACE_PREFIX, apply_policy, domain_facts
+from ksmpolicy.libvirt.domain import NAMESPACE, NAMESPACE_PREFIX, domain_facts
 from ksmpolicy.libvirt.images import qcow2_backing_root
+from ksmpolicy.libvirt.rewrite import apply_policy
 from ksmpolicy.policy.decide import Decider
 from ksmpolicy.policy.model import Action, Policy
 
@@ -249,6 +250,9 @@ def enforce_one(domain: Any, decider: Decider) -> LiveResult:
         if facts.vm.hugepages or facts.vm.shared_memory:
             return LiveResult(name, "skipped", None, "hugepage/shared memory never merges")
         merge = decision.action is Action.MERGE
+        if merge and decider.policy.uses_domains:
+            why = f"trust domain {decision.domain}: the daemon switches it on while it merges"
+            return LiveResult(name, "skipped", None, why)
         changed = set_merge(monitor(domain), merge)
     except KsmPolicyError as exc:
         return LiveResult(name, "failed", None, str(exc))

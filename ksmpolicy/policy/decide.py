@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ksmpolicy.policy.model import Action, Policy, Rule
+from ksmpolicy.policy.model import DEFAULT_DOMAIN, Action, Policy, Rule
 from ksmpolicy.records import dataclass
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -34,6 +34,14 @@ class Decision:
     rule: str | None  # None when the default applied
     reason: str
     tags: tuple[str, ...] = ()
+    domain: str = DEFAULT_DOMAIN  # the trust domain: it may share pages with this one only
+    domain_reason: str = "no domain given"
+    # What the VM's definition says (libvirt <nosharepages/>, Proxmox allow-ksm): the action,
+    # except under trust domains, where every definition says off and the daemon switches the
+    # active domain's guest RAM on, live.
+    definition_merges: bool = True
+    # NUMA nodes to bind its memory to: its domain's `nodes`, with per-node merge scopes
+    bind_nodes: tuple[int, ...] = ()
 
     @property
     def rule_text(self) -> str:
@@ -101,24 +109,49 @@ class Decider:
         self._group_tags = _GlobIndex([g.tags for g in groups], globs=False)
         self._group_names = _GlobIndex([g.names for g in groups])
         self._group_images = _GlobIndex([g.images for g in groups])
+        self._bound = {i for i, g in enumerate(groups) if g.domain}  # groups with a domain
+        self._group_domain = {g.name: g.domain for g in groups if g.domain}
+        per_node = policy.isolation.merge_across_nodes is False
+        self._bind = {d.name: d.nodes for d in policy.domains if d.nodes and per_node}
+
+    def _keys(self, facts: VmFacts) -> tuple[str, ...]:
+        """The keys the `vms:` section may use for this VM: name, UUID, VMID."""
+        uuid = facts.uuid.lower() if facts.uuid else None
+        return tuple(k for k in (facts.name, uuid, facts.vmid) if k)
+
+    def policy_tags(self, facts: VmFacts) -> frozenset[str]:
+        """The tags the policy's `vms:` section gives this VM's name, UUID or VMID."""
+        vms = self.policy.vms
+        return frozenset(t for key in self._keys(facts) for t in vms.get(key, ()))
 
     def tags_of(self, facts: VmFacts) -> frozenset[str]:
         """The VM's own tags plus those the policy's `vms:` section gives its name, UUID or VMID."""
-        tags = {t.lower() for t in facts.tags}
-        vms = self.policy.vms
-        for key in (facts.name, facts.uuid and facts.uuid.lower(), facts.vmid):
-            if key and key in vms:
-                tags.update(vms[key])
-        return frozenset(tags)
+        return frozenset(t.lower() for t in facts.tags) | self.policy_tags(facts)
 
     def group_of(self, facts: VmFacts, tags: frozenset[str]) -> str | None:
-        """The first group (in file order) that any of the VM's tags, name or images match."""
+        """The first group (in file order) that any of the VM's tags, name or images match.
+        A group with a trust domain counts only the tags the policy gives (see Group.domain)."""
+        by_tags = self._group_tags.matched(tags)
+        if self._bound and by_tags & self._bound:
+            trusted = self._group_tags.matched(self.policy_tags(facts))
+            by_tags = (by_tags - self._bound) | (trusted & self._bound)
         hits = (
-            self._group_tags.matched(tags)
+            by_tags
             | self._group_names.matched((facts.name,))
             | self._group_images.matched(facts.images)
         )
         return self.policy.groups[min(hits)].name if hits else None
+
+    def domain_of(self, facts: VmFacts, group: str | None) -> tuple[str, str]:
+        """(trust domain, why): a `vms:` entry's domain, else its group's, else `default`."""
+        vm_domains = self.policy.vm_domains
+        for key in self._keys(facts):
+            if key in vm_domains:
+                return vm_domains[key], f"vms: {key}"
+        found = self._group_domain.get(group) if group is not None else None
+        if found:
+            return found, f"group {group}"
+        return DEFAULT_DOMAIN, "no domain given"
 
     def first_rule(self, facts: VmFacts, tags: frozenset[str], group: str | None) -> Rule | None:
         found = [
@@ -155,6 +188,7 @@ class Decider:
             merge = False
             backing = "hugepage" if facts.hugepages else "shared"
             reason = f"{backing}-backed memory is never merged by KSM (policy: {reason})"
+        domain, domain_reason = self.domain_of(facts, group)
         return Decision(
             vm=facts.name,
             action=action,
@@ -163,6 +197,10 @@ class Decider:
             rule=rule.name if rule else None,
             reason=reason,
             tags=tuple(sorted(tags)),
+            domain=domain,
+            domain_reason=domain_reason,
+            definition_merges=action is Action.MERGE and not self.policy.uses_domains,
+            bind_nodes=self._bind.get(domain, ()),
         )
 
 
@@ -171,14 +209,14 @@ def drift(decision: Decision, vm: VmFacts, *, merging_off: bool) -> str | None:
 
     `merging_off`: the definition switches merging off (`<nosharepages/>`, `allow-ksm: 0`).
     Memory KSM never merges (hugepages, shared memory) cannot disagree. Returns `"mergeable"`
-    when the VM must not merge but could (the only case a start is ever refused for) and
-    `"off"` when it may merge but is switched off (a warning).
+    when the definition must say off but does not (the only case a start is ever refused for)
+    and `"off"` when it may merge but is switched off (a warning).
     """
     if vm.hugepages or vm.shared_memory:
         return None
-    if decision.action is Action.EXCLUDE and not merging_off:
+    if not decision.definition_merges and not merging_off:
         return "mergeable"
-    if decision.action is Action.MERGE and merging_off:
+    if decision.definition_merges and merging_off:
         return "off"
     return None
 

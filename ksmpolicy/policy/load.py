@@ -22,8 +22,10 @@ from ksmpolicy.files import (
 from ksmpolicy.paths import DEFAULT_POLICY_PATH
 from ksmpolicy.policy.model import (
     Action,
+    Domain,
     Enforcement,
     Group,
+    IsolationSettings,
     Match,
     Policy,
     ProxmoxSettings,
@@ -104,7 +106,7 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
 
 # --- the compiled cache --------------------------------------------------------------------
 
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
@@ -172,7 +174,7 @@ def _freeze(p: Policy) -> tuple[object, ...]:
         p.enforcement.value,
         p.live,
         p.default.value,
-        tuple((g.name, g.images, g.tags, g.names) for g in p.groups),
+        tuple((g.name, g.images, g.tags, g.names, g.domain) for g in p.groups),
         tuple(
             (
                 r.name,
@@ -193,11 +195,21 @@ def _freeze(p: Policy) -> tuple[object, ...]:
         ),
         p.proxmox.qemu_server_version,
         p.source,
+        tuple((d.name, d.priority, d.nodes, d.line) for d in p.domains),
+        tuple(p.vm_domains.items()),
+        (
+            p.isolation.merge_across_nodes,
+            p.isolation.unmerge_reserve_mib,
+            p.isolation.stickiness_percent,
+            p.isolation.min_hold_seconds,
+            p.isolation.audit_interval_seconds,
+        ),
     )
 
 
 def _thaw(data: tuple[object, ...]) -> Policy:
-    enforcement, live, default, groups, rules, vms, reconciler, qemu_server, source = data
+    enforcement, live, default, groups, rules, vms, reconciler, qemu_server, source = data[:9]
+    domains, vm_domains, isolation = data[9:]
     return Policy(
         enforcement=Enforcement(enforcement),
         live=bool(live),
@@ -211,6 +223,9 @@ def _thaw(data: tuple[object, ...]) -> Policy:
         reconciler=ReconcilerSettings(*reconciler),  # type: ignore[misc]
         proxmox=ProxmoxSettings(None if qemu_server is None else str(qemu_server)),
         source=str(source),
+        domains=tuple(Domain(*d) for d in domains),  # type: ignore[attr-defined]
+        vm_domains=dict(vm_domains),  # type: ignore[call-overload]
+        isolation=IsolationSettings(*isolation),  # type: ignore[misc]
     )
 
 

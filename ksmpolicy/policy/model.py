@@ -12,6 +12,7 @@ else:
     from ksmpolicy.records import Choice  # the same interface without enum's import cost
 
 SUPPORTED_VERSION = 1
+DEFAULT_DOMAIN = "default"  # the trust domain of every VM the policy puts in none
 
 
 class Action(Choice):
@@ -53,6 +54,33 @@ class Group:
     images: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
+    # The trust domain of its VMs. A VM joins a group with a domain only through what the host
+    # controls (its name, images, the tags the policy's `vms:` gives it), never through tags
+    # the VM carries itself: those cannot move a VM across a trust boundary.
+    domain: str | None = None
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A trust domain: VMs that may share memory with each other and with nobody else."""
+
+    name: str
+    priority: int = 0  # the highest priority among domains with running VMs merges
+    nodes: tuple[int, ...] = ()  # NUMA nodes its VMs are bound to (merge_across_nodes: false)
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class IsolationSettings:
+    """How trust domains are kept apart: merge scopes, the memory guard, the choice."""
+
+    # The kernel's merge_across_nodes: false gives one merge scope per NUMA node. None leaves
+    # the knob as the host has it.
+    merge_across_nodes: bool | None = None
+    unmerge_reserve_mib: float = 1024.0  # memory the guard keeps free when pages are unmerged
+    stickiness_percent: float = 25.0  # a domain takes a scope over on savings by this margin
+    min_hold_seconds: float = 600.0  # ... and not before the active domain held it this long
+    audit_interval_seconds: float = 300.0  # the daemon's page-map audit (at most 1 % of a core)
 
 
 @dataclass(frozen=True)
@@ -89,3 +117,20 @@ class Policy:
     reconciler: ReconcilerSettings = ReconcilerSettings()
     proxmox: ProxmoxSettings = ProxmoxSettings()
     source: str = "<builtin>"
+    domains: tuple[Domain, ...] = ()
+    # Trust domains given to VMs by the `vms:` section, keyed like `vms`.
+    vm_domains: Mapping[str, str] = field(default_factory=dict, hash=False)
+    isolation: IsolationSettings = IsolationSettings()
+
+    @property
+    def uses_domains(self) -> bool:
+        """Trust domains are on: every VM is defined unmergeable and only the active domain's
+        guest RAM is switched to mergeable, live."""
+        return bool(self.domains)
+
+    def domain(self, name: str) -> Domain:
+        """A domain by name; `default` (and any name not declared) with priority 0."""
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        return Domain(name)

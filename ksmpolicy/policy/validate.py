@@ -12,10 +12,13 @@ from ksmpolicy.errors import PolicyError, Problem
 from ksmpolicy.policy import yamlsource
 from ksmpolicy.policy.decide import gc_paused
 from ksmpolicy.policy.model import (
+    DEFAULT_DOMAIN,
     SUPPORTED_VERSION,
     Action,
+    Domain,
     Enforcement,
     Group,
+    IsolationSettings,
     Match,
     Policy,
     ProxmoxSettings,
@@ -96,11 +99,23 @@ _TOP_KEYS = (
     "vms",
     "reconciler",
     "proxmox",
+    "domains",
+    "isolation",
 )
 _RULE_KEYS = ("name", "match", "action", "description")
 _MATCH_KEYS = ("names", "tags", "groups", "images")
-_GROUP_KEYS = ("images", "tags", "names", "description")
-_VM_KEYS = ("tags", "description")
+_GROUP_KEYS = ("images", "tags", "names", "domain", "description")
+_VM_KEYS = ("tags", "domain", "description")
+_DOMAIN_KEYS = ("priority", "nodes", "description")
+_ISOLATION_LIMITS = {
+    "unmerge_reserve_mib": (0.0, 2.0**30),
+    "stickiness_percent": (0.0, 1000.0),
+    "min_hold_seconds": (0.0, 7 * 86400.0),
+    "audit_interval_seconds": (10.0, 86400.0),
+}
+_ISOLATION_KEYS = (*_ISOLATION_LIMITS, "merge_across_nodes")
+_MAX_NODE = 1023  # the kernel's MAX_NUMNODES is at most 1024
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _RECONCILER_LIMITS = {
     "interval_seconds": (0.1, 3600.0),
     "target_scan_seconds": (1.0, 86400.0),
@@ -134,24 +149,86 @@ class _Validator:
                 ("version",),
                 f"unsupported version {top['version']!r}: this ksmpolicy reads version 1",
             )
-        groups = self.groups(top.get("groups"))
+        domains = self.domains(top.get("domains"))
+        known = [DEFAULT_DOMAIN, *(d.name for d in domains)]
+        groups = self.groups(top.get("groups"), known)
         group_names = [g.name for g in groups]
         rules = self.rules(top.get("rules"), group_names)
+        vms, vm_domains = self.vms(top.get("vms"), known)
         return Policy(
             enforcement=self.enum(top, "enforcement", Enforcement, Enforcement.WARN),
             live=self.boolean(top, "live", default=True),
             default=self.enum(top, "default", Action, Action.MERGE),
             groups=tuple(groups),
             rules=tuple(rules),
-            vms=self.vms(top.get("vms")),
+            vms=vms,
             reconciler=self.reconciler(top.get("reconciler")),
             proxmox=self.proxmox(top.get("proxmox")),
             source=doc.file,
+            domains=tuple(domains),
+            vm_domains=vm_domains,
+            isolation=self.isolation(top.get("isolation")),
         )
 
     # --- sections
 
-    def groups(self, value: Any) -> list[Group]:
+    def domains(self, value: Any) -> list[Domain]:
+        section = self.mapping(value, ("domains",), None) if value is not None else None
+        result = []
+        for name, body in (section or {}).items():
+            path: KeyPath = ("domains", name)
+            if not _DOMAIN_NAME.match(str(name)):
+                self.doc.problem(
+                    path,
+                    "a domain name is 1-64 letters, digits and _ . : - (starting with a letter "
+                    "or digit)",
+                )
+                continue
+            spec = self.mapping(body if body is not None else {}, path, _DOMAIN_KEYS)
+            if spec is None:
+                continue
+            priority = 0
+            if "priority" in spec:
+                number = self.number(spec["priority"], (*path, "priority"), -1000, 1000)
+                if number is not None and number != int(number):
+                    self.doc.problem((*path, "priority"), f"expected a whole number, got {number}")
+                priority = int(number) if number is not None else 0
+            nodes = self.nodes(spec, (*path, "nodes"))
+            result.append(Domain(str(name), priority, nodes, self.doc.line(path)))
+        return result
+
+    def nodes(self, spec: dict[str, Any], path: KeyPath) -> tuple[int, ...]:
+        if path[-1] not in spec:
+            return ()
+        value = spec[path[-1]]
+        items = value if isinstance(value, list) else [value]
+        found = []
+        for index, item in enumerate(items):
+            item_path = (*path, index) if isinstance(value, list) else path
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= _MAX_NODE:
+                self.doc.problem(
+                    item_path, f"expected a NUMA node number (0-{_MAX_NODE}), got {item!r}"
+                )
+                continue
+            found.append(item)
+        if isinstance(value, list) and not value:
+            self.doc.problem(path, "empty list: remove the key or name the nodes")
+        return tuple(sorted(set(found)))
+
+    def domain_name(self, spec: dict[str, Any], path: KeyPath, known: list[str]) -> str | None:
+        if "domain" not in spec:
+            return None
+        value = self.doc.text((*path, "domain"), spec["domain"])
+        if not isinstance(value, str) or value not in known:
+            hint = _did_you_mean(value, known) if isinstance(value, str) else ""
+            self.doc.problem(
+                (*path, "domain"),
+                f"domain {value!r} is not declared under 'domains:'{hint}",
+            )
+            return None
+        return value
+
+    def groups(self, value: Any, domains: list[str]) -> list[Group]:
         section = self.mapping(value, ("groups",), None) if value is not None else None
         result = []
         for name, body in (section or {}).items():
@@ -164,6 +241,7 @@ class _Validator:
                 images=self.globs(spec, (*path, "images"), _check_image_glob),
                 tags=self.tags(spec, (*path, "tags")),
                 names=self.globs(spec, (*path, "names"), _check_name_glob),
+                domain=self.domain_name(spec, path, domains),
             )
             if not (group.images or group.tags or group.names):
                 self.doc.problem(path, "a group needs at least one of: images, tags, names")
@@ -228,21 +306,27 @@ class _Validator:
             self.doc.problem(path, "empty match would match every VM: use 'default:' for that")
         return match
 
-    def vms(self, value: Any) -> dict[str, tuple[str, ...]]:
+    def vms(
+        self, value: Any, domains: list[str]
+    ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
         section = self.mapping(value, ("vms",), None) if value is not None else None
-        result = {}
+        tags: dict[str, tuple[str, ...]] = {}
+        in_domain: dict[str, str] = {}
         for key, body in (section or {}).items():
             path: KeyPath = ("vms", key)
             spec = self.mapping(body, path, _VM_KEYS)
             if spec is None:
                 continue
-            if "tags" not in spec:
-                self.doc.problem(path, "missing 'tags': give the VM at least one tag")
+            if "tags" not in spec and "domain" not in spec:
+                self.doc.problem(path, "missing 'tags' or 'domain': say what the entry gives")
             vm_key = str(key)  # the key as written (yamlsource keeps `no` or `0101` as text)
-            result[vm_key.lower() if _looks_like_uuid(vm_key) else vm_key] = self.tags(
-                spec, (*path, "tags")
-            )
-        return result
+            vm_key = vm_key.lower() if _looks_like_uuid(vm_key) else vm_key
+            if "tags" in spec:
+                tags[vm_key] = self.tags(spec, (*path, "tags"))
+            domain = self.domain_name(spec, path, domains)
+            if domain is not None:
+                in_domain[vm_key] = domain
+        return tags, in_domain
 
     def reconciler(self, value: Any) -> ReconcilerSettings:
         if value is None:
@@ -259,6 +343,23 @@ class _Validator:
         advisor = self.boolean(spec, "kernel_advisor", default=False, path=("reconciler",))
         zero = self.boolean(spec, "use_zero_pages", default=True, path=("reconciler",))
         return ReconcilerSettings(**numbers, kernel_advisor=advisor, use_zero_pages=zero)
+
+    def isolation(self, value: Any) -> IsolationSettings:
+        if value is None:
+            return IsolationSettings()
+        spec = self.mapping(value, ("isolation",), _ISOLATION_KEYS)
+        if spec is None:
+            return IsolationSettings()
+        numbers = {}
+        for key, (low, high) in _ISOLATION_LIMITS.items():
+            if key in spec:
+                number = self.number(spec[key], ("isolation", key), low, high)
+                if number is not None:
+                    numbers[key] = number
+        across = None
+        if "merge_across_nodes" in spec:
+            across = self.boolean(spec, "merge_across_nodes", default=True, path=("isolation",))
+        return IsolationSettings(merge_across_nodes=across, **numbers)
 
     def proxmox(self, value: Any) -> ProxmoxSettings:
         if value is None:

@@ -11,7 +11,7 @@ import itertools
 import re
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.policy.decide import Decider, Decision, VmFacts
+from ksmpolicy.policy.decide import VmFacts
 from ksmpolicy.records import dataclass
 
 MAX_CONF_BYTES = 16 * 1024 * 1024
@@ -197,7 +197,7 @@ def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
     config = parse(text)
     lines: list[str | None] = list(config.lines)
     main = config.main
-    newline = _newline(config.lines)
+    newline = newline_of(config.lines)
     edits: list[tuple[int, str | None]] = []  # (line index, new line or None to delete)
     inserts: list[tuple[int, str]] = []
     allow_value = main.values.get("allow-ksm")
@@ -217,10 +217,10 @@ def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
         if allow_value is not None:
             edits.append((main.lines_of["allow-ksm"], setting))
         else:
-            inserts.append((_sorted_position(config, "allow-ksm"), setting))
+            inserts.append((sorted_position(config, "allow-ksm"), setting))
     elif args is None:
         inserts.append(
-            (_sorted_position(config, "args"), f"args: {' '.join(MEM_MERGE_OFF)}{newline}")
+            (sorted_position(config, "args"), f"args: {' '.join(MEM_MERGE_OFF)}{newline}")
         )
     else:
         index = main.lines_of["args"]
@@ -234,11 +234,11 @@ def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
     return "".join(line for line in lines if line is not None)
 
 
-def _newline(lines: tuple[str, ...]) -> str:
+def newline_of(lines: tuple[str, ...]) -> str:
     return "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
 
 
-def _sorted_position(config: PveConfig, key: str) -> int:
+def sorted_position(config: PveConfig, key: str) -> int:
     """Where Proxmox would put `key`: main-section keys are sorted, after the description."""
     main = config.main
     for other, index in sorted(main.lines_of.items(), key=lambda item: item[1]):
@@ -290,24 +290,3 @@ def _without_pair(line: str, args: str, span: tuple[int, int]) -> str | None:
 def _with_pair(line: str) -> str:
     body = line.rstrip("\r\n")
     return body + " " + " ".join(MEM_MERGE_OFF) + line[len(body) :]
-
-
-def apply_policy(
-    text: str, vmid: str, decider: Decider, *, use_allow_ksm: bool = True
-) -> tuple[str, PveFacts, Decision, str | None]:
-    """The config as the policy wants it, facts, decision, and a note when a pending change
-    would change the decision. One code path for the hookscript, `rewrite` and `apply`."""
-    config = parse(text)
-    found = facts(config, vmid)
-    decision = decider.decide(found.vm)
-    note = None
-    pending = with_pending(config)
-    if pending is not None:
-        later = decider.decide(facts(config, vmid, pending).vm)
-        if later.action is not decision.action:
-            note = (
-                f"a pending change would make the decision {later.action.value} "
-                f"({later.reason}); it applies at the next start"
-            )
-    allow = decision.action.value == "merge"
-    return set_merging(text, allow, use_allow_ksm=use_allow_ksm), found, decision, note

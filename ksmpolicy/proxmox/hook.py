@@ -122,8 +122,13 @@ class ProxmoxHook:
                 self.spawn_persist()
             if policy.live and not (facts.vm.hugepages or facts.vm.shared_memory):
                 merge = decision.action is Action.MERGE
+                pid = None
+                if policy.uses_domains and merge:
+                    merge, pid = self.admit(decision)
                 socket = str(self.paths.qmp_socket(self.vmid))
-                changed = set_merge_on_socket(socket, merge, timeout=QMP_TIMEOUT_SECONDS)
+                changed = set_merge_on_socket(
+                    socket, merge, timeout=QMP_TIMEOUT_SECONDS, expect_pid=pid
+                )
                 if changed:
                     state = "on" if merge else "off"
                     line = f"ksmpolicy: VM {self.vmid}: merging switched {state} live"
@@ -135,12 +140,43 @@ class ProxmoxHook:
             session.report(message, "warning")
         return 0
 
+    def admit(self, decision: Decision) -> tuple[bool, int | None]:
+        """Under trust domains: may this VM merge now (its domain holds, or may claim, every
+        merge scope it counts in)? (merge, its QEMU's PID)."""
+        from ksmpolicy.domains.scopes import process_nodes, read_host  # noqa: PLC0415
+        from ksmpolicy.domains.state import Member, admit, started_at  # noqa: PLC0415
+
+        pid = self.qemu_pid()
+        start = started_at(self.paths, pid) if pid is not None else None
+        if pid is None or start is None:
+            raise KsmPolicyError("its QEMU process is not found: merging stays off")
+        host = read_host(self.paths)
+        nodes = process_nodes(self.paths, pid, ()) if host.per_node else None
+        member = Member(pid, start, f"VM {self.vmid}", decision.domain, host.scopes_of(nodes))
+        import time  # noqa: PLC0415
+
+        try:
+            merge, why = admit(self.paths, member, time.time())
+        except TimeoutError:
+            merge, why = False, "the domain state is busy: the daemon decides"
+        level = "info"
+        self.session.report(f"ksmpolicy: VM {self.vmid}: {why}", level)
+        return merge, pid
+
+    def qemu_pid(self) -> int | None:
+        """The running QEMU's PID, from Proxmox's pid file."""
+        try:
+            text = self.paths.under_root(f"/var/run/qemu-server/{self.vmid}.pid").read_text()
+            return int(text.strip())
+        except (OSError, ValueError):
+            return None
+
     # --- shared
 
     def evaluate(self, policy: Policy) -> tuple[PveFacts, Decision, str | None]:
         from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
-        from ksmpolicy.proxmox.conf import apply_policy  # noqa: PLC0415
         from ksmpolicy.proxmox.node import read_config, uses_allow_ksm  # noqa: PLC0415
+        from ksmpolicy.proxmox.rewrite import apply_policy  # noqa: PLC0415
 
         text = read_config(self.paths, self.vmid)
         _new, facts, decision, note = apply_policy(
@@ -196,6 +232,11 @@ def verdict(vmid: str, facts: PveFacts, decision: Decision) -> tuple[str, str] |
         return None
     who = f"VM {vmid} ({facts.vm.name!r})"
     rule = decision.rule_text
+    if how == "mergeable" and decision.merge:  # under trust domains
+        return how, (
+            f"ksmpolicy: {who} is in trust domain {decision.domain!r}: ksmpolicy switches its "
+            "merging on, live, only while that domain merges, so its config needs allow-ksm 0."
+        )
     if how == "mergeable":
         return how, f"ksmpolicy: {who} must not share memory ({rule}) but its config allows KSM."
     return how, f"ksmpolicy: {who} may share memory ({rule}) but its config turns KSM off."

@@ -23,10 +23,10 @@ from ksmpolicy.policy.model import Policy
 from ksmpolicy.proxmox.conf import (
     MAX_CONF_BYTES,
     ConfError,
-    apply_policy,
     parse,
     qemu_server_supports_allow_ksm,
 )
+from ksmpolicy.proxmox.rewrite import apply_policy
 
 log = logging.getLogger(__name__)
 # qemu-server's pve-vmid format: 100 to 999999999. Used with fullmatch: no newline slips by.

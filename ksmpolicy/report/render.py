@@ -4,6 +4,7 @@ documented JSON)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING
 
 from ksmpolicy.kernel.ksm import PAGE_SIZE
@@ -61,8 +62,11 @@ def text(status: Status) -> str:
                 f"{vm.decision or '-':<8} {ok:<3} {mib(vm.mergeable_bytes):>9} "
                 f"{mib(vm.merged_bytes):>8} {mib(vm.saved_bytes):>8}"
             )
-            if vm.rule:
-                lines.append(f"{'':<18} {_cut(vm.rule, 60)}")
+            under = [vm.rule] if vm.rule else []
+            if status.scopes or any(v.domain not in (None, "default") for v in qemus):
+                under.append(f"domain {vm.domain}")
+            if under:
+                lines.append(f"{'':<18} {_cut('; '.join(u for u in under if u), 60)}")
         lines += _wrap("", _savings_line(status).split())
     if others:
         total = sum(v.mergeable_bytes for v in others)
@@ -75,6 +79,12 @@ def text(status: Status) -> str:
                 f"{_cut(group.name, 24):<24} {group.vms:>4} {mib(group.mergeable_bytes):>14} "
                 f"{mib(group.merged_bytes):>11}"
             )
+    if status.scopes:
+        lines.append("")
+        lines.append("Trust domains, by merge scope:")
+        for scope in status.scopes:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scope.since))
+            lines.append(f"  {scope.name}: {scope.domain} (since {since}: {scope.why})")
     if status.findings:
         lines.append("")
         lines.append("Findings:")
@@ -158,6 +168,8 @@ def as_json(status: Status) -> dict[str, object]:
                 "profit_bytes": v.profit_bytes,
                 "saved_bytes": v.saved_bytes,
                 "savings_source": v.savings_source,
+                "domain": v.domain,
+                "merging_now": v.merging_now,
             }
             for v in status.vms
         ],
@@ -169,6 +181,10 @@ def as_json(status: Status) -> dict[str, object]:
                 "merged_bytes": g.merged_bytes,
             }
             for g in status.groups
+        ],
+        "scopes": [
+            {"scope": s.name, "domain": s.domain, "since": s.since, "why": s.why}
+            for s in status.scopes
         ],
         "findings": [
             {"severity": f.severity, "vm": f.vm, "message": f.message, "fix": f.fix}

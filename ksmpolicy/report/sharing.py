@@ -88,6 +88,9 @@ class Sharing:
     findings: tuple[Finding, ...]
     seconds: float
     exited: tuple[int, ...] = ()
+    # KSM pages mapped by parties of two or more trust domains: content, and zero-filled ones
+    cross_domain_pages: int = 0
+    cross_domain_zero_pages: int = 0
 
 
 def share(
@@ -151,6 +154,7 @@ def share(
         if group_content[i, j] or group_zero[i, j]
     )
     findings = _findings(vms, alive, vm_matrix, groups, group_content)
+    cross, cross_zero = _cross_domain(pagemap, alive, zero_array)
     return Sharing(
         tuple(vms),
         pairs,
@@ -160,7 +164,27 @@ def share(
         tuple(findings),
         pagemap.seconds,
         tuple(pagemap.exited),
+        cross,
+        cross_zero,
     )
+
+
+def _cross_domain(pagemap: PageMap, parties: Sequence[Party], zero: U64) -> tuple[int, int]:
+    """KSM pages mapped by parties of at least two trust domains: (content, zero)."""
+    domains = sorted({p.domain for p in parties})
+    if len(domains) < 2:
+        return 0, 0
+    index = {d: i for i, d in enumerate(domains)}
+    labels = [(p.pid, index[p.domain]) for p in parties]
+    distinct, counts, words = _signatures(pagemap, labels, zero)
+    content = zeros = 0
+    for row, pages in zip(distinct, counts.tolist(), strict=True):
+        if sum(int(row[w]).bit_count() for w in range(words)) >= 2:
+            if row[words]:
+                zeros += pages
+            else:
+                content += pages
+    return content, zeros
 
 
 def _signatures(
@@ -342,15 +366,17 @@ def measure(
     `ranges` gives the parties' mergeable VMAs when the caller has just read their smaps.
 
     Zero pages are told apart by reading one mapper's copy of each KSM page that VMs of more
-    than one group map (a zero page merges across every group; that is where it matters).
+    than one group or trust domain map (a zero page merges across every group; that is where
+    it matters).
     """
     with PageMapReader(paths) as reader:
         pagemap = reader.walk([p.pid for p in parties], ranges)
-    by_group: dict[str, list[U64]] = {}
+    by_group: dict[tuple[str, str], list[U64]] = {}  # by group and trust domain
     for party in parties:
         process = pagemap.processes.get(party.pid)
         if process is not None:
-            by_group.setdefault(party.group or NO_GROUP, []).append(process.ksm_pfns)
+            key = (party.group or NO_GROUP, party.domain)
+            by_group.setdefault(key, []).append(process.ksm_pfns)
     unions = [np.unique(np.concatenate(parts)) for parts in by_group.values()]
     if len(unions) > 1:
         every, times = np.unique(np.concatenate(unions), return_counts=True)

@@ -20,6 +20,7 @@ from ksmpolicy.quoting import fix_command
 from ksmpolicy.report.findings import Finding
 
 if TYPE_CHECKING:
+    from ksmpolicy.report.domains import ScopeStatus
     from ksmpolicy.report.sharing import Sharing
 
 # A VM that merges nothing after this many full scans costs scan CPU for no gain.
@@ -48,6 +49,11 @@ class VmStatus:
     # for every VM that maps it.
     saved_bytes: int = 0
     savings_source: str = "ksm_stat"  # pagemap | ksm_stat
+    domain: str | None = None  # its trust domain (None: no policy)
+    merging_now: bool | None = None  # its guest RAM is mergeable now (None: cannot tell)
+    mergeable_vmas: int = 0  # VMAs of it KSM may scan now (guest RAM, ROMs, video RAM)
+    trusted: bool = True  # run by root or the hypervisor's user: its identity is believed
+    start: int | None = None  # start time (clock ticks since boot): with the PID, names it
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Status:
     notes: tuple[str, ...] = field(default_factory=tuple)
     sharing: Sharing | None = None  # the sharing map, when the page map could be read
     savings_note: str | None = None  # why per-VM savings come from ksm_stat
+    scopes: tuple[ScopeStatus, ...] = ()  # under trust domains: each merge scope's domain
 
 
 def collect(
@@ -130,8 +137,18 @@ def collect(
             replace(v, saved_bytes=exact[v.pid], savings_source="pagemap") if v.pid in exact else v
             for v in vms
         )
+    scopes: tuple[ScopeStatus, ...] = ()
+    extra: list[Finding] = []
+    if policy is not None and policy.uses_domains:
+        from ksmpolicy.report.domains import domain_view  # noqa: PLC0415
+
+        scopes, vms, extra = domain_view(paths, policy, vms, bool(daemon_pids(paths)))
     groups = _groups(vms)
-    findings = (*_findings(host, vms, paths), *(sharing.findings if sharing else ()))
+    findings = (
+        *_findings(host, vms, paths, domains=policy is not None and policy.uses_domains),
+        *extra,
+        *(sharing.findings if sharing else ()),
+    )
     return Status(
         host,
         vms,
@@ -141,6 +158,7 @@ def collect(
         policy_error,
         sharing=sharing,
         savings_note=note,
+        scopes=scopes,
     )
 
 
@@ -268,7 +286,18 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         zero_bytes=(ksm.zero_pages or 0) * PAGE_SIZE if ksm else 0,
         profit_bytes=ksm.process_profit if ksm else None,
         saved_bytes=((ksm.merging_pages or 0) + (ksm.zero_pages or 0)) * PAGE_SIZE if ksm else 0,
+        domain=decision.domain if decision else None,
+        merging_now=_merging_now(process),
+        mergeable_vmas=process.mergeable_vmas,
+        trusted=process.trusted,
+        start=process.start,
     )
+
+
+def _merging_now(process: VmProcess) -> bool | None:
+    if process.ram_mergeable is not None:
+        return process.ram_mergeable
+    return process.mergeable_bytes > 0 if process.kind == "qemu" else None
 
 
 def _facts(paths: HostPaths, process: VmProcess) -> tuple[VmFacts, str]:
@@ -322,7 +351,11 @@ def _groups(vms: Sequence[VmStatus]) -> tuple[GroupStatus, ...]:
     return tuple(GroupStatus(name, *values) for name, values in sorted(totals.items()))
 
 
-def _findings(host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths) -> list[Finding]:
+def _findings(
+    host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths, *, domains: bool = False
+) -> list[Finding]:
+    """The findings of the running state; under trust domains (`domains`) compliance is
+    judged by report/domains.py instead."""
     findings = []
     if not host.available:
         return [Finding("info", None, "this kernel has no KSM (CONFIG_KSM)", "nothing to do")]
@@ -349,7 +382,9 @@ def _findings(host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths) -> li
     for vm in vms:
         if vm.kind != "qemu":
             continue
-        if vm.decision == "exclude" and vm.compliant is False:
+        if domains and vm.decision in ("merge", "exclude"):
+            pass  # judged under trust domains
+        elif vm.decision == "exclude" and vm.compliant is False:
             fix = (
                 f"ksmpolicy apply --proxmox --vmid {vm.vmid} (it follows at the next start)"
                 if vm.vmid

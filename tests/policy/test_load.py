@@ -105,7 +105,7 @@ CASES = {
         "version: 1\nzzz: 1\n",
         [
             "p.yaml:2: zzz: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler, proxmox)"
+            "rules, vms, reconciler, proxmox, domains, isolation)"
         ],
     ),
     "missing version": (
@@ -154,7 +154,7 @@ CASES = {
         "version: 1\nbase: &b {live: true}\n<<: *b\n",
         [
             "p.yaml:2: base: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler, proxmox)",
+            "rules, vms, reconciler, proxmox, domains, isolation)",
             "p.yaml:3: YAML merge keys ('<<') are not supported",
         ],
     ),
@@ -236,7 +236,7 @@ CASES = {
     ),
     "vm without tags": (
         "version: 1\nvms:\n  web: {}\n",
-        ["p.yaml:3: vms.web: missing 'tags': give the VM at least one tag"],
+        ["p.yaml:3: vms.web: missing 'tags' or 'domain': say what the entry gives"],
     ),
     "group with nothing": (
         "version: 1\ngroups:\n  g: {description: x}\n",

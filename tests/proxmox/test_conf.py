@@ -13,12 +13,12 @@ from ksmpolicy.policy.decide import Decider
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.proxmox.conf import (
     ConfError,
-    apply_policy,
     facts,
     parse,
     qemu_server_supports_allow_ksm,
     set_merging,
 )
+from ksmpolicy.proxmox.rewrite import apply_policy
 from tests.conftest import REPO
 
 DATA = REPO / "tests/data/proxmox"

@@ -150,6 +150,7 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "host",
         "vms",
         "groups",
+        "scopes",
         "findings",
     }
     vm = data["vms"][0]  # type: ignore[index]
@@ -171,6 +172,8 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "profit_bytes",
         "saved_bytes",
         "savings_source",
+        "domain",
+        "merging_now",
     }
     assert vm["savings_source"] == "ksm_stat"  # a fake host has no page map  # type: ignore[index]
     json.dumps(data)  # serialisable

@@ -1,0 +1,130 @@
+"""Binding a Proxmox VM's memory to NUMA nodes (`numaN: ...,hostnodes=...,policy=bind`), for
+trust domains with per-node merge scopes.
+
+qemu-server turns each `numaN` entry into a memory backend with `host-nodes` and `policy`
+(PVE::QemuServer::Memory). The rewrite keeps the guest's topology:
+
+* with `numaN` entries: each gets `hostnodes=` the domain's nodes and `policy=bind`;
+* with `numa: 1` and no entries (qemu-server then splits memory and cores by socket): one entry
+  per socket, as qemu-server would make them, bound;
+* without guest NUMA: `numa: 1` and one `numa0` over every vCPU and all memory (the guest
+  still sees one node), bound.
+
+Memory hotplug is refused: its DIMMs follow the entries' nodes only partly, so a binding must
+be set by hand there. Only main-section lines change.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ksmpolicy.proxmox.conf import ConfError, newline_of, parse, sorted_position
+
+_MAX_NUMA = 8  # qemu-server's $MAX_NUMA
+_DEFAULT_MEMORY_MIB = 512  # qemu-server's default `memory`
+
+
+def hostnodes_text(nodes: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> "0-2;5": qemu-server's `id[-id];...` syntax."""
+    ordered = sorted(set(nodes))
+    parts: list[str] = []
+    index = 0
+    while index < len(ordered):
+        end = index
+        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
+            end += 1
+        first, last = ordered[index], ordered[end]
+        parts.append(str(first) if first == last else f"{first}-{last}")
+        index = end + 1
+    return ";".join(parts)
+
+
+def set_numa(text: str, nodes: tuple[int, ...]) -> str:
+    """The config with the VM's memory bound to `nodes`; the input text when it already is."""
+    if not nodes:
+        raise ConfError("no NUMA nodes to bind to")
+    config = parse(text)
+    main = config.main
+    values = main.values
+    hostnodes = hostnodes_text(nodes)
+    if "memory" in (values.get("hotplug") or "").split(","):
+        raise ConfError(
+            "memory hotplug is on: bind its NUMA nodes by hand (numaN: ...,hostnodes="
+            f"{hostnodes},policy=bind), or turn hotplug of memory off"
+        )
+    lines: list[str] = list(config.lines)
+    newline = newline_of(config.lines)
+    entries = [f"numa{i}" for i in range(_MAX_NUMA) if f"numa{i}" in values]
+    changed = False
+    if entries:
+        for key in entries:
+            new = _bound(values[key], hostnodes)
+            if new != values[key]:
+                lines[main.lines_of[key]] = f"{key}: {new}{newline}"
+                changed = True
+        return "".join(lines) if changed else text
+    sockets = _number(values.get("sockets"), 1)
+    cores = _number(values.get("cores"), 1)
+    memory = _memory_mib(values.get("memory"))
+    numa_on = (values.get("numa") or "0").strip() == "1"
+    if numa_on:
+        added = []
+        for socket in range(min(sockets, _MAX_NUMA)):
+            first = cores * socket
+            cpus = str(first) if cores == 1 else f"{first}-{first + cores - 1}"
+            share = memory // sockets
+            added.append((f"numa{socket}", _entry(cpus, hostnodes, share)))
+    else:
+        vcpus = sockets * cores
+        cpus = "0" if vcpus == 1 else f"0-{vcpus - 1}"
+        added = [("numa0", _entry(cpus, hostnodes, memory))]
+    inserts = []
+    if not numa_on:
+        if "numa" in values:
+            lines[main.lines_of["numa"]] = f"numa: 1{newline}"
+        else:
+            inserts.append((sorted_position(config, "numa"), f"numa: 1{newline}"))
+    for key, value in added:
+        inserts.append((sorted_position(config, key), f"{key}: {value}{newline}"))
+    for index, line in sorted(inserts, key=lambda item: item[0], reverse=True):
+        lines.insert(index, line)
+    return "".join(lines)
+
+
+def _entry(cpus: str, hostnodes: str, memory: int) -> str:
+    return f"cpus={cpus},hostnodes={hostnodes},memory={memory},policy=bind"
+
+
+def _bound(value: str, hostnodes: str) -> str:
+    """A numaN value with hostnodes and policy=bind set, other options kept in place."""
+    parts = [p for p in value.strip().split(",") if p]
+    seen = set()
+    result = []
+    for part in parts:
+        key, _, _current = part.partition("=")
+        if key == "hostnodes":
+            result.append(f"hostnodes={hostnodes}")
+        elif key == "policy":
+            result.append("policy=bind")
+        else:
+            result.append(part)
+        seen.add(key)
+    if "hostnodes" not in seen:
+        result.append(f"hostnodes={hostnodes}")
+    if "policy" not in seen:
+        result.append("policy=bind")
+    return ",".join(result)
+
+
+def _number(value: str | None, default: int) -> int:
+    if value is None or not value.strip().isdigit():
+        return default
+    return max(1, int(value.strip()))
+
+
+def _memory_mib(value: str | None) -> int:
+    """`memory: 4096` or `memory: current=4096` (qemu-server 8.1+) in MiB."""
+    if value is None:
+        return _DEFAULT_MEMORY_MIB
+    found = re.search(r"(?:^|current=)(\d+)", value.strip())
+    return int(found.group(1)) if found else _DEFAULT_MEMORY_MIB

@@ -1,0 +1,141 @@
+"""The audit: no KSM page may be mapped by VMs of two trust domains, proven page by page.
+
+One page-map walk over every process with mergeable memory, VMs or not (every mergeable VMA
+is read: guest RAM, and the ROMs and video RAM a live switch leaves mergeable). Each VM counts
+in its policy domain; a process that is no VM, or one not run by root or the hypervisor's user
+(anyone can call a process qemu-system-x86_64), counts in domain `host`, apart from every
+domain. A KSM page mapped by two domains is a violation; pages mapped to the kernel's zero
+page (use_zero_pages) are no KSM page and are not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.scan import ProcessScanner
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.model import DEFAULT_DOMAIN, Policy
+from ksmpolicy.report.sharing import Party, measure
+from ksmpolicy.report.status import VmStatus, collect
+
+HOST_DOMAIN = "host"  # processes that are no VM, or whose identity is not believed
+
+
+@dataclass(frozen=True)
+class Violation:
+    a: str
+    a_domain: str
+    b: str
+    b_domain: str
+    shared_pages: int  # KSM pages with content both map
+    zero_pages: int  # zero-filled KSM pages both map (use_zero_pages=0)
+
+
+@dataclass(frozen=True)
+class Audit:
+    cross_domain_pages: int  # KSM pages mapped by two or more domains (content)
+    cross_domain_zero_pages: int  # ... that hold only zeros
+    violations: tuple[Violation, ...]  # the VM pairs behind them
+    parties: int  # processes walked
+    domains: tuple[str, ...]
+    seconds: float  # wall time of the whole audit
+    cpu_seconds: float  # this process's CPU time for it
+    use_zero_pages: bool | None
+
+    @property
+    def ok(self) -> bool:
+        return self.cross_domain_pages == 0 and self.cross_domain_zero_pages == 0
+
+
+def domain_of(vm: VmStatus, policy: Policy | None) -> str:
+    if vm.kind != "qemu" or not vm.trusted:
+        return HOST_DOMAIN if policy is not None and policy.uses_domains else DEFAULT_DOMAIN
+    return vm.domain or DEFAULT_DOMAIN
+
+
+def audit(
+    paths: HostPaths, policy: Policy | None, *, scanner: ProcessScanner | None = None
+) -> Audit:
+    """Walk the page map once and find every KSM page two trust domains map. Raises
+    PageMapUnavailable (not root, no kpageflags)."""
+    started, cpu_before = time.monotonic(), time.process_time()
+    status = collect(paths, policy, sample_seconds=0, scanner=scanner, pagemap=False)
+    parties = [
+        Party(v.pid, v.name, v.group, domain=domain_of(v, policy), kind=v.kind)
+        for v in status.vms
+        if v.mergeable_vmas > 0 or v.merged_bytes > 0
+    ]
+    zeros = {v.pid: v.zero_bytes // PAGE_SIZE for v in status.vms}
+    sharing = measure(paths, parties, zero_pages=zeros, ksm_zero_pages=status.host.zero_pages)
+    domain = {p.name: p.domain for p in parties}
+    violations = tuple(
+        Violation(
+            pair.a, domain[pair.a], pair.b, domain[pair.b], pair.shared_pages, pair.zero_pages
+        )
+        for pair in sharing.pairs
+        if domain.get(pair.a) != domain.get(pair.b)
+    )
+    state = read_ksm(paths)
+    zero_knob = state.get("use_zero_pages") if state is not None else None
+    return Audit(
+        cross_domain_pages=sharing.cross_domain_pages,
+        cross_domain_zero_pages=sharing.cross_domain_zero_pages,
+        violations=violations,
+        parties=len(parties),
+        domains=tuple(sorted({p.domain for p in parties})),
+        seconds=time.monotonic() - started,
+        cpu_seconds=time.process_time() - cpu_before,
+        use_zero_pages=None if zero_knob is None else bool(zero_knob),
+    )
+
+
+def audit_text(found: Audit) -> str:
+    lines = []
+    verdict = "OK" if found.ok else "VIOLATION"
+    lines.append(
+        f"{verdict}: {found.cross_domain_pages} KSM pages mapped across trust domains"
+        + (
+            f" (+{found.cross_domain_zero_pages} zero-filled)"
+            if found.cross_domain_zero_pages
+            else ""
+        )
+        + f"; {found.parties} processes walked in {found.seconds:.2f} s "
+        f"({found.cpu_seconds:.2f} CPU-s), domains: {', '.join(found.domains) or '-'}"
+    )
+    for v in sorted(found.violations, key=lambda v: -(v.shared_pages + v.zero_pages)):
+        zero = f" + {v.zero_pages} zero-filled" if v.zero_pages else ""
+        lines.append(
+            f"  {v.a} ({v.a_domain}) ~ {v.b} ({v.b_domain}): {v.shared_pages} KSM pages{zero}"
+        )
+    if not found.ok:
+        lines.append(
+            "  -> run the daemon (ksmpolicy daemon) so that one domain merges per scope; define "
+            "the VMs unmergeable (ksmpolicy apply); restart VMs listed with residue in status"
+        )
+    return "\n".join(lines)
+
+
+def audit_json(found: Audit) -> dict[str, object]:
+    return {
+        "ok": found.ok,
+        "cross_domain_pages": found.cross_domain_pages,
+        "cross_domain_zero_pages": found.cross_domain_zero_pages,
+        "violations": [
+            {
+                "a": v.a,
+                "a_domain": v.a_domain,
+                "b": v.b,
+                "b_domain": v.b_domain,
+                "shared_pages": v.shared_pages,
+                "zero_pages": v.zero_pages,
+            }
+            for v in found.violations
+        ],
+        "processes": found.parties,
+        "domains": list(found.domains),
+        "seconds": round(found.seconds, 3),
+        "cpu_seconds": round(found.cpu_seconds, 3),
+        "use_zero_pages": found.use_zero_pages,
+    }

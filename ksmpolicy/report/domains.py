@@ -1,0 +1,83 @@
+"""The trust-domain part of `status`: each merge scope and its active domain, whether each VM
+merges as the domains allow, and what needs attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ksmpolicy.domains.state import load
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.model import Policy
+from ksmpolicy.report.findings import Finding
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ksmpolicy.report.status import VmStatus
+
+
+@dataclass(frozen=True)
+class ScopeStatus:
+    name: str  # host, or node<N> with merge_across_nodes=0
+    domain: str
+    since: float  # wall-clock time of the claim
+    why: str
+
+
+def domain_view(
+    paths: HostPaths, policy: Policy, vms: Sequence[VmStatus], daemon_running: bool
+) -> tuple[tuple[ScopeStatus, ...], tuple[VmStatus, ...], list[Finding]]:
+    """(scopes, VMs with compliance judged under domains, findings)."""
+    state = load(paths)
+    live = state.live_domains(paths)
+    scopes = tuple(
+        ScopeStatus(scope, claim.domain, claim.since, claim.why)
+        for scope, claim in sorted(state.scopes.items())
+        if scope in live
+    )
+    on = {m.pid: m.start for m in state.members.values()}
+    judged = []
+    findings = []
+    for vm in vms:
+        if vm.kind != "qemu" or vm.decision is None:
+            judged.append(vm)
+            continue
+        switched_on = vm.pid in on and on[vm.pid] == vm.start
+        expected = vm.decision == "merge" and switched_on
+        compliant = None if vm.merging_now is None else vm.merging_now == expected
+        judged.append(replace(vm, compliant=compliant))
+        if vm.merging_now and not expected:
+            findings.append(
+                Finding(
+                    "warning",
+                    vm.name,
+                    f"its guest RAM is mergeable but trust domain {vm.domain!r} does not merge "
+                    "now: it could share pages across a trust boundary",
+                    "start the daemon (ksmpolicy daemon), which switches it off; define it "
+                    "unmergeable: ksmpolicy apply",
+                )
+            )
+        elif vm.merging_now is False and vm.mergeable_vmas > 0:
+            findings.append(
+                Finding(
+                    "warning",
+                    vm.name,
+                    f"{vm.mergeable_vmas} of its memory areas (ROMs, video RAM) stay mergeable "
+                    "after a live switch: QEMU cannot switch them",
+                    "restart it; define it unmergeable first (ksmpolicy apply) so that nothing "
+                    "of it is mergeable until the daemon switches its guest RAM on",
+                )
+            )
+    wanting = [v for v in vms if v.kind == "qemu" and v.decision == "merge"]
+    if wanting and not daemon_running:
+        findings.append(
+            Finding(
+                "warning",
+                None,
+                f"trust domains are on and {len(wanting)} VM(s) may merge, but no daemon "
+                "runs: only the daemon (or the Proxmox hookscript, for an idle scope) switches "
+                "merging on",
+                "systemctl start ksmpolicy (or run: ksmpolicy daemon)",
+            )
+        )
+    return scopes, tuple(judged), findings
