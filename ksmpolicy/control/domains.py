@@ -28,7 +28,7 @@ from typing import Any
 
 from ksmpolicy.domains import guard
 from ksmpolicy.domains.choose import Candidate, Claim, choose
-from ksmpolicy.domains.scopes import HostScopes, process_nodes
+from ksmpolicy.domains.scopes import HostScopes, guest_ram_ranges, process_nodes
 from ksmpolicy.domains.state import Member, locked
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.ksm import PAGE_SIZE
@@ -136,7 +136,8 @@ class Keeper:
             if host.per_node:
                 key = (vm.pid, vm.start)
                 if key not in self._nodes:
-                    self._nodes[key] = process_nodes(self.paths, vm.pid, ())
+                    ram = guest_ram_ranges(self.paths, vm.pid, vm.ram_bytes)
+                    self._nodes[key] = process_nodes(self.paths, vm.pid, ram)
                 nodes = self._nodes[key]
             merging = vm.merging_now
             known = self._known.get((vm.pid, vm.start))

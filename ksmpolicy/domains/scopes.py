@@ -125,3 +125,33 @@ def process_nodes(
     if unbound or not bound:
         return allowed
     return tuple(sorted(bound & set(allowed))) if allowed is not None else tuple(sorted(bound))
+
+
+def guest_ram_ranges(
+    paths: HostPaths, pid: int, ram_bytes: int | None
+) -> tuple[tuple[int, int], ...]:
+    """The VMAs that hold a QEMU's guest RAM, from /proc/PID/maps (which, unlike smaps, costs
+    no page-table walk): writable, not executable, from half of `-m` to its size. Empty when
+    unknown; then every VMA counts."""
+    if not ram_bytes:
+        return ()
+    try:
+        text = (paths.proc / str(pid) / "maps").read_text()
+    except OSError:
+        return ()
+    found = []
+    for line in text.splitlines():
+        span, _, rest = line.partition(" ")
+        low, _, high = span.partition("-")
+        try:
+            start, end = int(low, 16), int(high, 16)
+        except ValueError:
+            continue
+        perms = rest[:4]
+        if (
+            perms[:2] == "rw"
+            and "x" not in perms
+            and ram_bytes // 2 <= end - start <= ram_bytes + (4 << 20)
+        ):
+            found.append((start, end))
+    return tuple(found)

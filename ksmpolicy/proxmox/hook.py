@@ -143,7 +143,11 @@ class ProxmoxHook:
     def admit(self, decision: Decision) -> tuple[bool, int | None]:
         """Under trust domains: may this VM merge now (its domain holds, or may claim, every
         merge scope it counts in)? (merge, its QEMU's PID)."""
-        from ksmpolicy.domains.scopes import process_nodes, read_host  # noqa: PLC0415
+        from ksmpolicy.domains.scopes import (  # noqa: PLC0415
+            guest_ram_ranges,
+            process_nodes,
+            read_host,
+        )
         from ksmpolicy.domains.state import Member, admit, started_at  # noqa: PLC0415
 
         pid = self.qemu_pid()
@@ -151,7 +155,10 @@ class ProxmoxHook:
         if pid is None or start is None:
             raise KsmPolicyError("its QEMU process is not found: merging stays off")
         host = read_host(self.paths)
-        nodes = process_nodes(self.paths, pid, ()) if host.per_node else None
+        nodes = None
+        if host.per_node:
+            ram = guest_ram_ranges(self.paths, pid, self.ram_bytes(pid))
+            nodes = process_nodes(self.paths, pid, ram)
         member = Member(pid, start, f"VM {self.vmid}", decision.domain, host.scopes_of(nodes))
         import time  # noqa: PLC0415
 
@@ -162,6 +169,16 @@ class ProxmoxHook:
         level = "info"
         self.session.report(f"ksmpolicy: VM {self.vmid}: {why}", level)
         return merge, pid
+
+    def ram_bytes(self, pid: int) -> int | None:
+        """Guest RAM from the QEMU command line (`-m`)."""
+        from ksmpolicy.kernel.scan import parse_qemu_cmdline  # noqa: PLC0415
+
+        try:
+            raw = (self.paths.proc / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None
+        return parse_qemu_cmdline([a.decode("utf-8", "replace") for a in raw.split(b"\0") if a])[3]
 
     def qemu_pid(self) -> int | None:
         """The running QEMU's PID, from Proxmox's pid file."""

@@ -110,11 +110,12 @@ def run_qm(qm: Sequence[str], *args: str) -> None:
 
 
 def qm_set_args(vmid: str, old: str, new: str) -> list[str]:
-    """The `qm set` arguments that turn config `old` into `new` (allow-ksm and args only)."""
+    """The `qm set` arguments that turn config `old` into `new`: the keys ksmpolicy writes
+    (allow-ksm, args, and numa and numaN for a trust domain's NUMA nodes)."""
     before, after = parse(old).main.values, parse(new).main.values
     options: list[str] = []
     deletes = []
-    for key in ("allow-ksm", "args"):
+    for key in ("allow-ksm", "args", "numa", *(f"numa{i}" for i in range(8))):
         if before.get(key) == after.get(key):
             continue
         if key in after:

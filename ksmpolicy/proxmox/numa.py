@@ -86,7 +86,10 @@ def set_numa(text: str, nodes: tuple[int, ...]) -> str:
             inserts.append((sorted_position(config, "numa"), f"numa: 1{newline}"))
     for key, value in added:
         inserts.append((sorted_position(config, key), f"{key}: {value}{newline}"))
-    for index, line in sorted(inserts, key=lambda item: item[0], reverse=True):
+    # Back to front, and lines for one place in reverse, so that they land in order.
+    for _order, (index, line) in sorted(
+        enumerate(inserts), key=lambda o: (o[1][0], o[0]), reverse=True
+    ):
         lines.insert(index, line)
     return "".join(lines)
 
