@@ -26,7 +26,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm
+bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-domains bench-ksm
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -48,6 +48,10 @@ bench-pagemap: $(STAMP)
 
 bench-estimate: $(STAMP)
 	$(BIN)/python -m bench.bench_estimate
+
+# Trust domains: the audit's cost, a hand-over between two domains, zero pages (root).
+bench-domains: $(STAMP)
+	$(BIN)/python -m bench.bench_domains
 
 # use_zero_pages off against on, on the pacing benchmark's workload and Windows-like guests.
 bench-zero-pages: $(STAMP)

@@ -16,6 +16,7 @@ from ksmpolicy.cli.common import (
 )
 from ksmpolicy.cli.render import decision_json, decision_table, decision_text
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, VmFacts
 from ksmpolicy.policy.factsfile import load_facts
 from ksmpolicy.policy.load import load_policy
@@ -45,6 +46,11 @@ def check(options: Options, files: tuple[str, ...]) -> None:
             f"{count(policy.vms, 'VM')} tagged; default {policy.default.value}, "
             f"enforcement {policy.enforcement.value})"
         )
+        if policy.uses_domains or policy.isolation.merge_across_nodes is not None:
+            from ksmpolicy.domains.scopes import describe, read_host  # noqa: PLC0415
+
+            for line in describe(policy, read_host(HostPaths())):
+                click.echo(f"  {line}")
     if failed:
         raise SystemExit(1)
 

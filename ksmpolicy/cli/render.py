@@ -34,9 +34,20 @@ def decision_text(decision: Decision, policy: Policy) -> str:
             f"rule:     {decision.rule or '(default)'}",
             f"tags:     {', '.join(decision.tags) or '-'}",
             f"reason:   {decision.reason}",
+            *(
+                (f"domain:   {decision.domain} ({decision.domain_reason}){_bound(decision)}",)
+                if policy.uses_domains
+                else ()
+            ),
             f"policy:   {policy.source}",
         )
     )
+
+
+def _bound(decision: Decision) -> str:
+    if not decision.bind_nodes:
+        return ""
+    return f"; memory bound to NUMA nodes {','.join(map(str, decision.bind_nodes))}"
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -48,6 +59,9 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "rule": decision.rule,
         "reason": decision.reason,
         "tags": list(decision.tags),
+        "domain": decision.domain,
+        "domain_reason": decision.domain_reason,
+        "bind_nodes": list(decision.bind_nodes),
     }
 
 

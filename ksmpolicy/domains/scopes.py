@@ -17,6 +17,10 @@ import re
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.records import dataclass
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ksmpolicy.policy.model import Policy
+
 HOST_SCOPE = "host"
 # numa_maps' memory policies that keep memory on their nodes ("bind=static:0-1"); "default",
 # "local" and "prefer" may fall back to any node.
@@ -155,3 +159,42 @@ def guest_ram_ranges(
         ):
             found.append((start, end))
     return tuple(found)
+
+
+def describe(policy: Policy, host: HostScopes) -> list[str]:
+    """What a policy's trust domains mean on this host, one line per merge scope (for
+    `check`)."""
+    lines = []
+    want = policy.isolation.merge_across_nodes
+    per_node = want is False if want is not None else host.per_node
+    knob = "" if want is None else f" (the policy sets merge_across_nodes={int(want)})"
+    domains = sorted(policy.domains, key=lambda d: (-d.priority, d.name))
+    names = ", ".join(f"{d.name} (priority {d.priority})" for d in domains) or "none"
+    if not policy.uses_domains:
+        lines.append(f"no trust domains: every VM may share pages with every other{knob}")
+    elif not per_node or len(host.nodes) < 2:
+        lines.append(
+            f"this host has 1 merge scope{knob}: only one domain can merge at a time; "
+            f"domains by priority: {names}; equal priorities go to the larger savings"
+        )
+    else:
+        lines.append(
+            f"this host has {len(host.nodes)} merge scopes, one per NUMA node{knob}: one "
+            "domain can merge per node; a VM not bound to nodes counts in every node"
+        )
+        for node in host.nodes:
+            bound = [d.name for d in domains if node in d.nodes]
+            who = ", ".join(bound) if bound else "only VMs not bound to nodes"
+            lines.append(f"node{node}: {who}")
+    unbound = [d.name for d in policy.domains if d.nodes and not per_node]
+    if unbound:
+        lines.append(
+            f"nodes: of {', '.join(unbound)} have no effect while merge_across_nodes is 1 "
+            "(set isolation.merge_across_nodes: false)"
+        )
+    if policy.uses_domains:
+        lines.append(
+            "every VM is defined unmergeable; the daemon switches the active domain's guest "
+            "RAM on, live (it must run: systemctl enable --now ksmpolicy)"
+        )
+    return lines

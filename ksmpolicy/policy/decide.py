@@ -101,8 +101,9 @@ class Decider:
             _GlobIndex([r.match.groups for r in rules], globs=False),
             _GlobIndex([r.match.names for r in rules]),
             _GlobIndex([r.match.images for r in rules]),
+            _GlobIndex([r.match.domains for r in rules], globs=False),
         )
-        # Which of the four keys each rule constrains, as bits in the order above.
+        # Which of the five keys each rule constrains, as bits in the order above.
         self._needs = [sum(1 << k for k, items in enumerate(_keys(r)) if items) for r in rules]
         self._always = next((i for i, need in enumerate(self._needs) if not need), None)
         groups = policy.groups
@@ -153,12 +154,14 @@ class Decider:
             return found, f"group {group}"
         return DEFAULT_DOMAIN, "no domain given"
 
-    def first_rule(self, facts: VmFacts, tags: frozenset[str], group: str | None) -> Rule | None:
+    def first_rule(
+        self, facts: VmFacts, tags: frozenset[str], group: str | None, domain: str = DEFAULT_DOMAIN
+    ) -> Rule | None:
         found = [
             index.matched(values)
             for index, values in zip(
                 self._indices,
-                (tags, (group,) if group else (), (facts.name,), facts.images),
+                (tags, (group,) if group else (), (facts.name,), facts.images, (domain,)),
                 strict=True,
             )
         ]
@@ -169,26 +172,27 @@ class Decider:
                 if best is not None and number >= best:
                     continue
                 need = needs[number]
-                if all(number in found[k] for k in range(4) if need >> k & 1 and k != key):
+                if all(number in found[k] for k in range(5) if need >> k & 1 and k != key):
                     best = number
         return self.policy.rules[best] if best is not None else None
 
     def decide(self, facts: VmFacts) -> Decision:
         tags = self.tags_of(facts)
         group = self.group_of(facts, tags)
-        rule = self.first_rule(facts, tags, group)
+        domain, domain_reason = self.domain_of(facts, group)
+        rule = self.first_rule(facts, tags, group, domain)
         if rule is None:
             action = self.policy.default
             reason = f"no rule matched; default is {action.value}"
         else:
             action = rule.action
-            reason = f"rule {rule.name!r} (line {rule.line}): {_why(rule, facts, tags, group)}"
+            why = _why(rule, facts, tags, group, domain)
+            reason = f"rule {rule.name!r} (line {rule.line}): {why}"
         merge = action is Action.MERGE
         if merge and (facts.hugepages or facts.shared_memory):
             merge = False
             backing = "hugepage" if facts.hugepages else "shared"
             reason = f"{backing}-backed memory is never merged by KSM (policy: {reason})"
-        domain, domain_reason = self.domain_of(facts, group)
         return Decision(
             vm=facts.name,
             action=action,
@@ -274,7 +278,7 @@ class _GlobIndex:
 
 def _keys(rule: Rule) -> tuple[tuple[str, ...], ...]:
     match = rule.match
-    return (match.tags, match.groups, match.names, match.images)
+    return (match.tags, match.groups, match.names, match.images, match.domains)
 
 
 def _literal_prefix(glob: str) -> str:
@@ -289,7 +293,7 @@ def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def _why(rule: Rule, facts: VmFacts, tags: frozenset[str], group: str | None) -> str:
+def _why(rule: Rule, facts: VmFacts, tags: frozenset[str], group: str | None, domain: str) -> str:
     parts = []
     match = rule.match
     if match.tags:
@@ -303,4 +307,6 @@ def _why(rule: Rule, facts: VmFacts, tags: frozenset[str], group: str | None) ->
 
         images = [i for i in facts.images if any(fnmatch.fnmatchcase(i, p) for p in match.images)]
         parts.append("image " + ",".join(images))
+    if match.domains:
+        parts.append(f"domain {domain}")
     return "; ".join(parts) + f" -> {rule.action.value}"

@@ -178,7 +178,7 @@ def _freeze(p: Policy) -> tuple[object, ...]:
         tuple(
             (
                 r.name,
-                (r.match.names, r.match.tags, r.match.groups, r.match.images),
+                (r.match.names, r.match.tags, r.match.groups, r.match.images, r.match.domains),
                 r.action.value,
                 r.line,
             )

@@ -36,6 +36,7 @@ class Match:
     tags: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()  # trust domains (from what the host controls, see Group)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ _TOP_KEYS = (
     "isolation",
 )
 _RULE_KEYS = ("name", "match", "action", "description")
-_MATCH_KEYS = ("names", "tags", "groups", "images")
+_MATCH_KEYS = ("names", "tags", "groups", "images", "domains")
 _GROUP_KEYS = ("images", "tags", "names", "domain", "description")
 _VM_KEYS = ("tags", "domain", "description")
 _DOMAIN_KEYS = ("priority", "nodes", "description")
@@ -153,7 +153,7 @@ class _Validator:
         known = [DEFAULT_DOMAIN, *(d.name for d in domains)]
         groups = self.groups(top.get("groups"), known)
         group_names = [g.name for g in groups]
-        rules = self.rules(top.get("rules"), group_names)
+        rules = self.rules(top.get("rules"), group_names, known)
         vms, vm_domains = self.vms(top.get("vms"), known)
         return Policy(
             enforcement=self.enum(top, "enforcement", Enforcement, Enforcement.WARN),
@@ -248,7 +248,7 @@ class _Validator:
             result.append(group)
         return result
 
-    def rules(self, value: Any, group_names: list[str]) -> list[Rule]:
+    def rules(self, value: Any, group_names: list[str], domains: list[str]) -> list[Rule]:
         if value is None:
             return []
         if not isinstance(value, list):
@@ -274,15 +274,18 @@ class _Validator:
             if "action" not in spec:
                 self.doc.problem(path, "missing 'action': add 'action: exclude' or 'action: merge'")
             action = self.enum(spec, "action", Action, Action.MERGE, path=path)
-            match = self.match(spec, (*path, "match"), group_names)
+            match = self.match(spec, (*path, "match"), group_names, domains)
             result.append(Rule(name=name, match=match, action=action, line=line))
         return result
 
-    def match(self, rule: dict[str, Any], path: KeyPath, group_names: list[str]) -> Match:
+    def match(
+        self, rule: dict[str, Any], path: KeyPath, group_names: list[str], domains: list[str]
+    ) -> Match:
         if "match" not in rule:
             self.doc.problem(
                 path[:-1],
-                "missing 'match': say which VMs the rule is for (names, tags, groups, images); "
+                "missing 'match': say which VMs the rule is for (names, tags, groups, images, "
+                "domains); "
                 "use 'default:' for all others",
             )
             return Match()
@@ -294,7 +297,15 @@ class _Validator:
             tags=self.tags(spec, (*path, "tags")),
             groups=self.strings(spec, (*path, "groups")),
             images=self.globs(spec, (*path, "images"), _check_image_glob),
+            domains=self.strings(spec, (*path, "domains")),
         )
+        for index, domain in enumerate(match.domains):
+            if domain not in domains:
+                hint = _did_you_mean(domain, domains)
+                self.doc.problem(
+                    (*path, "domains", index),
+                    f"domain {domain!r} is not declared under 'domains:'{hint}",
+                )
         for index, group in enumerate(match.groups):
             if group not in group_names:
                 hint = _did_you_mean(group, group_names)

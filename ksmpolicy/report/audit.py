@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.policy.model import DEFAULT_DOMAIN, Policy
+from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.sharing import Party, measure
-from ksmpolicy.report.status import VmStatus, collect
-
-HOST_DOMAIN = "host"  # processes that are no VM, or whose identity is not believed
+from ksmpolicy.report.status import collect, party_domain
 
 
 @dataclass(frozen=True)
@@ -49,12 +47,6 @@ class Audit:
         return self.cross_domain_pages == 0 and self.cross_domain_zero_pages == 0
 
 
-def domain_of(vm: VmStatus, policy: Policy | None) -> str:
-    if vm.kind != "qemu" or not vm.trusted:
-        return HOST_DOMAIN if policy is not None and policy.uses_domains else DEFAULT_DOMAIN
-    return vm.domain or DEFAULT_DOMAIN
-
-
 def audit(
     paths: HostPaths, policy: Policy | None, *, scanner: ProcessScanner | None = None
 ) -> Audit:
@@ -62,8 +54,9 @@ def audit(
     PageMapUnavailable (not root, no kpageflags)."""
     started, cpu_before = time.monotonic(), time.process_time()
     status = collect(paths, policy, sample_seconds=0, scanner=scanner, pagemap=False)
+    domains = policy is not None and policy.uses_domains
     parties = [
-        Party(v.pid, v.name, v.group, domain=domain_of(v, policy), kind=v.kind)
+        Party(v.pid, v.name, v.group, domain=party_domain(v, domains=domains), kind=v.kind)
         for v in status.vms
         if v.mergeable_vmas > 0 or v.merged_bytes > 0
     ]

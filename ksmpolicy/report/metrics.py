@@ -46,10 +46,12 @@ class StatusCollector:
         reconciler: Any = None,
         pagemap_seconds: float = PAGEMAP_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        keeper: Callable[[], Any] | None = None,
     ) -> None:
         self.paths = paths
         self.policy = policy
         self.reconciler = reconciler
+        self.keeper = keeper
         self.scanner = ProcessScanner(paths)
         self.pagemap_seconds = pagemap_seconds
         self.clock = clock
@@ -75,6 +77,9 @@ class StatusCollector:
         yield from status_metrics(status)
         if self.reconciler is not None and self.reconciler.last_plan is not None:
             yield from reconciler_metrics(self.reconciler)
+        keeper = self.keeper() if self.keeper is not None else None
+        if keeper is not None:
+            yield from keeper_metrics(keeper)
 
 
 def status_metrics(status: Status) -> Iterator[Metric]:
@@ -212,10 +217,46 @@ def sharing_metrics(sharing: Sharing) -> Iterator[Metric]:
         pairs.add_metric([pair.a, pair.b, "content"], pair.shared_pages)
         pairs.add_metric([pair.a, pair.b, "zero"], pair.zero_pages)
     yield pairs
+    cross = GaugeMetricFamily(
+        "ksmpolicy_cross_domain_pages",
+        "KSM pages mapped by VMs (or other processes) of two or more trust domains: must be "
+        "0. kind=content, or zero for zero-filled KSM pages (use_zero_pages=0).",
+        labels=["kind"],
+    )
+    cross.add_metric(["content"], sharing.cross_domain_pages)
+    cross.add_metric(["zero"], sharing.cross_domain_zero_pages)
+    yield cross
     yield GaugeMetricFamily(
         "ksmpolicy_pagemap_walk_seconds",
         "How long the last page-map walk took.",
         value=sharing.seconds,
+    )
+
+
+def keeper_metrics(keeper: Any) -> Iterator[Metric]:
+    """The daemon's trust domains: each merge scope's active domain, hand-overs, refusals."""
+    scope = GaugeMetricFamily(
+        "ksmpolicy_scope_domain",
+        "1 for the trust domain that merges in each merge scope (host, or nodeN).",
+        labels=["scope", "domain"],
+    )
+    for name, claim in sorted(keeper.last.claims.items()):
+        scope.add_metric([name, claim.domain], 1)
+    yield scope
+    yield CounterMetricFamily(
+        "ksmpolicy_domain_handovers",
+        "Times a merge scope went from one trust domain to another.",
+        value=keeper.handovers,
+    )
+    yield CounterMetricFamily(
+        "ksmpolicy_domain_refusals",
+        "Hand-overs the memory guard refused (the host could not absorb the unmerge).",
+        value=keeper.refusals,
+    )
+    yield GaugeMetricFamily(
+        "ksmpolicy_residue_vms",
+        "VMs switched off live whose ROMs and video RAM stay mergeable until they restart.",
+        value=len(keeper.last.residue),
     )
 
 

@@ -128,7 +128,8 @@ def collect(
         sharing, note = reuse, None
     elif pagemap:
         ranges = {p.pid: p.mergeable_ranges for p in processes}  # smaps is not read twice
-        sharing, note = _sharing(paths, vms, host, ranges)
+        domains = policy is not None and policy.uses_domains
+        sharing, note = _sharing(paths, vms, host, ranges, domains=domains)
     else:
         sharing, note = None, "the page map was not read"
     if sharing is not None:
@@ -167,6 +168,8 @@ def _sharing(
     vms: Sequence[VmStatus],
     host: HostStatus,
     ranges: Mapping[int, Sequence[tuple[int, int]]],
+    *,
+    domains: bool = False,
 ) -> tuple[Sharing | None, str | None]:
     """The sharing map of the running VMs, or None and why it could not be read."""
     if not host.available:
@@ -175,7 +178,10 @@ def _sharing(
     from ksmpolicy.kernel.pagemap import PageMapUnavailable  # noqa: PLC0415
     from ksmpolicy.report.sharing import Party, measure  # noqa: PLC0415
 
-    parties = [Party(v.pid, v.name, v.group, kind=v.kind) for v in vms]
+    parties = [
+        Party(v.pid, v.name, v.group, domain=party_domain(v, domains=domains), kind=v.kind)
+        for v in vms
+    ]
     zeros = {v.pid: v.zero_bytes // PAGE_SIZE for v in vms}
     try:
         found = measure(
@@ -184,6 +190,18 @@ def _sharing(
         return found, None
     except PageMapUnavailable as exc:
         return None, str(exc)
+
+
+HOST_DOMAIN = "host"  # under trust domains: processes that are no VM, or not believed to be
+
+
+def party_domain(vm: VmStatus, *, domains: bool) -> str:
+    """The trust domain a process counts in on the page map: a VM's policy domain; under
+    trust domains, a process that is no VM, or one not run by root or the hypervisor's user
+    (anyone can call a process qemu-system-x86_64), counts in `host`, apart from every domain."""
+    if vm.kind != "qemu" or not vm.trusted:
+        return HOST_DOMAIN if domains else "default"
+    return vm.domain or "default"
 
 
 def _host_status(

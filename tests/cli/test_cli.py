@@ -111,6 +111,9 @@ def test_explain_json() -> None:
             "rule": None,
             "reason": "no rule matched; default is merge",
             "tags": [],
+            "domain": "default",
+            "domain_reason": "no domain given",
+            "bind_nodes": [],
         }
     ]
 

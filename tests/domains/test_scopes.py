@@ -106,3 +106,39 @@ def test_without_ranges_every_vma_counts(tmp_path: Path) -> None:
     write_process(tmp_path, 42, NUMA_MAPS.format(policy="bind:1"), "0-1")
     assert process_nodes(HostPaths(tmp_path), 42, ()) == (0, 1)  # the default VMAs
     assert process_nodes(HostPaths(tmp_path), 43, ()) is None  # gone
+
+
+def policy_with(extra: str) -> object:
+    from ksmpolicy.policy.load import parse_policy
+
+    return parse_policy(
+        "version: 1\ndomains:\n  provider: {priority: 10, nodes: [0]}\n"
+        "  tenant-b: {nodes: [1, 2]}\n" + extra
+    )
+
+
+def test_check_explains_one_merge_scope(tmp_path: Path) -> None:
+    from ksmpolicy.domains.scopes import describe
+
+    lines = describe(policy_with(""), read_host(fake_host(tmp_path, 2, "1")))  # type: ignore[arg-type]
+    assert lines[0] == (
+        "this host has 1 merge scope: only one domain can merge at a time; domains by priority: "
+        "provider (priority 10), tenant-b (priority 0); equal priorities go to the larger savings"
+    )
+    assert lines[1].startswith("nodes: of provider, tenant-b have no effect")
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_check_explains_per_node_scopes(tmp_path: Path, nodes: int) -> None:
+    from ksmpolicy.domains.scopes import describe
+
+    policy = policy_with("isolation: {merge_across_nodes: false}\n")
+    lines = describe(policy, read_host(fake_host(tmp_path, nodes, "1")))  # type: ignore[arg-type]
+    assert lines[0] == (
+        f"this host has {nodes} merge scopes, one per NUMA node (the policy sets "
+        "merge_across_nodes=0): one domain can merge per node; a VM not bound to nodes counts "
+        "in every node"
+    )
+    expected = ["node0: provider", "node1: tenant-b"]
+    expected += ["node2: tenant-b", "node3: only VMs not bound to nodes"][: nodes - 2]
+    assert lines[1 : 1 + nodes] == expected

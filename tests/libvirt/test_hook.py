@@ -338,3 +338,56 @@ def test_a_shim_written_by_the_previous_version_still_works(tmp_path: Path) -> N
     )
     assert result.returncode == 1
     assert b"must not share memory" in result.stderr
+
+
+# --- trust domains ------------------------------------------------------------------------------
+
+DOMAINS = """\
+version: 1
+enforcement: {mode}
+domains:
+  provider: {{priority: 10, nodes: [0]}}
+  tenant-b: {{}}
+groups:
+  web: {{names: ["web-*", "latency-box"], domain: provider}}
+isolation: {{merge_across_nodes: false}}
+"""
+
+
+def test_under_domains_block_refuses_a_mergeable_definition_and_says_why(
+    make_hook: Callable[..., Hook],
+) -> None:
+    """Every VM of a policy with trust domains starts unmergeable: the daemon switches the
+    active domain's guest RAM on live. A definition that merges from its start would share
+    its ROMs and video RAM with any domain, so block refuses it."""
+    xml = (DATA / "q35.xml").read_bytes().replace(b"<name>q35-test</name>", b"<name>web-1</name>")
+    result = make_hook(text=DOMAINS.format(mode="block"))("web-1", "prepare", "begin", xml)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "ksmpolicy: \"web-1\" is in trust domain 'provider': ksmpolicy switches its merging on, "
+        "live, only while that domain merges, so its definition needs "
+        "<memoryBacking><nosharepages/>. Fix: ksmpolicy apply --domain web-1\n"
+    )
+    warn = make_hook(text=DOMAINS.format(mode="warn"))("web-1", "prepare", "begin", xml)
+    assert warn.returncode == 0
+    assert b"is in trust domain 'provider'" in warn.stderr
+
+
+def test_under_domains_an_unmergeable_definition_starts(make_hook: Callable[..., Hook]) -> None:
+    result = make_hook(text=DOMAINS.format(mode="block"))(
+        "latency-box", "prepare", "begin", EXCLUDED_XML
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+
+
+def test_under_domains_incoming_xml_is_made_unmergeable_and_bound(
+    make_hook: Callable[..., Hook],
+) -> None:
+    """A VM migrating in gets this host's rules: no merging from its start, and memory bound
+    to its domain's NUMA nodes (per-node merge scopes)."""
+    xml = (DATA / "q35.xml").read_bytes().replace(b"<name>q35-test</name>", b"<name>web-1</name>")
+    result = make_hook(text=DOMAINS.format(mode="warn"))("web-1", "migrate", "begin", xml)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "<nosharepages/>" in out
+    assert "<memory mode='strict' nodeset='0'/>" in out

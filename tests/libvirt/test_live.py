@@ -319,3 +319,86 @@ def test_daemon_rewrites_new_definitions_and_switches_started_guests(
     assert f"{PREFIX}late-2: merging switched off live" in log_path.read_text()
     real_ksm.stop(daemon)
     lab.stop("late-2")
+
+
+DOMAIN_POLICY = f"""\
+version: 1
+enforcement: {{mode}}
+domains:
+  tenant-a: {{{{}}}}
+  tenant-b: {{{{}}}}
+groups:
+  a: {{{{names: ["{PREFIX}ta-*"], domain: tenant-a}}}}
+  b: {{{{names: ["{PREFIX}tb-*"], domain: tenant-b}}}}
+reconciler: {{{{interval_seconds: 1, target_scan_seconds: 10, max_ksmd_cpu_percent: 60}}}}
+"""
+
+
+def test_trust_domains_keep_two_tenants_guests_apart(
+    lab: Lab, real_ksm: RealKsm, tmp_path: Path
+) -> None:
+    """Three guests from one image, two tenants: tenant-a's two guests merge with each other,
+    tenant-b's never with them (the page-map audit finds no page mapped by both). The hook
+    refuses a mergeable definition under block; under warn the daemon rewrites it."""
+    others = [d.name() for d in lab.conn.listAllDomains() if not d.name().startswith(PREFIX)]
+    if others:
+        pytest.skip(f"this host has other domains ({', '.join(others)}): the daemon acts on all")
+    from ksmpolicy.policy.load import parse_policy
+    from ksmpolicy.report.audit import audit
+
+    for domain in lab.conn.listAllDomains(1):  # the earlier tests' guests: domain `default`,
+        domain.destroy()  # which would compete for the host's one merge scope
+    lab.write_policy(DOMAIN_POLICY.format(mode="block"))
+    lab.install_hook()
+    lab.define("ta-1")  # merges from its start: it would share ROMs with any tenant
+    with pytest.raises(lab.libvirt.libvirtError) as info:
+        lab.start("ta-1")
+    assert f"\"{PREFIX}ta-1\" is in trust domain 'tenant-a'" in str(info.value)
+    lab.domain("ta-1").undefine()
+    for name in ("ta-1", "ta-2", "tb-1"):
+        lab.define(name, nosharepages=True)
+        lab.start(name)
+    for name in ("ta-1", "ta-2", "tb-1"):
+        lab.wait_ready(name)
+    real_ksm.write("use_zero_pages", 1)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log:
+        daemon = real_ksm.track(
+            subprocess.Popen(
+                [
+                    KSMPOLICY,
+                    "-p",
+                    str(lab.policy),
+                    "daemon",
+                    "-c",
+                    "qemu:///system",
+                    "--restore-on-exit",
+                    "--run-dir",
+                    str(tmp_path / "run"),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                ],
+                stderr=log,
+                text=True,
+            )
+        )
+    image_pages = 48 * 256
+    merged = wait_for(
+        lambda: min(lab.merging("ta-1"), lab.merging("ta-2")) > image_pages * 0.8, 120, step=1
+    )
+    assert merged, log_path.read_text()
+    assert lab.merging("tb-1") == 0, log_path.read_text()
+    found = audit(HostPaths(), parse_policy(lab.policy.read_text()))
+    assert found.cross_domain_pages == 0 and found.cross_domain_zero_pages == 0, found
+    assert "tenant-a" in found.domains
+    # Under warn the daemon rewrites a new definition that would merge from its start.
+    lab.write_policy(DOMAIN_POLICY.format(mode="warn"))
+    daemon.send_signal(1)
+    assert wait_for(lambda: "reloaded policy" in log_path.read_text(), 15)
+    lab.define("tb-2")
+    assert wait_for(lambda: domain_facts(lab.domain("tb-2").XMLDesc(2)).nosharepages, 15), (
+        log_path.read_text()
+    )
+    real_ksm.stop(daemon)
+    for name in ("ta-1", "ta-2", "tb-1"):
+        lab.stop(name)

@@ -214,3 +214,63 @@ def test_deterministic_and_order_independent(policy: Policy, vms: list[VmFacts])
     forward = [decider.decide(vm) for vm in vms]
     backward = [Decider(policy).decide(vm) for vm in reversed(vms)]
     assert forward == list(reversed(backward))
+
+
+# --- trust domains ------------------------------------------------------------------------------
+
+DOMAINS = """version: 1
+default: exclude
+domains:
+  provider: {priority: 10, nodes: [0]}
+  tenant-b: {}
+groups:
+  web: {names: ["web-*"], tags: [web], domain: provider}
+  plain: {tags: [plain]}
+rules:
+  - name: tenants merge among themselves
+    match: {domains: [tenant-b]}
+    action: merge
+  - name: provider web
+    match: {domains: [provider], groups: [web]}
+    action: merge
+vms:
+  cust-7: {domain: tenant-b}
+  "4107": {domain: tenant-b}
+  ops-1: {tags: [web]}
+isolation: {merge_across_nodes: false}
+"""
+
+
+def test_a_vms_domain_comes_from_vms_then_its_group_then_default() -> None:
+    from ksmpolicy.policy.load import parse_policy
+
+    decider = Decider(parse_policy(DOMAINS))
+    web = decider.decide(VmFacts("web-1"))
+    assert (web.domain, web.domain_reason, web.bind_nodes, web.merge) == (
+        "provider",
+        "group web",
+        (0,),
+        True,
+    )
+    assert "domain provider" in web.reason
+    cust = decider.decide(VmFacts("cust-7"))
+    assert (cust.domain, cust.domain_reason, cust.merge) == ("tenant-b", "vms: cust-7", True)
+    assert decider.decide(VmFacts("x", vmid="4107")).domain == "tenant-b"
+    other = decider.decide(VmFacts("db-1"))
+    assert (other.domain, other.merge) == ("default", False)
+    # under domains no definition merges from its start: the daemon switches RAM on live
+    assert not web.definition_merges and not cust.definition_merges
+
+
+def test_tags_a_vm_carries_itself_never_put_it_into_a_domain() -> None:
+    """Whoever may edit a VM (Proxmox tags, libvirt metadata) sets its own tags; a group with
+    a domain is joined only through the name, images and the tags the policy gives."""
+    from ksmpolicy.policy.load import parse_policy
+
+    decider = Decider(parse_policy(DOMAINS))
+    forged = decider.decide(VmFacts("shop", tags=frozenset({"web"})))
+    assert (forged.group, forged.domain, forged.merge) == (None, "default", False)
+    given = decider.decide(VmFacts("ops-1"))  # the policy's own tag: believed
+    assert (given.group, given.domain) == ("web", "provider")
+    plain = decider.decide(VmFacts("p", tags=frozenset({"plain"})))  # no domain: as before
+    assert (plain.group, plain.domain) == ("plain", "default")

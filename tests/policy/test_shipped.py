@@ -21,6 +21,7 @@ def test_there_are_shipped_policies() -> None:
         "default.yaml",
         "homelab.yaml",
         "vps-multitenant.yaml",
+        "vps-domains.yaml",
         "proxmox-cluster.yaml",
     }
 
@@ -42,3 +43,20 @@ def test_vps_policy_treats_unknown_vms_as_tenants() -> None:
     decider = Decider(load_policy(REPO / "policies/vps-multitenant.yaml"))
     facts = {vm.name: vm for vm in load_facts(str(REPO / "demo/vms.yaml"))}
     assert not any(decider.decide(vm).merge for vm in facts.values())
+
+
+def test_vps_domains_policy_keeps_customers_apart() -> None:
+    from ksmpolicy.policy.decide import VmFacts
+
+    decider = Decider(load_policy(REPO / "policies/vps-domains.yaml"))
+    acme = decider.decide(VmFacts("shop", uuid="3F1C2A9E-5B7D-4E1A-9C3B-2D4F6A8B0C11"))
+    globex = decider.decide(VmFacts("shop", vmid="4107"))
+    provider = decider.decide(
+        VmFacts("dns-1", images=("/srv/images/provider/debian-12-base.qcow2",))
+    )
+    stranger = decider.decide(VmFacts("shop", tags=frozenset({"customer"})))
+    assert (acme.domain, acme.merge) == ("acme", True)
+    assert (globex.domain, globex.merge) == ("globex", True)
+    assert (provider.domain, provider.merge) == ("provider", True)
+    assert (stranger.domain, stranger.merge) == ("default", False)  # its own tag: nothing
+    assert not any(d.definition_merges for d in (acme, globex, provider, stranger))

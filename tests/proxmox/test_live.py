@@ -6,7 +6,9 @@ in `-name`. Needs root (CI runs as root); KSM knobs are restored and QEMU stoppe
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,11 @@ pytestmark = [pytest.mark.root, pytest.mark.kernel]
 IMAGE_PAGES = 48 * 256  # the test guest's image, the same in every guest
 
 
-def start_qemu(node: Node, real_ksm: RealKsm, vmid: str) -> subprocess.Popen[str]:
+def start_qemu(
+    node: Node, real_ksm: RealKsm, vmid: str, *, merge: bool = True
+) -> subprocess.Popen[str]:
+    """QEMU as Proxmox starts it: QMP socket and pid file in /var/run/qemu-server (under the
+    node's root); `merge=False` as for `allow-ksm: 0` (mem-merge=off)."""
     socket = node.root / "var/run/qemu-server" / f"{vmid}.qmp"
     socket.parent.mkdir(parents=True, exist_ok=True)
     console = node.root / f"{vmid}.console"
@@ -30,8 +36,10 @@ def start_qemu(node: Node, real_ksm: RealKsm, vmid: str) -> subprocess.Popen[str
         f"vm{vmid},debug-threads=on",
         "-qmp",
         f"unix:{socket},server=on,wait=off",
+        "-pidfile",
+        str(socket.with_suffix(".pid")),
         "-machine",
-        "pc,accel=tcg",
+        "pc,accel=tcg" + ("" if merge else ",mem-merge=off"),
         "-m",
         "256",
         "-smp",
@@ -103,3 +111,58 @@ def test_post_start_unmerges_an_excluded_vm_and_merges_it_again(
     assert "ksmpolicy: VM 101: merging switched on live" in result.stderr
     assert wait_for(lambda: merging(subject) > before * 0.8, 60, 1), merging(subject)
     assert wait_for(lambda: node.qm_log()[-1:] == ["set 101 --delete allow-ksm"], 30), node.qm_log()
+
+
+DOMAINS = """\
+version: 1
+enforcement: warn
+domains:
+  tenant-a: {}
+  tenant-b: {}
+vms:
+  "101": {domain: tenant-a}
+  "102": {domain: tenant-b}
+proxmox: {qemu_server_version: "9.2.6"}
+"""
+
+
+def test_the_hookscript_gives_an_idle_scope_to_the_first_domain_only(
+    node: Node, real_ksm: RealKsm
+) -> None:
+    """Two tenants' VMs that boot the same image, started unmergeable (allow-ksm 0). At
+    post-start the first claims the host's merge scope and is switched on; the second is left
+    off while the first runs, and is switched on once the scope is idle again."""
+    for name in ("proc", "sys"):  # the node's root stands in for /etc/pve and /var/run only
+        (node.root / name).symlink_to(f"/{name}")
+    temporary = node.root / "policy.tmp"
+    temporary.write_text(DOMAINS)
+    temporary.chmod(0o644)
+    temporary.rename(node.policy)
+    node.install()
+    node.add("101", "qs-simple1.conf", **{"name: simple": "name: a-web\nallow-ksm: 0"})
+    node.add("102", "qs-simple1.conf", **{"name: simple": "name: b-web\nallow-ksm: 0"})
+    real_ksm.write("use_zero_pages", 1)
+    real_ksm.write("pages_to_scan", 5000)
+    real_ksm.write("sleep_millisecs", 10)
+    real_ksm.write("run", 1)
+    first = start_qemu(node, real_ksm, "101", merge=False)
+    second = start_qemu(node, real_ksm, "102", merge=False)
+
+    result = node.hook("101", "post-start")
+    assert result.returncode == 0, result.stderr
+    assert "ksmpolicy: VM 101: trust domain 'tenant-a' merges in host" in result.stderr
+    assert "ksmpolicy: VM 101: merging switched on live" in result.stderr
+    result = node.hook("102", "post-start")
+    assert result.returncode == 0, result.stderr
+    assert "VM 102: merge scope host belongs to trust domain 'tenant-a'" in result.stderr
+    assert "switched on" not in result.stderr
+    time.sleep(8)  # ksmd at full pace: 101 merges what repeats within it, never with 102
+    assert merging(second) == 0
+    state = json.loads((node.root / "run/ksmpolicy/domains.json").read_text())
+    assert state["scopes"]["host"]["domain"] == "tenant-a"
+    assert [m["pid"] for m in state["members"]] == [first.pid]
+
+    real_ksm.stop(first)  # tenant-a's only VM stops: the scope is idle
+    result = node.hook("102", "post-start")
+    assert "ksmpolicy: VM 102: trust domain 'tenant-b' merges in host" in result.stderr
+    assert "ksmpolicy: VM 102: merging switched on live" in result.stderr
