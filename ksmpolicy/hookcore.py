@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import IO
 
+    from ksmpolicy.policy.decide import Decision
     from ksmpolicy.policy.model import Policy
 
 DEADLINE_SECONDS = 5.0
@@ -219,3 +220,17 @@ def notify_socket(override_run_dir: str | None) -> str:
     from ksmpolicy.paths import NOTIFY_SOCKET  # noqa: PLC0415
 
     return os.path.join(run_dir(override_run_dir), NOTIFY_SOCKET)  # noqa: PTH118
+
+
+def start_refusal(policy: Policy, decision: Decision, run_dir: str | None) -> str | None:
+    """Under trust domains: why this start must not happen (it would force a hand-over the
+    host cannot absorb), or None. Only `enforcement: block` refuses on it."""
+    if not policy.uses_domains or not decision.merge:
+        return None
+    from pathlib import Path  # noqa: PLC0415
+
+    from ksmpolicy.domains.guard import start_refusal as refusal  # noqa: PLC0415
+    from ksmpolicy.paths import HostPaths  # noqa: PLC0415
+
+    paths = HostPaths(run_override=Path(run_dir) if run_dir else None)
+    return refusal(paths, policy, decision.domain, decision.bind_nodes)

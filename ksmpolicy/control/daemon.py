@@ -220,6 +220,7 @@ class Daemon:
             for signum in received_signals:
                 if signum == signal.SIGHUP:
                     self.reload()
+                    replan = True  # a new policy may move VMs between domains: look at once
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     return

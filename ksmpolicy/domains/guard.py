@@ -10,9 +10,12 @@ about it for MADV_UNMERGEABLE).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.records import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ksmpolicy.policy.model import Policy
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,31 @@ def check(paths: HostPaths, need_bytes: int, reserve_mib: float) -> Verdict:
     have = available_bytes(paths)
     spare = (have - reserve) if have is not None else 0
     return Verdict(need_bytes <= max(spare, 0) or need_bytes == 0, need_bytes, spare, reserve)
+
+
+def start_refusal(
+    paths: HostPaths, policy: Policy, domain: str, nodes: tuple[int, ...]
+) -> str | None:
+    """For a VM about to start under trust domains: a reason to refuse it when its domain
+    outranks the one active in a scope it will count in (its start would force a hand-over)
+    and unmerging that domain does not fit above the reserve; else None. Uses what the daemon
+    last measured for each scope (state file)."""
+    from ksmpolicy.domains.scopes import read_host  # noqa: PLC0415
+    from ksmpolicy.domains.state import load  # noqa: PLC0415
+
+    state = load(paths)
+    live = state.live_domains(paths)
+    mine = policy.domain(domain).priority
+    for scope in read_host(paths).scopes_of(nodes or None):
+        owner = live.get(scope)
+        if owner is None or owner == domain or policy.domain(owner).priority >= mine:
+            continue
+        verdict = check(
+            paths, state.unmerge_bytes.get(scope, 0), policy.isolation.unmerge_reserve_mib
+        )
+        if not verdict.ok:
+            return (
+                f"its trust domain {domain!r} outranks {owner!r}, which merges in scope {scope}: "
+                f"starting it would unmerge {owner!r}, and {verdict.message}"
+            )
+    return None

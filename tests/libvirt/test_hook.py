@@ -391,3 +391,47 @@ def test_under_domains_incoming_xml_is_made_unmergeable_and_bound(
     out = result.stdout.decode()
     assert "<nosharepages/>" in out
     assert "<memory mode='strict' nodeset='0'/>" in out
+
+
+def test_under_domains_block_refuses_a_start_that_would_force_an_unmerge_the_host_cannot_absorb(
+    make_hook: Callable[..., Hook], tmp_path: Path
+) -> None:
+    """The memory guard at start: a provider VM (priority 10) would take the host's scope from
+    tenant-b, whose unmerge the daemon measured at 1 PB: block refuses the start, warn says so."""
+    from ksmpolicy.domains.choose import Claim
+    from ksmpolicy.domains.state import Member, State, save, started_at
+
+    tenant = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = started_at(HostPaths(), tenant.pid)
+        assert start is not None
+        run = HostPaths(run_override=tmp_path / "run")
+        save(
+            run,
+            State(
+                scopes={"host": Claim("tenant-b", 1.0, "first")},
+                members={tenant.pid: Member(tenant.pid, start, "cust", "tenant-b", ("host",))},
+                unmerge_bytes={"host": 10**15},
+            ),
+        )
+        hook = make_hook(text=DOMAINS.format(mode="block"))
+        result = hook("latency-box", "prepare", "begin", EXCLUDED_XML)
+        assert result.returncode == 1
+        message = result.stderr.decode()
+        assert message.startswith(
+            "ksmpolicy: \"latency-box\": its trust domain 'provider' outranks 'tenant-b', which "
+            "merges in scope host: starting it would unmerge 'tenant-b', and unmerging would "
+            "need 953674316 MiB"
+        ), message
+        warn = make_hook(text=DOMAINS.format(mode="warn"))(
+            "latency-box", "prepare", "begin", EXCLUDED_XML
+        )
+        assert warn.returncode == 0 and b"outranks 'tenant-b'" in warn.stderr
+    finally:
+        tenant.kill()
+        tenant.wait()
+    # tenant-b's VM stopped: nothing to unmerge, the start goes ahead
+    result = make_hook(text=DOMAINS.format(mode="block"))(
+        "latency-box", "prepare", "begin", EXCLUDED_XML
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
