@@ -108,6 +108,16 @@ class Session:
         """The exit status when no policy can be used: 1 only if the file asks for `block`."""
         return 1 if says_block(self.policy_path) else 0
 
+    def refuse_start(self, policy: Policy, decision: Decision, who: str) -> bool:
+        """Under trust domains: report a start that would force a hand-over the host cannot
+        absorb; True when `enforcement: block` refuses it."""
+        refusal = start_refusal(policy, decision, self.cache_dir)
+        if refusal is None:
+            return False
+        block = _blocks(policy)
+        self.report(f"ksmpolicy: {who}: {refusal}", "err" if block else "warning")
+        return block
+
     def own_failure(self, message: str) -> int:
         """A fault of the hook's own: block only under `enforcement: block`, else warn."""
         block = _blocks(self.policy)

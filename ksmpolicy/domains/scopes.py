@@ -54,6 +54,22 @@ def node_scope(node: int) -> str:
     return f"node{node}"
 
 
+def node_ranges(nodes: tuple[int, ...], separator: str) -> str:
+    """(0, 1, 2, 5) -> "0-2" + separator + "5": libvirt's nodeset (","), qemu-server's
+    hostnodes (";")."""
+    ordered = sorted(set(nodes))
+    parts: list[str] = []
+    index = 0
+    while index < len(ordered):
+        end = index
+        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
+            end += 1
+        first, last = ordered[index], ordered[end]
+        parts.append(str(first) if first == last else f"{first}-{last}")
+        index = end + 1
+    return separator.join(parts)
+
+
 def parse_nodelist(text: str) -> tuple[int, ...]:
     """`0-2,4` -> (0, 1, 2, 4). Raises ValueError on anything else."""
     found: set[int] = set()

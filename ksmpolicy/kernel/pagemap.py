@@ -440,21 +440,6 @@ def _member(values: U64, sorted_set: U64) -> npt.NDArray[np.bool_]:
     return found
 
 
-def read_page(paths: HostPaths, pid: int, address: int) -> bytes | None:
-    """One page of a process's memory (root), or None when it cannot be read (gone, unmapped).
-    Reading does not unshare a KSM page."""
-    try:
-        fd = os.open(paths.proc / str(pid) / "mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.pread(fd, PAGE_SIZE, address)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def zero_pfns(paths: HostPaths, pagemap: PageMap, pfns: Sequence[int]) -> set[int]:
     """Which of these KSM pages hold only zeros (read through one mapper each). Identical zero
     pages merge across every group: they are shown apart from content sharing."""
@@ -468,9 +453,19 @@ def zero_pfns(paths: HostPaths, pagemap: PageMap, pfns: Sequence[int]) -> set[in
             mine = wanted[_member(wanted, process.ksm_pfns)]
             if not mine.size:
                 continue
-            for pfn, address in reader.addresses_of(pid, mine).items():
-                if read_page(paths, pid, address) == blank:
-                    zeros.add(pfn)
+            try:  # read-only: reading a KSM page does not unshare it
+                fd = os.open(paths.proc / str(pid) / "mem", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone: another mapper may say
+            try:
+                for pfn, address in reader.addresses_of(pid, mine).items():
+                    try:
+                        if os.pread(fd, PAGE_SIZE, address) == blank:
+                            zeros.add(pfn)
+                    except OSError:
+                        break
+            finally:
+                os.close(fd)
             wanted = wanted[~_member(wanted, mine)]
             if not wanted.size:
                 break

@@ -72,12 +72,8 @@ class LibvirtHook:
         except Exception as exc:  # a bug must not stop VMs unless the policy says so
             what = f"{type(exc).__name__}: {exc}"
             return session.own_failure(f"internal error checking {who}: {what}")
-        refusal = hookcore.start_refusal(policy, decision, self.run_dir)
-        if refusal is not None:
-            block = policy.enforcement is Enforcement.BLOCK
-            session.report(f"ksmpolicy: {who}: {refusal}", "err" if block else "warning")
-            if block:
-                return 1
+        if session.refuse_start(policy, decision, who):
+            return 1
         found = start_verdict(self.name, facts, decision)
         if found is None:
             return 0

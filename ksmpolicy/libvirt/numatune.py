@@ -9,6 +9,7 @@ of the definition stays as it was.
 
 from __future__ import annotations
 
+from ksmpolicy.domains.scopes import node_ranges
 from ksmpolicy.libvirt.domain import (
     BEFORE_MEMORY_BACKING,
     Element,
@@ -32,18 +33,8 @@ _BEFORE_NUMATUNE = (
 
 
 def nodeset_text(nodes: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> "0-2,5": libvirt's nodeset syntax."""
-    parts: list[str] = []
-    ordered = sorted(set(nodes))
-    index = 0
-    while index < len(ordered):
-        end = index
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        first, last = ordered[index], ordered[end]
-        parts.append(str(first) if first == last else f"{first}-{last}")
-        index = end + 1
-    return ",".join(parts)
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    return node_ranges(nodes, ",")
 
 
 def bound_to(data: str) -> tuple[str | None, str | None]:

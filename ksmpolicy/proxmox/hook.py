@@ -94,12 +94,8 @@ class ProxmoxHook:
             return session.own_failure(f"internal error checking VM {self.vmid}: {what}")
         if note:
             session.report(f"ksmpolicy: VM {self.vmid}: {note}", "warning")
-        refusal = hookcore.start_refusal(policy, decision, str(self.paths.run_dir))
-        if refusal is not None:
-            block = policy.enforcement is Enforcement.BLOCK
-            session.report(f"ksmpolicy: VM {self.vmid}: {refusal}", "err" if block else "warning")
-            if block:
-                return 1
+        if session.refuse_start(policy, decision, f"VM {self.vmid}"):
+            return 1
         found = verdict(self.vmid, facts, decision)
         if found is None:
             return 0

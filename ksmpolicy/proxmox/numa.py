@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from ksmpolicy.domains.scopes import node_ranges
 from ksmpolicy.proxmox.conf import ConfError, newline_of, parse, sorted_position
 
 _MAX_NUMA = 8  # qemu-server's $MAX_NUMA
@@ -25,18 +26,8 @@ _DEFAULT_MEMORY_MIB = 512  # qemu-server's default `memory`
 
 
 def hostnodes_text(nodes: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> "0-2;5": qemu-server's `id[-id];...` syntax."""
-    ordered = sorted(set(nodes))
-    parts: list[str] = []
-    index = 0
-    while index < len(ordered):
-        end = index
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        first, last = ordered[index], ordered[end]
-        parts.append(str(first) if first == last else f"{first}-{last}")
-        index = end + 1
-    return ";".join(parts)
+    """(0, 1, 2, 5) -> "0-2;5"."""
+    return node_ranges(nodes, ";")
 
 
 def set_numa(text: str, nodes: tuple[int, ...]) -> str:

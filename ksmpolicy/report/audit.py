@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.kernel.pagemap import PageMapUnavailable
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.sharing import Party, measure
-from ksmpolicy.report.status import collect, party_domain
+from ksmpolicy.report.status import collect
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,12 @@ def audit(
     """Walk the page map once and find every KSM page two trust domains map. Raises
     PageMapUnavailable (not root, no kpageflags)."""
     started, cpu_before = time.monotonic(), time.process_time()
-    status = collect(paths, policy, sample_seconds=0, scanner=scanner, pagemap=False)
-    domains = policy is not None and policy.uses_domains
-    parties = [
-        Party(v.pid, v.name, v.group, domain=party_domain(v, domains=domains), kind=v.kind)
-        for v in status.vms
-        if v.mergeable_vmas > 0 or v.merged_bytes > 0
-    ]
-    zeros = {v.pid: v.zero_bytes // PAGE_SIZE for v in status.vms}
-    sharing = measure(paths, parties, zero_pages=zeros, ksm_zero_pages=status.host.zero_pages)
-    domain = {p.name: p.domain for p in parties}
+    # status's walk: every process with mergeable memory, each in its domain (party_domain)
+    status = collect(paths, policy, sample_seconds=0, scanner=scanner, pagemap=True)
+    sharing = status.sharing
+    if sharing is None:
+        raise PageMapUnavailable(status.savings_note or "the page map cannot be read")
+    domain = {vm.name: vm.domain for vm in sharing.vms}
     violations = tuple(
         Violation(
             pair.a, domain[pair.a], pair.b, domain[pair.b], pair.shared_pages, pair.zero_pages
@@ -76,8 +72,8 @@ def audit(
         cross_domain_pages=sharing.cross_domain_pages,
         cross_domain_zero_pages=sharing.cross_domain_zero_pages,
         violations=violations,
-        parties=len(parties),
-        domains=tuple(sorted({p.domain for p in parties})),
+        parties=sum(vm.present_pages > 0 for vm in sharing.vms),
+        domains=tuple(sorted({vm.domain for vm in sharing.vms if vm.ksm_pages})),
         seconds=time.monotonic() - started,
         cpu_seconds=time.process_time() - cpu_before,
         use_zero_pages=None if zero_knob is None else bool(zero_knob),

@@ -114,18 +114,14 @@ def share(
     group_index = {g: i for i, g in enumerate(groups)}
     membership = np.array([group_index[p.group or NO_GROUP] for p in alive], dtype=np.int64)
     group_content, group_zero = _group_counts(pagemap, alive, membership, len(groups), zero_array)
+    members = _members_per_page(pagemap, alive)
 
     vms = []
-    for i, party in enumerate(alive):
+    for party in alive:
         process = pagemap.processes[party.pid]
         credit = pagemap.saved_pages(party.pid)
         zeros = zero_pages.get(party.pid, 0)
-        same_group = [
-            j
-            for j, other in enumerate(alive)
-            if j != i and party.group is not None and other.group == party.group
-        ]
-        with_group = _shared_with(pagemap, alive, i, same_group, zero_array)
+        with_group = _shared_with_group(process.ksm_pfns, members.get(party.group), zero_array)
         vms.append(
             VmShare(
                 name=party.name,
@@ -270,16 +266,28 @@ def _within(pagemap: PageMap, pids: Sequence[int], zero: U64) -> tuple[int, int]
     return int((~is_zero).sum()), int(is_zero.sum())
 
 
-def _shared_with(
-    pagemap: PageMap, parties: Sequence[Party], i: int, others: Sequence[int], zero: U64
-) -> int:
-    """Content KSM pages VM i shares with any of `others`."""
-    if not others:
+def _members_per_page(
+    pagemap: PageMap, parties: Sequence[Party]
+) -> dict[str | None, tuple[U64, np.ndarray]]:
+    """For each group: its VMs' KSM pages (sorted) and how many of its VMs map each. (A
+    process lists each of its KSM pages once, so the count is of VMs, not mappings.)"""
+    found: dict[str | None, tuple[U64, np.ndarray]] = {}
+    for group in {p.group for p in parties if p.group is not None}:
+        pfns = [pagemap.processes[p.pid].ksm_pfns for p in parties if p.group == group]
+        unique, counts = np.unique(np.concatenate(pfns), return_counts=True)
+        found[group] = (unique, counts)
+    return found
+
+
+def _shared_with_group(mine: U64, group: tuple[U64, np.ndarray] | None, zero: U64) -> int:
+    """Content KSM pages a VM shares with another VM of its group: those of its pages that
+    two or more of the group's VMs map. One lookup per page, whatever the group's size."""
+    if group is None or not mine.size:
         return 0
-    mine = pagemap.processes[parties[i].pid].ksm_pfns
-    theirs = np.unique(np.concatenate([pagemap.processes[parties[j].pid].ksm_pfns for j in others]))
-    both = mine[np.isin(mine, theirs, assume_unique=True)]
-    return int((~np.isin(both, zero)).sum())
+    unique, counts = group
+    where = np.searchsorted(unique, mine)
+    shared = mine[counts[np.minimum(where, unique.size - 1)] >= 2]
+    return int((~np.isin(shared, zero)).sum())
 
 
 def _findings(

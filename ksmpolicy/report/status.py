@@ -111,7 +111,9 @@ def collect(
     ksmd = ksmd_pid(paths) if state is not None else None
     cpu_before = process_cpu_seconds(paths, ksmd) if ksmd else None
     started = time.monotonic()
-    processes = (scanner or ProcessScanner(paths)).scan()
+    # Before a page-map walk every smaps is read afresh: the walk reads the mergeable areas
+    # it names, and a VM switched on since a cached read would be missed.
+    processes = (scanner or ProcessScanner(paths)).scan(refresh=pagemap and reuse is None)
     decider = Decider(policy) if policy is not None else None
     vms = tuple(_vm_status(paths, p, decider) for p in processes)
     if cpu_before is not None and sample_seconds > 0:

@@ -40,10 +40,11 @@ def valid(schema: etree.RelaxNG, text: str) -> bool:
     return bool(schema.validate(etree.fromstring(text.encode())))
 
 
-def outside_memory_backing(text: str) -> bytes:
-    """Canonical XML of everything but <memoryBacking>, whitespace-only text ignored."""
+def outside_memory_backing(text: str, tag: str = "memoryBacking") -> bytes:
+    """Canonical XML of everything but <memoryBacking> (or another top-level `tag`),
+    whitespace-only text ignored."""
     root = etree.fromstring(text.encode())
-    for element in root.findall("memoryBacking"):
+    for element in root.findall(tag):
         root.remove(element)
     for node in root.iter():
         if node.text is not None and not node.text.strip():

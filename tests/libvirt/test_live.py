@@ -60,6 +60,33 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_daemon(lab: Lab, real_ksm: RealKsm, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """The daemon on the lab's policy and libvirt, its log in tmp_path (stopped with the
+    test's other processes)."""
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log:
+        daemon = real_ksm.track(
+            subprocess.Popen(
+                [
+                    KSMPOLICY,
+                    "-p",
+                    str(lab.policy),
+                    "daemon",
+                    "-c",
+                    "qemu:///system",
+                    "--restore-on-exit",
+                    "--run-dir",
+                    str(tmp_path / "run"),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                ],
+                stderr=log,
+                text=True,
+            )
+        )
+    return daemon, log_path
+
+
 @contextlib.contextmanager
 def syslog_sink() -> Iterator[socket.socket | None]:
     """Receive what is sent to syslog, when no syslog daemon owns /dev/log (as in CI)."""
@@ -272,27 +299,7 @@ def test_daemon_rewrites_new_definitions_and_switches_started_guests(
         pytest.skip(f"this host has other domains ({', '.join(others)}): the daemon acts on all")
     late = "  - name: late\n    match: {names: ['*late*']}\n    action: exclude\n"
     lab.write_policy(policy("warn", late))
-    log_path = tmp_path / "daemon.log"
-    with log_path.open("w") as log:
-        daemon = real_ksm.track(
-            subprocess.Popen(
-                [
-                    KSMPOLICY,
-                    "-p",
-                    str(lab.policy),
-                    "daemon",
-                    "-c",
-                    "qemu:///system",
-                    "--restore-on-exit",
-                    "--run-dir",
-                    str(tmp_path / "run"),
-                    "--state-dir",
-                    str(tmp_path / "state"),
-                ],
-                stderr=log,
-                text=True,
-            )
-        )
+    daemon, log_path = start_daemon(lab, real_ksm, tmp_path)
     assert wait_for(lambda: "watching libvirt events" in log_path.read_text(), 30), (
         log_path.read_text()
     )
@@ -361,27 +368,7 @@ def test_trust_domains_keep_two_tenants_guests_apart(
     for name in ("ta-1", "ta-2", "tb-1"):
         lab.wait_ready(name)
     real_ksm.write("use_zero_pages", 1)
-    log_path = tmp_path / "daemon.log"
-    with log_path.open("w") as log:
-        daemon = real_ksm.track(
-            subprocess.Popen(
-                [
-                    KSMPOLICY,
-                    "-p",
-                    str(lab.policy),
-                    "daemon",
-                    "-c",
-                    "qemu:///system",
-                    "--restore-on-exit",
-                    "--run-dir",
-                    str(tmp_path / "run"),
-                    "--state-dir",
-                    str(tmp_path / "state"),
-                ],
-                stderr=log,
-                text=True,
-            )
-        )
+    daemon, log_path = start_daemon(lab, real_ksm, tmp_path)
     image_pages = 48 * 256
     merged = wait_for(
         lambda: min(lab.merging("ta-1"), lab.merging("ta-2")) > image_pages * 0.8, 120, step=1

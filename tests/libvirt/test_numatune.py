@@ -13,7 +13,14 @@ from ksmpolicy.libvirt.numatune import bound_to, nodeset_text, set_numatune
 from ksmpolicy.libvirt.rewrite import apply_policy
 from ksmpolicy.policy.decide import Decider
 from ksmpolicy.policy.load import parse_policy
-from tests.libvirt.test_domain import DATA, GOLDEN, REGENERATE, schema, valid
+from tests.libvirt.test_domain import (
+    DATA,
+    GOLDEN,
+    REGENERATE,
+    outside_memory_backing,
+    schema,
+    valid,
+)
 
 __all__ = ["schema"]  # the fixture, shared with test_domain
 CASES = {
@@ -23,18 +30,6 @@ CASES = {
     "ksm-one-line.xml": (2,),  # everything on one line
     "memtune.xml": (3,),
 }
-
-
-def canonical_without_numatune(text: str) -> bytes:
-    root = etree.fromstring(text.encode())
-    for element in root.findall("numatune"):
-        root.remove(element)
-    for node in root.iter():
-        if node.text is not None and not node.text.strip():
-            node.text = None
-        if node.tail is not None and not node.tail.strip():
-            node.tail = None
-    return etree.tostring(root, method="c14n")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -54,7 +49,7 @@ def test_bound_domain_matches_golden_and_the_schema(name: str, schema: etree.Rel
         m.get("mode") == "strict" and m.get("nodeset") == nodeset_text(nodes)
         for m in root.iterfind("numatune/memnode")
     )
-    assert canonical_without_numatune(out) == canonical_without_numatune(text)
+    assert outside_memory_backing(out, "numatune") == outside_memory_backing(text, "numatune")
 
 
 def test_nodeset_syntax() -> None:
