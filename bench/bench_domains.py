@@ -241,7 +241,8 @@ def main() -> int:
         f"| hand-over: beta at 90 % of its savings after, s | {r['handover_seconds']} | |",
         f"| hand-over / cold start | {r['ratio']} | <= 2 |",
         f"| peak extra memory during the hand-over, MiB | {r['peak_extra_mib']} | |",
-        f"| the guard's estimate (page map: copies alpha's unmerge makes), MiB | {r['guard_estimate_mib']} | |",
+        "| the guard's estimate (page map: copies alpha's unmerge makes), MiB | "
+        f"{r['guard_estimate_mib']} | |",
         f"| most KSM pages across domains in {r['audits_during']} audits during it | "
         f"{r['max_cross_domain_pages_during']} | 0 |",
         f"| zero pages, use_zero_pages=1: KSM pages both domains map | "
