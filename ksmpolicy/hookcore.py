@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ksmpolicy.policy.model import Policy
 
 DEADLINE_SECONDS = 5.0
+NO_POLICY_SAID = "no-policy-said"  # in the cache dir: the hook has said there is no policy
 __all__ = ["Session", "fix_command", "quote", "report", "run", "says_block"]
 
 
@@ -92,6 +93,9 @@ class Session:
             first = str(exc).splitlines()[0]
             last = load_last_good(self.policy_path, self.cache_dir)
             if last is None:
+                if not os.path.lexists(self.policy_path):
+                    self._say_once_no_policy()
+                    return None
                 self.report(f"ksmpolicy: policy not usable, {self.who} not checked: {first}", "err")
                 return None
             self._preface = (
@@ -102,7 +106,36 @@ class Session:
             self.policy = last
         if self._send is not None:
             self._send(("enforcement", self.policy.enforcement.value))
+        # said again if the file goes away once more; contextlib would cost the hook an import
+        try:  # noqa: SIM105
+            os.unlink(os.path.join(self.cache_dir, NO_POLICY_SAID))  # noqa: PTH108, PTH118
+        except OSError:
+            pass
         return self.policy
+
+    def _say_once_no_policy(self) -> None:
+        """No policy file and none ever compiled: enforcement is off (no VM is refused or
+        rewritten). Said once, not on every start, until a policy has been used."""
+        from ksmpolicy.files import make_private_dir  # noqa: PLC0415
+
+        try:
+            make_private_dir(self.cache_dir)
+            fd = os.open(
+                os.path.join(self.cache_dir, NO_POLICY_SAID),  # noqa: PTH118
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # cannot remember: say it every time rather than never
+        else:
+            os.close(fd)
+        self.report(
+            f"ksmpolicy: no policy at {self.policy_path}: enforcement off, VMs start as defined "
+            "(said once; `ksmpolicy check` says how to install one)",
+            "notice",
+        )
 
     def unusable_policy_status(self) -> int:
         """The exit status when no policy can be used: 1 only if the file asks for `block`."""
@@ -194,7 +227,11 @@ def report(err: IO[str], message: str, level: str) -> None:
     try:
         import syslog  # noqa: PLC0415
 
-        priority = {"err": syslog.LOG_ERR, "info": syslog.LOG_INFO}.get(level, syslog.LOG_WARNING)
+        priority = {
+            "err": syslog.LOG_ERR,
+            "notice": syslog.LOG_NOTICE,
+            "info": syslog.LOG_INFO,
+        }.get(level, syslog.LOG_WARNING)
         syslog.openlog("ksmpolicy-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(priority, line)
         syslog.closelog()

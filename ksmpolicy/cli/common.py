@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import click
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths, default_policy
-from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.load import load_policy, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,7 +30,17 @@ class Options:
     def policy_path(self) -> str:
         return self.policy or default_policy(HostPaths())
 
+    @property
+    def explicit(self) -> bool:
+        """A policy was named (--policy, $KSMPOLICY_POLICY): never the built-in default."""
+        return self.policy is not None or bool(os.environ.get("KSMPOLICY_POLICY"))
+
     def load(self) -> Policy:
+        """The policy; the built-in default when none was named and no file exists."""
+        return load_policy_or_builtin(self.policy_path(), explicit=self.explicit)
+
+    def load_file(self) -> Policy:
+        """The policy from a file, for commands that change VMs: never the built-in default."""
         return load_policy(self.policy_path())
 
     def load_or_error(self) -> tuple[Policy | None, str | None]:

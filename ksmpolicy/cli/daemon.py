@@ -55,6 +55,7 @@ def daemon(
         libvirt_uri=uri,
         use_libvirt=not no_libvirt,
         metrics=metrics,
+        policy_explicit=options.explicit,
     ).run()
 
 
@@ -95,6 +96,7 @@ def reconcile(
     footprint = sum(p.mergeable_bytes for p in processes)
     if as_json:
         report = {
+            "policy": reconciler.policy.source,
             "mode": result.mode,
             "reason": result.reason,
             "knobs": dict(result.knobs),
@@ -110,6 +112,7 @@ def reconcile(
         }
         click.echo(json.dumps(report, indent=2))
         return
+    click.echo(f"policy:    {reconciler.policy.source}")
     click.echo(f"mode:      {result.mode}")
     click.echo(f"reason:    {result.reason}")
     click.echo(f"footprint: {footprint / 2**20:.1f} MiB in {len(processes)} processes")

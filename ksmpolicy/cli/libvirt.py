@@ -142,7 +142,7 @@ def apply(
     their next start (`enforce --live` switches libvirt ones now). A VM that
     fails does not stop the others; the exit status is then 1.
     """
-    policy = options.load()
+    policy = options.load_file()
     paths = host_paths(root)
     if proxmox:
         from ksmpolicy.proxmox import node  # noqa: PLC0415
@@ -195,7 +195,7 @@ def enforce(
     """
     from ksmpolicy.libvirt import host  # noqa: PLC0415
 
-    policy = options.load()
+    policy = options.load_file()
     conn = host.connect(uri)
     outcomes = host.apply(conn, policy, backup_dir=host_paths(root).backup_dir, only=domains)
     failed = [o.key for o in outcomes if o.status == "failed"]

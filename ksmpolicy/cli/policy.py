@@ -19,30 +19,54 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, VmFacts
 from ksmpolicy.policy.factsfile import load_facts
-from ksmpolicy.policy.load import load_policy
+from ksmpolicy.policy.load import BUILTIN_NAME, load_policy, load_policy_or_builtin
 
 
 @click.command()
 @click.argument("files", nargs=-1, metavar="[POLICY]...")
+@click.option(
+    "--print-default",
+    is_flag=True,
+    help="Print the shipped default policy (to install it: `ksmpolicy check --print-default "
+    "> /etc/ksmpolicy/policy.yaml`).",
+)
 @policy_option
 @click.pass_obj
-def check(options: Options, files: tuple[str, ...]) -> None:
+def check(options: Options, files: tuple[str, ...], print_default: bool) -> None:
     """Validate policy files and report every problem.
 
     Checks the given files, else the policy in use (--policy). Problems are
     printed one per line as FILE:LINE: key: message. Exit 0 when all are valid,
-    1 otherwise.
+    1 otherwise. With no file anywhere, says what every command would use: the
+    built-in default (the shipped policy with enforcement and live switching off).
     """
+    if print_default:
+        from importlib.resources import files as package_files  # noqa: PLC0415
+
+        text = package_files("ksmpolicy.policy").joinpath("default.yaml").read_text("utf-8")
+        click.echo(text, nl=False)
+        return
     failed = False
     for file in files or (options.policy_path(),):
         try:
-            policy = load_policy(file)
+            if files:
+                policy = load_policy(file)
+            else:
+                policy = load_policy_or_builtin(file, explicit=options.explicit)
         except KsmPolicyError as exc:
             click.echo(str(exc), err=True)
             failed = True
             continue
+        if policy.source.startswith(BUILTIN_NAME):
+            click.echo(
+                f"no policy file at {file}: every command uses the {BUILTIN_NAME} (the shipped "
+                "policy with enforcement off and live off: hooks change no VM, the daemon only "
+                "paces ksmd); install one with `ksmpolicy check --print-default > "
+                f"{file}`, then edit it"
+            )
         click.echo(
-            f"{file}: ok ({count(policy.rules, 'rule')}, {count(policy.groups, 'group')}, "
+            f"{policy.source if policy.source.startswith(BUILTIN_NAME) else file}: ok "
+            f"({count(policy.rules, 'rule')}, {count(policy.groups, 'group')}, "
             f"{count(policy.vms, 'VM')} tagged; default {policy.default.value}, "
             f"enforcement {policy.enforcement.value})"
         )

@@ -139,5 +139,5 @@ def proxmox_persist(options: Options, vmid: str, root: str, qm: str) -> None:
     """Write the decision into a VM's config once its lock is free (the hookscript's helper)."""
     from ksmpolicy.proxmox import node  # noqa: PLC0415
 
-    status = node.persist(host_paths(root), node.valid_vmid(vmid), options.load(), qm=(qm,))
+    status = node.persist(host_paths(root), node.valid_vmid(vmid), options.load_file(), qm=(qm,))
     click.echo(f"{vmid}: {status}")

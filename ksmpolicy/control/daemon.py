@@ -21,8 +21,8 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named, read_meminfo
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes
-from ksmpolicy.paths import HostPaths
-from ksmpolicy.policy.load import load_policy
+from ksmpolicy.paths import HostPaths, default_policy
+from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,19 @@ class Daemon:
         libvirt_uri: str | None = None,
         use_libvirt: bool = True,
         metrics: str | None = None,
+        policy_explicit: bool = True,
     ) -> None:
         self.paths = paths
         self.policy_path = policy_path
+        # Not named (no --policy, no $KSMPOLICY_POLICY): the default path, looked up again on
+        # each reload, and the built-in default while no file is there.
+        self.policy_explicit = policy_explicit
         self.restore_on_exit = restore_on_exit
         self.libvirt_uri = libvirt_uri
         self.use_libvirt = use_libvirt and not dry_run
         self.enforcer: Any = None
         self.metrics = metrics
-        self.reconciler = Reconciler(paths, load_policy(policy_path), dry_run=dry_run)
+        self.reconciler = Reconciler(paths, self._load_policy(), dry_run=dry_run)
         self._signals: list[int] = []
         self._warned_rivals: set[int] = set()
         self.keeper: Any = None  # control.domains.Keeper, under trust domains
@@ -164,7 +168,7 @@ class Daemon:
             log.info("metrics on http://%s/metrics", self.metrics)
         log.info(
             "started: policy %s, notes on %s, pid %d",
-            self.policy_path,
+            self._policy_name(),
             listener.path,
             os.getpid(),
         )
@@ -337,12 +341,21 @@ class Daemon:
         """SIGHUP: load the policy again; a bad one keeps the old and says why."""
         sdnotify.notify("RELOADING=1")
         try:
-            self.reconciler.policy = load_policy(self.policy_path)
+            self.reconciler.policy = self._load_policy()
         except KsmPolicyError as exc:
             log.error("reload failed, keeping the previous policy: %s", exc)
         else:
-            log.info("reloaded policy %s", self.policy_path)
+            log.info("reloaded policy %s", self._policy_name())
         sdnotify.notify("READY=1")
+
+    def _load_policy(self) -> Policy:
+        if not self.policy_explicit:
+            self.policy_path = default_policy(self.paths)
+        return load_policy_or_builtin(self.policy_path, explicit=self.policy_explicit)
+
+    def _policy_name(self) -> str:
+        source = self.reconciler.policy.source
+        return source if source.startswith(BUILTIN_NAME) else self.policy_path
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)

@@ -58,7 +58,11 @@ def load_policy(
     try:
         fd, st = open_regular(file)
     except FileNotFoundError:
-        hint = " (copy one from policies/ or pass --policy)" if file == DEFAULT_POLICY_PATH else ""
+        hint = (
+            " (`ksmpolicy check` says what to do, or pass --policy)"
+            if file == DEFAULT_POLICY_PATH
+            else ""
+        )
         raise _single(file, f"no such file{hint}") from None
     except IsADirectoryError:
         raise _single(file, "is a directory, expected a policy file") from None
@@ -95,6 +99,32 @@ def load_policy(
     if cache_dir is not None:
         _write_cache(cache_dir, key, policy)
     return policy
+
+
+BUILTIN_NAME = "built-in default"
+
+
+def builtin_policy(missing: str = DEFAULT_POLICY_PATH) -> Policy:
+    """The shipped default (ksmpolicy/policy/default.yaml, package data) with enforcement and
+    live switching off: it paces ksmd for what is mergeable and changes no VM. Its `source`
+    says which file was missing, so every command can tell the operator."""
+    from importlib.resources import files  # noqa: PLC0415
+
+    text = files("ksmpolicy.policy").joinpath("default.yaml").read_text(encoding="utf-8")
+    frozen = list(_freeze(parse_policy(text, f"<{BUILTIN_NAME}>")))
+    frozen[0], frozen[1] = Enforcement.OFF.value, False  # enforcement, live (see _freeze)
+    frozen[8] = f"{BUILTIN_NAME} (no file at {missing})"  # source
+    return _thaw(tuple(frozen))
+
+
+def load_policy_or_builtin(path: str | os.PathLike[str], *, explicit: bool) -> Policy:
+    """`load_policy`, or the built-in default when no policy was named (`explicit` False: no
+    --policy, no $KSMPOLICY_POLICY) and no file exists at `path`. A file that exists but
+    cannot be used is an error, never a silent fall-back."""
+    file = os.fspath(path)
+    if not explicit and not os.path.lexists(file):
+        return builtin_policy(file)
+    return load_policy(file)
 
 
 def parse_policy(text: str, file: str = "<policy>") -> Policy:

@@ -116,13 +116,14 @@ def status_metrics(status: Status) -> Iterator[Metric]:
             "KSM general_profit: memory saved minus rmap overhead; negative when KSM costs more.",
             host.general_profit_bytes,
         )
-        for knob, metric in (
-            ("pages_to_scan", "pages_to_scan"),
-            ("sleep_millisecs", "sleep_milliseconds"),
-        ):
-            value = host.knobs.get(knob)
-            if isinstance(value, int):
-                yield from gauge(f"ksm_{metric}", f"The KSM knob {knob}.", value)
+        pages = host.knobs.get("pages_to_scan")
+        if isinstance(pages, int):
+            yield from gauge("ksm_pages_to_scan", "The KSM knob pages_to_scan.", pages)
+        sleep = host.knobs.get("sleep_millisecs")
+        if isinstance(sleep, int):  # in seconds, Prometheus' base unit
+            yield from gauge(
+                "ksm_sleep_seconds", "The KSM knob sleep_millisecs, in seconds.", sleep / 1000
+            )
         if host.full_scans is not None:
             yield CounterMetricFamily(
                 "ksmpolicy_ksm_full_scans",

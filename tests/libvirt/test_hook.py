@@ -165,11 +165,22 @@ def test_unreadable_policy_that_asks_for_block_blocks(make_hook: Callable[..., H
     assert result.stderr.count(b"\n") == 1
 
 
-def test_missing_policy_does_not_block(tmp_path: Path) -> None:
-    hook = Hook(tmp_path, tmp_path / "nonexistent.yaml")
-    result = hook("pg-primary", "prepare", "begin", DATABASE_XML)
-    assert result.returncode == 0
-    assert b"no such file" in result.stderr
+def test_missing_policy_does_not_block_or_rewrite_and_says_so_once(tmp_path: Path) -> None:
+    policy = tmp_path / "nonexistent.yaml"
+    hook = Hook(tmp_path, policy)
+    first = hook("pg-primary", "prepare", "begin", DATABASE_XML)
+    assert (first.returncode, first.stdout) == (0, b"")  # started as defined, nothing rewritten
+    assert first.stderr.decode() == (
+        f"ksmpolicy: no policy at {policy}: enforcement off, VMs start as defined (said once; "
+        "`ksmpolicy check` says how to install one)\n"
+    )
+    again = hook("pg-primary", "prepare", "begin", DATABASE_XML)
+    assert (again.returncode, again.stdout, again.stderr) == (0, b"", b"")
+    # a policy used once forgets the note (the last good policy covers a later deletion)
+    policy.write_text(POLICY.format(mode="warn", latency="exclude"))
+    policy.chmod(0o644)
+    assert hook("web-1", "prepare", "begin", EXCLUDED_XML).returncode == 0
+    assert not (hook.run_dir / "no-policy-said").exists()
 
 
 HOSTILE = {
