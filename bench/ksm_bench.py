@@ -676,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("ksm_bench: needs root (it drives /sys/kernel/mm/ksm)", file=sys.stderr)
         return 2
+    from ksmpolicy.kernel.controllers import daemon_pids
     from ksmpolicy.kernel.procfs import processes_named
-    from ksmpolicy.report.status import daemon_pids
 
     rivals = daemon_pids(HostPaths()) + processes_named(HostPaths(), ["ksmtuned"])
     if rivals:

@@ -158,6 +158,31 @@ class Session:
         return 1 if block else 0
 
 
+HOOK_CALLED = "hook-called"  # in the run dir: touched on every call; `doctor` reads its time
+
+
+def mark_called(run_dir: str) -> None:
+    """Leave the time of this call in the root-only run dir, so that `doctor` can tell that
+    the hypervisor calls the hook (libvirtd reads hooks only when it starts or reloads).
+    Best effort: never the hook's failure."""
+    path = os.path.join(run_dir, HOOK_CALLED)  # noqa: PTH118
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            from ksmpolicy.files import make_private_dir  # noqa: PLC0415
+
+            make_private_dir(run_dir)
+            fd = os.open(path, flags, 0o600)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -> int:
     """Run `work` in a child process against the deadline, and write out what it reported."""
     from ksmpolicy.deadline import run_in_child  # noqa: PLC0415

@@ -149,7 +149,15 @@ class Lab:
     def console(self, name: str) -> Path:
         return self.workdir / f"{name}.console"
 
-    def define(self, name: str, *, tags: tuple[str, ...] = (), nosharepages: bool = False) -> Any:
+    def define(
+        self,
+        name: str,
+        *,
+        tags: tuple[str, ...] = (),
+        nosharepages: bool = False,
+        memory_backing: str = "",
+    ) -> Any:
+        """A test guest; `memory_backing` is more <memoryBacking> content (memfd, access)."""
         full = self.prefix + name
         metadata = ""
         if tags:
@@ -157,9 +165,8 @@ class Lab:
             metadata = (
                 f"  <metadata>\n    <k:vm xmlns:k='{NAMESPACE}'>{inner}</k:vm>\n  </metadata>\n"
             )
-        backing = (
-            "  <memoryBacking>\n    <nosharepages/>\n  </memoryBacking>\n" if nosharepages else ""
-        )
+        inner = ("<nosharepages/>" if nosharepages else "") + memory_backing
+        backing = f"  <memoryBacking>{inner}</memoryBacking>\n" if inner else ""
         xml = (
             f"<domain type='qemu'>\n  <name>{full}</name>\n{metadata}"
             f"  <memory unit='MiB'>256</memory>\n{backing}  <vcpu>1</vcpu>\n"

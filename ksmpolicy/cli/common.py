@@ -93,6 +93,8 @@ def read_input(file: str) -> bytes:
         else:
             with Path(file).open("rb") as handle:
                 data = handle.read(MAX_INPUT_BYTES + 1)
+    except FileNotFoundError:
+        raise KsmPolicyError(f"{file}: no such file") from None  # as the policy loader says
     except OSError as exc:
         raise KsmPolicyError(f"cannot read {file}: {exc.strerror}") from None
     if len(data) > MAX_INPUT_BYTES:
@@ -106,6 +108,17 @@ def read_text(file: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise KsmPolicyError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def read_pve_config(file: str, instead: str) -> str:
+    """A Proxmox VM config's text; a libvirt domain XML given by mistake is refused (it would
+    parse as a config with no keys, and its VM get the default decision silently)."""
+    text = read_text(file)
+    if text.lstrip("\ufeff \t\r\n").startswith("<"):
+        raise KsmPolicyError(
+            f"{file}: this is XML (a libvirt domain?), not a Proxmox VM config: {instead}"
+        )
+    return text
 
 
 def vmid_for(file: str, vmid: str | None) -> str:

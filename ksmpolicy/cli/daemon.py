@@ -19,6 +19,12 @@ from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, po
 @CONNECT
 @click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
 @click.option("--metrics", metavar="[HOST:]PORT", help="Also serve Prometheus /metrics.")
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="When ksmtuned runs: stop it (SIGTERM); when the kernel advisor was left on: set "
+    "advisor_mode=none. Without it the daemon stays passive while they run.",
+)
 @policy_option
 @click.pass_obj
 def daemon(
@@ -31,6 +37,7 @@ def daemon(
     uri: str | None,
     no_libvirt: bool,
     metrics: str | None,
+    take_over: bool,
 ) -> None:
     """Run the reconciler in the foreground (replaces ksmtuned).
 
@@ -42,6 +49,10 @@ def daemon(
     Where libvirt is available it also watches domain events: a new or changed
     definition is rewritten for the policy (unless enforcement is off), and a
     started domain's merging is switched live (when the policy says `live`).
+
+    It never fights another controller of the KSM knobs (ksmtuned, another
+    daemon, a kernel advisor someone left on): it logs the fix once and writes
+    nothing until that controller is gone, unless --take-over.
     """
     from ksmpolicy.control.daemon import Daemon  # noqa: PLC0415 - keeps `check` light
     from ksmpolicy.control.journal import configure_daemon_logging  # noqa: PLC0415
@@ -56,6 +67,7 @@ def daemon(
         use_libvirt=not no_libvirt,
         metrics=metrics,
         policy_explicit=options.explicit,
+        take_over=take_over,
     ).run()
 
 

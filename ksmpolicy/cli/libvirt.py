@@ -16,6 +16,7 @@ from ksmpolicy.cli.common import (
     read_input,
 )
 from ksmpolicy.cli.render import outcome_line, outcome_summary
+from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import Decider
 
 
@@ -142,8 +143,16 @@ def apply(
     their next start (`enforce --live` switches libvirt ones now). A VM that
     fails does not stop the others; the exit status is then 1.
     """
+    if vmids and not proxmox:
+        raise click.UsageError("--vmid is for Proxmox VE: add --proxmox (libvirt: --domain)")
+    if domains and proxmox:
+        raise click.UsageError("--domain is for libvirt: with --proxmox, use --vmid")
     policy = options.load_file()
     paths = host_paths(root)
+    if proxmox and not (paths.pve / "qemu-server").is_dir():
+        raise KsmPolicyError(
+            f"--proxmox: this is no Proxmox VE node ({paths.pve / 'qemu-server'} does not exist)"
+        )
     if proxmox:
         from ksmpolicy.proxmox import node  # noqa: PLC0415
 

@@ -54,6 +54,7 @@ for command in (
     pages.pages,
     pages.estimate,
     pages.audit,
+    status.doctor,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

@@ -11,7 +11,7 @@ from ksmpolicy.cli.common import (
     count,
     policy_option,
     read_input,
-    read_text,
+    read_pve_config,
     vmid_for,
 )
 from ksmpolicy.cli.render import decision_json, decision_table, decision_text
@@ -143,7 +143,7 @@ def explain(
         from ksmpolicy.proxmox import conf  # noqa: PLC0415
 
         vmid = vmid_for(pve_file, vmid)
-        config = conf.parse(read_text(pve_file))
+        config = conf.parse(read_pve_config(pve_file, "give a domain XML with --xml"))
         vms = [conf.facts(config, vmid).vm]
         pending = conf.with_pending(config)
         if pending is not None and not as_json:

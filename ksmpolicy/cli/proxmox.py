@@ -13,7 +13,7 @@ from ksmpolicy.cli.common import (
     host_paths,
     policy_option,
     qemu_server_version_option,
-    read_text,
+    read_pve_config,
     vmid_for,
 )
 from ksmpolicy.errors import KsmPolicyError
@@ -119,7 +119,7 @@ def proxmox_rewrite(
     vmid = vmid_for(file, vmid)
     policy = options.load()
     new, _facts, _decision, note = apply_policy(
-        read_text(file),
+        read_pve_config(file, "for a domain XML use `ksmpolicy xml rewrite`"),
         vmid,
         Decider(policy),
         use_allow_ksm=node.uses_allow_ksm(policy, qemu_server_version),

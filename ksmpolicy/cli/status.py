@@ -1,4 +1,4 @@
-"""Commands that report: `status` and `metrics`."""
+"""Commands that report: `status`, `metrics` and `doctor`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ksmpolicy.cli.common import ROOT, Options, host_paths, policy_option
+from ksmpolicy.cli.common import ROOT, RUN_DIR, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.model import Policy
 
@@ -77,6 +77,8 @@ def metrics(
     ksmpolicy metrics --textfile /var/lib/prometheus/node-exporter/ksmpolicy.prom
     Without an option, print them once.
     """
+    if every is not None and not textfile:
+        raise click.UsageError("--every rewrites a --textfile: give --textfile PATH too")
     from ksmpolicy.report import metrics as exposition  # noqa: PLC0415
 
     def policy() -> Policy | None:
@@ -102,3 +104,41 @@ def metrics(
         write()
     else:
         click.echo(exposition.exposition(collector), nl=False)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of checks.")
+@ROOT
+@RUN_DIR
+@policy_option
+@click.pass_obj
+def doctor(options: Options, as_json: bool, root: str, run_dir: str | None) -> None:
+    """Is this host set up right, and why is each VM merging or not?
+
+    The host: KSM and this kernel's features, other controllers of the knobs
+    (ksmtuned, qemu-kvm's KSM_ENABLED, the kernel advisor, another daemon), the
+    policy and its trust, the libvirt hook (and whether the running libvirt has
+    read it), Proxmox hookscripts, the daemon (alive, notify socket), THP. Each
+    VM: why it is or is not merging (hugepages, shared memory, mem-merge=off, RAM
+    not mergeable, ksmd stopped, confidential memory, sparse mergeable areas,
+    drift from the policy). Every line that is not fine says the fix. Exit 1
+    when anything fails.
+    """
+    from ksmpolicy.report.doctor import diagnose  # noqa: PLC0415
+
+    policy, error = options.load_or_error()
+    diagnosis = diagnose(host_paths(root, run_dir), policy, options.policy_path(), error)
+    if as_json:
+        checks = [
+            {"level": c.level, "subject": c.subject, "what": c.what, "fix": c.fix}
+            for c in diagnosis.checks
+        ]
+        click.echo(json.dumps({"ok": not diagnosis.failed, "checks": checks}, indent=2))
+    else:
+        width = max((len(c.subject) for c in diagnosis.checks), default=4)
+        for check in diagnosis.checks:
+            click.echo(f"{check.level.upper():<5} {check.subject:<{width}}  {check.what}")
+            if check.fix and check.level != "ok":
+                click.echo(f"{'':<5} {'':<{width}}  fix: {check.fix}")
+    if diagnosis.failed:
+        raise SystemExit(1)

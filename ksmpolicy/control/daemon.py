@@ -15,11 +15,13 @@ from types import FrameType
 from typing import Any
 
 from ksmpolicy.control import sdnotify
+from ksmpolicy.control.alive import ALIVE_EVERY, Alive, alive_path, remove_alive, write_alive
 from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
 from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.kernel.controllers import Controller, other_controllers
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
-from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named, read_meminfo
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, read_meminfo
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes
 from ksmpolicy.paths import HostPaths, default_policy
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
@@ -27,7 +29,6 @@ from ksmpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
 SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost per page moves fast
-RIVALS = ("ksmtuned",)
 STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
 
 
@@ -86,7 +87,8 @@ class Reconciler:
     def settings(self) -> LawSettings:
         return LawSettings.from_policy(self.policy.reconciler)
 
-    def step(self, *, notes: int = 0) -> Plan:
+    def step(self, *, notes: int = 0, write: bool = True) -> Plan:
+        """Observe, plan, and (unless dry-run, or `write` is False: passive) write the knobs."""
         observation = self.observer.observe(notes=notes)
         result = plan(observation, self.settings, self.history)
         self.history = result.history
@@ -101,7 +103,7 @@ class Reconciler:
                 observation.saved_pages * PAGE_SIZE / 2**20,
                 "cpu n/a" if cpu is None else f"{cpu:.1f}% cpu",
             )
-        if not self.dry_run:
+        if write and not self.dry_run:
             self.knobs.apply(result.knobs)
         self.last_plan = result
         return result
@@ -121,12 +123,19 @@ class Daemon:
         use_libvirt: bool = True,
         metrics: str | None = None,
         policy_explicit: bool = True,
+        take_over: bool = False,
     ) -> None:
         self.paths = paths
         self.policy_path = policy_path
         # Not named (no --policy, no $KSMPOLICY_POLICY): the default path, looked up again on
         # each reload, and the built-in default while no file is there.
         self.policy_explicit = policy_explicit
+        # Other controllers of the knobs: passive while one runs, unless told to take over.
+        self.take_over = take_over
+        self.passive: str | None = None
+        self._owns_knobs = False  # written a knob: an advisor seen on now is its own doing
+        self._next_alive = 0.0
+        self._said_once: set[str] = set()
         self.restore_on_exit = restore_on_exit
         self.libvirt_uri = libvirt_uri
         self.use_libvirt = use_libvirt and not dry_run
@@ -134,7 +143,6 @@ class Daemon:
         self.metrics = metrics
         self.reconciler = Reconciler(paths, self._load_policy(), dry_run=dry_run)
         self._signals: list[int] = []
-        self._warned_rivals: set[int] = set()
         self.keeper: Any = None  # control.domains.Keeper, under trust domains
         self._said: dict[str, float] = {}
         self.last_audit: Any = None  # report.audit.Audit
@@ -184,7 +192,8 @@ class Daemon:
                 signal.signal(sig, handler)
             wake_read.close()
             wake_write.close()
-            if self.restore_on_exit and not self.reconciler.dry_run:
+            remove_alive(self.paths)
+            if self.restore_on_exit and not self.reconciler.dry_run and self._owns_knobs:
                 self.reconciler.knobs.restore()
                 log.info("restored the KSM knobs found at start")
             log.info("stopped")
@@ -241,9 +250,12 @@ class Daemon:
                 replan = replan or changes > 0
             now = time.monotonic()
             if replan or now >= next_plan:
-                self._warn_about_rivals()
-                notes += self._keep_domains()
-                result = self.reconciler.step(notes=notes)
+                self.passive = self._other_controllers()
+                if self.passive is None:
+                    notes += self._keep_domains()
+                result = self.reconciler.step(notes=notes, write=self.passive is None)
+                self._owns_knobs = self._owns_knobs or self.passive is None
+                self._say_alive()
                 notes = 0
                 replan = False
                 interval = self.reconciler.policy.reconciler.interval_seconds
@@ -360,12 +372,77 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)
 
-    def _warn_about_rivals(self) -> None:
-        for pid in processes_named(self.paths, RIVALS):
-            if pid not in self._warned_rivals:
-                log.warning(
-                    "ksmtuned (pid %d) is running and will fight over the KSM knobs: "
-                    "stop and disable it (systemctl disable --now ksmtuned)",
-                    pid,
-                )
-                self._warned_rivals.add(pid)
+    def _other_controllers(self) -> str | None:
+        """Why the daemon must not write the knobs now (another controller runs), or None.
+        Said once per set of controllers, with the fix; with --take-over, stops what it can."""
+        policy = self.reconciler.policy
+        found = other_controllers(
+            self.paths,
+            own_pids=(os.getpid(),),
+            # an advisor on before the daemon wrote anything is someone else's; later it is ours
+            advisor_wanted=policy.reconciler.kernel_advisor or self._owns_knobs,
+        )
+        for boot in (c for c in found if not c.running):
+            self._say_once(
+                f"controller {boot.name}",
+                f"{boot.name}: {boot.detail}; ksmpolicy sets the knobs after it, but it acts "
+                f"whenever ksmpolicy does not run: {boot.fix}",
+            )
+        running = [c for c in found if c.running]
+        if self.take_over and not self.reconciler.dry_run:
+            running = [c for c in running if not self._take_over(c)]
+        if not running:
+            if self.passive is not None:
+                log.info("no other controller of the KSM knobs now: ksmpolicy sets them")
+            return None
+        why = "; ".join(f"{c.name} ({c.detail}): {c.fix}" for c in running)
+        if why != self.passive:
+            hint = "" if any(c.take_over is None for c in running) else " (or --take-over)"
+            log.warning(
+                "passive: another controller sets the KSM knobs; ksmpolicy writes none until "
+                "it is gone%s: %s",
+                hint,
+                why,
+            )
+        return why
+
+    def _take_over(self, controller: Controller) -> bool:
+        """Do what --take-over promises for one controller; True when it is dealt with."""
+        if controller.take_over is None:
+            return False
+        try:
+            if controller.name == "ksmtuned":
+                os.kill(int(controller.detail.removeprefix("pid ")), signal.SIGTERM)
+            elif controller.name == "kernel advisor":
+                self.reconciler.knobs.apply([("advisor_mode", "none")])
+            else:
+                return False
+        except (OSError, ValueError, KsmPolicyError) as exc:
+            log.error("--take-over: %s: %s", controller.name, exc)
+            return False
+        log.warning(
+            "--take-over: %s (%s): %s", controller.name, controller.detail, controller.take_over
+        )
+        return True
+
+    def _say_alive(self) -> None:
+        now = time.monotonic()
+        if now < self._next_alive:
+            return
+        self._next_alive = now + ALIVE_EVERY
+        alive = Alive(
+            pid=os.getpid(),
+            time=time.time(),
+            interval=self.reconciler.policy.reconciler.interval_seconds,
+            policy=self._policy_name(),
+            passive=self.passive,
+        )
+        try:
+            write_alive(self.paths, alive)
+        except OSError as exc:
+            self._say_once("alive", f"cannot write {alive_path(self.paths)}: {exc}")
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said_once:
+            self._said_once.add(key)
+            log.warning("%s", message)

@@ -18,6 +18,13 @@ class Vma:
     perms: bytes  # "rw-p"
     rss_bytes: int
     mergeable: bool  # VmFlags has `mg` (MADV_MERGEABLE, or prctl PR_SET_MEMORY_MERGE)
+    hugetlb: bool = False  # VmFlags `ht`: hugetlbfs pages, which KSM never merges
+    path: bytes = b""  # what the mapping maps: "/memfd:pc.ram (deleted)", "[heap]", b""
+
+    @property
+    def shared(self) -> bool:
+        """MAP_SHARED: KSM merges private anonymous pages only."""
+        return self.perms[3:4] == b"s"
 
     @property
     def size(self) -> int:
@@ -85,6 +92,8 @@ def parse(data: bytes) -> Smaps:
             pos = flags_end + 1
             continue
         flags = data[flags_at + 9 : flags_end].split()
-        vmas.append(Vma(start, end, rest[:4], rss, b"mg" in flags))
+        fields = rest.split(None, 4)
+        path = fields[4].strip() if len(fields) == 5 else b""
+        vmas.append(Vma(start, end, rest[:4], rss, b"mg" in flags, b"ht" in flags, path))
         pos = flags_end + 1
     return Smaps(tuple(vmas))

@@ -39,6 +39,7 @@ class LibvirtHook:
     def run(
         self, operation: str, suboperation: str, stdin: IO[bytes], out: IO[str], err: IO[str]
     ) -> int:
+        hookcore.mark_called(self.session.cache_dir)
         note = _NOTES.get((operation, suboperation))
         if note is not None:
             self.notify(note)

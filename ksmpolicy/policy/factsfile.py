@@ -16,8 +16,14 @@ def load_facts(path: str) -> list[VmFacts]:
     """Read a YAML list of VMs, e.g. `- {name: web-1, tags: [web], images: [/img/a.qcow2]}`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Problem(path, None, "", f"cannot read: {exc}")]) from None
+    except FileNotFoundError:
+        raise PolicyError([Problem(path, None, "", "no such file")]) from None
+    except OSError as exc:
+        raise PolicyError([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            [Problem(path, None, "", f"not valid UTF-8 (byte {exc.start})")]
+        ) from None
     doc = yamlsource.load(text, path)
     if not doc.problems and not isinstance(doc.value, list):
         doc.problem((), "expected a list of VMs (lines starting with '- name: ...')")

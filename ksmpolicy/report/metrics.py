@@ -116,6 +116,20 @@ def status_metrics(status: Status) -> Iterator[Metric]:
             "KSM general_profit: memory saved minus rmap overhead; negative when KSM costs more.",
             host.general_profit_bytes,
         )
+        others = GaugeMetricFamily(
+            "ksmpolicy_other_controllers",
+            "Other controllers of the KSM knobs (ksmtuned, another daemon, the kernel advisor, "
+            "qemu-kvm's KSM_ENABLED); when=running rewrites them, when=boot sets them at boot.",
+            labels=["controller", "when"],
+        )
+        for name, running in host.others:
+            others.add_metric([name, "running" if running else "boot"], 1)
+        yield others
+        yield from gauge(
+            "daemon_passive",
+            "1 while the daemon writes no knob because another controller runs.",
+            float(host.passive is not None),
+        )
         pages = host.knobs.get("pages_to_scan")
         if isinstance(pages, int):
             yield from gauge("ksm_pages_to_scan", "The KSM knob pages_to_scan.", pages)

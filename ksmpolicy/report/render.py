@@ -32,6 +32,11 @@ def text(status: Status) -> str:
     else:
         state = "running" if host.running else "stopped"
         lines.append(f"KSM: {state}, controlled by {host.controller}")
+        if host.passive is not None:
+            lines.append(f"  the daemon is passive: {host.passive}")
+        for other, running in host.others:
+            when = "also sets the knobs" if running else "sets them at boot"
+            lines.append(f"  other controller: {other} {when} (ksmpolicy doctor says the fix)")
         knobs = [f"{k}={v}" for k, v in host.knobs.items() if k != "run"]
         lines += _wrap("  knobs: ", knobs)
         cpu = "-" if host.ksmd_cpu_percent is None else f"{host.ksmd_cpu_percent:.1f} %"
@@ -139,6 +144,8 @@ def as_json(status: Status) -> dict[str, object]:
             "ksm_available": host.available,
             "running": host.running,
             "controller": host.controller,
+            "other_controllers": [{"name": n, "running": r} for n, r in host.others],
+            "passive": host.passive,
             "knobs": host.knobs,
             "saved_bytes": host.saved_bytes,
             "general_profit_bytes": host.general_profit_bytes,

@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from ksmpolicy.control.alive import read_alive
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
+from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
@@ -78,6 +80,9 @@ class HostStatus:
     pages_sharing: int | None
     pages_shared: int | None
     zero_pages: int | None
+    # Other controllers of the knobs: "ksmtuned (pid 812)", and whether each runs (else: boot)
+    others: tuple[tuple[str, bool], ...] = ()
+    passive: str | None = None  # the daemon writes no knob, and why (from its daemon.json)
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,9 @@ def _host_status(
         )
     values = state.values
     running = state.get("run") == 1
+    daemons = daemon_pids(paths)
+    others = other_controllers(paths, own_pids=tuple(daemons[:1]), advisor_wanted=bool(daemons))
+    alive = read_alive(paths) if daemons else None
     return HostStatus(
         available=True,
         running=running,
@@ -239,6 +247,8 @@ def _host_status(
         pages_sharing=state.get("pages_sharing"),
         pages_shared=state.get("pages_shared"),
         zero_pages=state.get("ksm_zero_pages"),
+        others=tuple((f"{c.name} ({c.detail})", c.running) for c in others),
+        passive=alive.passive if alive is not None and alive.fresh() else None,
     )
 
 
@@ -264,25 +274,6 @@ def _controller(paths: HostPaths, state: KsmState) -> str:
     if state.get("run") == 1:
         return "unknown (KSM runs with fixed knobs)"
     return "nobody (KSM is stopped)"
-
-
-def daemon_pids(paths: HostPaths) -> list[int]:
-    """PIDs of running `ksmpolicy daemon` processes."""
-    found = []
-    try:
-        entries = [e for e in paths.proc.iterdir() if e.name.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"daemon" in argv and any(
-            a.endswith(b"ksmpolicy") or a == b"ksmpolicy.cli" for a in argv
-        ):
-            found.append(int(entry.name))
-    return found
 
 
 def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) -> VmStatus:
@@ -389,13 +380,13 @@ def _findings(
                 "start the daemon: ksmpolicy daemon (or systemctl start ksmpolicy)",
             )
         )
-    if daemon_pids(paths) and processes_named(paths, ["ksmtuned"]):
+    if host.passive is not None:
         findings.append(
             Finding(
                 "warning",
                 None,
-                "ksmtuned runs alongside the ksmpolicy daemon: they fight over the knobs",
-                "systemctl disable --now ksmtuned",
+                "the ksmpolicy daemon is passive: another controller sets the KSM knobs",
+                host.passive,
             )
         )
     scans = host.full_scans or 0

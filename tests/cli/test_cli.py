@@ -181,3 +181,57 @@ def test_reconcile_requires_once() -> None:
 
 def test_notify_rejects_unknown_events() -> None:
     assert main(["notify", "exploded", "vm"]) == 2
+
+
+# --- bad input is an error, never silently accepted -----------------------------------------
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The console script's entry point: errors become exit 1 and one line on stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_combinations_and_inputs_are_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n")
+    xml = REPO / "tests/data/libvirt/ksm-nosharepages.xml"
+    code, _out, err = run_main(capsys, "-p", str(policy), "apply", "--dry-run", "--vmid", "100")
+    assert (code, "--vmid is for Proxmox VE: add --proxmox" in err) == (2, True), err
+    code, _out, err = run_main(
+        capsys, "-p", str(policy), "apply", "--dry-run", "--proxmox", "--root", str(tmp_path)
+    )
+    assert code == 1
+    assert "this is no Proxmox VE node" in err
+    for args in (
+        ("proxmox", "rewrite", str(xml), "--vmid", "100"),
+        ("explain", "--pve-conf", str(xml), "--vmid", "100"),
+    ):
+        code, _out, err = run_main(capsys, "-p", str(policy), *args)
+        assert code == 1, args
+        assert "this is XML (a libvirt domain?), not a Proxmox VM config" in err, err
+    code, _out, err = run_main(capsys, "-p", str(policy), "proxmox", "rewrite", "-")
+    assert code == 2
+    assert "give --vmid VMID" in err
+    code, _out, err = run_main(capsys, "-p", str(policy), "metrics", "--every", "5")
+    assert (code, "--every rewrites a --textfile" in err) == (2, True), err
+
+
+def test_a_missing_file_reads_the_same_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "gone")
+    messages = set()
+    for args in (
+        ("-p", missing, "check"),
+        ("explain", "--xml", missing),
+        ("proxmox", "rewrite", missing, "--vmid", "100"),
+        ("explain", "--facts", missing),
+    ):
+        code, _out, err = run_main(capsys, "-p", DEFAULT, *args) if args[0] != "-p" else run(*args)
+        assert code == 1, (args, err)
+        messages.add(err.strip().removeprefix("ksmpolicy: error: "))
+    assert messages == {f"{missing}: no such file"}, messages

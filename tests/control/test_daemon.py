@@ -187,6 +187,7 @@ def test_reconcile_once_dry_run_on_fake_host(tmp_path: Path) -> None:
     (tmp_path / "proc/meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
     result = reconcile_once(tmp_path, "version: 1\n", "--dry-run")
     assert result.stdout.splitlines() == [
+        f"policy:    {tmp_path / 'p.yaml'}",
         "mode:      stopped",
         "reason:    nothing mergeable: ksmd stopped",
         "footprint: 0.0 MiB in 0 processes",

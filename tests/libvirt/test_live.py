@@ -389,3 +389,45 @@ def test_trust_domains_keep_two_tenants_guests_apart(
     real_ksm.stop(daemon)
     for name in ("ta-1", "ta-2", "tb-1"):
         lab.stop(name)
+
+
+def doctor(*args: str) -> dict[str, list[dict[str, str]]]:
+    import json
+
+    result = cli("doctor", "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_doctor_says_to_reload_libvirt_and_why_a_shared_memory_guest_cannot_merge(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """libvirtd started before the hook was installed (doctor: reload it); then a guest whose
+    RAM is a shared memfd (virtiofs' setting): not mergeable, and doctor says why."""
+    run_dir = tmp_path / "run"
+    lab.write_policy(policy("warn"))
+    lab.uninstall_hook()
+    lab.install_hook(run_dir, reload=False)
+    args = ("-p", str(lab.policy), "--run-dir", str(run_dir))
+    hook = [c for c in doctor(*args)["checks"] if "hook" in c["what"]]
+    assert [c["level"] for c in hook] == ["fail"], hook
+    assert "installed after libvirt" in hook[0]["what"]
+    assert "kill -HUP" in str(hook[0]["fix"])
+    lab.daemon.reload()
+    lab.define("shm", memory_backing="<source type='memfd'/><access mode='shared'/>")
+    lab.start("shm")  # libvirt calls the hook: it has read it
+    try:
+        found = doctor(*args)["checks"]
+        hook = [c for c in found if "hook" in c["what"]]
+        assert [c["level"] for c in hook] == ["ok"], hook
+        assert "seen by libvirt" in hook[0]["what"]
+        shm = [c for c in found if c["subject"] == f"{PREFIX}shm"]
+        assert len(shm) == 1, found
+        assert "shared memory" in shm[0]["what"], shm
+        assert shm[0]["level"] in ("info", "fail")
+        stat = lab.ksm_stat("shm")
+        assert stat.get("ksm_mergeable", "no").strip() == "no" or lab.merging("shm") == 0
+    finally:
+        lab.stop("shm")
+        lab.domain("shm").undefine()
+        lab.uninstall_hook()

@@ -1,0 +1,199 @@
+"""`ksmpolicy doctor` and the daemon beside other controllers: fake host trees for kernels
+and files, the real ksmtuned script (Debian's package, unpacked) on the real kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.ksm_bench import fetch_ksmtuned
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.policy.load import parse_policy
+from ksmpolicy.report.doctor import diagnose
+from lab.simguest import spawn
+from tests.conftest import RealKsm
+from tests.control.test_daemon import KSMPOLICY, DaemonProcess, wait_for
+
+POLICY = parse_policy("version: 1\n", "p.yaml")
+
+
+def fake(root: Path, knobs: dict[str, str]) -> HostPaths:
+    ksm = root / "sys/kernel/mm/ksm"
+    ksm.mkdir(parents=True)
+    for name, value in knobs.items():
+        (ksm / name).write_text(f"{value}\n")
+    proc = root / "proc"
+    (proc / "sys/kernel").mkdir(parents=True)
+    (proc / "sys/kernel/osrelease").write_text("5.15.0-old\n")
+    (proc / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
+    return HostPaths(root, root / "run")
+
+
+def levels(paths: HostPaths, policy: object = POLICY) -> dict[str, str]:
+    file = paths.root / "policy.yaml"  # what the policy was loaded from: its trust is checked
+    file.write_text("version: 1\n")
+    found = diagnose(paths, policy, str(file), None)  # type: ignore[arg-type]
+    return {c.what: c.level for c in found.checks if c.subject == "host"}
+
+
+def test_an_old_kernel_says_what_it_lacks(tmp_path: Path) -> None:
+    paths = fake(tmp_path, {"run": "1", "pages_to_scan": "100", "use_zero_pages": "0"})
+    found = levels(paths)
+    lacks = [w for w in found if w.startswith("this kernel lacks")]
+    assert len(lacks) == 1, found
+    for feature in ("prctl PR_SET_MEMORY_MERGE (6.4)", "smart_scan (6.7)", "advisor (6.9)"):
+        assert feature in lacks[0]
+    assert "use_zero_pages" not in lacks[0]
+    assert found["KSM in kernel 5.15.0-old; has use_zero_pages (4.x)"] == "ok"
+
+
+def test_a_kernel_without_ksm_fails(tmp_path: Path) -> None:
+    paths = fake(tmp_path, {})
+    (paths.ksm_dir).rmdir()
+    found = diagnose(paths, POLICY, "/etc/ksmpolicy/policy.yaml", None)
+    assert found.failed
+    assert any("has no KSM" in c.what and c.level == "fail" for c in found.checks)
+
+
+def test_boot_time_controllers_and_thp_always_are_warnings(tmp_path: Path) -> None:
+    paths = fake(tmp_path, {"run": "0", "advisor_mode": "[none] scan-time"})
+    (tmp_path / "etc/default").mkdir(parents=True)
+    (tmp_path / "etc/default/qemu-kvm").write_text("# Ubuntu\nKSM_ENABLED=1\nSLEEP_MILLISECS=200\n")
+    (tmp_path / "lib/systemd/system").mkdir(parents=True)
+    (tmp_path / "lib/systemd/system/qemu-kvm.service").write_text("[Service]\n")
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "ksmtuned.service").symlink_to("/lib/systemd/system/ksmtuned.service")
+    thp = tmp_path / "sys/kernel/mm/transparent_hugepage"
+    thp.mkdir(parents=True)
+    (thp / "enabled").write_text("[always] madvise never\n")
+    found = levels(paths)
+    warned = {w for w, level in found.items() if level == "warn"}
+    assert any(w.startswith("qemu-kvm.service: KSM_ENABLED=1") for w in warned), found
+    assert any(w.startswith("ksmtuned: enabled") for w in warned), found
+    assert any(w.startswith("transparent hugepages: enabled=always") for w in warned), found
+    # KSM_ENABLED=0 is no controller
+    (tmp_path / "etc/default/qemu-kvm").write_text("KSM_ENABLED=0\n")
+    assert not any(w.startswith("qemu-kvm.service") for w in levels(paths))
+
+
+def test_an_advisor_left_on_is_a_running_controller_unless_the_policy_wants_it(
+    tmp_path: Path,
+) -> None:
+    paths = fake(tmp_path, {"run": "1", "advisor_mode": "none [scan-time]"})
+    assert any(
+        w.startswith("kernel advisor") and level == "fail" for w, level in levels(paths).items()
+    )
+    wants = parse_policy("version: 1\nreconciler: {kernel_advisor: true}\n", "p.yaml")
+    assert not any(w.startswith("kernel advisor") for w in levels(paths, wants))
+
+
+def test_the_builtin_default_and_no_daemon_are_reported_with_fixes(tmp_path: Path) -> None:
+    from ksmpolicy.policy.load import builtin_policy
+
+    paths = fake(tmp_path, {"run": "0"})
+    found = diagnose(paths, builtin_policy(), "/etc/ksmpolicy/policy.yaml", None)
+    by_level = {(c.level, c.what.split(":")[0]): c.fix for c in found.checks}
+    assert ("warn", "policy") in by_level
+    assert "--print-default" in str(by_level["warn", "policy"])
+    assert by_level["fail", "the ksmpolicy daemon is not running"] == (
+        "systemctl enable --now ksmpolicy"
+    )
+    assert found.failed
+
+
+# --- the real ksmtuned ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def ksmtuned(tmp_path: Path) -> Iterator[Callable[[], int]]:
+    """Starts Debian's real ksmtuned script (its loop sleeps 600 s before it first touches a
+    knob); returns the PID of its loop. Ended by process group afterwards."""
+    groups: list[int] = []
+
+    def start() -> int:
+        conf = tmp_path / "ksmtuned.conf"
+        conf.write_text(f"KSM_MONITOR_INTERVAL=600\nPIDFILE={tmp_path / 'ksmtuned.pid'}\n")
+        script = tmp_path / "ksmtuned"
+        script.write_text(
+            fetch_ksmtuned(tmp_path).read_text().replace("/etc/ksmtuned.conf", str(conf))
+        )
+        script.chmod(0o755)
+        first = subprocess.Popen([str(script)], start_new_session=True)
+        groups.append(first.pid)
+        first.wait()  # it forks its loop and exits
+        assert wait_for((tmp_path / "ksmtuned.pid").exists, 10)
+        return int((tmp_path / "ksmtuned.pid").read_text())
+
+    yield start
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+
+
+def doctor_json(run_dir: Path, policy: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [KSMPOLICY, "-p", str(policy), "doctor", "--json", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return dict(json.loads(result.stdout))
+
+
+@pytest.mark.root
+@pytest.mark.kernel
+def test_the_daemon_stays_passive_beside_ksmtuned_and_doctor_says_so(
+    real_ksm: RealKsm, ksmtuned: Callable[[], int], tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
+    policy.chmod(0o644)
+    real_ksm.write("run", 0)
+    real_ksm.track(spawn("doctor-guest", mib=64))  # mergeable memory: the daemon would start KSM
+    pid = ksmtuned()
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "ksmtuned"
+    daemon = DaemonProcess(policy, tmp_path / "run")
+    try:
+        assert wait_for(lambda: "passive:" in daemon.output(), 15), daemon.output()
+        assert f"ksmtuned (pid {pid})" in daemon.output()
+        time.sleep(3)
+        assert real_ksm.read("run") == 0, "a passive daemon wrote the knobs"
+        found = doctor_json(tmp_path / "run", policy)
+        fails = [c for c in found["checks"] if c["level"] == "fail"]  # type: ignore[attr-defined]
+        assert any(f"ksmtuned (pid {pid}) also sets the KSM knobs" in c["what"] for c in fails)
+        assert found["ok"] is False
+        os.kill(pid, signal.SIGTERM)  # ksmtuned goes: the daemon takes the knobs
+        assert wait_for(lambda: real_ksm.read("run") == 1, 15), daemon.output()
+        assert "no other controller of the KSM knobs now" in daemon.output()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.root
+@pytest.mark.kernel
+def test_take_over_stops_ksmtuned(
+    real_ksm: RealKsm, ksmtuned: Callable[[], int], tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
+    policy.chmod(0o644)
+    real_ksm.write("run", 0)
+    real_ksm.track(spawn("doctor-guest", mib=64))
+    pid = ksmtuned()
+    daemon = DaemonProcess(policy, tmp_path / "run", "--take-over")
+    try:
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15), daemon.output()
+        assert f"--take-over: ksmtuned (pid {pid})" in daemon.output()
+        assert wait_for(lambda: real_ksm.read("run") == 1, 15), daemon.output()
+    finally:
+        daemon.stop()
