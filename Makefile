@@ -4,14 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm clean
+.PHONY: all test lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm clean
 
 all: test
 
 $(STAMP): pyproject.toml scripts/bootstrap scripts/build-guest
 	scripts/bootstrap
 
-test: $(STAMP) lint typecheck pytest
+# The package test (tests/deb) installs the .deb this builds, then purges it.
+test: $(STAMP) lint typecheck deb pytest
+
+# dist/ksmpolicy_<version>_all.deb with debhelper and pybuild; lintian errors fail it.
+deb: $(STAMP)
+	scripts/build-deb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,7 +37,7 @@ bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
 
 bench-discovery: $(STAMP)
 	$(BIN)/python -m bench.bench_discovery

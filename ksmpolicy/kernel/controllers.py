@@ -1,5 +1,6 @@
 """Who else sets the KSM knobs: ksmtuned, another ksmpolicy daemon, the kernel's advisor, and
-Ubuntu's qemu-kvm.service (KSM_ENABLED). Reads /proc, sysfs and /etc only.
+Ubuntu's qemu-kvm.service (KSM_ENABLED),
+the ksmtuned package's ksm.service. Reads /proc, sysfs and /etc only.
 
 Two kinds. A *running* controller rewrites the knobs for as long as it runs (ksmtuned's loop,
 another daemon, the advisor's retuning of pages_to_scan): the daemon must not fight it and
@@ -17,6 +18,7 @@ from ksmpolicy.kernel.procfs import processes_named
 from ksmpolicy.paths import HostPaths
 
 KSMTUNED_WANTS = "etc/systemd/system/multi-user.target.wants/ksmtuned.service"
+KSM_SERVICE_WANTS = "etc/systemd/system/multi-user.target.wants/ksm.service"
 QEMU_KVM_DEFAULTS = "etc/default/qemu-kvm"
 QEMU_KVM_UNITS = ("lib/systemd/system/qemu-kvm.service", "usr/lib/systemd/system/qemu-kvm.service")
 
@@ -74,6 +76,15 @@ def other_controllers(
                 "ksmtuned",
                 f"enabled (/{KSMTUNED_WANTS}), not running",
                 "systemctl disable ksmtuned",
+                running=False,
+            )
+        )
+    if os.path.lexists(paths.root / KSM_SERVICE_WANTS):
+        found.append(
+            Controller(
+                "ksm.service",
+                f"enabled (/{KSM_SERVICE_WANTS}): ksmtuned's package starts KSM at boot",
+                "systemctl disable ksm.service",
                 running=False,
             )
         )

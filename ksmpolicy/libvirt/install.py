@@ -78,17 +78,22 @@ def _ours(path: Path) -> bool | None:
         raise KsmPolicyError(f"cannot read {path}: {exc.strerror}") from None
 
 
+LIBVIRT_DAEMONS = ("libvirtd", "virtqemud")  # the monolithic daemon, the modular QEMU one
+
+
 def libvirtd_pids(paths: HostPaths) -> list[int]:
-    return processes_named(paths, ["libvirtd", "virtqemud"])
+    return processes_named(paths, LIBVIRT_DAEMONS)
 
 
 def reload_hint(paths: HostPaths) -> str:
+    running = [name for name in LIBVIRT_DAEMONS if processes_named(paths, [name])]
+    if not running:
+        return "libvirtd (or virtqemud) is not running: it reads the hook when it starts."
     pids = libvirtd_pids(paths)
-    if not pids:
-        return "libvirtd is not running: it reads the hook when it starts."
+    units = " ".join(f"{name}.service" for name in running)
     return (
-        "libvirtd reads hooks only when it starts or reloads: run "
-        f"`systemctl reload libvirtd` or `kill -HUP {' '.join(map(str, pids))}`."
+        f"{' and '.join(running)} read hooks only when they start or reload: run "
+        f"`systemctl reload {units}` or `kill -HUP {' '.join(map(str, pids))}`."
     )
 
 

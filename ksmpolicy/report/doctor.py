@@ -204,7 +204,7 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
             "host",
             f"{hook} was installed after libvirt (pid {', '.join(map(str, stale))}) started, "
             "and has not been called since: libvirt reads hooks when it starts or reloads",
-            reload_hint(paths).replace("libvirtd reads hooks only when it starts or reloads: ", ""),
+            reload_hint(paths).split(": run ", 1)[-1].removesuffix("."),
         )
     elif pids:
         yield Check("ok", "host", f"libvirt hook {hook} installed and seen by libvirt")

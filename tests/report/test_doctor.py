@@ -72,6 +72,7 @@ def test_boot_time_controllers_and_thp_always_are_warnings(tmp_path: Path) -> No
     wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True)
     (wants / "ksmtuned.service").symlink_to("/lib/systemd/system/ksmtuned.service")
+    (wants / "ksm.service").symlink_to("/lib/systemd/system/ksm.service")
     thp = tmp_path / "sys/kernel/mm/transparent_hugepage"
     thp.mkdir(parents=True)
     (thp / "enabled").write_text("[always] madvise never\n")
@@ -79,6 +80,7 @@ def test_boot_time_controllers_and_thp_always_are_warnings(tmp_path: Path) -> No
     warned = {w for w, level in found.items() if level == "warn"}
     assert any(w.startswith("qemu-kvm.service: KSM_ENABLED=1") for w in warned), found
     assert any(w.startswith("ksmtuned: enabled") for w in warned), found
+    assert any(w.startswith("ksm.service: enabled") for w in warned), found
     assert any(w.startswith("transparent hugepages: enabled=always") for w in warned), found
     # KSM_ENABLED=0 is no controller
     (tmp_path / "etc/default/qemu-kvm").write_text("KSM_ENABLED=0\n")
