@@ -50,10 +50,15 @@ def proxmox_install(storage: str, hook_policy: str | None, root: str, qm: str) -
 @proxmox.command("attach")
 @click.argument("vmids", nargs=-1, metavar="[VMID]...")
 @click.option("--all", "all_vms", is_flag=True, help="Every VM on this node.")
-@click.option("--storage", default="local", show_default=True, help="Where it was installed.")
+@click.option(
+    "--storage",
+    help="Where it was installed (default: where `proxmox install` put it, else local).",
+)
 @ROOT
 @QM
-def proxmox_attach(vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str) -> None:
+def proxmox_attach(
+    vmids: tuple[str, ...], all_vms: bool, storage: str | None, root: str, qm: str
+) -> None:
     """Set the hookscript on VMs (`qm set VMID --hookscript ...`).
 
     A hookscript a VM already had is remembered (in /etc/pve/ksmpolicy/chain/)
@@ -65,23 +70,28 @@ def proxmox_attach(vmids: tuple[str, ...], all_vms: bool, storage: str, root: st
 @proxmox.command("detach")
 @click.argument("vmids", nargs=-1, metavar="[VMID]...")
 @click.option("--all", "all_vms", is_flag=True, help="Every VM on this node.")
-@click.option("--storage", default="local", show_default=True, help="Where it was installed.")
+@click.option(
+    "--storage",
+    help="Where it was installed (default: where `proxmox install` put it, else local).",
+)
 @ROOT
 @QM
-def proxmox_detach(vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str) -> None:
+def proxmox_detach(
+    vmids: tuple[str, ...], all_vms: bool, storage: str | None, root: str, qm: str
+) -> None:
     """Remove the hookscript from VMs, putting back one it chained."""
     _attach_or_detach(vmids, all_vms, storage, root, qm, attach=False)
 
 
 def _attach_or_detach(
-    vmids: tuple[str, ...], all_vms: bool, storage: str, root: str, qm: str, *, attach: bool
+    vmids: tuple[str, ...], all_vms: bool, storage: str | None, root: str, qm: str, *, attach: bool
 ) -> None:
     from ksmpolicy.proxmox import hookscript, node  # noqa: PLC0415
 
     if all_vms == bool(vmids):
         raise click.UsageError("give VMIDs or --all (not both)")
     paths = host_paths(root)
-    volid = f"{storage}:snippets/{hookscript.HOOKSCRIPT_NAME}"
+    volid = hookscript.installed_volume(paths, storage)
     failed = []
     for vmid in vmids or tuple(node.vmids(paths)):
         try:
@@ -95,6 +105,38 @@ def _attach_or_detach(
             continue
         click.echo(f"{vmid}: {what}")
     if failed:
+        raise SystemExit(1)
+
+
+@proxmox.command("undo")
+@click.argument("vmids", nargs=-1, metavar="[VMID]...")
+@click.option("--all", "all_vms", is_flag=True, help="Every VM on this node.")
+@click.option("--dry-run", is_flag=True, help="Print the diffs; change nothing.")
+@ROOT
+@QM
+def proxmox_undo(vmids: tuple[str, ...], all_vms: bool, dry_run: bool, root: str, qm: str) -> None:
+    """Let VMs merge again as Proxmox does by default: remove `allow-ksm: 0` and the
+    `-machine mem-merge=off` pair from `args` (the form written before qemu-server
+    9.0.27), with `qm set`; each old config is saved under
+    /var/lib/ksmpolicy/backups first. A setting you made by hand goes too: look at
+    --dry-run first.
+    """
+    from ksmpolicy.cli.render import outcome_line  # noqa: PLC0415
+    from ksmpolicy.policy.load import parse_policy  # noqa: PLC0415
+    from ksmpolicy.proxmox import node  # noqa: PLC0415
+
+    if all_vms == bool(vmids):
+        raise click.UsageError("give VMIDs or --all (not both)")
+    paths = host_paths(root)
+    if not (paths.pve / "qemu-server").is_dir():
+        raise KsmPolicyError(f"this is no Proxmox VE node ({paths.pve / 'qemu-server'} is missing)")
+    everyone_merges = parse_policy("version: 1\ndefault: merge\n", "<undo>")
+    outcomes = node.apply(paths, everyone_merges, qm=(qm,), dry_run=dry_run, only=vmids)
+    for outcome in outcomes:
+        if outcome.diff and dry_run:
+            click.echo(outcome.diff, nl=False)
+        click.echo(outcome_line(outcome, proxmox=True), err=outcome.status == "failed")
+    if any(o.status == "failed" for o in outcomes):
         raise SystemExit(1)
 
 

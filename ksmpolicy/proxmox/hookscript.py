@@ -90,7 +90,35 @@ def install_hookscript(
         write_atomic(path, hookscript_text(python, policy, extra).encode(), 0o755)
     except OSError as exc:
         raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path, f"{storage}:snippets/{HOOKSCRIPT_NAME}"
+    volid = f"{storage}:snippets/{HOOKSCRIPT_NAME}"
+    remembered = installed_file(paths)
+    try:  # attach and detach use it when no --storage is given
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(remembered, f"{volid}\n".encode(), 0o644)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot write {remembered}: {exc.strerror or exc}") from None
+    return path, volid
+
+
+def installed_file(paths: HostPaths) -> Path:
+    """Where `proxmox install` notes the hookscript's volume (cluster-wide, in pmxcfs)."""
+    return paths.pve_ksmpolicy / "hookscript-volume"
+
+
+def installed_volume(paths: HostPaths, storage: str | None) -> str:
+    """The hookscript's volume: on --storage if given, else where `proxmox install` put it,
+    else on `local`."""
+    if storage is not None:
+        return f"{storage}:snippets/{HOOKSCRIPT_NAME}"
+    try:
+        noted = read_regular(installed_file(paths), 4096).decode("utf-8", "replace").strip()
+    except OSError:
+        noted = ""
+    return (
+        noted
+        if noted.endswith(f":snippets/{HOOKSCRIPT_NAME}")
+        else f"local:snippets/{HOOKSCRIPT_NAME}"
+    )
 
 
 def _is_ours(path: Path) -> bool | None:

@@ -541,3 +541,38 @@ def test_the_persist_helper_runs_isolated(node: Node, tmp_path: Path) -> None:
         time.sleep(0.2)
     assert node.qm_log() == ["set 110 --allow-ksm 0"]  # the real ksmpolicy persisted it
     assert not marker.exists()
+
+
+def test_undo_removes_both_forms_after_a_dry_run(node: Node) -> None:
+    """allow-ksm: 0 (qemu-server >= 9.0.27) and `args: -machine mem-merge=off` (before it)."""
+    node.add("102", "pve-102-allow-ksm-off.conf")
+    node.add("103", "pve-103-old-args.conf")
+    before = (node.config("102"), node.config("103"))
+    assert "allow-ksm: 0" in before[0]
+    assert "-machine mem-merge=off" in before[1]
+    args = ("--root", str(node.root), "--qm", str(node.qm))
+    code, out, err = node.cli("proxmox", "undo", "--all", "--dry-run", *args)
+    assert code == 0, err
+    assert "-allow-ksm: 0" in out and "mem-merge=off" in out
+    assert (node.config("102"), node.config("103")) == before and node.qm_log() == []
+    code, out, err = node.cli("proxmox", "undo", "--all", *args)
+    assert code == 0, err
+    assert "allow-ksm" not in node.config("102")
+    assert "mem-merge=off" not in node.config("103")
+    assert node.qm_log() == ["set 102 --delete allow-ksm", "set 103 --args -cpu host,+invtsc"]
+    assert sorted(p.name for p in (node.root / "var/lib/ksmpolicy/backups").iterdir())
+
+
+def test_attach_and_detach_use_the_storage_install_used(node: Node) -> None:
+    (node.root / "mnt/shared").mkdir(parents=True)
+    with (node.root / "etc/pve/storage.cfg").open("a") as cfg:
+        cfg.write("\ndir: shared\n\tpath /mnt/shared\n\tcontent snippets\n")
+    args = ("--root", str(node.root), "--qm", str(node.qm))
+    code, out, err = node.cli("proxmox", "install", "--storage", "shared", *args)
+    assert code == 0, err
+    node.add("110", "qs-simple1.conf")
+    code, out, _ = node.cli("proxmox", "attach", "110", *args)
+    assert out == "110: attached\n"
+    assert "hookscript: shared:snippets/ksmpolicy-hook\n" in node.config("110")
+    code, out, _ = node.cli("proxmox", "detach", "110", *args)
+    assert out == "110: detached\n"
