@@ -235,3 +235,50 @@ def test_a_missing_file_reads_the_same_everywhere(
         assert code == 1, (args, err)
         messages.add(err.strip().removeprefix("ksmpolicy: error: "))
     assert messages == {f"{missing}: no such file"}, messages
+
+
+# --- the manual covers the command line ------------------------------------------------------
+
+MANUAL = [
+    REPO / "README.md",
+    REPO / "contrib/proxmox/README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+]
+
+
+# Options many commands share, documented once: (flag, what the line that documents it says)
+SHARED = {"--policy": "every command", "--connect": "every libvirt command"}
+
+
+def documented() -> list[str]:
+    return [line for page in MANUAL for line in page.read_text().splitlines()]
+
+
+def test_every_command_and_option_is_in_the_readme_or_docs() -> None:
+    """Each command (by its full name) and each of its options (on a line that also names
+    the command) appears in the README or docs/. Hidden ones (for tests) are exempt."""
+    lines = documented()
+    missing = []
+    for path in all_commands():
+        if not path:
+            continue
+        command: click.Command = cli
+        for word in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[word]
+        if command.hidden:
+            continue
+        name = " ".join(path)
+        if not any(f"ksmpolicy {name}" in line or f"`{name}" in line for line in lines):
+            missing.append(f"command `ksmpolicy {name}`")
+            continue
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+                continue
+            flag = max(param.opts, key=len)
+            shared = SHARED.get(flag)
+            if shared and any(flag in line and shared in line for line in lines):
+                continue
+            if not any(flag in line and path[-1] in line for line in lines):
+                missing.append(f"`ksmpolicy {name} {flag}`")
+    assert not missing, "not in the README or docs/: " + ", ".join(missing)
