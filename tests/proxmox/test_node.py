@@ -576,3 +576,23 @@ def test_attach_and_detach_use_the_storage_install_used(node: Node) -> None:
     assert "hookscript: shared:snippets/ksmpolicy-hook\n" in node.config("110")
     code, out, _ = node.cli("proxmox", "detach", "110", *args)
     assert out == "110: detached\n"
+
+
+def test_doctor_names_vms_without_the_hookscript(node: Node) -> None:
+    from ksmpolicy.report.doctor import diagnose
+
+    node.install()
+    node.add("110", "qs-simple1.conf")
+    node.add("9000", "pve-9000-template.conf")  # templates never start: not needed there
+    paths = HostPaths(node.root)
+
+    def hookscript_check() -> tuple[str, str, str | None]:
+        found = diagnose(paths, None, str(node.policy), "not read")
+        (check,) = [c for c in found.checks if "hookscript" in c.what]
+        return check.level, check.what, check.fix
+
+    level, what, fix = hookscript_check()
+    assert (level, what) == ("fail", "1 VM(s) without ksmpolicy's hookscript: 110")
+    assert fix == "ksmpolicy proxmox attach 110"
+    node.cli("proxmox", "attach", "110", "--root", str(node.root), "--qm", str(node.qm))
+    assert hookscript_check()[:2] == ("ok", "ksmpolicy's hookscript is attached to every VM")

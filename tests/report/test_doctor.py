@@ -199,3 +199,87 @@ def test_take_over_stops_ksmtuned(
         assert wait_for(lambda: real_ksm.read("run") == 1, 15), daemon.output()
     finally:
         daemon.stop()
+
+
+# --- each VM: why it is or is not merging ---------------------------------------------------
+
+GIB = 2**30
+
+
+def ram_vma(
+    perms: str = "rw-p",
+    flags: str = "rd wr mr mw me ac sd mg",
+    path: str = "",
+    size: int = 2 * GIB,
+    rss_kib: int = 200_000,
+) -> bytes:
+    start = 0x7F0000000000
+    return (
+        f"{start:x}-{start + size:x} {perms} 00000000 00:00 0    {path}\n"
+        f"Size: {size >> 10} kB\nRss: {rss_kib} kB\nVmFlags: {flags}\n"
+    ).encode()
+
+
+QEMU = ["/usr/bin/kvm", "-id", "101", "-name", "vm-1", "-m", "2048", "-machine", "type=pc"]
+STAT_MERGING = (
+    "ksm_rmap_items 100\nksm_zero_pages 0\nksm_merging_pages 5000\nksm_process_profit 1\n"
+    "ksm_merge_any: no\nksm_mergeable: yes\n"
+)
+STAT_IDLE = STAT_MERGING.replace("ksm_merging_pages 5000", "ksm_merging_pages 0")
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "smaps", "run", "level", "says"),
+    [
+        ("merging", QEMU, ram_vma(), 1, "ok", "merging: 19 MiB"),
+        ("idle", QEMU, ram_vma(), 1, "ok", "nothing merged yet"),
+        ("stopped", QEMU, ram_vma(), 0, "fail", "ksmd is stopped (run=0)"),
+        ("hugepages", QEMU, ram_vma(flags="rd wr mr mw me ac sd ht"), 1, "fail", "hugepage"),
+        (
+            "memfd shared",
+            QEMU,
+            ram_vma(perms="rw-s", flags="rd wr sh mr mw me ms sd", path="/memfd:pc.ram (deleted)"),
+            1,
+            "fail",
+            "shared memory",
+        ),
+        (
+            "confidential",
+            [*QEMU[:-1], "type=pc,confidential-guest-support=sev0"],
+            ram_vma(flags="rd wr mr mw me ac sd"),
+            1,
+            "fail",
+            "confidential",
+        ),
+        (
+            "mem-merge=off",
+            [*QEMU[:-1], "type=pc,mem-merge=off"],
+            ram_vma(flags="rd wr mr mw me ac sd"),
+            1,
+            "fail",
+            "started with mem-merge=off",
+        ),
+        ("RAM not mergeable", QEMU, ram_vma(flags="rd wr mr mw me ac sd"), 1, "fail", "no `mg`"),
+        (
+            "sparse",
+            [*QEMU[:5], "-m", "65536", *QEMU[7:]],
+            ram_vma(size=64 * GIB, rss_kib=100_000),
+            1,
+            "warn",
+            "mergeable areas of 64 GiB with 97 MiB resident",
+        ),
+    ],
+)
+def test_why_a_vm_merges_or_not(
+    tmp_path: Path, case: str, argv: list[str], smaps: bytes, run: int, level: str, says: str
+) -> None:
+    from tests.kernel.test_scan import write_process
+
+    paths = fake(tmp_path, {"run": str(run), "pages_to_scan": "100"})
+    stat = STAT_MERGING if case == "merging" else STAT_IDLE
+    write_process(paths.proc, 4242, argv, "kvm", smaps, stat)
+    found = diagnose(paths, POLICY, str(tmp_path / "policy.yaml"), None)
+    vm = [c for c in found.checks if c.subject == "vm-1"]
+    assert len(vm) == 1, found.checks
+    assert (vm[0].level, says in vm[0].what) == (level, True), vm[0]
+    assert vm[0].level == "ok" or vm[0].fix
