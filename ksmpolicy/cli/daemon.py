@@ -85,24 +85,51 @@ def daemon(
     metavar="SECONDS",
     help="Measure ksmd's CPU over this long before planning.",
 )
+@click.option(
+    "--force", is_flag=True, help="Write even when a daemon or ksmtuned controls the knobs."
+)
 @ROOT
 @policy_option
 @click.pass_obj
 def reconcile(
-    options: Options, once: bool, dry_run: bool, as_json: bool, sample: float, root: str
+    options: Options,
+    once: bool,
+    dry_run: bool,
+    as_json: bool,
+    sample: float,
+    force: bool,
+    root: str,
 ) -> None:
     """Plan ksmd's pace once, print it with the reason, and write it.
 
     With --dry-run nothing is written. A single pass has no history: it cannot
-    know that a VM just started, so it plans the calm pace (or pressure).
+    know that a VM just started, so it plans the calm pace (or pressure) for
+    the memory there is, from ksmd's own counters, and never a sprint that no
+    later pass would end. When a daemon (or ksmtuned) controls the knobs it
+    writes nothing unless --force.
     """
     from ksmpolicy.control.daemon import Reconciler  # noqa: PLC0415
+    from ksmpolicy.kernel.controllers import daemon_pids, other_controllers  # noqa: PLC0415
 
-    reconciler = Reconciler(host_paths(root), options.load(), dry_run=True)
+    paths = host_paths(root)
+    reconciler = Reconciler(paths, options.load(), dry_run=True)
+    reconciler.seed()
     if sample > 0:
-        reconciler.step()
         time.sleep(sample)
     result = reconciler.step()
+    controllers = [f"ksmpolicy daemon (pid {pid})" for pid in daemon_pids(paths)]
+    controllers += [
+        f"{c.name} ({c.detail})"
+        for c in other_controllers(paths, advisor_wanted=True)
+        if c.running and c.name != "ksmpolicy daemon"
+    ]
+    if controllers and not dry_run and not force:
+        click.echo(
+            f"ksmpolicy: {', '.join(controllers)} controls the KSM knobs: nothing written "
+            "(--force writes anyway; the controller will set its own again)",
+            err=True,
+        )
+        dry_run = True
     written = [] if dry_run else reconciler.knobs.apply(result.knobs)
     processes = reconciler.observer.processes
     footprint = sum(p.mergeable_bytes for p in processes)

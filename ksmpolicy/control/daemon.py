@@ -83,6 +83,20 @@ class Reconciler:
         self.history = History()
         self.last_plan: Plan | None = None
 
+    def seed(self) -> None:
+        """For a single pass: start the history from what is there now (footprint, ksmd's
+        counters), so that memory already present is not taken for new memory and no sprint
+        is planned that no later pass would end."""
+        obs = self.observer.observe()
+        self.history = History(
+            time=obs.time,
+            ksmd_cpu_seconds=obs.ksmd_cpu_seconds,
+            pages_scanned=obs.pages_scanned,
+            footprint_pages=obs.footprint_pages,
+            last_full_scans=obs.full_scans,
+            saved_at_last_full_scan=obs.saved_pages,
+        )
+
     @property
     def settings(self) -> LawSettings:
         return LawSettings.from_policy(self.policy.reconciler)

@@ -206,14 +206,48 @@ def test_reconcile_once_paces_a_vm_on_an_old_kernel(tmp_path: Path) -> None:
         tmp_path, "version: 1\nreconciler: {target_scan_seconds: 10}\n", "--json"
     )
     data = json.loads(result.stdout)
-    assert data["mode"] == "sprint"  # first sight of the VM's memory
+    # A single pass cannot tell new memory from old: the calm pace, never a sprint that no
+    # later pass would end (it once planned one from a history starting at footprint 0).
+    assert data["mode"] == "calm", data["reason"]
     assert data["footprint_bytes"] == (200000 + 512) * 1024
     assert data["processes"] == [
         {"pid": 100, "kind": "qemu", "name": "web-1,blue", "mergeable_bytes": 205324288}
     ]
-    assert data["written"] == ["pages_to_scan", "run"]
+    assert "pages_to_scan" in data["written"] and "run" in data["written"]
     assert (ksm / "run").read_text() == "1\n"
+    # one full scan per target_scan_seconds: 50257 pages / 10 s, at ksmd's sleep of 20 ms
+    assert data["pages_per_second"] == pytest.approx((200000 + 512) / 4 / 10, rel=0.2)
     assert int((ksm / "pages_to_scan").read_text()) == data["knobs"]["pages_to_scan"]
+
+
+def test_reconcile_once_writes_nothing_while_a_daemon_controls_ksm(tmp_path: Path) -> None:
+    from tests.kernel.test_scan import LIBVIRT, SMAPS, write_process
+
+    ksm = fake_host(tmp_path)
+    (ksm / "run").write_text("0\n")
+    write_process(tmp_path / "proc", 100, LIBVIRT, "qemu-system-x86", SMAPS, None)
+    write_process(  # a daemon, as /proc shows one
+        tmp_path / "proc",
+        200,
+        ["/usr/bin/python3", "/usr/bin/ksmpolicy", "daemon"],
+        "ksmpolicy",
+        b"",
+        None,
+    )
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\n")
+    policy.chmod(0o644)
+    command = [KSMPOLICY, "-p", str(policy), "reconcile", "--once", "--sample", "0"]
+    held = subprocess.run(
+        [*command, "--root", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert "ksmpolicy daemon (pid 200) controls the KSM knobs: nothing written" in held.stderr
+    assert (ksm / "run").read_text() == "0\n"
+    forced = subprocess.run(
+        [*command, "--force", "--root", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert "written:" in forced.stdout
+    assert (ksm / "run").read_text() == "1\n"
 
 
 # --- the real kernel ---------------------------------------------------------------------------
