@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import click
 
 from ksmpolicy import __version__
-from ksmpolicy.cli import daemon, libvirt, pages, policy, proxmox, status
+from ksmpolicy.cli import daemon, libvirt, pages, policy, proxmox, run, status
 from ksmpolicy.cli.common import Options
 from ksmpolicy.errors import KsmPolicyError, PolicyError
 
@@ -58,6 +58,7 @@ for command in (
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,
+    run.exec_,
     libvirt.xml,
     libvirt.hook,
     libvirt.install,
