@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-ksm clean
+.PHONY: all test lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm clean
 
 all: test
 
@@ -31,7 +31,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-domains bench-ksm
+bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-domains bench-procevents bench-ksm
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -57,6 +57,10 @@ bench-estimate: $(STAMP)
 # Trust domains: the audit's cost, a hand-over between two domains, zero pages (root).
 bench-domains: $(STAMP)
 	$(BIN)/python -m bench.bench_domains
+
+# Instant discovery: a VMM's exec to the daemon's sprint, with and without process events (root).
+bench-procevents: $(STAMP)
+	$(BIN)/python -m bench.bench_procevents
 
 # use_zero_pages off against on, on the pacing benchmark's workload and Windows-like guests.
 bench-zero-pages: $(STAMP)

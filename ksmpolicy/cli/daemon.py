@@ -20,6 +20,11 @@ from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, po
 @click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
 @click.option("--metrics", metavar="[HOST:]PORT", help="Also serve Prometheus /metrics.")
 @click.option(
+    "--no-process-events",
+    is_flag=True,
+    help="Find new VMs by polling only (not the kernel's process events).",
+)
+@click.option(
     "--take-over",
     is_flag=True,
     help="When ksmtuned runs: stop it (SIGTERM); when the kernel advisor was left on: set "
@@ -37,6 +42,7 @@ def daemon(
     uri: str | None,
     no_libvirt: bool,
     metrics: str | None,
+    no_process_events: bool,
     take_over: bool,
 ) -> None:
     """Run the reconciler in the foreground (replaces ksmtuned).
@@ -49,6 +55,9 @@ def daemon(
     Where libvirt is available it also watches domain events: a new or changed
     definition is rewritten for the policy (unless enforcement is off), and a
     started domain's merging is switched live (when the policy says `live`).
+
+    As root it subscribes to the kernel's process events: a VMM (or a process
+    exec'd mergeable) is seen when it execs, and the pace sprints at once.
 
     It never fights another controller of the KSM knobs (ksmtuned, another
     daemon, a kernel advisor someone left on): it logs the fix once and writes
@@ -68,6 +77,7 @@ def daemon(
         metrics=metrics,
         policy_explicit=options.explicit,
         take_over=take_over,
+        use_events=not no_process_events,
     ).run()
 
 

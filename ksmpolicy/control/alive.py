@@ -24,6 +24,7 @@ class Alive:
     interval: float  # the policy's interval_seconds: a fresh file is younger than a few
     policy: str  # the policy file, or the built-in default's description
     passive: str | None = None  # why it writes no knob: another controller, named with its fix
+    discovery: str = "polling"  # how new VMs are found: process events, or polling and why
 
     def fresh(self, now: float | None = None) -> bool:
         """Written within three intervals (and at least 30 s): the loop is turning."""
@@ -49,6 +50,7 @@ def read_alive(paths: HostPaths) -> Alive | None:
             interval=float(record["interval"]),
             policy=str(record["policy"]),
             passive=None if record.get("passive") is None else str(record["passive"]),
+            discovery=str(record.get("discovery", "polling")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

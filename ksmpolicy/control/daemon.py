@@ -21,6 +21,7 @@ from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
+from ksmpolicy.kernel.procevents import ProcEvents, open_events, worth_a_look
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, read_meminfo
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes
 from ksmpolicy.paths import HostPaths, default_policy
@@ -29,6 +30,7 @@ from ksmpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
 SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost per page moves fast
+WATCH_SECONDS = 5.0  # after a VMM execs, re-plan every half second while its memory appears
 STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
 
 
@@ -138,6 +140,7 @@ class Daemon:
         metrics: str | None = None,
         policy_explicit: bool = True,
         take_over: bool = False,
+        use_events: bool = True,
     ) -> None:
         self.paths = paths
         self.policy_path = policy_path
@@ -161,9 +164,17 @@ class Daemon:
         self._said: dict[str, float] = {}
         self.last_audit: Any = None  # report.audit.Audit
         self._next_audit = 0.0
+        # The kernel's process events: a VMM seen the moment it execs (else: polling).
+        self.events: ProcEvents | None = None
+        self.discovery = "polling"
+        self.use_events = use_events
+        self._looked_at: dict[int, str] = {}  # pids seen exec'ing: their exit re-plans too
+        self._watch_until = 0.0  # after such an exec, look often while its memory appears
+        self._exited = False
 
     def run(self, *, max_seconds: float | None = None) -> None:
         listener = Listener(self.paths)
+        self._open_events()
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
@@ -199,6 +210,8 @@ class Daemon:
         finally:
             sdnotify.notify("STOPPING=1")
             listener.close()
+            if self.events is not None:
+                self.events.close()
             if self.enforcer is not None:
                 self.enforcer.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -234,6 +247,8 @@ class Daemon:
             if deadline is not None:
                 timeouts.append(deadline - now)
             fds = [listener.fileno(), wake.fileno()]
+            if self.events is not None:
+                fds.append(self.events.fileno())
             readable, _, _ = select.select(fds, [], [], max(0.0, min(timeouts)))
             if wake.fileno() in readable:
                 while True:
@@ -251,6 +266,11 @@ class Daemon:
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     return
+            if self.events is not None and self.events.fileno() in readable:
+                started = self._process_events()
+                notes += started
+                replan = replan or started > 0 or bool(self._exited)
+                self._exited = False
             if listener.fileno() in readable:
                 received = listener.receive()
                 for note in received:
@@ -273,7 +293,7 @@ class Daemon:
                 notes = 0
                 replan = False
                 interval = self.reconciler.policy.reconciler.interval_seconds
-                if result.mode == "sprint":
+                if result.mode == "sprint" or time.monotonic() < self._watch_until:
                     interval = min(interval, SPRINT_INTERVAL_SECONDS)
                 next_plan = time.monotonic() + interval
                 if not ready_sent:
@@ -386,6 +406,41 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)
 
+    def _open_events(self) -> None:
+        if not self.use_events:
+            self.discovery = "polling (process events off: --no-process-events)"
+            return
+        try:
+            self.events = open_events()
+        except OSError as exc:
+            self.discovery = (
+                f"polling every interval (the kernel's process events are unavailable: "
+                f"{exc.strerror or exc}; they need root and CONFIG_PROC_EVENTS)"
+            )
+            log.warning("%s", self.discovery)
+            return
+        self.discovery = "process events (proc connector)"
+        log.info("new VMMs are seen when they exec (the kernel's process events)")
+
+    def _process_events(self) -> int:
+        """Exec'd VMMs and mergeable processes: how many (each counts as a hook note, so the
+        law sprints); their exits re-plan at once."""
+        assert self.events is not None
+        started = 0
+        for event in self.events.read():
+            if event.kind == "exit":
+                if self._looked_at.pop(event.pid, None) is not None:
+                    self._exited = True
+                continue
+            what = worth_a_look(str(self.paths.proc), event.pid)
+            if what is None:
+                continue
+            log.info("exec: pid %d (%s)", event.pid, what)
+            self._looked_at[event.pid] = what
+            self._watch_until = time.monotonic() + WATCH_SECONDS
+            started += 1
+        return started
+
     def _other_controllers(self) -> str | None:
         """Why the daemon must not write the knobs now (another controller runs), or None.
         Said once per set of controllers, with the fix; with --take-over, stops what it can."""
@@ -450,6 +505,7 @@ class Daemon:
             interval=self.reconciler.policy.reconciler.interval_seconds,
             policy=self._policy_name(),
             passive=self.passive,
+            discovery=self.discovery,
         )
         try:
             write_alive(self.paths, alive)

@@ -34,6 +34,8 @@ def text(status: Status) -> str:
         lines.append(f"KSM: {state}, controlled by {host.controller}")
         if host.passive is not None:
             lines.append(f"  the daemon is passive: {host.passive}")
+        if host.discovery is not None:
+            lines.append(f"  new VMs found by: {host.discovery}")
         for other, running in host.others:
             when = "also sets the knobs" if running else "sets them at boot"
             lines.append(f"  other controller: {other} {when} (ksmpolicy doctor says the fix)")
@@ -146,6 +148,7 @@ def as_json(status: Status) -> dict[str, object]:
             "controller": host.controller,
             "other_controllers": [{"name": n, "running": r} for n, r in host.others],
             "passive": host.passive,
+            "discovery": host.discovery,
             "knobs": host.knobs,
             "saved_bytes": host.saved_bytes,
             "general_profit_bytes": host.general_profit_bytes,

@@ -83,6 +83,7 @@ class HostStatus:
     # Other controllers of the knobs: "ksmtuned (pid 812)", and whether each runs (else: boot)
     others: tuple[tuple[str, bool], ...] = ()
     passive: str | None = None  # the daemon writes no knob, and why (from its daemon.json)
+    discovery: str | None = None  # how the daemon finds new VMs (process events, polling)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ def _host_status(
         zero_pages=state.get("ksm_zero_pages"),
         others=tuple((f"{c.name} ({c.detail})", c.running) for c in others),
         passive=alive.passive if alive is not None and alive.fresh() else None,
+        discovery=alive.discovery if alive is not None and alive.fresh() else None,
     )
 
 
