@@ -59,6 +59,7 @@ for command in (
     daemon.reconcile,
     daemon.notify,
     run.exec_,
+    run.systemd_dropin,
     libvirt.xml,
     libvirt.hook,
     libvirt.install,

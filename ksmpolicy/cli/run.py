@@ -1,4 +1,5 @@
-"""`ksmpolicy exec`: start any program (a VMM, a service) with KSM as the policy decides."""
+"""`ksmpolicy exec` and `systemd-dropin`: any program (a VMM, a service) with KSM as the policy
+decides."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import click
 
 from ksmpolicy.cli.common import RUN_DIR, Options, host_paths, policy_option
+from ksmpolicy.errors import KsmPolicyError
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})
@@ -60,3 +62,96 @@ def exec_(
         os.execvp(command[0], list(command))
     except OSError as exc:
         raise click.ClickException(f"cannot run {command[0]}: {exc.strerror}") from None
+
+
+MEMORY_KSM_SINCE = 254  # systemd's MemoryKSM= (prctl PR_SET_MEMORY_MERGE for the service)
+DROPIN_NAME = "50-ksmpolicy.conf"
+
+
+@click.command("systemd-dropin")
+@click.argument("unit")
+@click.option("--tag", "-t", "tags", multiple=True, metavar="TAG", help="A tag it carries.")
+@click.option("--print", "print_only", is_flag=True, help="Print the drop-in; write nothing.")
+@click.option(
+    "--dir",
+    "directory",
+    default="/etc/systemd/system",
+    show_default=True,
+    metavar="DIR",
+    help="Where unit drop-ins go.",
+)
+@click.option(
+    "--systemd-version",
+    type=int,
+    metavar="N",
+    help="Write for this systemd version (default: the installed one, from systemctl).",
+)
+@policy_option
+@click.pass_obj
+def systemd_dropin(
+    options: Options,
+    unit: str,
+    tags: tuple[str, ...],
+    print_only: bool,
+    directory: str,
+    systemd_version: int | None,
+) -> None:
+    """Write a drop-in that gives a systemd service MemoryKSM= as the policy decides.
+
+    \b
+    ksmpolicy systemd-dropin jenkins.service --tag ci
+    systemctl daemon-reload && systemctl restart jenkins.service
+
+    The policy decides for the unit's name (without `.service`) and TAGs; the
+    drop-in (UNIT.d/50-ksmpolicy.conf) says MemoryKSM=yes or no. MemoryKSM=
+    came with systemd 254: on an older one this refuses and says which version
+    it found (use `ksmpolicy exec` in ExecStart= there).
+    """
+    from ksmpolicy.files import write_atomic  # noqa: PLC0415
+    from ksmpolicy.policy.decide import Decider, VmFacts  # noqa: PLC0415
+
+    if "/" in unit or not unit or unit.startswith("."):
+        raise click.BadParameter(f"{unit!r} is not a unit name", param_hint="UNIT")
+    full = unit if "." in unit else f"{unit}.service"
+    version = systemd_version if systemd_version is not None else installed_systemd()
+    if version < MEMORY_KSM_SINCE:
+        raise KsmPolicyError(
+            f"systemd {version} has no MemoryKSM= (it came with systemd {MEMORY_KSM_SINCE}): "
+            f"start the service through `ksmpolicy exec --name {full.rsplit('.', 1)[0]} -- ...` "
+            "in its ExecStart= instead"
+        )
+    policy = options.load()
+    name = full.rsplit(".", 1)[0]
+    decision = Decider(policy).decide(VmFacts(name=name, tags=frozenset(tags)))
+    merge = decision.merge and not policy.uses_domains
+    text = (
+        f"# Written by `ksmpolicy systemd-dropin {full}`: {decision.reason}.\n"
+        "[Service]\n"
+        f"MemoryKSM={'yes' if merge else 'no'}\n"
+    )
+    if print_only:
+        click.echo(text, nl=False)
+        return
+    path = os.path.join(directory, f"{full}.d", DROPIN_NAME)  # noqa: PTH118
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)  # noqa: PTH103, PTH120
+        write_atomic(path, text.encode(), 0o644)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None
+    click.echo(f"{path}: MemoryKSM={'yes' if merge else 'no'}")
+    click.echo(f"then: systemctl daemon-reload && systemctl restart {full}")
+
+
+def installed_systemd() -> int:
+    """The installed systemd's version, from `systemctl --version` ("systemd 252 (...)")."""
+    import subprocess  # noqa: PLC0415
+
+    try:
+        first = subprocess.run(
+            ["systemctl", "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split("\n", 1)[0]
+        return int(first.split()[1])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        raise KsmPolicyError(
+            "cannot tell the systemd version (systemctl --version): give --systemd-version"
+        ) from None
