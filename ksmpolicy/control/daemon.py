@@ -30,7 +30,10 @@ from ksmpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
 SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost per page moves fast
-WATCH_SECONDS = 5.0  # after a VMM execs, re-plan every half second while its memory appears
+# After a VMM execs, its memory becomes mergeable within moments (QEMU madvises guest RAM as it
+# sets it up): look every WATCH_FAST seconds for the first WATCH_FAST_FOR, then every half second
+# until WATCH_SECONDS. A look is a /proc scan of the processes already known plus the new one.
+WATCH_SECONDS, WATCH_FAST_FOR, WATCH_FAST = 5.0, 1.0, 0.05
 STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
 
 
@@ -295,6 +298,8 @@ class Daemon:
                 interval = self.reconciler.policy.reconciler.interval_seconds
                 if result.mode == "sprint" or time.monotonic() < self._watch_until:
                     interval = min(interval, SPRINT_INTERVAL_SECONDS)
+                if time.monotonic() < self._watch_until - WATCH_SECONDS + WATCH_FAST_FOR:
+                    interval = min(interval, WATCH_FAST)
                 next_plan = time.monotonic() + interval
                 if not ready_sent:
                     sdnotify.notify("READY=1")
