@@ -66,6 +66,10 @@ bench-procevents: $(STAMP)
 bench-zero-pages: $(STAMP)
 	$(BIN)/python -m bench.zero_pages
 
-# The pacing benchmark against ksmtuned, the kernel advisor and kernel defaults (~40 min, root).
+# The pacing benchmark against ksmtuned, the kernel advisor and kernel defaults, on the staggered
+# timeline and with every guest starting at once (~70 min, root).
 bench-ksm: $(STAMP)
 	$(BIN)/python -m bench.ksm_bench
+	$(BIN)/python -m bench.ksm_bench --name ksm-all-at-once --workload all_at_once=1 \
+		--workload churn_start=120 --workload b_stop=150 --workload end=200 \
+		--contenders ksmpolicy,ksmpolicy-no-notes,kernel-defaults,ksmtuned,ksmtuned-pve,advisor,advisor-warm

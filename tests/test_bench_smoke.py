@@ -71,3 +71,36 @@ def test_workload_parameters_by_name() -> None:
         parse_workload(Workload(), ["vm_mib=big"])
     with pytest.raises(SystemExit, match="KEY one of group_a"):
         parse_workload(Workload(), ["vms=3"])
+
+
+def test_times_count_from_the_first_exec_and_from_ready() -> None:
+    from bench.ksm_bench import Run, Workload, figures, physical_bound
+
+    workload = Workload(all_at_once=True)
+    both = workload.achievable(4, 2)
+    samples = [
+        {"t": t / 4, "saved_pages": 0 if t / 4 < 20 else both, "ksmd_cpu_seconds": 0.5 * t / 4}
+        for t in range(0, 4 * 120)
+    ]
+    run = Run("x", "synthetic", samples, [(0.0, "group A exec"), (6.0, "group A ready")])
+    found = figures(run, workload)
+    assert found["seconds_to_90_a"] == 20.0  # from the exec: what a user sees
+    assert found["seconds_to_90_a_from_ready"] == 14.0
+    assert found["seconds_to_90_b"] is None  # all at once: no later start
+    assert found["ready_after_seconds"] == 6.0
+    # The integral is time-weighted: 100 s of `both` at 0.25 s samples.
+    assert found["savings_gib_seconds"] == pytest.approx(
+        both * 4096 / 2**30 * (119.75 - 20), rel=0.01
+    )
+    run.figures = found
+    spent = found["ksmd_cpu_seconds_to_90_a"]
+    assert spent is not None
+    # ready at 6 s, then what ksmd spent to 90 %, at a 50 % cap
+    assert physical_bound([run], 50.0) == pytest.approx(6.0 + spent / 0.5, abs=0.05)
+
+
+def test_a_boolean_workload_parameter() -> None:
+    from bench.ksm_bench import Workload, parse_workload
+
+    assert parse_workload(Workload(), ["all_at_once=1"]).all_at_once is True
+    assert parse_workload(Workload(), ["all_at_once=0"]).all_at_once is False
