@@ -37,7 +37,9 @@ class KsmStat:
 @dataclass(frozen=True)
 class VmProcess:
     pid: int
-    kind: str  # "qemu", or "other" for a non-QEMU process that opted in to KSM
+    # "qemu"; for other processes with mergeable memory: "firecracker", "cloud-hypervisor",
+    # "crosvm", "kata" (a VMM in a kata sandbox), "service" (in a systemd unit) or "process"
+    kind: str
     name: str  # the VM name; for others "comm[pid]"
     uuid: str | None
     vmid: str | None  # Proxmox `-id`
@@ -53,6 +55,7 @@ class VmProcess:
     mergeable_ranges: tuple[tuple[int, int], ...] = ()
     uid: int | None = None  # who runs it (the owner of /proc/PID)
     start: int | None = None  # start time in clock ticks since boot: PID and start name it
+    unit: str | None = None  # its systemd unit (from /proc/PID/cgroup), e.g. "jenkins.service"
 
     @property
     def trusted(self) -> bool:
@@ -79,6 +82,7 @@ class _Identity:
     vmid: str | None
     ram_bytes: int | None
     mem_merge: bool | None
+    unit: str | None = None
 
 
 def parse_qemu_cmdline(
@@ -210,7 +214,7 @@ class ProcessScanner:
             if identity is None:
                 continue
             ksm = read_ksm_stat(proc / "ksm_stat")
-            if identity.kind == "other" and not (ksm and (ksm.mergeable or ksm.merge_any)):
+            if identity.kind != "qemu" and not (ksm and (ksm.mergeable or ksm.merge_any)):
                 continue
             if ksm is not None and ksm.mergeable is False and not ksm.merge_any:
                 mergeable = _Mergeable(0, 0, False if identity.ram_bytes else None, ())
@@ -219,7 +223,7 @@ class ProcessScanner:
                 mergeable = self._mergeable(
                     proc, key, now, refresh=refresh, flag=flag, ram_bytes=identity.ram_bytes
                 )
-                if identity.kind == "other" and mergeable.vmas == 0:
+                if identity.kind != "qemu" and mergeable.vmas == 0:
                     continue
             try:
                 uid: int | None = entry.stat().st_uid
@@ -241,6 +245,7 @@ class ProcessScanner:
                     ksm=ksm,
                     ram_mergeable=mergeable.ram,
                     mergeable_ranges=mergeable.ranges,
+                    unit=identity.unit,
                 )
             )
         for cache in (self._identity, self._first_seen, self._smaps):
@@ -299,11 +304,83 @@ def _identify(proc: Path, pid: int) -> _Identity | None:
         return None  # kernel thread or zombie
     argv = raw.rstrip(b"\0").decode("utf-8", "replace").split("\0")
     binary = Path(argv[0]).name
+    unit = systemd_unit(proc)
     if _QEMU_BINARY.match(binary) or _QEMU_BINARY.match(comm):
         name, uuid, vmid, ram, mem_merge = parse_qemu_cmdline(argv)
+        sandbox = _kata_sandbox(argv)
+        if sandbox and not name:
+            name = f"kata-{sandbox}"
         label = name or (f"vmid {vmid}" if vmid else f"{comm}[{pid}]")
-        return _Identity("qemu", label, uuid, vmid, ram, mem_merge)
-    return _Identity("other", f"{comm}[{pid}]", None, None, None, None)
+        return _Identity("qemu", label, uuid, vmid, ram, mem_merge, unit)
+    kind, name = vmm_identity(binary, argv)
+    if kind is None:
+        if unit is not None and unit.endswith(".service"):
+            kind, name = "service", unit.removesuffix(".service")
+        else:
+            kind, name = "process", None
+    return _Identity(kind, name or f"{comm}[{pid}]", None, None, None, None, unit)
+
+
+# VMMs other than QEMU, by their binary's name; what names a VM on their command lines.
+_VMMS = {"firecracker": "--id", "cloud-hypervisor": "--api-socket", "crosvm": "--socket"}
+
+
+def vmm_identity(binary: str, argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """(kind, name) of a non-QEMU VMM from its command line: Firecracker's `--id`, Cloud
+    Hypervisor's `--api-socket` and crosvm's `--socket` (the socket's name, without `.sock`); a
+    VMM in a kata sandbox (its sockets under /run/vc/vm/ID/) is kind `kata`, named `kata-ID`.
+    (None, None) for anything else."""
+    flag = _VMMS.get(binary)
+    if flag is None:
+        return None, None
+    sandbox = _kata_sandbox(argv)
+    if sandbox:
+        return "kata", f"kata-{sandbox}"
+    value = _option(argv, flag)
+    if value and flag != "--id":
+        value = value.removeprefix("path=").split(",", 1)[0]
+        value = Path(value).name.removesuffix(".sock") or None
+    return binary, value
+
+
+def _option(argv: Sequence[str], flag: str) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
+
+
+_KATA_SANDBOX = re.compile(r"/vc/vm/([0-9A-Za-z_.-]{1,128})/")
+
+
+def _kata_sandbox(argv: Sequence[str]) -> str | None:
+    """kata runs its VMMs with sockets and files under /run/vc/vm/SANDBOX-ID/."""
+    for arg in argv:
+        found = _KATA_SANDBOX.search(arg)
+        if found:
+            return found.group(1)
+    return None
+
+
+def systemd_unit(proc: Path) -> str | None:
+    """The systemd unit a process runs in, from /proc/PID/cgroup: the unified hierarchy's path
+    (cgroup v2), else the name=systemd one (v1); its last `.service` or `.scope` component."""
+    try:
+        text = (proc / "cgroup").read_text()
+    except OSError:
+        return None
+    paths = {}
+    for line in text.splitlines():
+        _id, _sep, rest = line.partition(":")
+        controllers, _sep, path = rest.partition(":")
+        paths[controllers] = path
+    for found in (paths.get(""), paths.get("name=systemd")):  # v2 first; hybrid hosts have both
+        for part in reversed((found or "").split("/")):
+            if part.endswith((".service", ".scope")):
+                return part
+    return None
 
 
 _HYPERVISOR_USERS = ("libvirt-qemu", "qemu")  # Debian's and Red Hat's QEMU user for libvirt

@@ -23,6 +23,8 @@ class VmFacts:
     memory_bytes: int | None = None
     hugepages: bool = False  # hugetlb memory: the kernel never merges it
     shared_memory: bool = False  # memfd/file backing with shared access: never merged
+    kind: str = "qemu"  # qemu, firecracker, cloud-hypervisor, crosvm, kata, service, process
+    unit: str | None = None  # its systemd unit, when it runs in one
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ class Decider:
             _GlobIndex([r.match.names for r in rules]),
             _GlobIndex([r.match.images for r in rules]),
             _GlobIndex([r.match.domains for r in rules], globs=False),
+            _GlobIndex([r.match.kinds for r in rules], globs=False),
+            _GlobIndex([r.match.units for r in rules]),
         )
-        # Which of the five keys each rule constrains, as bits in the order above.
+        # Which of the keys each rule constrains, as bits in the order above.
         self._needs = [sum(1 << k for k, items in enumerate(_keys(r)) if items) for r in rules]
         self._always = next((i for i, need in enumerate(self._needs) if not need), None)
         groups = policy.groups
@@ -161,7 +165,15 @@ class Decider:
             index.matched(values)
             for index, values in zip(
                 self._indices,
-                (tags, (group,) if group else (), (facts.name,), facts.images, (domain,)),
+                (
+                    tags,
+                    (group,) if group else (),
+                    (facts.name,),
+                    facts.images,
+                    (domain,),
+                    (facts.kind,),
+                    (facts.unit,) if facts.unit else (),
+                ),
                 strict=True,
             )
         ]
@@ -172,7 +184,7 @@ class Decider:
                 if best is not None and number >= best:
                     continue
                 need = needs[number]
-                if all(number in found[k] for k in range(5) if need >> k & 1 and k != key):
+                if all(number in found[k] for k in range(len(found)) if need >> k & 1 and k != key):
                     best = number
         return self.policy.rules[best] if best is not None else None
 
@@ -278,7 +290,15 @@ class _GlobIndex:
 
 def _keys(rule: Rule) -> tuple[tuple[str, ...], ...]:
     match = rule.match
-    return (match.tags, match.groups, match.names, match.images, match.domains)
+    return (
+        match.tags,
+        match.groups,
+        match.names,
+        match.images,
+        match.domains,
+        match.kinds,
+        match.units,
+    )
 
 
 def _literal_prefix(glob: str) -> str:
@@ -309,4 +329,8 @@ def _why(rule: Rule, facts: VmFacts, tags: frozenset[str], group: str | None, do
         parts.append("image " + ",".join(images))
     if match.domains:
         parts.append(f"domain {domain}")
+    if match.kinds:
+        parts.append(f"kind {facts.kind}")
+    if match.units:
+        parts.append(f"unit {facts.unit} ~ " + "|".join(match.units))
     return "; ".join(parts) + f" -> {rule.action.value}"

@@ -136,7 +136,7 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
 
 # --- the compiled cache --------------------------------------------------------------------
 
-_CACHE_FORMAT = 4
+_CACHE_FORMAT = 5
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
@@ -208,7 +208,15 @@ def _freeze(p: Policy) -> tuple[object, ...]:
         tuple(
             (
                 r.name,
-                (r.match.names, r.match.tags, r.match.groups, r.match.images, r.match.domains),
+                (
+                    r.match.names,
+                    r.match.tags,
+                    r.match.groups,
+                    r.match.images,
+                    r.match.domains,
+                    r.match.kinds,
+                    r.match.units,
+                ),
                 r.action.value,
                 r.line,
             )

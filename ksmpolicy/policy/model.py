@@ -37,6 +37,8 @@ class Match:
     groups: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()  # trust domains (from what the host controls, see Group)
+    kinds: tuple[str, ...] = ()  # what runs it: qemu, firecracker, cloud-hypervisor, service, ...
+    units: tuple[str, ...] = ()  # systemd unit globs ("jenkins*.service")
 
 
 @dataclass(frozen=True)

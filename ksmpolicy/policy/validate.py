@@ -103,7 +103,8 @@ _TOP_KEYS = (
     "isolation",
 )
 _RULE_KEYS = ("name", "match", "action", "description")
-_MATCH_KEYS = ("names", "tags", "groups", "images", "domains")
+_MATCH_KEYS = ("names", "tags", "groups", "images", "domains", "kinds", "units")
+KINDS = ("qemu", "firecracker", "cloud-hypervisor", "crosvm", "kata", "service", "process")
 _GROUP_KEYS = ("images", "tags", "names", "domain", "description")
 _VM_KEYS = ("tags", "domain", "description")
 _DOMAIN_KEYS = ("priority", "nodes", "description")
@@ -285,7 +286,7 @@ class _Validator:
             self.doc.problem(
                 path[:-1],
                 "missing 'match': say which VMs the rule is for (names, tags, groups, images, "
-                "domains); "
+                "domains, kinds, units); "
                 "use 'default:' for all others",
             )
             return Match()
@@ -298,7 +299,16 @@ class _Validator:
             groups=self.strings(spec, (*path, "groups")),
             images=self.globs(spec, (*path, "images"), _check_image_glob),
             domains=self.strings(spec, (*path, "domains")),
+            kinds=self.strings(spec, (*path, "kinds")),
+            units=self.globs(spec, (*path, "units"), _check_name_glob),
         )
+        for index, kind in enumerate(match.kinds):
+            if kind not in KINDS:
+                self.doc.problem(
+                    (*path, "kinds", index),
+                    f"unknown kind {kind!r}{_did_you_mean(kind, list(KINDS))}: one of "
+                    + ", ".join(KINDS),
+                )
         for index, domain in enumerate(match.domains):
             if domain not in domains:
                 hint = _did_you_mean(domain, domains)

@@ -77,7 +77,19 @@ def text(status: Status) -> str:
         lines += _wrap("", _savings_line(status).split())
     if others:
         total = sum(v.mergeable_bytes for v in others)
-        lines.append(f"Other processes that opted in: {len(others)}, {mib(total)} MiB mergeable")
+        lines.append("")
+        lines.append(
+            f"Other KSM users (VMMs, services, processes): {len(others)}, {mib(total)} MiB "
+            "mergeable"
+        )
+        lines.append(
+            f"{'NAME':<16} {'KIND':<14} {'UNIT':<18} {'DECISION':<8} {'MERGEABLE':>9} {'MERGED':>8}"
+        )
+        for vm in sorted(others, key=lambda v: v.name):
+            lines.append(
+                f"{_cut(vm.name, 16):<16} {_cut(vm.kind, 14):<14} {_cut(vm.unit or '-', 18):<18} "
+                f"{vm.decision or '-':<8} {mib(vm.mergeable_bytes):>9} {mib(vm.merged_bytes):>8}"
+            )
     if status.groups and qemus:
         lines.append("")
         lines.append(f"{'GROUP':<24} {'VMS':>4} {'MERGEABLE MiB':>14} {'MERGED MiB':>11}")
@@ -166,6 +178,7 @@ def as_json(status: Status) -> dict[str, object]:
                 "vmid": v.vmid,
                 "uuid": v.uuid,
                 "kind": v.kind,
+                "unit": v.unit,
                 "source": v.source,
                 "group": v.group,
                 "decision": v.decision,

@@ -56,6 +56,7 @@ class VmStatus:
     mergeable_vmas: int = 0  # VMAs of it KSM may scan now (guest RAM, ROMs, video RAM)
     trusted: bool = True  # run by root or the hypervisor's user: its identity is believed
     start: int | None = None  # start time (clock ticks since boot): with the PID, names it
+    unit: str | None = None  # its systemd unit (services, and VMs started in one)
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ def _controller(paths: HostPaths, state: KsmState) -> str:
 
 def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) -> VmStatus:
     facts, source = _facts(paths, process)
-    decision = decider.decide(facts) if decider is not None and process.kind == "qemu" else None
+    decision = decider.decide(facts) if decider is not None else None
     ksm = process.ksm
     return VmStatus(
         pid=process.pid,
@@ -304,6 +305,7 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         mergeable_vmas=process.mergeable_vmas,
         trusted=process.trusted,
         start=process.start,
+        unit=process.unit,
     )
 
 
@@ -338,7 +340,14 @@ def _facts(paths: HostPaths, process: VmProcess) -> tuple[VmFacts, str]:
                 return facts_of(domain).vm, "libvirt"
         except (OSError, KsmPolicyError):
             pass
-    return VmFacts(name=process.name, uuid=process.uuid, vmid=process.vmid), "process"
+    found = VmFacts(
+        name=process.name,
+        uuid=process.uuid,
+        vmid=process.vmid,
+        kind=process.kind,
+        unit=process.unit,
+    )
+    return found, "process"
 
 
 def _compliant(process: VmProcess, facts: VmFacts, decision: Decision | None) -> bool | None:
@@ -394,6 +403,21 @@ def _findings(
     scans = host.full_scans or 0
     for vm in vms:
         if vm.kind != "qemu":
+            if vm.decision == "exclude":  # listed only because its memory is mergeable
+                restart = (
+                    f"ksmpolicy systemd-dropin {vm.unit} (MemoryKSM=no), then restart it"
+                    if vm.unit and vm.unit.endswith(".service")
+                    else "restart it under `ksmpolicy exec` (which leaves it unmergeable)"
+                )
+                findings.append(
+                    Finding(
+                        "warning",
+                        vm.name,
+                        f"excluded by the policy but mergeable ({vm.kind}); only the process "
+                        "itself can switch that off (prctl, madvise)",
+                        restart,
+                    )
+                )
             continue
         if domains and vm.decision in ("merge", "exclude"):
             pass  # judged under trust domains

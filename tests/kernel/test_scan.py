@@ -134,7 +134,7 @@ def test_fake_host_finds_vms_and_opted_in_processes(tmp_path: Path) -> None:
     assert web.ksm == KsmStat(100, 3, 40, 4096, True, False)
     pve = found[101]
     assert (pve.kind, pve.name, pve.vmid, pve.mergeable_bytes) == ("qemu", "pg-primary", "101", 0)
-    assert (found[102].kind, found[102].name) == ("other", "redis-server[102]")
+    assert (found[102].kind, found[102].name) == ("process", "redis-server[102]")
     assert footprint_bytes(list(found.values())) == 2 * (200000 + 512) * 1024
 
 

@@ -170,7 +170,7 @@ CASES = {
         "version: 1\nrules:\n  - name: x\n    action: exclude\n",
         [
             "p.yaml:3: rules.0: missing 'match': say which VMs the rule is for (names, tags, "
-            "groups, images, domains); use 'default:' for all others"
+            "groups, images, domains, kinds, units); use 'default:' for all others"
         ],
     ),
     "rule with empty match": (

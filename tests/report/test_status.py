@@ -122,7 +122,8 @@ def test_status_on_a_fake_host_has_exact_figures(host: Path) -> None:
         "databases",
     )
     assert pg.compliant is False  # excluded, yet its memory is mergeable
-    assert (redis.kind, redis.decision, redis.merged_bytes) == ("other", None, 5 * 4096)
+    # a process that opted in is decided like a VM, by its kind (and unit, in a service)
+    assert (redis.kind, redis.decision, redis.merged_bytes) == ("process", "merge", 5 * 4096)
     messages = {(f.vm, f.message) for f in status.findings}
     assert ("pg-primary", "excluded by the policy but its memory is mergeable") in messages
     assert any(
@@ -160,6 +161,7 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "vmid",
         "uuid",
         "kind",
+        "unit",
         "source",
         "group",
         "decision",
