@@ -15,8 +15,12 @@ The law, in short (README "The reconciler" has the reasons):
 * Budget: ksmd's CPU share is rate x cost-per-page; the cost is measured (ksmd CPU seconds per
   page scanned) and the rate never planned above `max_ksmd_cpu_percent`.
 * Kernel advisor (optional): hand pacing to `advisor_mode=scan-time` and never write
-  `pages_to_scan` while it is on; if it makes no progress (it can cripple itself when enabled
-  on a host where ksmd already ran), take pacing back.
+  `pages_to_scan` while it is on. It is judged by its rate, not by "any progress": once a whole
+  re-plan interval ran under it, if it scanned less than ADVISOR_SHORTFALL of what the law would
+  scan now (a sprint for new memory: the CPU budget; calm: the footprint per target period),
+  pacing is taken back at once and kept. Enabled on a host where ksmd already ran, the advisor
+  charges ksmd's past CPU to its first short scan and clamps `pages_to_scan` to its minimum
+  (measured here: 10 pages, the first merge after 160 s), so this is the usual outcome.
 
 A rate r becomes knobs: ksmd scans `pages_to_scan` (P) pages, then sleeps `sleep_millisecs`
 (S), so r = P / (P*c + S/1000) for a cost c CPU-seconds per page, and P = r*S/1000 / (1 - r*c).
@@ -40,6 +44,10 @@ GROWTH_MIN_PAGES = 2048
 MIN_COST_WINDOW_CPU_SECONDS = 0.02
 GROWTH_FRACTION = 0.02
 HYSTERESIS = 0.10  # keep pages_to_scan when the new plan differs by less than this
+
+
+# The advisor is kept while it scans at least this share of what the law would (see above).
+ADVISOR_SHORTFALL = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ class History:
     advisor_since: float | None = None
     advisor_scans_at_start: int = 0
     advisor_failed: bool = False
+    # ksmd's scan rate over the last re-plan interval (pages/s), and when that interval began
+    scan_rate: float | None = None
+    scan_rate_since: float | None = None
     # The knobs planned last, for hysteresis: a change of under 10 % in the same mode is noise.
     last_mode: str | None = None
     last_pages: int = 0
@@ -261,6 +272,8 @@ def _measure(obs: Observation, history: History) -> History:
         cpu_percent=100 * cpu / elapsed,
         cost_window_cpu=window_start,
         cost_window_pages=window_pages,
+        scan_rate=scanned / elapsed if obs.pages_scanned is not None else None,
+        scan_rate_since=history.time,
     )
 
 
@@ -313,12 +326,26 @@ def _advisor_plan(obs: Observation, settings: LawSettings, history: History) -> 
     scans_at_start = history.advisor_scans_at_start
     if since is None or not obs.advisor_on:
         since, scans_at_start = obs.time, obs.full_scans
-    elif obs.time - since > 3 * settings.target_scan_seconds and obs.full_scans == scans_at_start:
-        # No full scan in three target periods: the advisor clamped itself (DESIGN.md 3.3).
-        failed = replace(history, advisor_failed=True, advisor_since=None)
-        result = _plan(obs, replace(settings, kernel_advisor=False), failed)
-        reason = "kernel advisor made no progress in 3 target periods; pacing taken back: "
-        return replace(result, reason=reason + result.reason)
+    else:
+        law = replace(settings, kernel_advisor=False)
+        wanted = _plan(obs, law, history).pages_per_second  # what the law would scan now
+        measured = history.scan_rate
+        judged = history.scan_rate_since is not None and history.scan_rate_since >= since
+        short = judged and measured is not None and measured < ADVISOR_SHORTFALL * wanted
+        stuck = (
+            obs.time - since > 3 * settings.target_scan_seconds and obs.full_scans == scans_at_start
+        )
+        if short or stuck:
+            failed = replace(history, advisor_failed=True, advisor_since=None)
+            result = _plan(obs, law, failed)
+            if short:
+                reason = (
+                    f"kernel advisor scanned {measured:.0f} pages/s where the law scans "
+                    f"{wanted:.0f}; pacing taken back: "
+                )
+            else:
+                reason = "kernel advisor made no progress in 3 target periods; pacing taken back: "
+            return replace(result, reason=reason + result.reason)
     knobs: tuple[tuple[str, int | str], ...] = (
         ("advisor_target_scan_time", max(1, round(settings.target_scan_seconds))),
         ("advisor_max_cpu", max(1, min(100, round(settings.max_ksmd_cpu_percent)))),

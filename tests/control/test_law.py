@@ -167,6 +167,50 @@ def test_crippled_advisor_hands_pacing_back() -> None:
     assert p.reason.startswith("kernel advisor made no progress")
 
 
+def advisor_run(scanned_per_second: float, history: History) -> list[Plan]:
+    """Three plans 1 s apart: the first turns the advisor on, the second sees one whole
+    interval under it and judges its rate."""
+    law = replace(LAW, kernel_advisor=True)
+    plans = []
+    for t in range(3):
+        p = plan(
+            obs(
+                float(t),
+                100_000,
+                has_advisor=True,
+                advisor_on=t > 0,
+                ksmd_cpu_seconds=0.01 * t,
+                pages_scanned=int(scanned_per_second * t),
+            ),
+            law,
+            history,
+        )
+        plans.append(p)
+        history = p.history
+    return plans
+
+
+def test_an_advisor_that_scans_too_slowly_loses_pacing_within_one_replan() -> None:
+    """New memory (first sight of 100,000 pages): the law would sprint at the CPU budget; an
+    advisor clamped to 10 pages per 200 ms (50 pages/s, what it did here unwarmed) is judged
+    at the first re-plan after it took over, and pacing is taken back then, for good."""
+    first, second, third = advisor_run(50, History())
+    assert first.mode == "advisor"
+    assert second.mode == "sprint"
+    assert second.knobs[0] == ("advisor_mode", "none")
+    assert second.reason.startswith("kernel advisor scanned 50 pages/s where the law scans ")
+    assert third.mode == "sprint"  # kept: not handed back and forth
+    assert third.history.advisor_failed
+
+
+def test_an_advisor_that_keeps_up_keeps_pacing() -> None:
+    """Calm (the memory was there before): the law would scan 100,000 pages per 120 s,
+    833/s; an advisor scanning 1,000/s keeps pacing, one scanning 300/s loses it."""
+    seen = History(footprint_pages=100_000, last_full_scans=0)
+    assert [p.mode for p in advisor_run(1_000, seen)] == ["advisor"] * 3
+    assert [p.mode for p in advisor_run(300, seen)][1] == "calm"
+
+
 def test_advisor_missing_from_kernel_falls_back_to_own_law() -> None:
     p = plan(obs(0, 100_000), replace(LAW, kernel_advisor=True), History())
     assert p.mode == "sprint"
