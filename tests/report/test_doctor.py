@@ -152,18 +152,27 @@ def doctor_json(run_dir: Path, policy: Path) -> dict[str, object]:
     return dict(json.loads(result.stdout))
 
 
+def beside_ksmtuned(
+    real_ksm: RealKsm, ksmtuned: Callable[[], int], tmp_path: Path
+) -> tuple[Path, int]:
+    """KSM stopped, a guest with mergeable memory (the daemon would start KSM for it), and
+    the real ksmtuned running: (the policy, ksmtuned's PID)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
+    policy.chmod(0o644)
+    real_ksm.write("run", 0)
+    real_ksm.track(spawn("doctor-guest", mib=64))
+    pid = ksmtuned()
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "ksmtuned"
+    return policy, pid
+
+
 @pytest.mark.root
 @pytest.mark.kernel
 def test_the_daemon_stays_passive_beside_ksmtuned_and_doctor_says_so(
     real_ksm: RealKsm, ksmtuned: Callable[[], int], tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
-    policy.chmod(0o644)
-    real_ksm.write("run", 0)
-    real_ksm.track(spawn("doctor-guest", mib=64))  # mergeable memory: the daemon would start KSM
-    pid = ksmtuned()
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == "ksmtuned"
+    policy, pid = beside_ksmtuned(real_ksm, ksmtuned, tmp_path)
     daemon = DaemonProcess(policy, tmp_path / "run")
     try:
         assert wait_for(lambda: "passive:" in daemon.output(), 15), daemon.output()
@@ -186,12 +195,7 @@ def test_the_daemon_stays_passive_beside_ksmtuned_and_doctor_says_so(
 def test_take_over_stops_ksmtuned(
     real_ksm: RealKsm, ksmtuned: Callable[[], int], tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
-    policy.chmod(0o644)
-    real_ksm.write("run", 0)
-    real_ksm.track(spawn("doctor-guest", mib=64))
-    pid = ksmtuned()
+    policy, pid = beside_ksmtuned(real_ksm, ksmtuned, tmp_path)
     daemon = DaemonProcess(policy, tmp_path / "run", "--take-over")
     try:
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15), daemon.output()
