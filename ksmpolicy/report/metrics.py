@@ -24,7 +24,7 @@ from ksmpolicy.report.status import Status, collect
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing
 
-VM_LABELS = ["vm", "vmid", "group"]
+VM_LABELS = ["vm", "vmid", "group", "kind"]  # kind: qemu, firecracker, service, ...
 
 
 PAGEMAP_SECONDS = 60.0  # scrapes in between reuse the last page-map walk
@@ -183,10 +183,8 @@ def status_metrics(status: Status) -> Iterator[Metric]:
             labels=[*VM_LABELS, "decision"],
         ),
     }
-    for vm in status.vms:
-        if vm.kind != "qemu":
-            continue
-        labels = [vm.name, vm.vmid or "", vm.group or ""]
+    for vm in status.vms:  # VMs, and every other KSM user (VMMs, services, processes)
+        labels = [vm.name, vm.vmid or "", vm.group or "", vm.kind]
         families["mergeable"].add_metric(labels, vm.mergeable_bytes)
         families["merged"].add_metric(labels, vm.merged_bytes)
         families["zero"].add_metric(labels, vm.zero_bytes)

@@ -243,12 +243,20 @@ def test_metrics_parse_and_every_family_has_help_and_type(host: Path) -> None:
         assert f"# HELP {name}" in exposed
         assert f"# TYPE {name}" in exposed
     assert families["ksmpolicy_ksmd_cpu_seconds"].samples[0].value == 12.5
-    merged = {s.labels["vm"]: s.value for s in families["ksmpolicy_vm_merged_bytes"].samples}
-    assert merged == {"web-1,blue": 12800 * 4096, "pg-primary": 0}
+    merged = {
+        (s.labels["vm"], s.labels["kind"]): s.value
+        for s in families["ksmpolicy_vm_merged_bytes"].samples
+    }
+    assert merged == {
+        ("web-1,blue", "qemu"): 12800 * 4096,
+        ("pg-primary", "qemu"): 0,
+        ("redis-server[102]", "process"): 5 * 4096,  # a KSM user beside the VMs
+    }
     compliant = families["ksmpolicy_vm_compliant"].samples
     assert {(s.labels["vm"], s.labels["decision"], s.value) for s in compliant} == {
         ("web-1,blue", "merge", 1.0),
         ("pg-primary", "exclude", 0.0),
+        ("redis-server[102]", "merge", 1.0),
     }
     assert families["ksmpolicy_ksm_general_profit_bytes"].samples[0].value == 100 * MIB
     assert families["ksmpolicy_ksm_full_scans"].type == "counter"
