@@ -3,8 +3,10 @@ systemd 252, not PID 1)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,39 @@ def test_systemd_analyze_verify_reads_the_dropin(tmp_path: Path) -> None:
     else:
         assert len(complaints) == 1, complaints
         assert "50-ksmpolicy.conf:3: Unknown key 'MemoryKSM' in section [Service]" in complaints[0]
+
+
+SYSTEMD_254 = Path(sys.executable).parent.parent / "opt/systemd-254"
+
+
+def analyze_254(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """systemd 254's systemd-analyze, unpacked from Debian's bookworm-backports by
+    scripts/bootstrap (the first systemd that knows MemoryKSM=)."""
+    binary = SYSTEMD_254 / "usr/bin/systemd-analyze"
+    assert binary.exists(), f"{binary} is missing: run scripts/bootstrap"
+    libraries = next(SYSTEMD_254.glob("usr/lib/*/systemd"))
+    return subprocess.run(
+        [str(binary), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "LD_LIBRARY_PATH": str(libraries)},
+    )
+
+
+def test_systemd_254_verifies_the_dropin_and_would_catch_a_bad_one(tmp_path: Path) -> None:
+    assert analyze_254("--version", cwd=tmp_path).stdout.startswith("systemd 254 ")
+    unit = tmp_path / "sample.service"
+    unit.write_text("[Unit]\nDescription=sample\n[Service]\nExecStart=/bin/true\n")
+    for name, tags in (("sample.service", ()), ("sample.service", ("--tag", "database"))):
+        made = dropin(tmp_path, name, *tags, "--systemd-version", "254", "--dir", str(tmp_path))
+        assert made.returncode == 0, made.stderr
+        result = analyze_254("verify", str(unit), cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    # the check can fail: a value systemd does not take is reported
+    dropin_file = tmp_path / "sample.service.d/50-ksmpolicy.conf"
+    dropin_file.write_text(dropin_file.read_text().replace("MemoryKSM=no", "MemoryKSM=maybe"))
+    result = analyze_254("verify", str(unit), cwd=tmp_path)
+    assert "Failed to parse boolean value for MemoryKSM=" in result.stderr
