@@ -149,14 +149,20 @@ def transient_unit(name: str) -> Iterator[Path]:
 def test_real_processes_shaped_like_vmms_and_a_service(tmp_path: Path) -> None:
     if not IS_ROOT:
         pytest.skip("needs root to create a cgroup (CI runs as root)")
-    fc = spawn("fc", mib=16, binary="firecracker", extra_args=("--id", "fc-real"))
+    # comm as the real binaries would have it (simguest names itself qemu-system-x86 else)
+    fc = spawn(
+        "fc", mib=16, binary="firecracker", extra_args=("--id", "fc-real", "--comm=firecracker")
+    )
     ch = spawn(
-        "ch", mib=16, binary="cloud-hypervisor", extra_args=("--api-socket", "/run/ch/ch-real.sock")
+        "ch",
+        mib=16,
+        binary="cloud-hypervisor",
+        extra_args=("--api-socket", "/run/ch/ch-real.sock", "--comm=cloud-hyperviso"),
     )
     service = None
     try:
         with transient_unit("demo-agent.service") as group:
-            service = spawn("svc", mib=16, binary="demo-agent")
+            service = spawn("svc", mib=16, binary="demo-agent", extra_args=("--comm=demo-agent",))
             (group / "cgroup.procs").write_text(f"{service.pid}\n")
             scanner = ProcessScanner(HostPaths())
             found = {p.pid: (p.kind, p.name, p.unit) for p in scanner.scan()}
