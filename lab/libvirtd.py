@@ -242,8 +242,10 @@ def lab_session(workdir: Path) -> Iterator[Lab]:
         lab = Lab(daemon, workdir)
         yield lab
     finally:
-        if lab is not None:
-            lab.cleanup()
-            if (HostPaths().libvirt_hooks / "qemu.d" / lab.hook_name).exists():
-                lab.uninstall_hook()
-        daemon.stop()
+        try:
+            if lab is not None:
+                lab.cleanup()
+                if (HostPaths().libvirt_hooks / "qemu.d" / lab.hook_name).exists():
+                    lab.uninstall_hook()
+        finally:  # a failing clean-up must not leave the daemons it started running
+            daemon.stop()
