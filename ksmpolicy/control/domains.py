@@ -34,7 +34,7 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.status import VmStatus
+from ksmpolicy.report.model import VmStatus
 
 log = logging.getLogger(__name__)
 Toggle = Callable[[VmStatus, bool], list[str]]

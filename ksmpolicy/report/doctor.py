@@ -23,7 +23,8 @@ from ksmpolicy.kernel.smaps import Smaps, parse
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.status import VmStatus, collect
+from ksmpolicy.report.model import VmStatus
+from ksmpolicy.report.status import collect
 
 LEVELS = ("ok", "info", "warn", "fail")
 SPARSE_RATIO, SPARSE_MIN_BYTES = 16, 4 << 30  # mergeable VMAs far larger than what is resident

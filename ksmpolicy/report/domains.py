@@ -4,24 +4,13 @@ merges as the domains allow, and what needs attention."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ksmpolicy.domains.state import load
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.findings import Finding
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ksmpolicy.report.status import VmStatus
-
-
-@dataclass(frozen=True)
-class ScopeStatus:
-    name: str  # host, or node<N> with merge_across_nodes=0
-    domain: str
-    since: float  # wall-clock time of the claim
-    why: str
+from ksmpolicy.report.model import ScopeStatus, VmStatus
 
 
 def domain_view(

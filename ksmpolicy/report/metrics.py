@@ -19,7 +19,8 @@ from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.status import Status, collect
+from ksmpolicy.report.model import Status
+from ksmpolicy.report.status import collect
 
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing

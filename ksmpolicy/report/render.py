@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ksmpolicy.kernel.ksm import PAGE_SIZE
-from ksmpolicy.report.status import Status
+from ksmpolicy.report.model import Status
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

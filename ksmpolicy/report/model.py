@@ -1,0 +1,93 @@
+"""What `status` reports, as records: the host, each VM (or other KSM user), each group, each
+merge scope under trust domains. `report/status.py` collects them, `report/domains.py` judges
+the VMs under trust domains, `report/render.py` and `report/metrics.py` show them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ksmpolicy.report.findings import Finding
+
+if TYPE_CHECKING:
+    from ksmpolicy.report.sharing import Sharing
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    pid: int
+    name: str  # VM name, or "VM <vmid>", or "comm[pid]" for non-QEMU processes
+    vmid: str | None
+    uuid: str | None
+    kind: str  # qemu, or another KSM user's kind (firecracker, service, ...: VmProcess.kind)
+    source: str  # libvirt | proxmox | process: where the facts came from
+    group: str | None
+    decision: str | None  # merge | exclude | never (memory cannot merge) | None (no policy)
+    rule: str | None
+    compliant: bool | None  # running state matches the decision; None when unknown
+    ram_bytes: int | None
+    mergeable_bytes: int
+    merged_bytes: int  # this VM's pages mapped to KSM pages (ksm_merging_pages)
+    zero_bytes: int  # this VM's pages mapped to the zero page (ksm_zero_pages)
+    profit_bytes: int | None  # ksm_process_profit: signed, rmap overhead counted
+    # What merging saves this VM: exact from the page map (each KSM page's saving split among
+    # its mappers), else ksm_stat's merged and zero pages, which count a shared page fully
+    # for every VM that maps it.
+    saved_bytes: int = 0
+    savings_source: str = "ksm_stat"  # pagemap | ksm_stat
+    domain: str | None = None  # its trust domain (None: no policy)
+    merging_now: bool | None = None  # its guest RAM is mergeable now (None: cannot tell)
+    mergeable_vmas: int = 0  # VMAs of it KSM may scan now (guest RAM, ROMs, video RAM)
+    trusted: bool = True  # run by root or the hypervisor's user: its identity is believed
+    start: int | None = None  # start time (clock ticks since boot): with the PID, names it
+    unit: str | None = None  # its systemd unit (services, and VMs started in one)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    vms: int
+    mergeable_bytes: int
+    merged_bytes: int
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    available: bool  # the kernel has KSM
+    running: bool
+    controller: str  # who sets the knobs: ksmpolicy daemon, ksmtuned, kernel advisor, ...
+    knobs: dict[str, int | str]
+    saved_bytes: int
+    general_profit_bytes: int | None
+    full_scans: int | None
+    ksmd_cpu_percent: float | None
+    ksmd_cpu_seconds: float | None
+    pages_sharing: int | None
+    pages_shared: int | None
+    zero_pages: int | None
+    # Other controllers of the knobs: "ksmtuned (pid 812)", and whether each runs (else: boot)
+    others: tuple[tuple[str, bool], ...] = ()
+    passive: str | None = None  # the daemon writes no knob, and why (from its daemon.json)
+    discovery: str | None = None  # how the daemon finds new VMs (process events, polling)
+
+
+@dataclass(frozen=True)
+class Status:
+    host: HostStatus
+    vms: tuple[VmStatus, ...]
+    groups: tuple[GroupStatus, ...]
+    findings: tuple[Finding, ...]
+    policy: str | None = None
+    policy_error: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    sharing: Sharing | None = None  # the sharing map, when the page map could be read
+    savings_note: str | None = None  # why per-VM savings come from ksm_stat
+    scopes: tuple[ScopeStatus, ...] = ()  # under trust domains: each merge scope's domain
+
+
+@dataclass(frozen=True)
+class ScopeStatus:
+    name: str  # host, or node<N> with merge_across_nodes=0
+    domain: str
+    since: float  # wall-clock time of the claim
+    why: str
