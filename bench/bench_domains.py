@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_pagemap import converge, write
+from bench.bench_pagemap import converge
+from bench.ksm_bench import stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.kernel.procfs import read_meminfo
@@ -59,13 +60,6 @@ isolation: {{min_hold_seconds: 0}}
 """
 
 
-def stop(processes: list) -> None:  # type: ignore[type-arg]
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait()
-
-
 def bench_audit() -> dict[str, float]:
     policy = parse_policy(POLICY.format(beta=0))
     guests = [
@@ -81,7 +75,7 @@ def bench_audit() -> dict[str, float]:
         converge()
         runs = [audit(HostPaths(), policy) for _ in range(3)]
     finally:
-        stop(guests)
+        stop_all(guests)
     cpu = statistics.median(r.cpu_seconds for r in runs)
     return {
         "audit_vms": AUDIT_VMS,
@@ -168,7 +162,7 @@ def bench_handover() -> dict[str, float | bool | None]:
     finally:
         if daemon is not None:
             daemon.stop()
-        stop(processes)
+        stop_all(processes)
         write("run", 0)
     return {
         "switch_guests_per_domain": SWITCH_GUESTS,
@@ -201,7 +195,7 @@ def bench_zero() -> dict[str, int]:
             found[f"zero{zero}_cross_domain_pages"] = result.cross_domain_pages
             found[f"zero{zero}_ksm_zero_pages"] = (state.get("ksm_zero_pages") or 0) if state else 0
         finally:
-            stop(guests)
+            stop_all(guests)
     found["zero_pages_per_guest"] = page_plan(64 * 256, 0, 45)[1]
     return found
 

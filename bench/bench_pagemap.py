@@ -24,6 +24,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from bench.ksm_bench import stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.paths import HostPaths
@@ -32,13 +33,8 @@ from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KSM = Path("/sys/kernel/mm/ksm")
 WALK_GUESTS, WALK_MIB = 8, 512
 STATUS_VMS, STATUS_RAM_MIB, STATUS_TOUCHED_MIB = 200, 1024, 32
-
-
-def write(name: str, value: int) -> None:
-    (KSM / name).write_text(f"{value}\n")
 
 
 def converge(timeout: float = 180) -> None:
@@ -80,9 +76,7 @@ def bench_walk() -> dict[str, float]:
         found = estimate(HostPaths(), guests_for_estimate, interval=0)
         estimate_cpu = time.process_time() - cpu0
     finally:
-        for guest in guests:
-            guest.terminate()
-            guest.wait()
+        stop_all(guests)
     gib = present * PAGE_SIZE / 2**30
     return {
         "present_gib": round(gib, 2),
@@ -129,10 +123,7 @@ def bench_status() -> dict[str, float]:
         exact = timed()
         plain = timed("--no-pagemap")
     finally:
-        for guest in guests:
-            guest.terminate()
-        for guest in guests:
-            guest.wait()
+        stop_all(guests)
     return {"status_exact_seconds": round(exact, 3), "status_plain_seconds": round(plain, 3)}
 
 

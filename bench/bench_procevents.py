@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.bench_pagemap import write
+from bench.ksm_bench import write
 from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs
 from tests.control.test_daemon import DaemonProcess

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.ksm_bench import stop_all
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import load_policy
 from ksmpolicy.report.status import collect
@@ -54,10 +55,7 @@ def main() -> int:
                 )
                 times.append(time.perf_counter() - start)
     finally:
-        for guest in guests:
-            guest.terminate()
-        for guest in guests:
-            guest.wait()
+        stop_all(guests)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     results = {
         "machine": machine,

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.ksm_bench import KSM, stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.paths import HostPaths
@@ -29,16 +30,11 @@ from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KSM = Path("/sys/kernel/mm/ksm")
 WORKLOADS = {
     "bench": {"image_percent": 60.0, "zero_percent": 10.0},
     "windows": {"image_percent": 30.0, "zero_percent": 50.0},
 }
 GUESTS, MIB, SECONDS = 4, 256, 60.0
-
-
-def write(name: str, value: int) -> None:
-    (KSM / name).write_text(f"{value}\n")
 
 
 def saved(paths: HostPaths) -> tuple[int, int]:
@@ -86,9 +82,7 @@ def run(workload: str, zero: int) -> dict[str, float]:
         }
     finally:
         write("run", 0)
-        for guest in guests:
-            guest.terminate()
-            guest.wait()
+        stop_all(guests)
 
 
 def main() -> int:
