@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from bench.bench_pagemap import converge
-from bench.ksm_bench import stop_all, write
+from bench.ksm_bench import machine_name, stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.kernel.procfs import read_meminfo
@@ -212,9 +211,7 @@ def main() -> int:
         finally:
             write("run", 0)
             restore_knobs(knobs)
-    results["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
-    )
+    results["machine"] = machine_name()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "domains.json").write_text(json.dumps(results, indent=2) + "\n")
     r = results

@@ -15,12 +15,12 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.ksm_bench import machine_name
 from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.report.estimate import Guest, estimate
@@ -138,7 +138,7 @@ def main() -> int:
         finally:
             (Path("/sys/kernel/mm/ksm") / "run").write_text("0\n")
             restore_knobs(knobs)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
+    machine = machine_name()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "estimate.json").write_text(
         json.dumps({"machine": machine, "results": results}, indent=2) + "\n"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from bench.ksm_bench import stop_all, write
+from bench.ksm_bench import machine_name, stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.paths import HostPaths
@@ -139,7 +138,7 @@ def main() -> int:
         finally:
             write("run", 0)
             restore_knobs(knobs)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
+    machine = machine_name()
     results["machine"] = machine  # type: ignore[assignment]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pagemap.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.ksm_bench import write
+from bench.ksm_bench import machine_name, write
 from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs
 from tests.control.test_daemon import DaemonProcess
@@ -101,7 +100,7 @@ def main() -> int:
         "polling_starts": POLLING_STARTS,
         "polling_median_ms": round(1000 * statistics.median(polled), 1) if polled else None,
         "interval_seconds": INTERVAL,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}",
+        "machine": machine_name(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "procevents.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -107,6 +107,11 @@ class Contender:
     notes: bool = True  # a ksmpolicy daemon gets the hooks' notes (the others ignore them)
 
 
+def machine_name() -> str:
+    """The machine a benchmark ran on, as every results file names it."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
+
+
 def write(name: str, value: int | str) -> None:
     (KSM / name).write_text(f"{value}\n")
 
@@ -800,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
     cap = shipped_cpu_cap()
     result: dict[str, object] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}",
+        "machine": machine_name(),
         "workload": asdict(workload),
         "physical_bound_seconds": physical_bound(runs, cap),
         "cpu_cap_percent": cap,

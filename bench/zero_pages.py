@@ -17,12 +17,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from bench.ksm_bench import KSM, stop_all, write
+from bench.ksm_bench import KSM, machine_name, stop_all, write
 from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.paths import HostPaths
@@ -102,7 +101,7 @@ def main() -> int:
             write("run", 0)
             write("use_zero_pages", int(original_zero))
             restore_knobs(knobs)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}"
+    machine = machine_name()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "zero-pages.json").write_text(
         json.dumps({"machine": machine, "results": results}, indent=2) + "\n"
