@@ -15,16 +15,14 @@ from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.report.estimate import Guest, estimate
 from ksmpolicy.report.render import yaml_snippet
-from ksmpolicy.report.sharing import measure
 from lab.simguest import spawn
 from tests.conftest import RealKsm
 from tests.report.test_sharing import (
     GROUP,
     WORKLOAD,
     converge,
-    parties,
+    measure_workload,
     start,
-    zero_pages_of,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
@@ -47,14 +45,7 @@ def test_the_estimate_predicts_what_ksmd_then_saves(real_ksm: RealKsm, zero: int
     assert before is not None and after is not None
     assert after.values == before.values  # it ran no ksmd and wrote no knob
     converge(real_ksm)
-    state = read_ksm(HostPaths())
-    assert state is not None
-    measured = measure(
-        HostPaths(),
-        parties(pids, WORKLOAD),
-        zero_pages=zero_pages_of(pids),
-        ksm_zero_pages=state.get("ksm_zero_pages"),
-    )
+    measured, _state = measure_workload(pids)
     real = {vm.name: vm.saved_bytes for vm in measured.vms}
     for vm in predicted.vms:
         assert abs(vm.predicted_saved_bytes - real[vm.name]) <= 0.05 * real[vm.name], (

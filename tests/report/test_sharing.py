@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.report.sharing import Party, measure
+from ksmpolicy.report.sharing import Party, Sharing, measure
 from ksmpolicy.report.status import collect
 from lab.simguest import page_plan, spawn
 from tests.conftest import RealKsm
@@ -65,6 +65,19 @@ def parties(pids: dict[str, int], workload: dict[str, str]) -> list[Party]:
     return [Party(pid, name, GROUP[workload[name]]) for name, pid in pids.items()]
 
 
+def measure_workload(pids: dict[str, int]) -> tuple[Sharing, KsmState]:
+    """The page map's sharing of the workload's guests, and the kernel's counters beside it."""
+    state = read_ksm(HostPaths())
+    assert state is not None
+    sharing = measure(
+        HostPaths(),
+        parties(pids, WORKLOAD),
+        zero_pages=zero_pages_of(pids),
+        ksm_zero_pages=state.get("ksm_zero_pages"),
+    )
+    return sharing, state
+
+
 def zero_pages_of(pids: dict[str, int]) -> dict[int, int]:
     from ksmpolicy.kernel.scan import read_ksm_stat
 
@@ -89,14 +102,7 @@ def merged(
 @pytest.mark.root
 def test_exact_savings_add_up_to_the_kernels(merged: tuple[dict[str, int], int]) -> None:
     pids, _zero = merged
-    state = read_ksm(HostPaths())
-    assert state is not None
-    sharing = measure(
-        HostPaths(),
-        parties(pids, WORKLOAD),
-        zero_pages=zero_pages_of(pids),
-        ksm_zero_pages=state.get("ksm_zero_pages"),
-    )
+    sharing, state = measure_workload(pids)
     kernel = state.saved_pages * PAGE_SIZE
     ours = sum(vm.saved_bytes for vm in sharing.vms)
     assert kernel > 0
@@ -192,29 +198,25 @@ def test_without_root_the_map_says_why_and_status_falls_back(
     )
     real_ksm.processes.append(guest)  # type: ignore[arg-type]
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    pages = subprocess.run(
-        [*nobody, command, "pages"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*nobody, command, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+
+    pages = as_nobody("pages")
     assert pages.returncode == 1
     assert pages.stderr.splitlines() == [
         "ksmpolicy: error: the page map cannot be read: cannot read /proc/kpageflags: permission "
         "denied (run as root): per-VM savings come from ksm_stat"
     ]
-    status = subprocess.run(
-        [*nobody, command, "status", "--json", "--sample", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
+    status = as_nobody("status", "--json", "--sample", "0")
     assert status.returncode == 0, status.stderr
     assert '"savings_note": "cannot read /proc/kpageflags: permission denied' in status.stdout
 
