@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason="needs root (CI runs as root)"))
 
 
+def replace_policy(path: Path, text: str) -> None:
+    """Replace a policy file with a new one (a new inode, as an editor's save makes: the hooks'
+    compiled cache sees the change), root-trustable (0644)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.chmod(0o644)
+    temporary.rename(path)
+
+
 @pytest.fixture
 def write_policy(tmp_path: Path) -> Callable[..., Path]:
     """Write policy text to a root-trustable file (mode 0644 in a private directory)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from ksmpolicy.libvirt.install import shim
-from tests.conftest import IS_ROOT, REPO
+from tests.conftest import IS_ROOT, REPO, replace_policy
 
 MODES = ("off", "warn", "block")
 LIMIT = 15.0  # seconds a case may take at most; the hook's own deadline is set to 1 s
@@ -101,10 +101,7 @@ class Host:
                 "    action: merge\n"
             )
         )
-        temporary = self.root / "policy.tmp"
-        temporary.write_text(body)
-        temporary.chmod(0o644)
-        temporary.rename(self.policy)
+        replace_policy(self.policy, body)
 
     def files(self) -> set[str]:
         """Every file under the tree with its mtime (a hanging filesystem must never be

@@ -134,10 +134,7 @@ def test_the_hookscript_gives_an_idle_scope_to_the_first_domain_only(
     off while the first runs, and is switched on once the scope is idle again."""
     for name in ("proc", "sys"):  # the node's root stands in for /etc/pve and /var/run only
         (node.root / name).symlink_to(f"/{name}")
-    temporary = node.root / "policy.tmp"
-    temporary.write_text(DOMAINS)
-    temporary.chmod(0o644)
-    temporary.rename(node.policy)
+    node.write_policy(DOMAINS)
     node.install()
     node.add("101", "qs-simple1.conf", **{"name: simple": "name: a-web\nallow-ksm: 0"})
     node.add("102", "qs-simple1.conf", **{"name: simple": "name: b-web\nallow-ksm: 0"})

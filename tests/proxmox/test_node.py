@@ -16,7 +16,7 @@ from ksmpolicy.cli.main import cli
 from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths
-from tests.conftest import REPO
+from tests.conftest import REPO, replace_policy
 
 DATA = REPO / "tests/data/proxmox"
 POLICY = """\
@@ -50,10 +50,10 @@ class Node:
         self.set_policy()
 
     def set_policy(self, mode: str = "block", version: str = "9.2.6") -> None:
-        temporary = self.root / "policy.tmp"
-        temporary.write_text(POLICY.format(mode=mode, version=version))
-        temporary.chmod(0o644)
-        temporary.rename(self.policy)
+        self.write_policy(POLICY.format(mode=mode, version=version))
+
+    def write_policy(self, text: str) -> None:
+        replace_policy(self.policy, text)
 
     def add(self, vmid: str, source: str, **replace: str) -> Path:
         text = (DATA / source).read_text()
