@@ -119,7 +119,7 @@ def reconcile(
     writes nothing unless --force.
     """
     from ksmpolicy.control.daemon import Reconciler  # noqa: PLC0415
-    from ksmpolicy.kernel.controllers import daemon_pids, other_controllers  # noqa: PLC0415
+    from ksmpolicy.kernel.controllers import other_controllers  # noqa: PLC0415
 
     paths = host_paths(root)
     reconciler = Reconciler(paths, options.load(), dry_run=True)
@@ -127,11 +127,8 @@ def reconcile(
     if sample > 0:
         time.sleep(sample)
     result = reconciler.step()
-    controllers = [f"ksmpolicy daemon (pid {pid})" for pid in daemon_pids(paths)]
-    controllers += [
-        f"{c.name} ({c.detail})"
-        for c in other_controllers(paths, advisor_wanted=True)
-        if c.running and c.name != "ksmpolicy daemon"
+    controllers = [  # every daemon counts here: this pass is none of them
+        f"{c.name} ({c.detail})" for c in other_controllers(paths, advisor_wanted=True) if c.running
     ]
     if controllers and not dry_run and not force:
         click.echo(

@@ -34,6 +34,7 @@ SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost
 # sets it up): look every WATCH_FAST seconds for the first WATCH_FAST_FOR, then every half second
 # until WATCH_SECONDS. A look is a /proc scan of the processes already known plus the new one.
 WATCH_SECONDS, WATCH_FAST_FOR, WATCH_FAST = 5.0, 1.0, 0.05
+CONTROLLERS_EVERY = 1.0  # seconds between looks for other controllers of the knobs
 STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
 
 
@@ -156,6 +157,7 @@ class Daemon:
         self._owns_knobs = False  # written a knob: an advisor seen on now is its own doing
         self._next_alive = 0.0
         self._said_once: set[str] = set()
+        self._next_controllers = 0.0  # when to look for other controllers again
         self.restore_on_exit = restore_on_exit
         self.libvirt_uri = libvirt_uri
         self.use_libvirt = use_libvirt and not dry_run
@@ -391,6 +393,7 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: load the policy again; a bad one keeps the old and says why."""
         sdnotify.notify("RELOADING=1")
+        self._next_controllers = 0.0  # a new policy may want the advisor: look again at once
         try:
             self.reconciler.policy = self._load_policy()
         except KsmPolicyError as exc:
@@ -448,7 +451,13 @@ class Daemon:
 
     def _other_controllers(self) -> str | None:
         """Why the daemon must not write the knobs now (another controller runs), or None.
-        Said once per set of controllers, with the fix; with --take-over, stops what it can."""
+        Said once per set of controllers, with the fix; with --take-over, stops what it can.
+        Looked for at most every CONTROLLERS_EVERY seconds (two walks of /proc): not at each
+        of the quick looks of a sprint or after a VMM's exec."""
+        now = time.monotonic()
+        if now < self._next_controllers:
+            return self.passive
+        self._next_controllers = now + CONTROLLERS_EVERY
         policy = self.reconciler.policy
         found = other_controllers(
             self.paths,

@@ -12,6 +12,7 @@ again; `doctor` still says so, since it turns KSM on whenever ksmpolicy is not r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ksmpolicy.kernel.procfs import processes_named
@@ -33,9 +34,14 @@ class Controller:
 
 
 def other_controllers(
-    paths: HostPaths, *, own_pids: tuple[int, ...] = (), advisor_wanted: bool = False
+    paths: HostPaths,
+    *,
+    own_pids: tuple[int, ...] = (),
+    advisor_wanted: bool = False,
+    daemons: Sequence[int] | None = None,
 ) -> list[Controller]:
-    """Every other controller of the KSM knobs on this host, running ones first."""
+    """Every other controller of the KSM knobs on this host, running ones first. `daemons`:
+    the `ksmpolicy daemon` PIDs when the caller has them already (else /proc is read)."""
     found = [
         Controller(
             "ksmtuned",
@@ -53,7 +59,7 @@ def other_controllers(
             f"run one daemon per host: stop this one or pid {pid}",
             running=True,
         )
-        for pid in daemon_pids(paths)
+        for pid in (daemon_pids(paths) if daemons is None else daemons)
         if pid not in own_pids
     ]
     advisor = _read(paths.ksm_dir / "advisor_mode")

@@ -107,7 +107,9 @@ def _kernel(paths: HostPaths) -> Iterator[Check]:
 def _controllers(paths: HostPaths, policy: Policy | None) -> Iterator[Check]:
     daemons = daemon_pids(paths)
     wanted = bool(daemons) or (policy is not None and policy.reconciler.kernel_advisor)
-    others = other_controllers(paths, own_pids=tuple(daemons[:1]), advisor_wanted=wanted)
+    others = other_controllers(
+        paths, own_pids=tuple(daemons[:1]), advisor_wanted=wanted, daemons=daemons
+    )
     for other in others:
         if other.running:
             yield Check(

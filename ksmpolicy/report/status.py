@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from ksmpolicy.control.alive import read_alive
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
-from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
+from ksmpolicy.kernel.controllers import Controller, daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
-from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
@@ -80,7 +80,8 @@ def collect(
     if policy is not None and policy.uses_domains:
         from ksmpolicy.report.domains import domain_view  # noqa: PLC0415
 
-        scopes, vms, extra = domain_view(paths, policy, vms, bool(daemon_pids(paths)))
+        daemon_running = host.controller == DAEMON_CONTROLLER
+        scopes, vms, extra = domain_view(paths, policy, vms, daemon_running)
     groups = _groups(vms)
     findings = (
         *_findings(host, vms, paths, domains=policy is not None and policy.uses_domains),
@@ -161,13 +162,15 @@ def _host_status(
         )
     values = state.values
     running = state.get("run") == 1
-    daemons = daemon_pids(paths)
-    others = other_controllers(paths, own_pids=tuple(daemons[:1]), advisor_wanted=bool(daemons))
+    daemons = daemon_pids(paths)  # one walk of /proc for the daemons, one for the others
+    others = other_controllers(
+        paths, own_pids=tuple(daemons[:1]), advisor_wanted=bool(daemons), daemons=daemons
+    )
     alive = read_alive(paths) if daemons else None
     return HostStatus(
         available=True,
         running=running,
-        controller=_controller(paths, state),
+        controller=_controller(state, daemons, others),
         knobs={k: v for k, v in values.items() if k in _SHOWN_KNOBS},
         saved_bytes=state.saved_bytes,
         general_profit_bytes=state.get("general_profit"),
@@ -195,10 +198,13 @@ _SHOWN_KNOBS = (
 )
 
 
-def _controller(paths: HostPaths, state: KsmState) -> str:
-    if daemon_pids(paths):
-        return "ksmpolicy daemon"
-    if processes_named(paths, ["ksmtuned"]):
+DAEMON_CONTROLLER = "ksmpolicy daemon"
+
+
+def _controller(state: KsmState, daemons: Sequence[int], others: Sequence[Controller]) -> str:
+    if daemons:
+        return DAEMON_CONTROLLER
+    if any(c.name == "ksmtuned" and c.running for c in others):
         return "ksmtuned"
     if state.values.get("advisor_mode") == "scan-time":
         return "kernel scan-time advisor"
