@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ksmpolicy.records import FrozenInstanceError, dataclass, field
+from ksmpolicy.records import FrozenInstanceError, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,19 @@ def test_equality_hash_and_repr_match_dataclasses() -> None:
     assert repr(Point(1, 2)) == repr(Reference(1, 2)).replace("Reference", "Point")
     other: object = (1, 0, (), {})
     assert Point(1) != other
+
+
+def test_replace_matches_dataclasses_replace() -> None:
+    p, r = Point(1, 2, ("a",), {"k": 1}), Reference(1, 2, ("a",), {"k": 1})
+    changed = replace(p, y=5, tags=("b",))
+    assert (changed.x, changed.y, changed.tags, changed.extra) == (1, 5, ("b",), {"k": 1})
+    assert (
+        repr(changed).split("(", 1)[1]
+        == repr(dataclasses.replace(r, y=5, tags=("b",))).split("(", 1)[1]
+    )
+    assert p.y == 2  # the original is left as it was
+    with pytest.raises(TypeError, match="Point has no field z"):
+        replace(p, z=1)
 
 
 def test_frozen() -> None:

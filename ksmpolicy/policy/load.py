@@ -110,11 +110,15 @@ def builtin_policy(missing: str = DEFAULT_POLICY_PATH) -> Policy:
     says which file was missing, so every command can tell the operator."""
     from importlib.resources import files  # noqa: PLC0415
 
+    from ksmpolicy.records import replace  # noqa: PLC0415
+
     text = files("ksmpolicy.policy").joinpath("default.yaml").read_text(encoding="utf-8")
-    frozen = list(_freeze(parse_policy(text, f"<{BUILTIN_NAME}>")))
-    frozen[0], frozen[1] = Enforcement.OFF.value, False  # enforcement, live (see _freeze)
-    frozen[8] = f"{BUILTIN_NAME} (no file at {missing})"  # source
-    return _thaw(tuple(frozen))
+    return replace(
+        parse_policy(text, f"<{BUILTIN_NAME}>"),
+        enforcement=Enforcement.OFF,
+        live=False,
+        source=f"{BUILTIN_NAME} (no file at {missing})",
+    )
 
 
 def load_policy_or_builtin(path: str | os.PathLike[str], *, explicit: bool) -> Policy:
