@@ -175,7 +175,6 @@ class Daemon:
         self.use_events = use_events
         self._looked_at: dict[int, str] = {}  # pids seen exec'ing: their exit re-plans too
         self._watch_until = 0.0  # after such an exec, look often while its memory appears
-        self._exited = False
 
     def run(self, *, max_seconds: float | None = None) -> None:
         listener = Listener(self.paths)
@@ -272,10 +271,9 @@ class Daemon:
                     log.info("received %s", signal.Signals(signum).name)
                     return
             if self.events is not None and self.events.fileno() in readable:
-                started = self._process_events()
+                started, exited = self._process_events()
                 notes += started
-                replan = replan or started > 0 or bool(self._exited)
-                self._exited = False
+                replan = replan or started > 0 or exited
             if listener.fileno() in readable:
                 received = listener.receive()
                 for note in received:
@@ -430,15 +428,14 @@ class Daemon:
         self.discovery = "process events (proc connector)"
         log.info("new VMMs are seen when they exec (the kernel's process events)")
 
-    def _process_events(self) -> int:
-        """Exec'd VMMs and mergeable processes: how many (each counts as a hook note, so the
-        law sprints); their exits re-plan at once."""
+    def _process_events(self) -> tuple[int, bool]:
+        """(exec'd VMMs and mergeable processes: each counts as a hook note, so the law
+        sprints; whether one of those exited: that re-plans at once)."""
         assert self.events is not None
-        started = 0
+        started, exited = 0, False
         for event in self.events.read():
             if event.kind == "exit":
-                if self._looked_at.pop(event.pid, None) is not None:
-                    self._exited = True
+                exited = self._looked_at.pop(event.pid, None) is not None or exited
                 continue
             what = worth_a_look(str(self.paths.proc), event.pid)
             if what is None:
@@ -447,7 +444,7 @@ class Daemon:
             self._looked_at[event.pid] = what
             self._watch_until = time.monotonic() + WATCH_SECONDS
             started += 1
-        return started
+        return started, exited
 
     def _other_controllers(self) -> str | None:
         """Why the daemon must not write the knobs now (another controller runs), or None.
