@@ -86,15 +86,23 @@ def libvirtd_pids(paths: HostPaths) -> list[int]:
 
 
 def reload_hint(paths: HostPaths) -> str:
-    running = [name for name in LIBVIRT_DAEMONS if processes_named(paths, [name])]
-    if not running:
+    found = reload_command(paths)
+    if found is None:
         return "libvirtd (or virtqemud) is not running: it reads the hook when it starts."
-    pids = libvirtd_pids(paths)
+    running, command = found
+    return f"{' and '.join(running)} read hooks only when they start or reload: run {command}."
+
+
+def reload_command(paths: HostPaths) -> tuple[list[str], str] | None:
+    """(the libvirt daemons running, the commands that make them read their hooks again), or
+    None when none runs."""
+    pids = {name: processes_named(paths, [name]) for name in LIBVIRT_DAEMONS}
+    running = [name for name in LIBVIRT_DAEMONS if pids[name]]
+    if not running:
+        return None
     units = " ".join(f"{name}.service" for name in running)
-    return (
-        f"{' and '.join(running)} read hooks only when they start or reload: run "
-        f"`systemctl reload {units}` or `kill -HUP {' '.join(map(str, pids))}`."
-    )
+    every = " ".join(str(pid) for name in running for pid in pids[name])
+    return running, f"`systemctl reload {units}` or `kill -HUP {every}`"
 
 
 def executable(path: Path) -> bool:

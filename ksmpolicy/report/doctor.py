@@ -162,7 +162,7 @@ def _policy(policy: Policy | None, path: str, error: str | None) -> Iterator[Che
 
 
 def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
-    from ksmpolicy.libvirt.install import MARKER, libvirtd_pids, reload_hint  # noqa: PLC0415
+    from ksmpolicy.libvirt.install import MARKER, libvirtd_pids, reload_command  # noqa: PLC0415
 
     pids = libvirtd_pids(paths)
     hooks = paths.libvirt_hooks
@@ -207,7 +207,7 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
             "host",
             f"{hook} was installed after libvirt (pid {', '.join(map(str, stale))}) started, "
             "and has not been called since: libvirt reads hooks when it starts or reloads",
-            reload_hint(paths).split(": run ", 1)[-1].removesuffix("."),
+            (reload_command(paths) or ([], "start libvirtd"))[1],
         )
     elif pids:
         yield Check("ok", "host", f"libvirt hook {hook} installed and seen by libvirt")
