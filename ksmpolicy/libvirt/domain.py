@@ -10,7 +10,7 @@ every untouched node stay byte for byte; a line it inserts ends as the document'
 
 from __future__ import annotations
 
-from xml.parsers import expat
+import pyexpat as expat  # xml.parsers.expat without its two package imports (0.4 ms a start)
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import VmFacts

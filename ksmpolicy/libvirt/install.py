@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import carries_marker, write_atomic
+from ksmpolicy.hookshim import shim as hook_shim
 from ksmpolicy.kernel.procfs import processes_named
 from ksmpolicy.paths import HostPaths
 
 MARKER = "# ksmpolicy-hook: written by `ksmpolicy install libvirt`"
 
 
-def shim(python: str, policy: str | None = None, run_dir: str | None = None) -> str:
-    """The hook file: the absolute interpreter (fast start, no PATH lookup) and three lines."""
+def shim(
+    python: str,
+    policy: str | None = None,
+    run_dir: str | None = None,
+    import_paths: Sequence[str] | None = None,
+) -> str:
+    """The hook file (see `ksmpolicy.hookshim`)."""
     options = []
     if policy:
         options += ["--policy", policy]
     if run_dir:
         options += ["--run-dir", run_dir]
-    return (
-        f"#!{python} -I\n"
-        f"{MARKER}; `ksmpolicy uninstall libvirt` removes it.\n"
-        "import sys\n"
-        "from ksmpolicy.hook import leave\n"
-        f"leave([*{options!r}, 'libvirt', *sys.argv[1:]])\n"
+    return hook_shim(
+        python,
+        f"{MARKER}; `ksmpolicy uninstall libvirt` removes it.",
+        "libvirt",
+        options,
+        import_paths,
     )
 
 
@@ -43,6 +50,7 @@ def install(
     policy: str | None = None,
     run_dir: str | None = None,
     python: str = sys.executable,
+    import_paths: Sequence[str] | None = None,
 ) -> Path:
     path = hook_path(paths, main_hook=main_hook, name=name)
     if _ours(path) is False:
@@ -52,7 +60,7 @@ def install(
         )
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
-        write_atomic(path, shim(python, policy, run_dir).encode(), 0o755)
+        write_atomic(path, shim(python, policy, run_dir, import_paths).encode(), 0o755)
     except OSError as exc:
         raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

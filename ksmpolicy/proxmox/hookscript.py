@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import carries_marker, read_regular, write_atomic
+from ksmpolicy.hookshim import shim
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.proxmox.conf import MAX_CONF_BYTES, parse, split_lines
 from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
@@ -61,16 +62,17 @@ def volume_path(paths: HostPaths, volid: str) -> Path:
     return storage_path(paths, storage) / volume
 
 
-def hookscript_text(python: str, policy: str | None = None, extra: Sequence[str] = ()) -> str:
+def hookscript_text(
+    python: str,
+    policy: str | None = None,
+    extra: Sequence[str] = (),
+    import_paths: Sequence[str] | None = None,
+) -> str:
+    """The hookscript (see `ksmpolicy.hookshim`)."""
     options = ["--policy", policy] if policy else []
     options += list(extra)
-    return (
-        f"#!{python} -I\n"
-        f"{HOOKSCRIPT_MARKER}; Proxmox runs it as: ksmpolicy-hook VMID PHASE\n"
-        "import sys\n"
-        "from ksmpolicy.hook import leave\n"
-        f"leave([*{options!r}, 'proxmox', *sys.argv[1:]])\n"
-    )
+    marker = f"{HOOKSCRIPT_MARKER}; Proxmox runs it as: ksmpolicy-hook VMID PHASE"
+    return shim(python, marker, "proxmox", options, import_paths)
 
 
 def install_hookscript(

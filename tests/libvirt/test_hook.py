@@ -262,10 +262,23 @@ def test_bad_usage_exits_2() -> None:
 
 def test_install_writes_an_executable_shim_and_uninstall_removes_it(tmp_path: Path) -> None:
     paths = HostPaths(tmp_path)
-    path = install(paths, policy="/etc/ksmpolicy/policy.yaml")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(mode="block", latency="exclude"))
+    path = install(paths, policy=str(policy), run_dir=str(tmp_path / "run"))
     assert path == tmp_path / "etc/libvirt/hooks/qemu.d/ksmpolicy"
     assert path.stat().st_mode & 0o777 == 0o755
-    assert path.read_text().startswith(f"#!{sys.executable} -I\n")
+    assert path.read_text().startswith(f"#!{sys.executable} -IS\n")  # no `site`: 3-4 ms
+    xml = (REPO / "tests/data/libvirt/ksm-tagged-database.xml").read_bytes()
+    run = subprocess.run(  # as libvirt runs it: the file names where ksmpolicy and YAML are
+        [str(path), "pg-primary", "prepare", "begin", "-"],
+        input=xml,
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=20,
+        check=False,
+    )
+    assert run.returncode == 1  # the policy was compiled (YAML) and refuses this database VM
+    assert run.stderr.decode().startswith('ksmpolicy: "pg-primary" must not share memory')
     assert install(paths) == path  # ours: may be rewritten
     assert uninstall(paths) == path
     assert not path.exists()
