@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ksmpolicy.quoting import one_line
 from ksmpolicy.records import dataclass
 
 
@@ -19,8 +20,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        """One line, whatever the file's name, key or message holds (see `quoting.one_line`)."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        return one_line(text)
 
 
 class PolicyError(KsmPolicyError):

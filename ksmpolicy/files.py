@@ -13,13 +13,15 @@ Three rules, one place:
 * **Trust** (`untrusted_reason`): a file the hooks act on must be one no one but root can
   change, along its whole path, as sshd's StrictModes and sudo check it.
 
-Only `os` and `stat` are imported: the hook uses this module on every VM start.
+Only `os`, `stat` and `quoting` are imported: the hook uses this module on every VM start.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+
+from ksmpolicy.quoting import run_hint
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
@@ -174,7 +176,7 @@ def _unsafe_directory(directory: str) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return (
             f"{directory} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod go-w {directory}"
+            + run_hint("chmod", "go-w", directory)
         )
     return None
 
@@ -276,7 +278,7 @@ def untrusted_reason(path: StrPath, *, owner: int = 0) -> str | None:
                 who = "everyone" if st.st_mode & stat.S_IWOTH else "its group"
                 return (
                     f"{entry} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    f"run: chmod go-w {entry}"
+                    + run_hint("chmod", "go-w", entry)
                 )
     except OSError as exc:
         return f"cannot inspect {exc.filename or name}: {exc.strerror}"
@@ -288,7 +290,7 @@ def _directory_reason(directory: str, st: os.stat_result, owner: int) -> str | N
     if st.st_uid != owner:
         return (
             f"{directory} belongs to uid {st.st_uid}, who could replace what is in it; "
-            f"run: chown root {directory}"
+            + run_hint("chown", "root", directory)
         )
     return None
 
@@ -299,11 +301,13 @@ def _entry_reason(
     """Could someone other than `owner` replace or remove `entry` in `directory`?"""
     if st.st_uid != owner:
         what = "symbolic link" if stat.S_ISLNK(st.st_mode) else kind_of(st.st_mode).split()[-1]
-        return f"{entry} ({what}) belongs to uid {st.st_uid}; run: chown -h root {entry}"
+        return f"{entry} ({what}) belongs to uid {st.st_uid}; " + run_hint(
+            "chown", "-h", "root", entry
+        )
     if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX:
         who = "everyone" if parent.st_mode & stat.S_IWOTH else "its group"
         return (
             f"{directory} is writable by {who} (mode {stat.S_IMODE(parent.st_mode):04o}), who "
-            f"could replace {entry}; run: chmod go-w {directory}"
+            f"could replace {entry}; " + run_hint("chmod", "go-w", directory)
         )
     return None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from ksmpolicy.quoting import fix_command, quote
+from ksmpolicy.quoting import fix_command, one_line, quote
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
@@ -246,8 +246,10 @@ def _last_good(session: Session) -> Policy | None:
 
 
 def report(err: IO[str], message: str, level: str) -> None:
-    """One line to stderr (libvirt and Proxmox show it) and to syslog as `ksmpolicy-hook`."""
-    line = message.replace("\n", " ")
+    """One line to stderr (libvirt and Proxmox show it) and to syslog as `ksmpolicy-hook`.
+    Names in it are quoted already; paths and errors may hold anything, so every unprintable
+    character is escaped here, whatever part of the message it came from."""
+    line = one_line(message)
     print(line, file=err, flush=True)
     try:
         import syslog  # noqa: PLC0415

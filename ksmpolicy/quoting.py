@@ -36,6 +36,30 @@ def shell_word(word: str) -> str | None:
     return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
+def shell_command(*words: str) -> str | None:
+    """Words joined into one command line to paste, each quoted as `shell_word` does; None when
+    one holds a control character."""
+    quoted = [shell_word(word) for word in words]
+    return None if None in quoted else " ".join(quoted)  # type: ignore[arg-type]
+
+
+def run_hint(*words: str) -> str:
+    """ "run: COMMAND" for a message, with every word quoted; a path or name with control
+    characters is not pasteable, so then the hint says what to do instead of how."""
+    line = shell_command(*words)
+    if line is None:
+        return f"run {words[0]} on it by hand (its name has control characters)"
+    return f"run: {line}"
+
+
+def one_line(message: str) -> str:
+    """A message as one log line: unprintable characters (newlines, escapes that move a
+    terminal's cursor) shown as \\uXXXX, whatever part of it they came from."""
+    if not any(unprintable(c) for c in message):
+        return message
+    return "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in message)
+
+
 def fix_command(command: str, name: str, uuid: str | None, option: str = "--domain") -> str:
     """A command to paste, naming the VM safely: by name when it quotes onto one line, else by
     UUID, else a pointer to find it."""

@@ -483,6 +483,48 @@ def test_the_suggested_fix_runs_nothing_but_ksmpolicy(
     assert words == ["apply", "--domain", expected]
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["d-$(touch PWNED)", "d-`touch PWNED`", "d; touch PWNED", "d'q'"])
+def test_a_path_in_a_hint_is_quoted_for_the_shell(host: Host, name: str, tmp_path: Path) -> None:
+    shared = host.root / name  # a local user names their own directory
+    shared.mkdir()
+    os.chown(shared, 65534, 65534)
+    policy = shared / "policy.yaml"
+    policy.write_text("version: 1\n")
+    policy.chmod(0o644)
+    check = ksmpolicy("check", str(policy))
+    assert check.returncode == 1
+    command = check.stderr.split("run: ", 1)[1].splitlines()[0]
+    workdir = tmp_path / "paste"
+    workdir.mkdir()
+    result = subprocess.run(  # pasted into a shell where chown only prints its arguments
+        ["sh", "-c", 'chown() { printf "%s\\0" "$@"; }\n' + command],
+        capture_output=True,
+        cwd=workdir,
+        timeout=10,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (workdir / "PWNED").exists()
+    assert result.stdout.decode().split("\0")[:-1] == ["-h", "root", str(shared)]
+
+
+@pytest.mark.root
+def test_a_hook_line_is_one_line_whatever_a_path_holds(host: Host) -> None:
+    host.write_policy("warn")
+    theirs = host.root / "evil\n\x1b[2Jnext"  # a local user's directory, named to break lines
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    (theirs / "policy.yaml").write_text("version: 1\nenforcement: warn\n")
+    host.policy.unlink()
+    host.policy.symlink_to(theirs / "policy.yaml")  # root's link, into their directory
+    outcome = host.call("tenant", domain("tenant", disk(str(host.images / "a.img"), "raw")))
+    assert outcome.status == 0
+    assert len(outcome.lines) == 1, outcome.lines
+    assert "\x1b" not in outcome.lines[0]
+    assert "evil\\u000a\\u001b[2Jnext (directory) belongs to uid 65534" in outcome.lines[0]
+
+
 # --- 7. every input error is a clear error -------------------------------------------------------
 
 

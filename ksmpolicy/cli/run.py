@@ -9,6 +9,7 @@ import click
 
 from ksmpolicy.cli.common import RUN_DIR, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.quoting import shell_word
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})
@@ -110,8 +111,11 @@ def systemd_dropin(
     from ksmpolicy.files import write_atomic  # noqa: PLC0415
     from ksmpolicy.policy.decide import Decider, VmFacts  # noqa: PLC0415
 
-    if "/" in unit or not unit or unit.startswith("."):
-        raise click.BadParameter(f"{unit!r} is not a unit name", param_hint="UNIT")
+    if not valid_unit_name(unit):
+        raise click.BadParameter(
+            f"{unit!r} is not a unit name (letters, digits and :-_.\\@, as systemd allows)",
+            param_hint="UNIT",
+        )
     full = unit if "." in unit else f"{unit}.service"
     version = systemd_version if systemd_version is not None else installed_systemd()
     if version < MEMORY_KSM_SINCE:
@@ -139,7 +143,17 @@ def systemd_dropin(
     except OSError as exc:
         raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None
     click.echo(f"{path}: MemoryKSM={'yes' if merge else 'no'}")
-    click.echo(f"then: systemctl daemon-reload && systemctl restart {full}")
+    click.echo(f"then: systemctl daemon-reload && systemctl restart {shell_word(full)}")
+
+
+_UNIT_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:-_.\\@"
+)
+
+
+def valid_unit_name(unit: str) -> bool:
+    """A name systemd accepts for a unit: its characters, at most 255 of them, no leading dot."""
+    return 0 < len(unit) <= 255 and not unit.startswith(".") and set(unit) <= _UNIT_CHARACTERS
 
 
 def installed_systemd() -> int:

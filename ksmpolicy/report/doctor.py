@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ksmpolicy.control.alive import read_alive
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
+from ksmpolicy.hookshim import IMPORT_PATHS_LINE
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import CLOCK_TICKS
@@ -23,6 +24,7 @@ from ksmpolicy.kernel.smaps import Smaps, parse
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.quoting import fix_command, run_hint, shell_word
 from ksmpolicy.report.model import VmStatus
 from ksmpolicy.report.status import collect
 
@@ -141,7 +143,8 @@ def _policy(policy: Policy | None, path: str, error: str | None) -> Iterator[Che
             "warn",
             "host",
             f"policy: {policy.source}: the hooks enforce nothing and nothing is live-switched",
-            f"ksmpolicy check --print-default > {path}, edit it, then ksmpolicy apply",
+            f"ksmpolicy check --print-default > {shell_word(path) or 'FILE'}, edit it, "
+            "then ksmpolicy apply",
         )
         return
     reason = untrusted_reason(path)
@@ -182,7 +185,9 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
     hook = ours[0]
     interpreter = _shebang(hook)
     if not os.access(hook, os.X_OK):
-        yield Check("fail", "host", f"{hook} is not executable", f"chmod 755 {hook}")
+        yield Check(
+            "fail", "host", f"{hook} is not executable", run_hint("chmod", "755", str(hook))
+        )
         return
     if interpreter is None or not os.access(paths.under_root(interpreter), os.X_OK):
         yield Check(
@@ -190,6 +195,15 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
             "host",
             f"{hook} runs {interpreter or 'no interpreter'}, which does not exist",
             "ksmpolicy install libvirt (writes the interpreter of this installation)",
+        )
+        return
+    lost = _package_not_found(paths, hook)
+    if lost is not None:
+        yield Check(
+            "fail",
+            "host",
+            f"{hook} looks for ksmpolicy in {lost}, where it is not installed",
+            "ksmpolicy install libvirt (writes where this installation is)",
         )
         return
     installed = hook.stat().st_mtime
@@ -307,7 +321,7 @@ def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
                 "fail",
                 name,
                 f"excluded by the policy ({vm.rule or 'default'}) but merging",
-                f"ksmpolicy apply --domain {name}; ksmpolicy enforce --live",
+                f"{_apply(vm)}; ksmpolicy enforce --live",
             )
         return Check("ok", name, f"not merging: excluded by the policy ({vm.rule or 'default'})")
     smaps = _smaps(paths, vm.pid)
@@ -323,7 +337,7 @@ def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
             name,
             "started with mem-merge=off (<nosharepages/>, allow-ksm: 0) although the policy "
             "says merge",
-            f"ksmpolicy apply --domain {name}, then restart it (or ksmpolicy enforce --live)",
+            f"{_apply(vm)}, then restart it (or ksmpolicy enforce --live)",
         )
     if ram and not any(v.mergeable for v in ram) and vm.decision == "merge":
         return Check(
@@ -337,7 +351,7 @@ def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
             "fail",
             name,
             f"its definition disagrees with the policy ({vm.decision})",
-            f"ksmpolicy apply --domain {name}",
+            _apply(vm),
         )
     if smaps is not None:
         size = sum(v.size for v in smaps.vmas if v.mergeable)
@@ -358,6 +372,13 @@ def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
         merged = (vm.merged_bytes + vm.zero_bytes) >> 20
         return Check("ok", name, f"merging: {merged} MiB of its pages merged")
     return Check("ok", name, "mergeable; nothing merged yet (ksmd has not reached it)")
+
+
+def _apply(vm: VmStatus) -> str:
+    """The command that rewrites this VM's definition, its name quoted for a shell."""
+    if vm.vmid:
+        return f"ksmpolicy apply --proxmox --vmid {vm.vmid}"
+    return fix_command("ksmpolicy apply", vm.name, vm.uuid)
 
 
 def _cannot_merge(ram: list, cmdline: bytes, smaps: Smaps | None) -> tuple[str, str] | None:  # type: ignore[type-arg]
@@ -437,6 +458,28 @@ def _shebang(path: os.PathLike[str]) -> str | None:
         return None
     parts = first[2:].split()
     return parts[0].decode("utf-8", "replace") if parts else None
+
+
+def _package_not_found(paths: HostPaths, hook: os.PathLike[str]) -> str | None:
+    """The directories a hook written by `hookshim` imports from, when none holds ksmpolicy
+    (its installation moved or was removed); None when one does, or for an older hook that
+    relies on `site`."""
+    import ast  # noqa: PLC0415
+
+    text = _text(hook) or ""
+    for line in text.splitlines():
+        if line.startswith(IMPORT_PATHS_LINE):
+            try:
+                directories = ast.literal_eval(line.removeprefix(IMPORT_PATHS_LINE))
+            except (ValueError, SyntaxError):
+                return line.removeprefix(IMPORT_PATHS_LINE)
+            if not isinstance(directories, list):
+                return repr(directories)
+            for directory in directories:
+                if (paths.under_root(str(directory)) / "ksmpolicy/hook.py").is_file():
+                    return None
+            return ", ".join(map(str, directories)) or "no directory"
+    return None
 
 
 def _started(paths: HostPaths, pid: int) -> float | None:

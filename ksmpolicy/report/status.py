@@ -18,7 +18,7 @@ from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.quoting import fix_command
+from ksmpolicy.quoting import fix_command, shell_word
 from ksmpolicy.report.findings import Finding
 from ksmpolicy.report.model import GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
 
@@ -339,7 +339,8 @@ def _findings(
         if vm.kind != "qemu":
             if vm.decision == "exclude":  # listed only because its memory is mergeable
                 restart = (
-                    f"ksmpolicy systemd-dropin {vm.unit} (MemoryKSM=no), then restart it"
+                    f"ksmpolicy systemd-dropin {shell_word(vm.unit) or 'UNIT'} (MemoryKSM=no), "
+                    "then restart it"
                     if vm.unit and vm.unit.endswith(".service")
                     else "restart it under `ksmpolicy exec` (which leaves it unmergeable)"
                 )

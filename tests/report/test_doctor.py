@@ -112,6 +112,34 @@ def test_the_builtin_default_and_no_daemon_are_reported_with_fixes(tmp_path: Pat
     assert found.failed
 
 
+def test_a_hook_whose_installation_moved_is_a_fail_with_the_fix(tmp_path: Path) -> None:
+    import sys
+
+    from ksmpolicy.libvirt.install import install
+
+    paths = fake(tmp_path, {"run": "0"})
+    (tmp_path / "etc/libvirt").mkdir(parents=True)
+    python = str(tmp_path / "usr/bin/python3")  # the interpreter the hook names: it exists
+    Path(python).parent.mkdir(parents=True)
+    Path(python).symlink_to(sys.executable)
+    moved = tmp_path / "opt/old-venv/site-packages"  # ksmpolicy is no longer there
+    install(paths, python="/usr/bin/python3", import_paths=["/opt/old-venv/site-packages"])
+
+    def hook_check() -> tuple[str, str | None]:
+        found = diagnose(paths, POLICY, str(paths.root / "p.yaml"), None)
+        (check,) = [
+            c for c in found.checks if "hook" in c.what and "libvirt" in c.what + str(c.fix)
+        ]
+        return check.level, check.fix
+
+    level, fix = hook_check()
+    assert level == "fail"
+    assert fix == "ksmpolicy install libvirt (writes where this installation is)"
+    (moved / "ksmpolicy").mkdir(parents=True)
+    (moved / "ksmpolicy/hook.py").write_text("")
+    assert hook_check()[0] == "ok"
+
+
 # --- the real ksmtuned ---------------------------------------------------------------------
 
 
@@ -287,3 +315,25 @@ def test_why_a_vm_merges_or_not(
     assert len(vm) == 1, found.checks
     assert (vm[0].level, says in vm[0].what) == (level, True), vm[0]
     assert vm[0].level == "ok" or vm[0].fix
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (  # libvirt's guest: the name, quoted for a shell
+            ["/usr/bin/qemu-system-x86_64", "-name", "guest=db-$(touch PWNED),debug-threads=on"],
+            "ksmpolicy apply --domain 'db-$(touch PWNED)', then restart it",
+        ),
+        (QEMU[:5], "ksmpolicy apply --proxmox --vmid 101, then restart it"),  # Proxmox's
+    ],
+)
+def test_a_fix_names_the_vm_safely(tmp_path: Path, argv: list[str], expected: str) -> None:
+    from tests.kernel.test_scan import write_process
+
+    paths = fake(tmp_path, {"run": "1", "pages_to_scan": "100"})
+    argv = [*argv, "-m", "2048", "-machine", "type=pc,mem-merge=off"]
+    write_process(paths.proc, 4242, argv, "kvm", ram_vma(flags="rd wr mr mw me ac sd"), STAT_IDLE)
+    found = diagnose(paths, POLICY, str(tmp_path / "policy.yaml"), None)
+    (vm,) = [c for c in found.checks if c.subject != "host"]
+    assert vm.level == "fail"
+    assert str(vm.fix).startswith(expected), vm
