@@ -61,6 +61,10 @@ XML_BODIES: dict[str, Callable[[int], str]] = {
         * (n // 85)
         + "</devices>"
     ),
+    "one long attribute": lambda n: f"<metadata note='{'x>' * (n // 2)}'/>",
+    "quoted attributes holding '>'": lambda n: (
+        "<memoryBacking " + " ".join(f"a{i}='>' b{i}=\"'\"" for i in range(n // 22)) + "/>"
+    ),
 }
 
 

@@ -187,17 +187,30 @@ def _clark(name: str) -> str:
 
 
 def _tag_end(raw: bytes, at: int) -> int:
-    """Offset of the ">" that closes the tag starting at `at` (quotes respected)."""
-    quote = 0
-    for index in range(at, len(raw)):
-        byte = raw[index]
-        if quote:
-            if byte == quote:
-                quote = 0
-        elif byte in (0x22, 0x27):  # " '
-            quote = byte
-        elif byte == 0x3E:  # >
-            return index
+    """Offset of the ">" that closes the tag starting at `at` (a ">" inside a quoted attribute
+    value does not count). C-speed finds, none of them past the tag's end, and none over bytes
+    already searched: linear in the tag's length, however many attributes it has."""
+    position = at
+    gt = raw.find(b">", at)
+    found = [-1, -1]  # the next '"' and "'" at or after `position`, when known
+    clear = [at, at]  # ... or: there is none in [position, clear)
+    while gt >= 0:
+        first = -1
+        for index, char in enumerate((b'"', b"'")):
+            if found[index] < position and clear[index] < gt:
+                hit = raw.find(char, max(position, clear[index]), gt)
+                found[index] = hit
+                clear[index] = gt if hit < 0 else hit
+            if found[index] >= position and (first < 0 or found[index] < first):
+                first = found[index]
+        if first < 0:
+            return gt
+        closing = raw.find(raw[first : first + 1], first + 1)
+        if closing < 0:
+            break
+        position = closing + 1
+        if gt < position:
+            gt = raw.find(b">", position)
     raise XmlError("domain XML is not well-formed: unterminated tag")
 
 
