@@ -647,3 +647,65 @@ def test_a_hidden_line_in_a_proxmox_config_is_no_key(tmp_path: Path, separator: 
         crlf.replace("name: web", "tags: database\r\nname: web"), "101", Decider(policy)
     )[0]
     assert "allow-ksm: 0\r\n" in excluded and "\r\r" not in excluded
+
+
+# --- 9. a local user's processes: names and command lines are theirs -----------------------------
+
+IMPOSTOR = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None)
+libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: the name it shows in /proc
+libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: /proc/PID is then root's, whoever runs it
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.root
+def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
+    """Processes a user starts under the names of QEMU (with a command line no QEMU would
+    take), ksmtuned, ksmd, libvirtd and the ksmpolicy daemon: the scan, status, doctor and
+    the daemon's view of other controllers go on as if they were not there."""
+    from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
+    from ksmpolicy.kernel.procfs import ksmd_pid
+    from ksmpolicy.kernel.scan import ProcessScanner
+    from ksmpolicy.libvirt.install import libvirtd_pids
+    from ksmpolicy.paths import HostPaths
+
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
+    impostors = {
+        "qemu": ["qemu-system-x86", "-m", "9" * 400, "-name", "guest=tenant,debug-threads=on"],
+        "ksmtuned": ["ksmtuned"],
+        "ksmd": ["ksmd"],
+        "libvirtd": ["libvirtd"],
+        "daemon": ["python3", "/usr/bin/ksmpolicy", "daemon"],
+    }
+    started = {}
+    try:
+        for what, args in impostors.items():
+            process = subprocess.Popen(
+                [*nobody, "/usr/bin/python3", "-c", IMPOSTOR, *args],
+                stdout=subprocess.PIPE,
+                cwd=tmp_path,
+            )
+            started[what] = process
+            assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        pids = {what: process.pid for what, process in started.items()}
+        paths = HostPaths()
+        found = {p.pid: p for p in ProcessScanner(paths).scan()}
+        qemu = found[pids["qemu"]]
+        assert (qemu.kind, qemu.ram_bytes, qemu.uid, qemu.trusted) == ("qemu", None, 65534, False)
+        assert not any(
+            str(pid) in c.detail for c in other_controllers(paths) for pid in pids.values()
+        )
+        assert not set(daemon_pids(paths)) & set(pids.values())
+        assert ksmd_pid(paths) not in pids.values()
+        assert not set(libvirtd_pids(paths)) & set(pids.values())
+        for command in (["status"], ["doctor"], ["reconcile", "--once", "--dry-run"]):
+            result = ksmpolicy(*command)
+            assert "internal error" not in result.stderr, (command, result.stderr)
+            assert result.returncode in (0, 1), (command, result.stderr)
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait(timeout=10)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from ksmpolicy.kernel.procfs import processes_named
+from ksmpolicy.kernel.procfs import processes_named, run_by_root
 from ksmpolicy.paths import HostPaths
 
 KSMTUNED_WANTS = "etc/systemd/system/multi-user.target.wants/ksmtuned.service"
@@ -124,8 +125,10 @@ def daemon_pids(paths: HostPaths) -> list[int]:
                 argv = handle.read(4096).split(b"\0")
         except OSError:
             continue
-        if b"daemon" in argv and any(
-            a.endswith(b"ksmpolicy") or a == b"ksmpolicy.cli" for a in argv
+        if (
+            b"daemon" in argv
+            and any(a.endswith(b"ksmpolicy") or a == b"ksmpolicy.cli" for a in argv)
+            and run_by_root(Path(entry.path))  # a daemon that can write the knobs runs as root
         ):
             found.append(int(entry.name))
     return found

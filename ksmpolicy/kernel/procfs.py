@@ -29,14 +29,51 @@ def read_meminfo(paths: HostPaths) -> dict[str, int]:
 
 
 def ksmd_pid(paths: HostPaths) -> int | None:
-    """The PID of the ksmd kernel thread, or None (no KSM, or /proc not mounted)."""
+    """The PID of the ksmd kernel thread, or None (no KSM, or /proc not mounted). Any process
+    can call itself ksmd; only a kernel thread is it."""
     for entry in _pids(paths):
         try:
-            if (entry / "comm").read_text().strip() == "ksmd":
+            if (entry / "comm").read_text().strip() == "ksmd" and kernel_thread(entry):
                 return int(entry.name)
         except OSError:
             continue
     return None
+
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+def kernel_thread(proc: Path) -> bool:
+    """Whether /proc/PID is a kernel thread (PF_KTHREAD in the flags of /proc/PID/stat)."""
+    try:
+        text = (proc / "stat").read_text()
+        return bool(int(text[text.rindex(")") + 2 :].split()[6]) & PF_KTHREAD)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def process_uids(proc: Path) -> tuple[int, ...] | None:
+    """(real, effective, saved, filesystem) uid of a process, from /proc/PID/status. Not the
+    owner of /proc/PID: a process that makes itself non-dumpable shows as root's there,
+    whoever runs it."""
+    try:
+        text = (proc / "status").read_text()
+    except OSError:
+        return None
+    for line in text.split("\n"):  # the kernel escapes a newline in a process's name here
+        if line.startswith("Uid:"):
+            try:
+                return tuple(int(field) for field in line.split()[1:])
+            except ValueError:
+                return None
+    return None
+
+
+def run_by_root(proc: Path) -> bool:
+    """Whether every uid of the process is root: what anything that writes the KSM knobs or
+    runs libvirt is. Any user can start a process named ksmtuned or libvirtd."""
+    uids = process_uids(proc)
+    return bool(uids) and not any(uids)  # type: ignore[arg-type]
 
 
 def process_cpu_seconds(paths: HostPaths, pid: int) -> float | None:
@@ -55,12 +92,13 @@ def process_cpu_seconds(paths: HostPaths, pid: int) -> float | None:
 
 
 def processes_named(paths: HostPaths, names: Iterable[str]) -> list[int]:
-    """PIDs whose comm is one of `names` (e.g. to warn that ksmtuned runs alongside)."""
+    """PIDs of root's processes whose comm is one of `names` (ksmtuned, libvirtd: daemons that
+    run as root). A process another user starts under such a name is not one of them."""
     wanted = set(names)
     found = []
     for entry in _pids(paths):
         try:
-            if (entry / "comm").read_text().strip() in wanted:
+            if (entry / "comm").read_text().strip() in wanted and run_by_root(entry):
                 found.append(int(entry.name))
         except OSError:
             continue

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ksmpolicy.kernel.procfs import process_uids
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
@@ -53,7 +54,7 @@ class VmProcess:
     ram_mergeable: bool | None = None
     # (start, end) of the mergeable VMAs, as of the smaps read the other figures come from
     mergeable_ranges: tuple[tuple[int, int], ...] = ()
-    uid: int | None = None  # who runs it (the owner of /proc/PID)
+    uid: int | None = None  # who runs it (its effective uid, from /proc/PID/status)
     start: int | None = None  # start time in clock ticks since boot: PID and start name it
     unit: str | None = None  # its systemd unit (from /proc/PID/cgroup), e.g. "jenkins.service"
 
@@ -125,7 +126,8 @@ def _qemu_props(value: str) -> dict[str, str]:
 
 
 def _size(text: str | None) -> int | None:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgtBKMGT]?)", text or "")
+    """QEMU's `-m` size in bytes; None for anything a real QEMU would not have started with."""
+    match = re.fullmatch(r"(\d{1,15}(?:\.\d{1,15})?)([bkmgtBKMGT]?)", text or "")
     if not match:
         return None
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -208,7 +210,7 @@ class ProcessScanner:
             key = (pid, start)
             alive.add(key)
             if key not in self._identity:
-                self._identity[key] = _identify(proc, pid)
+                self._identity[key] = _identify_safely(proc, pid)
                 self._first_seen[key] = now
             identity = self._identity[key]
             if identity is None:
@@ -225,10 +227,8 @@ class ProcessScanner:
                 )
                 if identity.kind != "qemu" and mergeable.vmas == 0:
                     continue
-            try:
-                uid: int | None = entry.stat().st_uid
-            except OSError:
-                uid = None
+            uids = process_uids(proc)
+            uid = uids[1] if uids and len(uids) > 1 else None  # effective
             found.append(
                 VmProcess(
                     uid=uid,
@@ -292,6 +292,17 @@ def _start_time(proc: Path) -> int | None:
         return None
     fields = text[text.rindex(")") + 2 :].split()
     return int(fields[19]) if len(fields) > 19 else None
+
+
+def _identify_safely(proc: Path, pid: int) -> _Identity | None:
+    """`_identify`, for any process: its command line and cgroup are whatever its owner wrote,
+    so one that this code cannot read must cost that process its identity, never the scan
+    (status, metrics, the daemon) of every other one. Said in the log, once per process."""
+    try:
+        return _identify(proc, pid)
+    except Exception as exc:  # a process's own bytes must not stop the scan
+        log.warning("pid %d: cannot read who it is (%s: %r)", pid, type(exc).__name__, str(exc))
+        return _Identity("process", f"pid {pid}", None, None, None, None, None)
 
 
 def _identify(proc: Path, pid: int) -> _Identity | None:
@@ -365,19 +376,34 @@ def _kata_sandbox(argv: Sequence[str]) -> str | None:
 
 
 def systemd_unit(proc: Path) -> str | None:
-    """The systemd unit a process runs in, from /proc/PID/cgroup: the unified hierarchy's path
-    (cgroup v2), else the name=systemd one (v1); its last `.service` or `.scope` component."""
+    """The system unit a process runs in, from /proc/PID/cgroup: the unified hierarchy's path
+    (cgroup v2), else the name=systemd one (v1); its last `.service` or `.scope` component.
+
+    The kernel prints cgroup paths as they are, and a user with a delegated subtree names
+    their cgroups (a newline in one adds lines; `postgresql.service` is a fine name for a
+    user unit). So a hierarchy listed twice means a forged line: no unit; and a process under
+    a user's manager (`user@UID.service`) runs one of that user's units, not the system's.
+    """
     try:
-        text = (proc / "cgroup").read_text()
+        text = (proc / "cgroup").read_text(errors="replace")
     except OSError:
         return None
-    paths = {}
-    for line in text.splitlines():
-        _id, _sep, rest = line.partition(":")
+    paths: dict[str, str] = {}
+    seen: set[str] = set()
+    for line in text.split("\n"):
+        if not line:
+            continue
+        hierarchy, _sep, rest = line.partition(":")
+        if hierarchy in seen:
+            return None
+        seen.add(hierarchy)
         controllers, _sep, path = rest.partition(":")
-        paths[controllers] = path
+        paths.setdefault(controllers, path)
     for found in (paths.get(""), paths.get("name=systemd")):  # v2 first; hybrid hosts have both
-        for part in reversed((found or "").split("/")):
+        parts = (found or "").split("/")
+        if any(part.startswith("user@") and part.endswith(".service") for part in parts):
+            return None
+        for part in reversed(parts):
             if part.endswith((".service", ".scope")):
                 return part
     return None

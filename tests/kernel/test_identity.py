@@ -73,6 +73,15 @@ def test_vmm_identities_from_command_lines(
             "machine-qemu\\x2d1\\x2dweb.scope",
         ),
         ("0::/\n", None),
+        # A user's own units, though named like the system's:
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/postgresql.service\n", None),
+        # A cgroup named with a newline forges a line: the hierarchy shows up twice.
+        ("0::/user.slice/user-1000.slice/x\n0::/system.slice/postgresql.service\n", None),
+        (
+            "1:name=systemd:/user.slice/user-1000.slice/user@1000.service/x\n"
+            "1:name=systemd:/system.slice/postgresql.service\n0::/\n",
+            None,
+        ),
     ],
 )
 def test_systemd_unit_from_cgroup(tmp_path: Path, cgroup: str, unit: str | None) -> None:

@@ -70,11 +70,19 @@ def test_restore_with_advisor_found_on(tmp_path: Path) -> None:
 
 
 def test_ksmd_cpu_from_stat(tmp_path: Path) -> None:
-    for pid, comm, utime, stime in ((7, "ksmd", 250, 50), (8, "ksmtuned", 1, 1)):
+    kthread = str(0x00200040)  # PF_KTHREAD in stat's flags
+    for pid, comm, flags, uid, utime, stime in (
+        (3, "ksmd", "0", 1000, 9, 9),  # a user's process that calls itself ksmd
+        (7, "ksmd", kthread, 0, 250, 50),
+        (8, "ksmtuned", "4194560", 0, 1, 1),
+        (9, "ksmtuned", "4194560", 1000, 1, 1),  # a user's: no controller of the knobs
+    ):
         d = tmp_path / "proc" / str(pid)
         d.mkdir(parents=True)
         (d / "comm").write_text(comm + "\n")
-        fields = ["S", "2"] + ["0"] * 9 + [str(utime), str(stime)] + ["0"] * 30
+        (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        fields = ["S", "2", "0", "0", "0", "0", flags, "0", "0", "0", "0"]
+        fields += [str(utime), str(stime)] + ["0"] * 30
         (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
     paths = HostPaths(tmp_path)
     assert ksmd_pid(paths) == 7

@@ -94,12 +94,19 @@ def test_memory_sizes(value: str, expected: int) -> None:
 
 
 def write_process(
-    proc: Path, pid: int, argv: list[str], comm: str, smaps: bytes, ksm_stat: str | None
+    proc: Path,
+    pid: int,
+    argv: list[str],
+    comm: str,
+    smaps: bytes,
+    ksm_stat: str | None,
+    uid: int = 0,
 ) -> None:
     d = proc / str(pid)
     d.mkdir(parents=True)
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "comm").write_text(comm + "\n")
+    (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
     fields = ["S", "1"] + ["0"] * 17 + [str(1000 + pid)] + ["0"] * 20
     (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
     (d / "smaps").write_bytes(smaps)

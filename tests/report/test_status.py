@@ -58,7 +58,8 @@ def fake_host(root: Path, *, run: int = 1, full_scans: int = 5) -> Path:
     (ksmd / "comm").write_text("ksmd\n")
     (ksmd / "cmdline").write_text("")
     (ksmd / "schedstat").write_text("12500000000 0 0\n")
-    (ksmd / "stat").write_text("42 (ksmd) S 2" + " 0" * 45 + "\n")
+    flags = " 0 0 0 0 2129984"  # pgrp, session, tty, tpgid, flags: PF_KTHREAD is set
+    (ksmd / "stat").write_text("42 (ksmd) S 2" + flags + " 0" * 40 + "\n")
     return proc
 
 
