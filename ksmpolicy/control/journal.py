@@ -6,8 +6,20 @@ import logging
 import sys
 from typing import ClassVar
 
+from ksmpolicy.quoting import one_line
 
-class JournalFormatter(logging.Formatter):
+
+class OneLineFormatter(logging.Formatter):
+    """Every message on one line: VM names, paths and process names are whatever someone
+    wrote, so unprintable characters are escaped whatever part of a message they came from
+    (a traceback under --debug stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(OneLineFormatter):
     """`<N>message` with syslog levels, which journald reads as the priority."""
 
     PRIORITIES: ClassVar[dict[str, int]] = {
@@ -27,6 +39,6 @@ def configure_daemon_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for handler in root.handlers:
         if sys.stderr.isatty():
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
         else:
             handler.setFormatter(JournalFormatter("%(message)s"))

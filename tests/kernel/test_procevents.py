@@ -3,8 +3,10 @@ VMM's exec without a hook note, and polling when the connector is unavailable.""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +70,10 @@ def test_the_daemon_sprints_for_a_vmm_that_execs_without_a_hook_note(
     daemon = DaemonProcess(policy, tmp_path / "run")
     try:
         assert wait_for(lambda: "stopped" in daemon.output() or "calm" in daemon.output(), 15)
+        impostor = exec_as_nobody("qemu-system-x86_64")  # any user may exec such a name
+        time.sleep(2)
+        assert f"exec: pid {impostor}" not in daemon.output()
+        assert real_ksm.read("run") == 0  # no sprint at their word
         started = time.monotonic()
         guest = real_ksm.track(spawn("pe-1", mib=64))
         assert wait_for(lambda: f"exec: pid {guest.pid} (qemu-system-x86_64)" in daemon.output(), 5)
@@ -78,6 +84,22 @@ def test_the_daemon_sprints_for_a_vmm_that_execs_without_a_hook_note(
         assert alive is not None and alive.discovery == "process events (proc connector)"
     finally:
         daemon.stop()
+
+
+def exec_as_nobody(name: str) -> int:
+    """Run `sleep 1`, as nobody, under a binary named `name`; its PID once it has exited."""
+    directory = Path(tempfile.mkdtemp(prefix="ksmpolicy-impostor-"))
+    try:
+        directory.chmod(0o755)
+        binary = directory / name
+        shutil.copy("/bin/sleep", binary)
+        binary.chmod(0o755)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        process = subprocess.Popen([*nobody, str(binary), "1"])  # setpriv execs: same PID
+        assert process.wait(timeout=10) == 0
+        return process.pid
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_without_the_connector_the_daemon_polls_and_says_so(
