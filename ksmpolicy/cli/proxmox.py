@@ -38,12 +38,16 @@ def proxmox_install(storage: str, hook_policy: str | None, root: str, qm: str) -
     Then attach it to VMs with `ksmpolicy proxmox attach`. The storage needs the
     `snippets` content type (Datacenter > Storage > Edit > Content).
     """
-    from ksmpolicy.proxmox.hookscript import install_hookscript  # noqa: PLC0415
+    from ksmpolicy.files import untrusted_reason  # noqa: PLC0415
+    from ksmpolicy.proxmox.hookscript import HOOKSCRIPT_RISK, install_hookscript  # noqa: PLC0415
 
     extra = ["--root", root] if root != "/" else []
     extra += ["--qm", qm] if qm != "qm" else []
     path, volid = install_hookscript(host_paths(root), storage, sys.executable, hook_policy, extra)
     click.echo(f"installed {path} ({volid})")
+    reason = untrusted_reason(path)
+    if reason is not None:
+        click.echo(f"warning: {reason}: {HOOKSCRIPT_RISK}", err=True)
     click.echo("attach it: ksmpolicy proxmox attach --all (or VMIDs)")
 
 

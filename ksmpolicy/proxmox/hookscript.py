@@ -21,6 +21,11 @@ from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
 
 HOOKSCRIPT_NAME = "ksmpolicy-hook"
 HOOKSCRIPT_MARKER = "# ksmpolicy-hookscript: written by `ksmpolicy proxmox install`"
+# Said when the hookscript's path is not root's alone (a snippets storage on NFS, say).
+HOOKSCRIPT_RISK = (
+    "whoever can change the hookscript runs code as root at each start of a VM it is "
+    "attached to; use a snippets storage only root can write (`--storage`)"
+)
 
 
 def storage_path(paths: HostPaths, storage: str) -> Path:

@@ -233,10 +233,24 @@ def _proxmox_hookscripts(paths: HostPaths) -> Iterator[Check]:
     configs = paths.pve / "qemu-server"
     if not configs.is_dir():
         return
+    from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
     from ksmpolicy.proxmox.conf import parse as parse_conf  # noqa: PLC0415
-    from ksmpolicy.proxmox.hookscript import is_our_volume  # noqa: PLC0415
+    from ksmpolicy.proxmox.hookscript import (  # noqa: PLC0415
+        HOOKSCRIPT_RISK,
+        installed_volume,
+        is_our_volume,
+        volume_path,
+    )
     from ksmpolicy.proxmox.node import read_config, vmids  # noqa: PLC0415
 
+    installed = installed_volume(paths, None)
+    try:
+        script = volume_path(paths, installed)
+    except KsmPolicyError:
+        script = None
+    reason = untrusted_reason(script) if script is not None and script.exists() else None
+    if reason is not None:
+        yield Check("fail", "host", f"hookscript {installed}: {reason}", HOOKSCRIPT_RISK)
     missing = []
     for vmid in vmids(paths):
         try:

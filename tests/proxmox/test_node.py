@@ -229,6 +229,25 @@ def test_install_refuses_a_foreign_file(node: Node) -> None:
     assert "was not written by ksmpolicy: not overwriting it" in err
 
 
+def test_a_hookscript_others_could_change_is_said_at_install_and_by_doctor(node: Node) -> None:
+    from ksmpolicy.report.doctor import diagnose
+
+    snippets = node.root / "var/lib/vz/snippets"
+    snippets.mkdir(parents=True, exist_ok=True)
+    snippets.chmod(0o777)  # a shared snippets directory anyone may write
+    code, _, err = node.cli("proxmox", "install", "--root", str(node.root))
+    assert code == 0
+    assert f"warning: {snippets} is writable by everyone (mode 0777)" in err
+    assert "runs code as root at each start of a VM it is attached to" in err
+    found = diagnose(HostPaths(node.root), None, str(node.policy), "not read")
+    (check,) = [c for c in found.checks if c.what.startswith("hookscript ")]
+    assert check.level == "fail" and "writable by everyone" in check.what
+    snippets.chmod(0o755)
+    assert not node.cli("proxmox", "install", "--root", str(node.root))[2]
+    found = diagnose(HostPaths(node.root), None, str(node.policy), "not read")
+    assert not [c for c in found.checks if c.what.startswith("hookscript ")]
+
+
 def test_install_on_a_storage_without_a_directory(node: Node) -> None:
     code, _, err = node.cli(
         "proxmox", "install", "--storage", "local-lvm", "--root", str(node.root)
