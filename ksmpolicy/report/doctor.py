@@ -197,15 +197,28 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
             "ksmpolicy install libvirt (writes the interpreter of this installation)",
         )
         return
-    lost = _package_not_found(paths, hook)
-    if lost is not None:
+    directories = _import_paths(hook)
+    package = _package_in(paths, directories)
+    if directories is not None and package is None:
         yield Check(
             "fail",
             "host",
-            f"{hook} looks for ksmpolicy in {lost}, where it is not installed",
+            f"{hook} looks for ksmpolicy in {', '.join(directories) or 'no directory'}, "
+            "where it is not installed",
             "ksmpolicy install libvirt (writes where this installation is)",
         )
         return
+    for code in (interpreter, package):
+        reason = untrusted_reason(paths.under_root(code)) if code is not None else None
+        if reason is not None:
+            yield Check(
+                "fail",
+                "host",
+                f"{hook} runs code others could change (libvirt runs it as root): {reason}",
+                "install ksmpolicy where only root can write (the Debian package, or a "
+                "root-owned virtualenv), then ksmpolicy install libvirt",
+            )
+            return
     installed = hook.stat().st_mtime
     called = _mtime(paths.run_dir / HOOK_CALLED)
     stale = [
@@ -474,25 +487,27 @@ def _shebang(path: os.PathLike[str]) -> str | None:
     return parts[0].decode("utf-8", "replace") if parts else None
 
 
-def _package_not_found(paths: HostPaths, hook: os.PathLike[str]) -> str | None:
-    """The directories a hook written by `hookshim` imports from, when none holds ksmpolicy
-    (its installation moved or was removed); None when one does, or for an older hook that
-    relies on `site`."""
+def _import_paths(hook: os.PathLike[str]) -> list[str] | None:
+    """The directories a hook written by `hookshim` imports from; None for an older hook,
+    which relies on `site`."""
     import ast  # noqa: PLC0415
 
-    text = _text(hook) or ""
-    for line in text.splitlines():
+    for line in (_text(hook) or "").splitlines():
         if line.startswith(IMPORT_PATHS_LINE):
             try:
                 directories = ast.literal_eval(line.removeprefix(IMPORT_PATHS_LINE))
             except (ValueError, SyntaxError):
-                return line.removeprefix(IMPORT_PATHS_LINE)
-            if not isinstance(directories, list):
-                return repr(directories)
-            for directory in directories:
-                if (paths.under_root(str(directory)) / "ksmpolicy/hook.py").is_file():
-                    return None
-            return ", ".join(map(str, directories)) or "no directory"
+                return []
+            return [str(d) for d in directories] if isinstance(directories, list) else []
+    return None
+
+
+def _package_in(paths: HostPaths, directories: list[str] | None) -> str | None:
+    """The hook's entry module in the first of `directories` that holds ksmpolicy."""
+    for directory in directories or ():
+        module = f"{directory.rstrip('/')}/ksmpolicy/hook.py"
+        if paths.under_root(module).is_file():
+            return module
     return None
 
 

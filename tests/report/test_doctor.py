@@ -138,6 +138,10 @@ def test_a_hook_whose_installation_moved_is_a_fail_with_the_fix(tmp_path: Path) 
     (moved / "ksmpolicy").mkdir(parents=True)
     (moved / "ksmpolicy/hook.py").write_text("")
     assert hook_check()[0] == "ok"
+    moved.chmod(0o777)  # anyone could now put code there that libvirt runs as root
+    level, fix = hook_check()
+    assert level == "fail"
+    assert str(fix).startswith("install ksmpolicy where only root can write")
 
 
 # --- the real ksmtuned ---------------------------------------------------------------------
