@@ -30,6 +30,7 @@ from ksmpolicy.errors import KsmPolicyError
 
 Execute = Callable[[str, dict[str, Any] | None], Any]
 MEMORY_BACKEND = "child<memory-backend-"
+MAX_REPLY_BYTES = 16 * 2**20
 
 
 class QmpError(KsmPolicyError):
@@ -125,14 +126,21 @@ class QmpSocket:
         self.sock.settimeout(left)
 
     def _message(self) -> dict[str, Any]:
-        while b"\n" not in self.buffer:
-            self._settimeout()
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise QmpError(f"{self.path}: QEMU closed the connection")
-            self.buffer += chunk
-            if len(self.buffer) > 16 * 2**20:
-                raise QmpError(f"{self.path}: QMP reply larger than 16 MiB")
+        if b"\n" not in self.buffer:
+            parts = [self.buffer]  # joined once: a long reply costs linear time, not quadratic
+            size = len(self.buffer)
+            while True:
+                self._settimeout()
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise QmpError(f"{self.path}: QEMU closed the connection")
+                parts.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise QmpError(f"{self.path}: QMP reply larger than 16 MiB")
+                if b"\n" in chunk:
+                    break
+            self.buffer = b"".join(parts)
         line, _, self.buffer = self.buffer.partition(b"\n")
         try:
             message = json.loads(line)
