@@ -28,6 +28,7 @@ from ksmpolicy.deadline import DeadlineExceeded, call_with_deadline
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import make_private_dir, write_atomic
 from ksmpolicy.policy.decide import Decision
+from ksmpolicy.quoting import one_line
 
 DEADLINE_SECONDS = 30.0  # per VM: reading its definition and following its disks' chains
 
@@ -91,7 +92,7 @@ def _apply_one(
     try:
         old, planned = call_with_deadline(read_and_plan, deadline_seconds, f"reading {target.key}")
     except (KsmPolicyError, OSError, ValueError, DeadlineExceeded) as exc:
-        return Outcome(target.key, "?", "failed", error=_one_line(exc))
+        return Outcome(target.key, "?", "failed", error=one_line(str(exc)))
     name, decision, note = planned.name, planned.decision, planned.note
     if planned.new == old:
         return Outcome(target.key, name, "unchanged", decision, note=note)
@@ -117,7 +118,9 @@ def _apply_one(
             )
         target.write(old, planned.new)
     except (KsmPolicyError, OSError, DeadlineExceeded) as exc:
-        return Outcome(target.key, name, "failed", decision, diff, note=note, error=_one_line(exc))
+        return Outcome(
+            target.key, name, "failed", decision, diff, note=note, error=one_line(str(exc))
+        )
     return Outcome(target.key, name, "changed", decision, diff, backup, note)
 
 
@@ -133,7 +136,3 @@ def write_backup(directory: Path, stem: str, suffix: str, text: str) -> Path:
     path = directory / f"{safe}.{stamp}{suffix}"
     write_atomic(path, text.encode("utf-8"), 0o600, private_dir=True)
     return path
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).replace("\n", " ")

@@ -60,6 +60,13 @@ def one_line(message: str) -> str:
     return "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in message)
 
 
+def printable(text: str) -> str:
+    """Text for a terminal or a log with its line breaks kept and every other unprintable
+    character escaped as `one_line` does: what ksmpolicy prints of names, paths and process
+    names (anyone's) can then neither move a terminal's cursor nor fake a line."""
+    return "\n".join(one_line(line) for line in text.split("\n"))
+
+
 def fix_command(command: str, name: str, uuid: str | None, option: str = "--domain") -> str:
     """A command to paste, naming the VM safely: by name when it quotes onto one line, else by
     UUID, else a pointer to find it."""

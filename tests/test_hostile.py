@@ -656,6 +656,8 @@ import ctypes, sys, time
 libc = ctypes.CDLL(None)
 libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: the name it shows in /proc
 libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: /proc/PID is then root's, whoever runs it
+if "--merge" in sys.argv:
+    libc.prctl(67, 1, 0, 0, 0)  # PR_SET_MEMORY_MERGE: its memory mergeable, as anyone may
 print("ready", flush=True)
 time.sleep(120)
 """
@@ -679,6 +681,7 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
         "ksmd": ["ksmd"],
         "libvirtd": ["libvirtd"],
         "daemon": ["python3", "/usr/bin/ksmpolicy", "daemon"],
+        "escape": ["\x1b[2J\nOK vm", "--merge"],  # a name that clears a terminal, two lines
     }
     started = {}
     try:
@@ -701,10 +704,14 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
         assert not set(daemon_pids(paths)) & set(pids.values())
         assert ksmd_pid(paths) not in pids.values()
         assert not set(libvirtd_pids(paths)) & set(pids.values())
+        assert found[pids["escape"]].name == f"\x1b[2J\nOK vm[{pids['escape']}]"
         for command in (["status"], ["doctor"], ["reconcile", "--once", "--dry-run"]):
             result = ksmpolicy(*command)
             assert "internal error" not in result.stderr, (command, result.stderr)
             assert result.returncode in (0, 1), (command, result.stderr)
+            assert "\x1b" not in result.stdout + result.stderr, command
+        status = ksmpolicy("status").stdout
+        assert "\n\\u001b[2J\\u000a" in status, status  # escaped, in its row
     finally:
         for process in started.values():
             process.kill()

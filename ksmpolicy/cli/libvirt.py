@@ -18,6 +18,7 @@ from ksmpolicy.cli.common import (
 from ksmpolicy.cli.render import outcome_line, outcome_summary
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import Decider
+from ksmpolicy.quoting import one_line
 
 
 @click.group()
@@ -178,7 +179,7 @@ def apply(
             click.echo(outcome.diff, nl=False)
         click.echo(outcome_line(outcome, proxmox=proxmox), err=outcome.status == "failed")
         if outcome.note:
-            click.echo(f"{outcome.key}: note: {outcome.note}")
+            click.echo(one_line(f"{outcome.key}: note: {outcome.note}"))
     click.echo(outcome_summary(outcomes, noun))
     if any(o.status == "failed" for o in outcomes):
         raise SystemExit(1)
@@ -211,11 +212,13 @@ def enforce(
     for outcome in outcomes:
         if outcome.status != "unchanged":
             line = f"{outcome.key}: definition {outcome.status} {outcome.error or ''}"
-            click.echo(line.rstrip())
+            click.echo(one_line(line).rstrip())
     if live:
         for done in host.enforce_live(conn, policy, only=domains):
             state = "" if done.merge is None else f" (merge {'on' if done.merge else 'off'})"
-            click.echo(f"{done.name}: running {done.status}{state} {done.detail}".rstrip())
+            click.echo(
+                one_line(f"{done.name}: running {done.status}{state} {done.detail}").rstrip()
+            )
             if done.status == "failed":
                 failed.append(done.name)
     if failed:
@@ -237,4 +240,4 @@ def tag(vm: str, tags: tuple[str, ...], remove: bool, uri: str | None) -> None:
     from ksmpolicy.libvirt import host  # noqa: PLC0415
 
     now = host.set_tags(host.connect(uri), vm, tags, remove=remove)
-    click.echo(f"{vm}: tags {', '.join(now) or '(none)'}")
+    click.echo(one_line(f"{vm}: tags {', '.join(now) or '(none)'}"))

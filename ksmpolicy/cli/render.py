@@ -8,6 +8,7 @@ from typing import Any
 from ksmpolicy.apply import Outcome
 from ksmpolicy.policy.decide import Decision
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.quoting import one_line
 
 
 def verdict_text(decision: Decision) -> str:
@@ -17,7 +18,8 @@ def verdict_text(decision: Decision) -> str:
 def decision_table(decisions: Sequence[Decision]) -> str:
     rows = [("VM", "GROUP", "DECISION", "RULE")]
     for d in decisions:
-        rows.append((d.vm, d.group or "-", verdict_text(d), d.rule or "(default)"))
+        cells = (d.vm, d.group or "-", verdict_text(d), d.rule or "(default)")
+        rows.append((one_line(cells[0]), one_line(cells[1]), cells[2], one_line(cells[3])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
@@ -26,7 +28,7 @@ def decision_table(decisions: Sequence[Decision]) -> str:
 
 
 def decision_text(decision: Decision, policy: Policy) -> str:
-    return "\n".join(
+    return printable_lines(
         (
             f"VM:       {decision.vm}",
             f"decision: {verdict_text(decision)}",
@@ -65,6 +67,11 @@ def decision_json(decision: Decision) -> dict[str, Any]:
     }
 
 
+def printable_lines(lines: Sequence[str]) -> str:
+    """Lines of a report, each on one line whatever the names in it hold."""
+    return "\n".join(one_line(line) for line in lines)
+
+
 def outcome_line(outcome: Outcome, *, proxmox: bool) -> str:
     line = f"{outcome.key} ({outcome.name}): " if proxmox else f"{outcome.key}: "
     line += outcome.status
@@ -72,7 +79,7 @@ def outcome_line(outcome: Outcome, *, proxmox: bool) -> str:
         line += f" (backup {outcome.backup})"
     if outcome.error:
         line += f": {outcome.error}"
-    return line
+    return one_line(line)
 
 
 def outcome_summary(outcomes: Sequence[Outcome], noun: str) -> str:

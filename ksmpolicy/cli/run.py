@@ -9,7 +9,7 @@ import click
 
 from ksmpolicy.cli.common import RUN_DIR, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.quoting import shell_word
+from ksmpolicy.quoting import one_line, shell_word
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})
@@ -52,13 +52,13 @@ def exec_(
     if merge:
         set_memory_merge(True)
         if not quiet:
-            click.echo(f"ksmpolicy: {who}: mergeable ({decision.reason})", err=True)
+            click.echo(one_line(f"ksmpolicy: {who}: mergeable ({decision.reason})"), err=True)
         send(host_paths("/", run_dir), "started", who)  # the daemon sprints for it
     else:
         why = decision.reason if not decision.merge else "trust domains: only the daemon merges"
         if memory_merge():  # inherited from whoever started us
             set_memory_merge(False)
-        click.echo(f"ksmpolicy: {who}: not mergeable ({why})", err=True)
+        click.echo(one_line(f"ksmpolicy: {who}: not mergeable ({why})"), err=True)
     try:
         os.execvp(command[0], list(command))
     except OSError as exc:

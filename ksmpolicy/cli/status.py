@@ -9,6 +9,7 @@ import click
 from ksmpolicy.cli.common import ROOT, RUN_DIR, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.quoting import one_line
 
 
 @click.command()
@@ -137,8 +138,9 @@ def doctor(options: Options, as_json: bool, root: str, run_dir: str | None) -> N
     else:
         width = max((len(c.subject) for c in diagnosis.checks), default=4)
         for check in diagnosis.checks:
-            click.echo(f"{check.level.upper():<5} {check.subject:<{width}}  {check.what}")
+            subject = one_line(check.subject)
+            click.echo(one_line(f"{check.level.upper():<5} {subject:<{width}}  {check.what}"))
             if check.fix and check.level != "ok":
-                click.echo(f"{'':<5} {'':<{width}}  fix: {check.fix}")
+                click.echo(one_line(f"{'':<5} {'':<{width}}  fix: {check.fix}"))
     if diagnosis.failed:
         raise SystemExit(1)

@@ -18,6 +18,7 @@ from ksmpolicy.kernel.pagemap import PageMapUnavailable
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.quoting import printable
 from ksmpolicy.report.status import collect
 
 
@@ -103,7 +104,7 @@ def audit_text(found: Audit) -> str:
             "  -> run the daemon (ksmpolicy daemon) so that one domain merges per scope; define "
             "the VMs unmergeable (ksmpolicy apply); restart VMs listed with residue in status"
         )
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def audit_json(found: Audit) -> dict[str, object]:

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.quoting import one_line, printable
 from ksmpolicy.report.model import Status
 
 if TYPE_CHECKING:
@@ -108,10 +109,10 @@ def text(status: Status) -> str:
         lines.append("")
         lines.append("Findings:")
         for finding in status.findings:
-            who = f"{finding.vm}: " if finding.vm else ""
+            who = f"{one_line(finding.vm)}: " if finding.vm else ""
             lines.append(f"  [{finding.severity}] {who}{finding.message}")
             lines.append(f"      -> {finding.fix}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _savings_line(status: Status) -> str:
@@ -142,7 +143,7 @@ def _row(cells: tuple[str, ...]) -> str:
 
 
 def _cut(text: str, width: int) -> str:
-    text = text.replace("\n", " ")
+    text = one_line(text)
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
@@ -261,9 +262,9 @@ def pages_text(sharing: Sharing, *, top: int = 10) -> str:
     if sharing.findings:
         lines += ["", "Findings:"]
         for finding in sharing.findings:
-            who = f"{finding.vm}: " if finding.vm else ""
+            who = f"{one_line(finding.vm)}: " if finding.vm else ""
             lines += [f"  [{finding.severity}] {who}{finding.message}", f"      -> {finding.fix}"]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def amount(pages: int) -> str:
@@ -367,7 +368,7 @@ def estimate_text(found: Estimate) -> str:
             "Suggested groups (VMs whose content overlaps; `ksmpolicy check` accepts it):",
         ]
         lines.append(yaml_snippet(found.suggested).rstrip())
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def estimate_json(found: Estimate) -> dict[str, object]:
