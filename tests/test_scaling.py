@@ -2,8 +2,7 @@
 
 Quadratic parsing (text gathered by `+=` per entity reference, one bit mask per rule) made
 4 MB of `<description>` take 7.8 s where 1 MB took 0.47 s. Each step here is 4x the input;
-linear time takes about 4x as long, quadratic 16x. A step may take at most 8x (memory effects
-push large inputs a little above 4x)."""
+linear time takes about 4x as long, quadratic 16x (see `assert_linear`)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,9 @@ from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.policy.model import Policy
 
 SIZES_MB = (1, 4, 16)
-MAX_STEP = 8.0
+# Linear: about 16x over the range; memory effects (expat's own buffers, page faults) push
+# large inputs up to 8x a step, about 50x overall; quadratic is 16x a step, 256x overall.
+MAX_OVERALL = 64.0
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -33,9 +34,14 @@ def timed(action: Callable[[], object]) -> float:
 
 
 def assert_linear(times: list[float], what: str) -> None:
+    """The whole growth is held to MAX_OVERALL, so that one run slowed by the machine (a
+    middle step of 11x and the next of 1.9x, seen once in CI) does not fail a linear path; no
+    single step may be quadratic (16x) either."""
     steps = [later / earlier for earlier, later in itertools.pairwise(times)]
-    assert all(step <= MAX_STEP for step in steps), (
-        f"{what}: {', '.join(f'{t:.3f} s' for t in times)} for {SIZES_MB} MB (steps {steps})"
+    overall = times[-1] / times[0]
+    assert overall <= MAX_OVERALL and all(step < 16 for step in steps), (
+        f"{what}: {', '.join(f'{t:.3f} s' for t in times)} for {SIZES_MB} MB "
+        f"(steps {', '.join(f'{x:.1f}x' for x in steps)}, overall {overall:.1f}x)"
     )
 
 
@@ -63,7 +69,9 @@ XML_BODIES: dict[str, Callable[[int], str]] = {
     ),
     "one long attribute": lambda n: f"<metadata note='{'x>' * (n // 2)}'/>",
     "quoted attributes holding '>'": lambda n: (
-        "<memoryBacking " + " ".join(f"a{i}='>' b{i}=\"'\"" for i in range(n // 22)) + "/>"
+        "<devices>"
+        + "<disk type='file' a='>' b=\"'>\" c='\"'><source file='/i/a.qcow2'/></disk>" * (n // 70)
+        + "</devices>"
     ),
 }
 
