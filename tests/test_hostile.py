@@ -712,6 +712,8 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
             assert "\x1b" not in result.stdout + result.stderr, command
         status = ksmpolicy("status").stdout
         assert "\n\\u001b[2J\\u000a" in status, status  # escaped, in its row
+        assert f"pid {pids['qemu']} calls itself this VM but is not run by root" in status
+        assert "--domain tenant" not in status  # no fix that would act on a real VM "tenant"
     finally:
         for process in started.values():
             process.kill()

@@ -71,6 +71,8 @@ def text(status: Status) -> str:
                 f"{mib(vm.merged_bytes):>8} {mib(vm.saved_bytes):>8}"
             )
             under = [vm.rule] if vm.rule else []
+            if not vm.trusted:
+                under.append(f"pid {vm.pid}: not the hypervisor's (see Findings)")
             if status.scopes or any(v.domain not in (None, "default") for v in qemus):
                 under.append(f"domain {vm.domain}")
             if under:

@@ -336,6 +336,20 @@ def _findings(
         )
     scans = host.full_scans or 0
     for vm in vms:
+        if vm.kind == "qemu" and not vm.trusted:
+            # Anyone may call a process qemu-system-x86_64 -name guest=NAME: a fix for the VM
+            # of that name would act on someone else's VM at their word.
+            findings.append(
+                Finding(
+                    "warning",
+                    vm.name,
+                    f"pid {vm.pid} calls itself this VM but is not run by root or the "
+                    "hypervisor's QEMU user: its name is its own word (it counts in no trust "
+                    "domain)",
+                    f"look at it: ps -o user,args -p {vm.pid}",
+                )
+            )
+            continue
         if vm.kind != "qemu":
             if vm.decision == "exclude":  # listed only because its memory is mergeable
                 restart = (
