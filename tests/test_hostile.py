@@ -710,6 +710,9 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
             assert "internal error" not in result.stderr, (command, result.stderr)
             assert result.returncode in (0, 1), (command, result.stderr)
             assert "\x1b" not in result.stdout + result.stderr, command
+        doctor = ksmpolicy("doctor").stdout
+        assert f"pid {pids['qemu']} calls itself this VM" in doctor
+        assert "--domain tenant" not in doctor
         status = ksmpolicy("status").stdout
         assert "\n\\u001b[2J\\u000a" in status, status  # escaped, in its row
         assert f"pid {pids['qemu']} calls itself this VM but is not run by root" in status

@@ -342,6 +342,14 @@ def _thp(paths: HostPaths) -> Iterator[Check]:
 
 def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
     name = vm.name
+    if vm.kind == "qemu" and not vm.trusted:  # anyone may call a process after a VM
+        return Check(
+            "warn",
+            name,
+            f"pid {vm.pid} calls itself this VM but is not run by root or the hypervisor's "
+            "QEMU user: its name is its own word",
+            f"look at it: ps -o user,args -p {vm.pid}",
+        )
     if vm.decision == "exclude":
         if vm.merging_now or vm.merged_bytes:
             return Check(
