@@ -465,12 +465,18 @@ def test_the_suggested_fix_runs_nothing_but_ksmpolicy(
     outcome = host.call(name, domain(escaped, disk(str(host.images / "a.img"), "raw")))
     assert outcome.status == 1
     assert len(outcome.lines) == 1
-    command = outcome.lines[0].split(" Fix: ", 1)[1]
+    words = pasted(outcome.lines[0].split(" Fix: ", 1)[1], "ksmpolicy", tmp_path)
+    expected = name if name.isprintable() else "6e6b7d53-8d7a-4c1e-9f0a-1b2c3d4e5f60"
+    assert words == ["apply", "--domain", expected]
+
+
+def pasted(command: str, program: str, tmp_path: Path) -> list[str]:
+    """`command` pasted into a shell where `program` only prints its arguments: those
+    arguments, after checking that nothing else ran (no PWNED file, no error)."""
     workdir = tmp_path / "paste"
     workdir.mkdir()
-    # Paste the command into a shell where `ksmpolicy` only prints its arguments.
     result = subprocess.run(
-        ["sh", "-c", 'ksmpolicy() { printf "%s\\0" "$@"; }\n' + command],
+        ["sh", "-c", f'{program}() {{ printf "%s\\0" "$@"; }}\n' + command],
         capture_output=True,
         cwd=workdir,
         timeout=10,
@@ -478,9 +484,7 @@ def test_the_suggested_fix_runs_nothing_but_ksmpolicy(
     )
     assert result.returncode == 0, result.stderr
     assert not (workdir / "PWNED").exists()
-    words = result.stdout.decode().split("\0")[:-1]
-    expected = name if name.isprintable() else "6e6b7d53-8d7a-4c1e-9f0a-1b2c3d4e5f60"
-    assert words == ["apply", "--domain", expected]
+    return result.stdout.decode().split("\0")[:-1]
 
 
 @pytest.mark.root
@@ -495,18 +499,7 @@ def test_a_path_in_a_hint_is_quoted_for_the_shell(host: Host, name: str, tmp_pat
     check = ksmpolicy("check", str(policy))
     assert check.returncode == 1
     command = check.stderr.split("run: ", 1)[1].splitlines()[0]
-    workdir = tmp_path / "paste"
-    workdir.mkdir()
-    result = subprocess.run(  # pasted into a shell where chown only prints its arguments
-        ["sh", "-c", 'chown() { printf "%s\\0" "$@"; }\n' + command],
-        capture_output=True,
-        cwd=workdir,
-        timeout=10,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert not (workdir / "PWNED").exists()
-    assert result.stdout.decode().split("\0")[:-1] == ["-h", "root", str(shared)]
+    assert pasted(command, "chown", tmp_path) == ["-h", "root", str(shared)]
 
 
 @pytest.mark.root
