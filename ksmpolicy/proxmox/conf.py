@@ -144,10 +144,19 @@ def with_pending(config: PveConfig) -> dict[str, str] | None:
 
 
 def _memory(value: str | None) -> int | None:
-    if not value:
-        return None
-    match = re.search(r"(?:^|current=)(\d+)", value)
-    return int(match.group(1)) * 2**20 if match else None
+    mib = memory_mib(value)
+    return mib * 2**20 if mib is not None else None
+
+
+_MEMORY = re.compile(r"(?:^|current=)([0-9]{1,12})(?![0-9])")
+
+
+def memory_mib(value: str | None) -> int | None:
+    """`memory: 4096` or `memory: current=4096` (qemu-server 8.1+) in MiB; None when absent or
+    not a number qemu-server would have written (a config is text anyone with the right to
+    edit it wrote: no digits beyond what a host's RAM needs)."""
+    match = _MEMORY.search(value.strip()) if value else None
+    return int(match.group(1)) if match else None
 
 
 def _image(value: str) -> str | None:
@@ -172,7 +181,7 @@ def _image(value: str) -> str | None:
 
 
 # A qemu-server package version as the policy and the command line take it: 8.4.1, 9.0.27-1.
-_VERSION = re.compile(r"\d+(\.\d+){0,3}(-\d+)?")
+_VERSION = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}(-[0-9]{1,9})?")
 
 
 def valid_qemu_server_version(text: str) -> bool:
@@ -183,7 +192,7 @@ def qemu_server_supports_allow_ksm(version: str | None) -> bool:
     """`allow-ksm` needs qemu-server >= 9.0.27; an unknown version is taken as current."""
     if not version:
         return True
-    numbers = tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0])[:3])
+    numbers = tuple(int(n) for n in re.findall(r"[0-9]{1,9}", version.split("-")[0])[:3])
     return numbers >= ALLOW_KSM_SINCE
 
 

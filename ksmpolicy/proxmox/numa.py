@@ -16,10 +16,8 @@ be set by hand there. Only main-section lines change.
 
 from __future__ import annotations
 
-import re
-
 from ksmpolicy.domains.scopes import node_ranges
-from ksmpolicy.proxmox.conf import ConfError, newline_of, parse, sorted_position
+from ksmpolicy.proxmox.conf import ConfError, memory_mib, newline_of, parse, sorted_position
 
 _MAX_NUMA = 8  # qemu-server's $MAX_NUMA
 _DEFAULT_MEMORY_MIB = 512  # qemu-server's default `memory`
@@ -111,14 +109,13 @@ def _bound(value: str, hostnodes: str) -> str:
 
 
 def _number(value: str | None, default: int) -> int:
-    if value is None or not value.strip().isdigit():
+    """`sockets:` or `cores:`; the default for anything qemu-server would not have written."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 6):
         return default
-    return max(1, int(value.strip()))
+    return max(1, int(text))
 
 
 def _memory_mib(value: str | None) -> int:
-    """`memory: 4096` or `memory: current=4096` (qemu-server 8.1+) in MiB."""
-    if value is None:
-        return _DEFAULT_MEMORY_MIB
-    found = re.search(r"(?:^|current=)(\d+)", value.strip())
-    return int(found.group(1)) if found else _DEFAULT_MEMORY_MIB
+    found = memory_mib(value)
+    return found if found is not None else _DEFAULT_MEMORY_MIB

@@ -249,3 +249,28 @@ def test_broken_lines_are_kept_not_judged() -> None:
     assert set_merging(text, False) == (
         "garbage without colon\nallow-ksm: 0\nname: x\n: no key\nmemory: 1024\n"
     )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "memory: " + "9" * 5000,  # beyond Python's digit limit: ValueError, before
+        "memory: current=" + "9" * 5000,
+        "memory: \u0664\u0660\u0669\u0666",  # Arabic-Indic digits: no number qemu-server writes
+    ],
+)
+def test_a_number_no_qemu_server_writes_is_no_number(line: str) -> None:
+    from ksmpolicy.proxmox.conf import facts, parse
+
+    config = f"cores: 2\n{line}\nname: web\nscsi0: local-lvm:vm-101-disk-0\n"
+    assert facts(parse(config), "101").vm.memory_bytes is None
+    new = apply_policy(config, "101", Decider(parse_policy("version: 1\n")))[0]
+    assert new == config  # decided (merge) and left as it was
+
+
+def test_an_impossible_qemu_server_version_is_refused() -> None:
+    from ksmpolicy.proxmox.conf import qemu_server_supports_allow_ksm, valid_qemu_server_version
+
+    assert valid_qemu_server_version("9.0.27-1")
+    assert not valid_qemu_server_version("9" * 5000)
+    assert qemu_server_supports_allow_ksm("9" * 5000 + ".1")  # read as far as it makes sense

@@ -96,3 +96,10 @@ def test_no_binding_with_one_merge_scope() -> None:
     )
     assert decision.bind_nodes == ()
     assert "numa0" not in new
+
+
+def test_numbers_qemu_server_would_not_write_take_the_defaults() -> None:
+    config = "cores: \u00b2\nmemory: " + "9" * 5000 + "\nsockets: 1234567\n"
+    bound = set_numa(config, (1,))  # '²' is a digit to str.isdigit, not to int(): no crash
+    assert "numa: 1\n" in bound
+    assert "numa0: cpus=0,hostnodes=1,memory=512,policy=bind\n" in bound  # qemu-server's default
