@@ -545,6 +545,7 @@ def test_an_integer_beyond_pythons_limit_is_a_line_not_a_crash(host: Host) -> No
     result = ksmpolicy("check", str(host.policy))
     assert result.returncode == 1
     assert result.stderr.startswith(f"{host.policy}:3: reconciler.interval_seconds: bad value '999")
+    assert "a number of 5000 characters; no setting needs one that long" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     outcome = host.call("tenant", domain("tenant"))
     assert outcome.status == 0  # a warn policy never blocks, broken or not

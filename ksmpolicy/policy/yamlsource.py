@@ -251,6 +251,8 @@ def _scalar(node: yaml.Node, path: Path, doc: Document, loader: yaml.SafeLoader)
     except (yaml.YAMLError, ValueError, OverflowError) as exc:
         # e.g. an integer beyond Python's digit limit, or a date that does not exist
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, ValueError) and "int_max_str_digits" in what:
+            what = f"a number of {len(node.value)} characters; no setting needs one that long"
         doc.problem(path, f"bad value {_short(node.value)}: {what}", line=node.start_mark.line + 1)
         return None
 
