@@ -22,8 +22,8 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
 from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
 from ksmpolicy.kernel.procevents import ProcEvents, open_events, worth_a_look
-from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, process_uids, read_meminfo
-from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, hypervisor_uids
+from ksmpolicy.kernel.procfs import effective_uid, ksmd_pid, process_cpu_seconds, read_meminfo
+from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, trusted_uid
 from ksmpolicy.paths import HostPaths, default_policy
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
@@ -440,8 +440,7 @@ class Daemon:
             what = worth_a_look(str(self.paths.proc), event.pid)
             if what is None:
                 continue
-            uids = process_uids(self.paths.proc / str(event.pid))
-            if not uids or len(uids) < 2 or uids[1] not in hypervisor_uids():
+            if not trusted_uid(effective_uid(self.paths.proc / str(event.pid))):
                 # Anyone may exec a binary named like a VMM, as often as they like: a sprint
                 # for it would spend ksmd's CPU (no user's cgroup pays for that) at their
                 # word. The regular scan still finds a real one (jailer's Firecracker).

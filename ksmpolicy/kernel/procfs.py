@@ -40,15 +40,27 @@ def ksmd_pid(paths: HostPaths) -> int | None:
     return None
 
 
+def stat_fields(proc: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after `PID (comm)`, from the state on (field 3 of
+    proc(5) is index 0 here); None when the process is gone. The name may hold spaces and
+    parentheses, so the fields start after the last ")"."""
+    try:
+        text = (proc / "stat").read_text()
+    except OSError:
+        return None
+    end = text.rfind(")")
+    return text[end + 2 :].split() if end >= 0 else None
+
+
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 
 
 def kernel_thread(proc: Path) -> bool:
     """Whether /proc/PID is a kernel thread (PF_KTHREAD in the flags of /proc/PID/stat)."""
+    fields = stat_fields(proc)
     try:
-        text = (proc / "stat").read_text()
-        return bool(int(text[text.rindex(")") + 2 :].split()[6]) & PF_KTHREAD)
-    except (OSError, ValueError, IndexError):
+        return fields is not None and bool(int(fields[6]) & PF_KTHREAD)
+    except (ValueError, IndexError):
         return False
 
 
@@ -69,6 +81,12 @@ def process_uids(proc: Path) -> tuple[int, ...] | None:
     return None
 
 
+def effective_uid(proc: Path) -> int | None:
+    """Who runs a process, as the kernel checks it: its effective uid (see `process_uids`)."""
+    uids = process_uids(proc)
+    return uids[1] if uids and len(uids) > 1 else None
+
+
 def run_by_root(proc: Path) -> bool:
     """Whether every uid of the process is root: what anything that writes the KSM knobs or
     runs libvirt is. Any user can start a process named ksmtuned or libvirtd."""
@@ -83,11 +101,9 @@ def process_cpu_seconds(paths: HostPaths, pid: int) -> float | None:
         return int((paths.proc / str(pid) / "schedstat").read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        text = (paths.proc / str(pid) / "stat").read_text()
-    except OSError:
+    fields = stat_fields(paths.proc / str(pid))
+    if fields is None:
         return None
-    fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ksmpolicy.kernel.procfs import process_uids
+from ksmpolicy.kernel.procfs import effective_uid, stat_fields
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
@@ -62,7 +62,7 @@ class VmProcess:
     def trusted(self) -> bool:
         """Run by root or by the hypervisor's QEMU user: its name and command line are the
         hypervisor's word. Anyone can start a process that calls itself qemu-system-x86_64."""
-        return self.uid is not None and self.uid in hypervisor_uids()
+        return trusted_uid(self.uid)
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,9 @@ class ProcessScanner:
                 )
                 if identity.kind != "qemu" and mergeable.vmas == 0:
                     continue
-            uids = process_uids(proc)
-            uid = uids[1] if uids and len(uids) > 1 else None  # effective
             found.append(
                 VmProcess(
-                    uid=uid,
+                    uid=effective_uid(proc),
                     start=start,
                     pid=pid,
                     kind=identity.kind,
@@ -286,12 +284,8 @@ def footprint_bytes(processes: Sequence[VmProcess]) -> int:
 
 
 def _start_time(proc: Path) -> int | None:
-    try:
-        text = (proc / "stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else None
+    fields = stat_fields(proc)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
 def _identify_safely(proc: Path, pid: int) -> _Identity | None:
@@ -411,6 +405,11 @@ def systemd_unit(proc: Path) -> str | None:
 
 _HYPERVISOR_USERS = ("libvirt-qemu", "qemu")  # Debian's and Red Hat's QEMU user for libvirt
 _hypervisor_uids: frozenset[int] | None = None
+
+
+def trusted_uid(uid: int | None) -> bool:
+    """Whether a process run by `uid` is the hypervisor's word: root's, or the QEMU user's."""
+    return uid is not None and uid in hypervisor_uids()
 
 
 def hypervisor_uids() -> frozenset[int]:

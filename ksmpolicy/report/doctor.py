@@ -19,7 +19,7 @@ from ksmpolicy.hookcore import HOOK_CALLED
 from ksmpolicy.hookshim import IMPORT_PATHS_LINE
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import read_ksm
-from ksmpolicy.kernel.procfs import CLOCK_TICKS
+from ksmpolicy.kernel.procfs import CLOCK_TICKS, stat_fields
 from ksmpolicy.kernel.smaps import Smaps, parse
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
@@ -521,9 +521,11 @@ def _package_in(paths: HostPaths, directories: list[str] | None) -> str | None:
 
 def _started(paths: HostPaths, pid: int) -> float | None:
     """A process's start, in wall-clock seconds: boot time + /proc/PID/stat's starttime."""
+    fields = stat_fields(paths.proc / str(pid))
+    if fields is None:
+        return None
     try:
-        stat_text = read_regular(paths.proc / str(pid) / "stat", 4096).decode()
-        since_boot = int(stat_text[stat_text.rindex(")") + 2 :].split()[19]) / CLOCK_TICKS
+        since_boot = int(fields[19]) / CLOCK_TICKS
         for line in read_regular(paths.proc / "stat", 1 << 20).decode().splitlines():
             if line.startswith("btime "):
                 return int(line.split()[1]) + since_boot
