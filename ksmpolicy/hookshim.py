@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-IMPORT_PATHS_LINE = "sys.path += "  # then a list of directories (`doctor` reads it)
+IMPORT_PATHS_LINE = "sys.path += "  # then a list of directories (`import_paths_of` reads it)
 
 
 def shim(
@@ -50,3 +50,18 @@ def installed_import_paths() -> list[str]:
         if directory not in found:
             found.append(directory)
     return found
+
+
+def import_paths_of(text: str) -> list[str] | None:
+    """The directories a hook written by `shim` imports from, read back from its text (for
+    `doctor`); None for a hook of an older version, which relies on `site`."""
+    import ast  # noqa: PLC0415 - doctor only, never the hook
+
+    for line in text.splitlines():
+        if line.startswith(IMPORT_PATHS_LINE):
+            try:
+                directories = ast.literal_eval(line.removeprefix(IMPORT_PATHS_LINE))
+            except (ValueError, SyntaxError):
+                return []
+            return [str(d) for d in directories] if isinstance(directories, list) else []
+    return None

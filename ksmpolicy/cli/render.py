@@ -18,8 +18,8 @@ def verdict_text(decision: Decision) -> str:
 def decision_table(decisions: Sequence[Decision]) -> str:
     rows = [("VM", "GROUP", "DECISION", "RULE")]
     for d in decisions:
-        cells = (d.vm, d.group or "-", verdict_text(d), d.rule or "(default)")
-        rows.append((one_line(cells[0]), one_line(cells[1]), cells[2], one_line(cells[3])))
+        rule = d.rule or "(default)"
+        rows.append((one_line(d.vm), one_line(d.group or "-"), verdict_text(d), one_line(rule)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
@@ -28,8 +28,9 @@ def decision_table(decisions: Sequence[Decision]) -> str:
 
 
 def decision_text(decision: Decision, policy: Policy) -> str:
-    return printable_lines(
-        (
+    return "\n".join(  # each line on one line, whatever the names in it hold
+        one_line(line)
+        for line in (
             f"VM:       {decision.vm}",
             f"decision: {verdict_text(decision)}",
             f"group:    {decision.group or '-'}",
@@ -65,11 +66,6 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "domain_reason": decision.domain_reason,
         "bind_nodes": list(decision.bind_nodes),
     }
-
-
-def printable_lines(lines: Sequence[str]) -> str:
-    """Lines of a report, each on one line whatever the names in it hold."""
-    return "\n".join(one_line(line) for line in lines)
 
 
 def outcome_line(outcome: Outcome, *, proxmox: bool) -> str:

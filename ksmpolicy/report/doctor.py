@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ksmpolicy.control.alive import read_alive
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
-from ksmpolicy.hookshim import IMPORT_PATHS_LINE
+from ksmpolicy.hookshim import import_paths_of
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import CLOCK_TICKS, stat_fields
@@ -197,7 +197,7 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
             "ksmpolicy install libvirt (writes the interpreter of this installation)",
         )
         return
-    directories = _import_paths(hook)
+    directories = import_paths_of(_text(hook) or "")
     package = _package_in(paths, directories)
     if directories is not None and package is None:
         yield Check(
@@ -493,21 +493,6 @@ def _shebang(path: os.PathLike[str]) -> str | None:
         return None
     parts = first[2:].split()
     return parts[0].decode("utf-8", "replace") if parts else None
-
-
-def _import_paths(hook: os.PathLike[str]) -> list[str] | None:
-    """The directories a hook written by `hookshim` imports from; None for an older hook,
-    which relies on `site`."""
-    import ast  # noqa: PLC0415
-
-    for line in (_text(hook) or "").splitlines():
-        if line.startswith(IMPORT_PATHS_LINE):
-            try:
-                directories = ast.literal_eval(line.removeprefix(IMPORT_PATHS_LINE))
-            except (ValueError, SyntaxError):
-                return []
-            return [str(d) for d in directories] if isinstance(directories, list) else []
-    return None
 
 
 def _package_in(paths: HostPaths, directories: list[str] | None) -> str | None:
