@@ -18,9 +18,7 @@ def unprintable(char: str) -> bool:
 def quote(name: str) -> str:
     """A VM name on one line, in double quotes, with quotes, backslashes and unprintable
     characters escaped (json's rules, without importing json). For log lines, not shells."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in escaped)
-    return f'"{escaped}"'
+    return '"' + one_line(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 _SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@%+=:,./-_")

@@ -26,7 +26,7 @@ from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.quoting import fix_command, run_hint, shell_word
 from ksmpolicy.report.model import VmStatus
-from ksmpolicy.report.status import collect
+from ksmpolicy.report.status import collect, impostor
 
 LEVELS = ("ok", "info", "warn", "fail")
 SPARSE_RATIO, SPARSE_MIN_BYTES = 16, 4 << 30  # mergeable VMAs far larger than what is resident
@@ -342,14 +342,8 @@ def _thp(paths: HostPaths) -> Iterator[Check]:
 
 def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
     name = vm.name
-    if vm.kind == "qemu" and not vm.trusted:  # anyone may call a process after a VM
-        return Check(
-            "warn",
-            name,
-            f"pid {vm.pid} calls itself this VM but is not run by root or the hypervisor's "
-            "QEMU user: its name is its own word",
-            f"look at it: ps -o user,args -p {vm.pid}",
-        )
+    if vm.kind == "qemu" and not vm.trusted:
+        return Check("warn", name, *impostor(vm))
     if vm.decision == "exclude":
         if vm.merging_now or vm.merged_bytes:
             return Check(

@@ -133,6 +133,17 @@ def _sharing(
 HOST_DOMAIN = "host"  # under trust domains: processes that are no VM, or not believed to be
 
 
+def impostor(vm: VmStatus) -> tuple[str, str]:
+    """(what, fix) for a QEMU process not run by root or the hypervisor's QEMU user. Anyone
+    may call a process qemu-system-x86_64 -name guest=NAME: a fix for the VM of that name
+    would act on someone else's VM at their word, so the fix looks at the process."""
+    return (
+        f"pid {vm.pid} calls itself this VM but is not run by root or the hypervisor's QEMU "
+        "user: its name is its own word (it counts in no trust domain)",
+        f"look at it: ps -o user,args -p {vm.pid}",
+    )
+
+
 def party_domain(vm: VmStatus, *, domains: bool) -> str:
     """The trust domain a process counts in on the page map: a VM's policy domain; under
     trust domains, a process that is no VM, or one not run by root or the hypervisor's user
@@ -337,18 +348,7 @@ def _findings(
     scans = host.full_scans or 0
     for vm in vms:
         if vm.kind == "qemu" and not vm.trusted:
-            # Anyone may call a process qemu-system-x86_64 -name guest=NAME: a fix for the VM
-            # of that name would act on someone else's VM at their word.
-            findings.append(
-                Finding(
-                    "warning",
-                    vm.name,
-                    f"pid {vm.pid} calls itself this VM but is not run by root or the "
-                    "hypervisor's QEMU user: its name is its own word (it counts in no trust "
-                    "domain)",
-                    f"look at it: ps -o user,args -p {vm.pid}",
-                )
-            )
+            findings.append(Finding("warning", vm.name, *impostor(vm)))
             continue
         if vm.kind != "qemu":
             if vm.decision == "exclude":  # listed only because its memory is mergeable
