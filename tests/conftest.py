@@ -17,6 +17,8 @@ from ksmpolicy.paths import HostPaths
 
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
+# Run a command as nobody (util-linux setpriv; root only), as a local user would.
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from ksmpolicy.libvirt.install import shim
-from tests.conftest import IS_ROOT, REPO, replace_policy
+from tests.conftest import AS_NOBODY, IS_ROOT, REPO, replace_policy
 
 MODES = ("off", "warn", "block")
 LIMIT = 15.0  # seconds a case may take at most; the hook's own deadline is set to 1 s
@@ -668,7 +668,6 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
     from ksmpolicy.libvirt.install import libvirtd_pids
     from ksmpolicy.paths import HostPaths
 
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
     impostors = {
         "qemu": ["qemu-system-x86", "-m", "9" * 400, "-name", "guest=tenant,debug-threads=on"],
         "ksmtuned": ["ksmtuned"],
@@ -681,7 +680,7 @@ def test_a_local_users_impostors_change_nothing(tmp_path: Path) -> None:
     try:
         for what, args in impostors.items():
             process = subprocess.Popen(
-                [*nobody, "/usr/bin/python3", "-c", IMPOSTOR, *args],
+                [*AS_NOBODY, "/usr/bin/python3", "-c", IMPOSTOR, *args],
                 stdout=subprocess.PIPE,
                 cwd=tmp_path,
             )

@@ -17,7 +17,7 @@ from ksmpolicy.kernel import procevents
 from ksmpolicy.kernel.procevents import ProcEvent, open_events, parse
 from ksmpolicy.paths import HostPaths
 from lab.simguest import spawn
-from tests.conftest import IS_ROOT, RealKsm
+from tests.conftest import AS_NOBODY, IS_ROOT, RealKsm
 from tests.control.test_daemon import DaemonProcess, fake_host, wait_for
 
 
@@ -94,8 +94,7 @@ def exec_as_nobody(name: str) -> int:
         binary = directory / name
         shutil.copy("/bin/sleep", binary)
         binary.chmod(0o755)
-        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        process = subprocess.Popen([*nobody, str(binary), "1"])  # setpriv execs: same PID
+        process = subprocess.Popen([*AS_NOBODY, str(binary), "1"])  # setpriv execs: same PID
         assert process.wait(timeout=10) == 0
         return process.pid
     finally:

@@ -20,7 +20,7 @@ from ksmpolicy.paths import HostPaths
 from ksmpolicy.report.sharing import Party, Sharing, measure
 from ksmpolicy.report.status import collect
 from lab.simguest import page_plan, spawn
-from tests.conftest import RealKsm
+from tests.conftest import AS_NOBODY, RealKsm
 
 MIB = 32
 IMAGE_PERCENT = 60.0
@@ -188,20 +188,18 @@ def test_a_kernel_without_kpageflags_gets_the_ksm_stat_fallback(tmp_path: Path) 
 def test_without_root_the_map_says_why_and_status_falls_back(
     real_ksm: RealKsm, tmp_path: Path
 ) -> None:
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
+    if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is missing")
-    nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
     command = str(Path(sys.executable).with_name("ksmpolicy"))
     guest = subprocess.Popen(
-        [*nobody, sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path
+        [*AS_NOBODY, sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path
     )
     real_ksm.processes.append(guest)  # type: ignore[arg-type]
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
 
     def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*nobody, command, *args],
+            [*AS_NOBODY, command, *args],
             capture_output=True,
             text=True,
             timeout=60,
