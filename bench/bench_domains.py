@@ -32,11 +32,11 @@ from pathlib import Path
 
 from bench.bench_pagemap import converge
 from bench.ksm_bench import machine_name, stop_all, write
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.kernel.procfs import read_meminfo
 from ksmpolicy.kernel.scan import read_ksm_stat
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.report.audit import audit
 from lab.simguest import page_plan, spawn

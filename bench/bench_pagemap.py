@@ -24,9 +24,9 @@ import tracemalloc
 from pathlib import Path
 
 from bench.ksm_bench import machine_name, stop_all, write
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.report.estimate import Guest, estimate
 from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs

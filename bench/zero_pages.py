@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from bench.ksm_bench import KSM, machine_name, stop_all, write
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from lab.simguest import spawn
 from tests.conftest import KSM_LOCK, restore_knobs, saved_knobs
 

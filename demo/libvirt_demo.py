@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.libvirt.domain import domain_facts
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.decide import Decider
 from ksmpolicy.policy.load import load_policy
 from lab.libvirtd import GUEST, Lab, Libvirtd, wait_for

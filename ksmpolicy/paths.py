@@ -21,6 +21,10 @@ RUN_DIR = "/run/ksmpolicy"  # root-only: the daemon's socket for hook notes, the
 STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed
 NOTIFY_SOCKET = "notify.sock"  # in the run directory
 
+# The kernel's page size, which KSM merges in: 4 KiB on x86_64, but 16 or 64 KiB on some arm64
+# and ppc64 kernels. Every page count ksmpolicy turns into bytes uses this one.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
 
 @dataclass(frozen=True)
 class HostPaths:

@@ -20,11 +20,11 @@ from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
 from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
-from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmKnobs, read_ksm
+from ksmpolicy.kernel.ksm import KsmKnobs, read_ksm
 from ksmpolicy.kernel.procevents import ProcEvents, open_events, worth_a_look
 from ksmpolicy.kernel.procfs import effective_uid, ksmd_pid, process_cpu_seconds, read_meminfo
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, trusted_uid
-from ksmpolicy.paths import HostPaths, default_policy
+from ksmpolicy.paths import PAGE_SIZE, HostPaths, default_policy
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
 

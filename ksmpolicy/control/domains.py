@@ -31,8 +31,7 @@ from ksmpolicy.domains.choose import Candidate, Claim, choose
 from ksmpolicy.domains.scopes import HostScopes, guest_ram_ranges, process_nodes
 from ksmpolicy.domains.state import Member, locked
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.kernel.ksm import PAGE_SIZE
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.model import VmStatus
 

@@ -24,7 +24,6 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.pagemap import (
     KPF_THP,
     KPF_ZERO_PAGE,
@@ -33,7 +32,7 @@ from ksmpolicy.kernel.pagemap import (
     PM_PRESENT,
     PageMapReader,
 )
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
 READ_PAGES = 1024  # pages per read: 4 MiB
 ZERO_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ksmpolicy.errors import HostError
+from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.records import dataclass
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -17,9 +17,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The kernel's page size, which KSM merges in: 4 KiB on x86_64, but 16 or 64 KiB on some arm64
-# and ppc64 kernels. Every page count ksmpolicy turns into bytes uses this one.
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Knobs and counters of /sys/kernel/mm/ksm, in the kernel's names. Older kernels lack some.
 KSM_KNOBS = (

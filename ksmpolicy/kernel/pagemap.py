@@ -47,9 +47,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.errors import HostError
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
+from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.smaps import parse as parse_smaps
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
 PM_PRESENT = np.uint64(1 << 63)
 PM_SWAPPED = np.uint64(1 << 62)

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ksmpolicy.kernel import guestmem
-from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.kernel.smaps import parse as smaps_of
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
 ALIKE = 0.25  # shared non-zero content, as a share of the smaller VM's, to suggest a group
 MIN_ALIKE_PAGES = 256

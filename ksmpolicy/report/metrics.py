@@ -15,9 +15,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ksmpolicy.files import write_atomic
-from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.scan import ProcessScanner
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.model import Status
 from ksmpolicy.report.status import collect

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.report.sharing import Sharing
 
 INSTALL_HINT = (

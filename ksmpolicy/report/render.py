@@ -7,7 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.quoting import one_line, printable
 from ksmpolicy.report.model import Status
 

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE
 from ksmpolicy.kernel.pagemap import U64, PageMap, PageMapReader
 from ksmpolicy.kernel.pagemap import zero_pfns as zero_pfns_of
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.report.findings import Finding
 
 NO_GROUP = "-"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE, read_ksm
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.kernel.ksm import read_ksm
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.report.estimate import Guest, estimate
 from ksmpolicy.report.render import yaml_snippet

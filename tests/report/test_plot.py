@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.kernel.ksm import PAGE_SIZE
+from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.report.plot import INSTALL_HINT, heatmap
 from ksmpolicy.report.sharing import PairShare, Sharing, VmShare
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
+from ksmpolicy.kernel.ksm import KsmState, read_ksm
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.report.sharing import Party, Sharing, measure
 from ksmpolicy.report.status import collect
 from lab.simguest import page_plan, spawn
