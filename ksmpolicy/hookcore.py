@@ -142,8 +142,14 @@ class Session:
         return 1 if says_block(self.policy_path) else 0
 
     def refuse_start(self, policy: Policy, decision: Decision, who: str) -> bool:
-        """Under trust domains: report a start that would force a hand-over the host cannot
-        absorb; True when `enforcement: block` refuses it."""
+        """Under trust domains: report a VM that two bindings put in different domains (it
+        starts, unmergeable), and a start that would force a hand-over the host cannot absorb;
+        True when `enforcement: block` refuses it."""
+        from ksmpolicy.policy.model import CONFLICT_DOMAIN  # noqa: PLC0415
+
+        if decision.domain == CONFLICT_DOMAIN:
+            self.report(f"ksmpolicy: {who}: {decision.reason}", "warning")
+            return False
         refusal = start_refusal(policy, decision, self.cache_dir)
         if refusal is None:
             return False

@@ -555,7 +555,7 @@ def test_an_integer_beyond_pythons_limit_is_a_line_not_a_crash(host: Host) -> No
 def test_yaml_11_keys_and_tags_stay_as_written(host: Host) -> None:
     host.write_policy(
         "warn",
-        "version: 1\nvms:\n  no: {tags: [database]}\n  0101: {tags: [database]}\n"
+        "version: 1\nvms:\n  no: {tags: [database]}\n  name:0101: {tags: [database]}\n"
         "  1_000: {tags: [no, 0101, 2024-01-01]}\n"
         "rules:\n  - {match: {tags: [database, 'no', '0101', '2024-01-01']}, action: exclude}\n",
     )
@@ -565,6 +565,13 @@ def test_yaml_11_keys_and_tags_stay_as_written(host: Host) -> None:
         assert '"action": "exclude"' in result.stdout, (name, result.stdout)
     result = ksmpolicy("-p", str(host.policy), "explain", "--name", "1000", "--json")
     assert '"action": "merge"' in result.stdout  # 1_000 is not 1000
+    # A bare 0101 could be a name or a number: refused, and named as written (not 65).
+    host.write_policy("warn", "version: 1\nvms:\n  0101: {tags: [database]}\n")
+    result = ksmpolicy("check", str(host.policy))
+    assert result.returncode == 1
+    assert "vms.0101: could be a VM's name, but looks like a number: write 'name:0101'" in (
+        result.stderr
+    )
 
 
 def test_closed_stdin_is_one_line(host: Host) -> None:

@@ -173,6 +173,7 @@ HOOK_MODULES = {
     "ksmpolicy.policy.model",
     "ksmpolicy.policy.load",
     "ksmpolicy.policy.decide",
+    "ksmpolicy.policy.identity",
     "ksmpolicy.libvirt",
     "ksmpolicy.libvirt.hook",
     "ksmpolicy.libvirt.domain",

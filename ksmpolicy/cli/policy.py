@@ -17,7 +17,7 @@ from ksmpolicy.cli.common import (
 from ksmpolicy.cli.render import decision_json, decision_table, decision_text
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.policy.decide import Decider, VmFacts
+from ksmpolicy.policy.decide import Decider, MemoryRegion, VmFacts
 from ksmpolicy.policy.factsfile import load_facts
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy, load_policy_or_builtin
 
@@ -152,7 +152,8 @@ def explain(
                 click.echo(f"note: the [PENDING] changes would make it {later.action.value}")
     else:
         assert name is not None
-        vms = [VmFacts(name, uuid, vmid, frozenset(tags), images, hugepages=hugepages)]
+        ram = (MemoryRegion("ram", hugepages=True),) if hugepages else ()
+        vms = [VmFacts(name, uuid, vmid, frozenset(tags), images, regions=ram)]
     decisions = [decider.decide(vm) for vm in vms]
     if as_json:
         click.echo(json.dumps([decision_json(d) for d in decisions], indent=2))

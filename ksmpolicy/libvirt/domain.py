@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyexpat as expat  # xml.parsers.expat without its two package imports (0.4 ms a start)
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.policy.decide import VmFacts
+from ksmpolicy.policy.decide import MemoryRegion, VmFacts
 from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -166,14 +166,17 @@ _EXPAND: dict[str, frozenset[str] | None] = {
     "metadata": None,
     f"{{{NAMESPACE}}}vm": None,
     f"{{{LIBOSINFO}}}libosinfo": None,
-    "devices": frozenset({"disk"}),
+    "devices": frozenset({"disk", "memory"}),
     "disk": None,
+    "memory": None,  # a memory device: <source>, <target>
+    "source": None,
+    "target": None,
     "backingStore": None,
     "cpu": frozenset({"numa"}),
     "numa": frozenset({"cell"}),
 }
 # Elements whose text is read.
-_TEXT = frozenset({"name", "uuid", "memory", f"{{{NAMESPACE}}}tag"})
+_TEXT = frozenset({"name", "uuid", "memory", "size", "node", "pagesize", f"{{{NAMESPACE}}}tag"})
 
 
 def _keeps(parent: Element, child: str) -> bool:
@@ -249,7 +252,8 @@ def facts_of(root: Element, probe: BackingProbe | None = None) -> DomainFacts:
     if root.tag != "domain":
         raise XmlError(f"not a libvirt domain: the root element is <{root.tag}>")
     name_element = root.child("name")
-    name = name_element.text.strip() if name_element is not None else ""
+    # The name exactly as libvirt stores it: ` web-1\t` is not `web-1`.
+    name = name_element.text if name_element is not None else ""
     if not name:
         raise XmlError("domain XML has no <name>")
     uuid_element = root.child("uuid")
@@ -271,8 +275,7 @@ def facts_of(root: Element, probe: BackingProbe | None = None) -> DomainFacts:
         tags=frozenset(tags),
         images=tuple(i for i in (d.root or d.source for d in disks) if i),
         memory_bytes=_memory_bytes(root.child("memory")),
-        hugepages=backing is not None and backing.child("hugepages") is not None,
-        shared_memory=_shared_memory(root, backing),
+        regions=memory_regions(root),
     )
     return DomainFacts(
         vm=vm,
@@ -294,23 +297,129 @@ def _is_disk(disk: Element) -> bool:
 def _memory_bytes(element: Element | None) -> int | None:
     if element is None:
         return None
-    try:
-        value = int(element.text.strip())
-    except ValueError:
-        return None
-    return value * _UNITS.get(element.attrs.get("unit", "KiB").lower(), 1024)
+    return _memory_bytes_attr(element.text, element.attrs.get("unit", "KiB"))
 
 
-def _shared_memory(root: Element, backing: Element | None) -> bool:
-    """memfd/file backing with shared access (virtiofs, vhost-user): never merged by KSM."""
-    if backing is not None:
-        access = backing.child("access")
-        if access is not None and access.attrs.get("mode") == "shared":
-            return True
+def memory_regions(root: Element) -> tuple[MemoryRegion, ...]:
+    """Guest RAM region by region, as libvirt hands it to QEMU: one backend per guest NUMA
+    cell (`ram-node<N>`) or one for all RAM (`pc.ram`), and one per memory device.
+
+    A region is hugepage-backed when a `<hugepages><page>` applies to it: the page whose
+    `nodeset` names its cell, else the page without a nodeset, else none (an empty
+    `<hugepages/>` is the default huge page size for all); a page of the system's page size is
+    no huge page. It is mapped shared when its cell's `memAccess` says so, else when
+    `<memoryBacking><access mode>` does. The rules are libvirt's (qemuBuildMemoryBackendProps,
+    libvirt 9.0); tests/libvirt check them against what libvirt builds for QEMU."""
+    backing = root.child("memoryBacking")
+    hugepages = backing.child("hugepages") if backing is not None else None
+    access = backing.child("access") if backing is not None else None
+    default_access = access.attrs.get("mode") if access is not None else None
     cpu = root.child("cpu")
     numa = cpu.child("numa") if cpu is not None else None
     cells = numa.all("cell") if numa is not None else []
-    return any(cell.attrs.get("memAccess") == "shared" for cell in cells)
+    regions = []
+    if not cells:
+        huge = _huge_page_for(hugepages, None)
+        size = _memory_bytes(root.child("memory"))
+        regions.append(MemoryRegion("ram", size, huge, default_access == "shared"))
+    for index, cell in enumerate(cells):
+        number = _int(cell.attrs.get("id"), index)
+        size = _memory_bytes_attr(cell.attrs.get("memory"), cell.attrs.get("unit", "KiB"))
+        mode = cell.attrs.get("memAccess") or default_access
+        huge = _huge_page_for(hugepages, number)
+        regions.append(MemoryRegion(f"node{number}", size, huge, mode == "shared"))
+    for index, device in enumerate(_devices(root, "memory")):
+        regions.append(_memory_device(device, index, hugepages, default_access, cells))
+    return tuple(regions)
+
+
+def _memory_device(
+    device: Element,
+    index: int,
+    hugepages: Element | None,
+    default_access: str | None,
+    cells: list[Element],
+) -> MemoryRegion:
+    """A `<memory model=...>` device: its own backend (`memdimm<N>`), hugepage-backed by its
+    `<source><pagesize>` or else by its target node's page, shared by its `access` (file-backed
+    NVDIMM and virtio-pmem map their file shared unless `access='private'`)."""
+    model = device.attrs.get("model", "dimm")
+    source = device.child("source")
+    target = device.child("target")
+    size_element = target.child("size") if target is not None else None
+    size = None
+    if size_element is not None:
+        size = _memory_bytes_attr(size_element.text.strip(), size_element.attrs.get("unit", "KiB"))
+    page = source.child("pagesize") if source is not None else None
+    node_element = target.child("node") if target is not None else None
+    node = _int(node_element.text.strip(), None) if node_element is not None else None
+    if page is not None:
+        huge = not _is_system_page(page.text.strip(), page.attrs.get("unit", "KiB"))
+    else:
+        huge = _huge_page_for(hugepages, node if cells else None)
+    access = device.attrs.get("access")
+    if access is None and node is not None and cells:
+        cell = next((c for c in cells if _int(c.attrs.get("id"), None) == node), None)
+        access = cell.attrs.get("memAccess") if cell is not None else None
+    access = access or default_access
+    shared = access == "shared" or (model in ("nvdimm", "virtio-pmem") and access != "private")
+    return MemoryRegion(f"{model}{index}", size, huge, shared)
+
+
+def _huge_page_for(hugepages: Element | None, node: int | None) -> bool:
+    """Whether `<hugepages>` backs guest NUMA node `node` (None: a guest without NUMA cells,
+    for which only a page without a nodeset applies)."""
+    if hugepages is None:
+        return False
+    pages = hugepages.all("page")
+    if not pages:
+        return True  # <hugepages/>: the default huge page size, for all memory
+    general = None
+    for page in pages:
+        nodeset = page.attrs.get("nodeset")
+        if nodeset is None:
+            general = page
+        elif node is not None and node in _nodeset(nodeset):
+            return not _is_system_page(page.attrs.get("size"), page.attrs.get("unit", "KiB"))
+    if general is None:
+        return False
+    return not _is_system_page(general.attrs.get("size"), general.attrs.get("unit", "KiB"))
+
+
+def _nodeset(text: str) -> set[int]:
+    """libvirt's node list `0-2,^1,4`; what does not parse names no node."""
+    found: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        negate = part.startswith("^")
+        low, _, high = part.lstrip("^").partition("-")
+        first, last = _int(low, None), _int(high or low, None)
+        if first is None or last is None or last - first > 4096:
+            continue
+        span = set(range(first, last + 1))
+        found = found - span if negate else found | span
+    return found
+
+
+def _is_system_page(size: str | None, unit: str) -> bool:
+    """A `<page size>` of the system's page size is no huge page (libvirt ignores it)."""
+    if size is None:
+        return False
+    from ksmpolicy.paths import PAGE_SIZE  # noqa: PLC0415
+
+    return _memory_bytes_attr(size, unit) == PAGE_SIZE
+
+
+def _int(text: str | None, default: int | None) -> int | None:
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 9:
+        return default
+    return int(text)
+
+
+def _memory_bytes_attr(value: str | None, unit: str) -> int | None:
+    number = _int(value.strip() if value is not None else None, None)
+    if number is None:
+        return None
+    return number * _UNITS.get(unit.lower(), 1024)
 
 
 def _source_identity(element: Element) -> str | None:

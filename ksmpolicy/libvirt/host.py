@@ -247,7 +247,7 @@ def enforce_one(domain: Any, decider: Decider) -> LiveResult:
     try:
         facts = domain_facts(domain.XMLDesc(0))
         decision = decider.decide(facts.vm)
-        if facts.vm.hugepages or facts.vm.shared_memory:
+        if not facts.vm.ram_can_merge:
             return LiveResult(name, "skipped", None, "hugepage/shared memory never merges")
         merge = decision.action is Action.MERGE
         if merge and decider.policy.uses_domains:

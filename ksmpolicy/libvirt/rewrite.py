@@ -22,6 +22,6 @@ def apply_policy(
     facts = domain_facts(text, probe)
     decision = decider.decide(facts.vm)
     text = set_nosharepages(text, not decision.definition_merges)
-    if decision.bind_nodes and not (facts.vm.hugepages or facts.vm.shared_memory):
+    if decision.bind_nodes and facts.vm.ram_can_merge:
         text = set_numatune(text, decision.bind_nodes)
     return text, facts, decision

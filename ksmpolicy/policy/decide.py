@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from ksmpolicy.policy.model import DEFAULT_DOMAIN, Action, Policy, Rule
+from ksmpolicy.policy import identity
+from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, Action, Policy, Rule
 from ksmpolicy.records import dataclass
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
     import re
     from collections.abc import Iterable
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One region of guest RAM as QEMU maps it: the whole RAM, a guest NUMA node's memory, or a
+    memory device. KSM merges private anonymous pages only, so hugetlb memory and memory mapped
+    shared never merge, whatever `mem-merge` says; every other region follows it."""
+
+    name: str  # "ram", "node0", "dimm1": QEMU's memory backend, as a reader would name it
+    size_bytes: int | None = None
+    hugepages: bool = False  # hugetlbfs pages
+    shared: bool = False  # memfd/file mapped shared (virtiofs, vhost-user)
+
+    @property
+    def can_merge(self) -> bool:
+        return not (self.hugepages or self.shared)
+
+    @property
+    def why_not(self) -> str:
+        """Why KSM never merges this region ("" when it can)."""
+        if self.hugepages:
+            return "hugepage-backed"
+        return "mapped shared" if self.shared else ""
 
 
 @dataclass(frozen=True)
@@ -21,10 +45,22 @@ class VmFacts:
     tags: frozenset[str] = frozenset()  # from the VM itself (libvirt metadata, Proxmox tags)
     images: tuple[str, ...] = ()  # base-image identities: backing-chain roots, PVE base volumes
     memory_bytes: int | None = None
-    hugepages: bool = False  # hugetlb memory: the kernel never merges it
-    shared_memory: bool = False  # memfd/file backing with shared access: never merged
+    # Guest RAM region by region; () when nothing is known: one ordinary, mergeable region.
+    # QEMU's other RAM blocks (ROMs, video RAM) are no region here: they are ordinary memory in
+    # every VM and follow `mem-merge` alone.
+    regions: tuple[MemoryRegion, ...] = ()
     kind: str = "qemu"  # qemu, firecracker, cloud-hypervisor, crosvm, kata, service, process
     unit: str | None = None  # its systemd unit, when it runs in one
+
+    @property
+    def ram_can_merge(self) -> bool:
+        """Whether any region of its guest RAM can merge at all (the one rule every caller
+        uses: the decision, the hooks, apply, status, doctor)."""
+        return not self.regions or any(r.can_merge for r in self.regions)
+
+    @property
+    def unmergeable_regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(r for r in self.regions if not r.can_merge)
 
 
 @dataclass(frozen=True)
@@ -115,22 +151,20 @@ class Decider:
         self._group_names = _GlobIndex([g.names for g in groups])
         self._group_images = _GlobIndex([g.images for g in groups])
         self._bound = {i for i, g in enumerate(groups) if g.domain}  # groups with a domain
-        self._group_domain = {g.name: g.domain for g in groups if g.domain}
         per_node = policy.isolation.merge_across_nodes is False
         self._bind = {d.name: d.nodes for d in policy.domains if d.nodes and per_node}
 
-    def _keys(self, facts: VmFacts) -> tuple[str, ...]:
-        """The keys the `vms:` section may use for this VM: name, UUID, VMID."""
-        uuid = facts.uuid.lower() if facts.uuid else None
-        return tuple(k for k in (facts.name, uuid, facts.vmid) if k)
+    def _keys(self, facts: VmFacts) -> tuple[tuple[int, str], ...]:
+        """(rank, typed key) of each identity the `vms:` section may name for this VM."""
+        return identity.vm_keys(facts.name, facts.uuid, facts.vmid)
 
     def policy_tags(self, facts: VmFacts) -> frozenset[str]:
-        """The tags the policy's `vms:` section gives this VM's name, UUID or VMID."""
+        """The tags the policy's `vms:` section gives this VM's VMID, UUID or name."""
         vms = self.policy.vms
-        return frozenset(t for key in self._keys(facts) for t in vms.get(key, ()))
+        return frozenset(t for _rank, key in self._keys(facts) for t in vms.get(key, ()))
 
     def tags_of(self, facts: VmFacts) -> frozenset[str]:
-        """The VM's own tags plus those the policy's `vms:` section gives its name, UUID or VMID."""
+        """The VM's own tags plus those the policy's `vms:` section gives its identities."""
         return frozenset(t.lower() for t in facts.tags) | self.policy_tags(facts)
 
     def group_of(self, facts: VmFacts, tags: frozenset[str]) -> str | None:
@@ -147,16 +181,46 @@ class Decider:
         )
         return self.policy.groups[min(hits)].name if hits else None
 
-    def domain_of(self, facts: VmFacts, group: str | None) -> tuple[str, str]:
-        """(trust domain, why): a `vms:` entry's domain, else its group's, else `default`."""
+    def bindings(self, facts: VmFacts) -> list[tuple[int, str, str]]:
+        """Every (rank, trust domain, what binds it) the policy gives this VM: its `vms:`
+        entries, and every group with a domain it joins through what the host controls (its
+        name, its images, the tags the policy gives it). A VM's own tags bind nothing."""
+        found = []
         vm_domains = self.policy.vm_domains
-        for key in self._keys(facts):
+        for rank, key in self._keys(facts):
             if key in vm_domains:
-                return vm_domains[key], f"vms: {key}"
-        found = self._group_domain.get(group) if group is not None else None
-        if found:
-            return found, f"group {group}"
-        return DEFAULT_DOMAIN, "no domain given"
+                found.append((rank, vm_domains[key], f"vms: {key}"))
+        if self._bound:
+            joined = (
+                self._group_tags.matched(self.policy_tags(facts))
+                | self._group_names.matched((facts.name,))
+                | self._group_images.matched(facts.images)
+            ) & self._bound
+            groups = self.policy.groups
+            for index in sorted(joined):
+                group = groups[index]
+                assert group.domain is not None
+                found.append((identity.RANK_GROUP, group.domain, f"group {group.name}"))
+        return found
+
+    def domain_of(self, facts: VmFacts) -> tuple[str, str]:
+        """(trust domain, why). The most trustworthy bindings decide (identity.RANK_*), not
+        the order they are listed in; if they disagree the VM is in CONFLICT_DOMAIN and never
+        merges. No binding: `default`."""
+        found = self.bindings(facts)
+        if not found:
+            return DEFAULT_DOMAIN, "no domain given"
+        top = max(rank for rank, _domain, _why in found)
+        deciding = [(domain, why) for rank, domain, why in found if rank == top]
+        domains = sorted({domain for domain, _why in deciding})
+        if len(domains) > 1:
+            claims = "; ".join(f"{why} -> {domain}" for domain, why in deciding)
+            return CONFLICT_DOMAIN, f"bound to {len(domains)} trust domains ({claims})"
+        domain, why = deciding[0]
+        outranked = sorted({f"{w} -> {d}" for rank, d, w in found if rank < top and d != domain})
+        if outranked:
+            why += f" (over {'; '.join(outranked)}: a {identity.RANK_NAMES[top]} binds first)"
+        return domain, why
 
     def first_rule(
         self, facts: VmFacts, tags: frozenset[str], group: str | None, domain: str = DEFAULT_DOMAIN
@@ -191,7 +255,21 @@ class Decider:
     def decide(self, facts: VmFacts) -> Decision:
         tags = self.tags_of(facts)
         group = self.group_of(facts, tags)
-        domain, domain_reason = self.domain_of(facts, group)
+        domain, domain_reason = self.domain_of(facts)
+        if domain == CONFLICT_DOMAIN:
+            return Decision(
+                vm=facts.name,
+                action=Action.EXCLUDE,
+                merge=False,
+                group=group,
+                rule=None,
+                reason=f"identity conflict: {domain_reason}; a VM bound to two trust domains "
+                "never merges (make its bindings agree)",
+                tags=tuple(sorted(tags)),
+                domain=domain,
+                domain_reason=domain_reason,
+                definition_merges=False,
+            )
         rule = self.first_rule(facts, tags, group, domain)
         if rule is None:
             action = self.policy.default
@@ -200,11 +278,9 @@ class Decider:
             action = rule.action
             why = _why(rule, facts, tags, group, domain)
             reason = f"rule {rule.name!r} (line {rule.line}): {why}"
-        merge = action is Action.MERGE
-        if merge and (facts.hugepages or facts.shared_memory):
-            merge = False
-            backing = "hugepage" if facts.hugepages else "shared"
-            reason = f"{backing}-backed memory is never merged by KSM (policy: {reason})"
+        merge = action is Action.MERGE and facts.ram_can_merge
+        if action is Action.MERGE:
+            reason = _memory_note(facts, reason)
         return Decision(
             vm=facts.name,
             action=action,
@@ -220,19 +296,31 @@ class Decider:
         )
 
 
+def _memory_note(facts: VmFacts, reason: str) -> str:
+    """The reason, with the regions of guest RAM that KSM never merges named."""
+    never = facts.unmergeable_regions
+    if not never:
+        return reason
+    if not facts.ram_can_merge:
+        kinds = sorted({r.why_not for r in never})
+        return f"{' and '.join(kinds)} memory is never merged by KSM (policy: {reason})"
+    parts = ", ".join(f"{r.name} ({r.why_not})" for r in never)
+    return f"{reason}; KSM never merges {parts}"
+
+
 def drift(decision: Decision, vm: VmFacts, *, merging_off: bool) -> str | None:
     """How a VM's definition disagrees with its decision, or None when it complies.
 
     `merging_off`: the definition switches merging off (`<nosharepages/>`, `allow-ksm: 0`).
-    Memory KSM never merges (hugepages, shared memory) cannot disagree. Returns `"mergeable"`
-    when the definition must say off but does not (the only case a start is ever refused for)
-    and `"off"` when it may merge but is switched off (a warning).
+    Returns `"mergeable"` when the definition must say off but does not (the only case a start
+    is ever refused for) and `"off"` when it may merge but is switched off (a warning).
+    Hugepage or shared guest RAM changes nothing about the first: QEMU's ROMs and video RAM
+    (and any ordinary region) stay mergeable unless the definition says off. It does for the
+    second: switching off a VM whose RAM can never merge loses nothing worth a warning.
     """
-    if vm.hugepages or vm.shared_memory:
-        return None
     if not decision.definition_merges and not merging_off:
         return "mergeable"
-    if decision.definition_merges and merging_off:
+    if decision.definition_merges and merging_off and vm.ram_can_merge:
         return "off"
     return None
 

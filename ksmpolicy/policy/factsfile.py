@@ -7,7 +7,7 @@ from typing import Any
 
 from ksmpolicy.errors import PolicyError, Problem
 from ksmpolicy.policy import yamlsource
-from ksmpolicy.policy.decide import VmFacts
+from ksmpolicy.policy.decide import MemoryRegion, VmFacts
 
 _KEYS = ("name", "uuid", "vmid", "tags", "images", "memory_mib", "hugepages", "shared_memory")
 
@@ -55,9 +55,15 @@ def _facts(item: Any, path: yamlsource.Path, doc: yamlsource.Document) -> VmFact
         tags=frozenset(str(t) for t in item.get("tags") or ()),
         images=tuple(str(i) for i in item.get("images") or ()),
         memory_bytes=int(memory) * 1024 * 1024 if isinstance(memory, int) else None,
-        hugepages=item.get("hugepages") is True,
-        shared_memory=item.get("shared_memory") is True,
+        regions=_regions(item.get("hugepages") is True, item.get("shared_memory") is True),
     )
+
+
+def _regions(hugepages: bool, shared: bool) -> tuple[MemoryRegion, ...]:
+    """`hugepages: true` and `shared_memory: true` describe the whole of guest RAM."""
+    if not (hugepages or shared):
+        return ()
+    return (MemoryRegion("ram", hugepages=hugepages, shared=shared),)
 
 
 def _opt_str(value: Any) -> str | None:

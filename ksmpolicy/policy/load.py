@@ -25,6 +25,7 @@ from ksmpolicy.policy.model import (
     Domain,
     Enforcement,
     Group,
+    IdentitySettings,
     IsolationSettings,
     Match,
     Policy,
@@ -34,6 +35,10 @@ from ksmpolicy.policy.model import (
 )
 
 MAX_POLICY_BYTES = 32 * 1024 * 1024
+
+TYPE_CHECKING = False  # typing costs the hook an import; mypy reads this one the same way
+if TYPE_CHECKING:
+    from typing import Any
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -140,7 +145,27 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
 
 # --- the compiled cache --------------------------------------------------------------------
 
-_CACHE_FORMAT = 5
+# Bump when a field keeps its name but changes meaning (6: `vms:` keys became typed identities).
+# A field added, removed or renamed needs no bump: the record classes' field names are part of
+# the cache's key (`_SCHEMA`), so a cache written by another version is simply not used.
+_CACHE_FORMAT = 6
+_RECORDS: dict[str, Any] = {
+    cls.__name__: cls
+    for cls in (
+        Policy,
+        Group,
+        Rule,
+        Match,
+        Domain,
+        ReconcilerSettings,
+        IsolationSettings,
+        ProxmoxSettings,
+        IdentitySettings,
+    )
+}
+_CHOICES: dict[str, Any] = {cls.__name__: cls for cls in (Action, Enforcement)}
+_SCHEMA = tuple((name, cls.__match_args__) for name, cls in _RECORDS.items())
+_VERSION = (_CACHE_FORMAT, _SCHEMA)
 
 
 def _cache_path(cache_dir: str, key: tuple[object, ...]) -> str:
@@ -154,25 +179,19 @@ def load_last_good(path: str | os.PathLike[str], cache_dir: str) -> Policy | Non
     None. The hooks fall back to it when the file cannot be used (see hookcore)."""
     file = os.fspath(path)
     stored = _read_cache_file(_cache_path(cache_dir, (file,)))
-    if not isinstance(stored, tuple) or len(stored) != 3 or stored[0] != _CACHE_FORMAT:
+    if not isinstance(stored, tuple) or len(stored) != 3 or stored[0] != _VERSION:
         return None
     key = stored[1]
     if not isinstance(key, tuple) or not key or key[0] != file:
         return None
-    try:
-        return _thaw(stored[2])
-    except (TypeError, ValueError, IndexError):
-        return None
+    return _thaw_policy(stored[2])
 
 
 def _read_cache(cache_dir: str, key: tuple[object, ...]) -> Policy | None:
     stored = _read_cache_file(_cache_path(cache_dir, key))
-    if not isinstance(stored, tuple) or stored[:2] != (_CACHE_FORMAT, key):
+    if not isinstance(stored, tuple) or stored[:2] != (_VERSION, key):
         return None
-    try:
-        return _thaw(stored[2])
-    except (TypeError, ValueError, IndexError):
-        return None
+    return _thaw_policy(stored[2])
 
 
 def _read_cache_file(path: str) -> object:
@@ -197,78 +216,58 @@ def _write_cache(cache_dir: str, key: tuple[object, ...], policy: Policy) -> Non
     """Best effort: a cache that cannot be written only costs the next hook some time."""
     try:
         make_private_dir(cache_dir)
-        data = marshal.dumps((_CACHE_FORMAT, key, _freeze(policy)))  # type: ignore[arg-type]
+        data = marshal.dumps((_VERSION, key, freeze(policy)))  # type: ignore[arg-type]
         write_atomic(_cache_path(cache_dir, key), data, 0o600, private_dir=True)
     except OSError:
         pass
 
 
-def _freeze(p: Policy) -> tuple[object, ...]:
-    return (
-        p.enforcement.value,
-        p.live,
-        p.default.value,
-        tuple((g.name, g.images, g.tags, g.names, g.domain) for g in p.groups),
-        tuple(
-            (
-                r.name,
-                (
-                    r.match.names,
-                    r.match.tags,
-                    r.match.groups,
-                    r.match.images,
-                    r.match.domains,
-                    r.match.kinds,
-                    r.match.units,
-                ),
-                r.action.value,
-                r.line,
-            )
-            for r in p.rules
-        ),
-        tuple(p.vms.items()),
-        (
-            p.reconciler.interval_seconds,
-            p.reconciler.target_scan_seconds,
-            p.reconciler.max_ksmd_cpu_percent,
-            p.reconciler.memory_pressure_percent,
-            p.reconciler.kernel_advisor,
-            p.reconciler.use_zero_pages,
-        ),
-        p.proxmox.qemu_server_version,
-        p.source,
-        tuple((d.name, d.priority, d.nodes, d.line) for d in p.domains),
-        tuple(p.vm_domains.items()),
-        (
-            p.isolation.merge_across_nodes,
-            p.isolation.unmerge_reserve_mib,
-            p.isolation.stickiness_percent,
-            p.isolation.min_hold_seconds,
-            p.isolation.audit_interval_seconds,
-        ),
-    )
+def freeze(value: object) -> object:
+    """A policy (or any of its parts) as plain values marshal can store, by field name: a
+    record is ("r", class, ((field, value), ...)), a choice ("c", class, value), a tuple
+    ("t", items), a mapping ("m", ((key, value), ...)); str, numbers, bools and None as they
+    are."""
+    kind = type(value)
+    name = kind.__name__
+    if _RECORDS.get(name) is kind:
+        fields = kind.__match_args__
+        return ("r", name, tuple((f, freeze(getattr(value, f))) for f in fields))
+    if _CHOICES.get(name) is kind:
+        return ("c", name, value.value)  # type: ignore[attr-defined]
+    if isinstance(value, tuple):
+        return ("t", tuple(freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("m", tuple((k, freeze(v)) for k, v in value.items()))
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise TypeError(f"cannot store {name} in the policy cache")
 
 
-def _thaw(data: tuple[object, ...]) -> Policy:
-    enforcement, live, default, groups, rules, vms, reconciler, qemu_server, source = data[:9]
-    domains, vm_domains, isolation = data[9:]
-    return Policy(
-        enforcement=Enforcement(enforcement),
-        live=bool(live),
-        default=Action(default),
-        groups=tuple(Group(*g) for g in groups),  # type: ignore[attr-defined]
-        rules=tuple(
-            Rule(name, Match(*match), Action(action), line)
-            for name, match, action, line in rules  # type: ignore[attr-defined]
-        ),
-        vms=dict(vms),  # type: ignore[call-overload]
-        reconciler=ReconcilerSettings(*reconciler),  # type: ignore[misc]
-        proxmox=ProxmoxSettings(None if qemu_server is None else str(qemu_server)),
-        source=str(source),
-        domains=tuple(Domain(*d) for d in domains),  # type: ignore[attr-defined]
-        vm_domains=dict(vm_domains),  # type: ignore[call-overload]
-        isolation=IsolationSettings(*isolation),  # type: ignore[misc]
-    )
+def thaw(data: object) -> object:
+    """The inverse of `freeze`. Raises TypeError, ValueError or KeyError on anything else."""
+    if not isinstance(data, tuple):
+        if data is None or isinstance(data, str | int | float):
+            return data
+        raise TypeError(f"unexpected {type(data).__name__} in the policy cache")
+    tag = data[0]
+    if tag == "r":
+        _tag, name, fields = data
+        return _RECORDS[name](**{f: thaw(v) for f, v in fields})
+    if tag == "c":
+        return _CHOICES[data[1]](data[2])
+    if tag == "t":
+        return tuple(thaw(v) for v in data[1])
+    if tag == "m":
+        return {k: thaw(v) for k, v in data[1]}
+    raise ValueError(f"unknown tag {tag!r} in the policy cache")
+
+
+def _thaw_policy(data: object) -> Policy | None:
+    try:
+        policy = thaw(data)
+    except (TypeError, ValueError, KeyError):
+        return None
+    return policy if isinstance(policy, Policy) else None
 
 
 def _single(file: str, message: str) -> PolicyError:

@@ -13,6 +13,12 @@ else:
 
 SUPPORTED_VERSION = 1
 DEFAULT_DOMAIN = "default"  # the trust domain of every VM the policy puts in none
+HOST_DOMAIN = "host"  # the audit's domain for processes that are no VM (or not believed to be)
+# Names no declared domain may take: the two above are ksmpolicy's own.
+RESERVED_DOMAINS = (DEFAULT_DOMAIN, HOST_DOMAIN)
+# The domain of a VM that two bindings put in different trust domains: it never merges. No
+# declared domain can be called so (names are letters, digits and `_ . : -`).
+CONFLICT_DOMAIN = "(conflict)"
 
 
 class Action(Choice):
@@ -101,6 +107,15 @@ class ReconcilerSettings:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    """Who controls which field of a VM on this host (see policy/identity.py)."""
+
+    # Fields tenants can set on their own VMs: no trust domain may rest on them. A VM's own
+    # tags always count as tenant-controlled.
+    tenant_controlled: tuple[str, ...] = ("tags",)
+
+
+@dataclass(frozen=True)
 class ProxmoxSettings:
     # The qemu-server version to write configs for, when dpkg's answer is not wanted (e.g. a
     # cluster mid-upgrade): below 9.0.27 there is no `allow-ksm` and `args` is used instead.
@@ -115,7 +130,8 @@ class Policy:
     default: Action = Action.MERGE
     groups: tuple[Group, ...] = ()
     rules: tuple[Rule, ...] = ()
-    # Tags given to VMs by the policy itself, keyed by libvirt name, UUID or Proxmox VMID.
+    # Tags given to VMs by the policy itself, keyed by a typed identity: `uuid:…`, `vmid:…`,
+    # `name:…` (policy/identity.py).
     vms: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     reconciler: ReconcilerSettings = ReconcilerSettings()
     proxmox: ProxmoxSettings = ProxmoxSettings()
@@ -124,6 +140,7 @@ class Policy:
     # Trust domains given to VMs by the `vms:` section, keyed like `vms`.
     vm_domains: Mapping[str, str] = field(default_factory=dict, hash=False)
     isolation: IsolationSettings = IsolationSettings()
+    identity: IdentitySettings = IdentitySettings()
 
     @property
     def uses_domains(self) -> bool:

@@ -9,15 +9,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ksmpolicy.errors import PolicyError, Problem
-from ksmpolicy.policy import yamlsource
+from ksmpolicy.policy import identity, yamlsource
 from ksmpolicy.policy.decide import gc_paused
 from ksmpolicy.policy.model import (
     DEFAULT_DOMAIN,
+    RESERVED_DOMAINS,
     SUPPORTED_VERSION,
     Action,
     Domain,
     Enforcement,
     Group,
+    IdentitySettings,
     IsolationSettings,
     Match,
     Policy,
@@ -101,6 +103,7 @@ _TOP_KEYS = (
     "proxmox",
     "domains",
     "isolation",
+    "identity",
 )
 _RULE_KEYS = ("name", "match", "action", "description")
 _MATCH_KEYS = ("names", "tags", "groups", "images", "domains", "kinds", "units")
@@ -116,7 +119,9 @@ _ISOLATION_LIMITS = {
 }
 _ISOLATION_KEYS = (*_ISOLATION_LIMITS, "merge_across_nodes")
 _MAX_NODE = 1023  # the kernel's MAX_NUMNODES is at most 1024
-_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Domain and group names: they appear in metrics labels, log lines and suggested commands.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # fullmatch: no trailing newline
+_NAME_RULE = "1-64 letters, digits and _ . : - (starting with a letter or digit)"
 _RECONCILER_LIMITS = {
     "interval_seconds": (0.1, 3600.0),
     "target_scan_seconds": (1.0, 86400.0),
@@ -134,6 +139,7 @@ class _Validator:
 
     def __init__(self, doc: Document) -> None:
         self.doc = doc
+        self.written: dict[str, str] = {}  # `vms:` keys: canonical -> as the file writes it
 
     def policy(self) -> Policy | None:
         doc = self.doc
@@ -156,6 +162,8 @@ class _Validator:
         group_names = [g.name for g in groups]
         rules = self.rules(top.get("rules"), group_names, known)
         vms, vm_domains = self.vms(top.get("vms"), known)
+        settings = self.identity(top.get("identity"))
+        self.tenant_bindings(settings, groups, vms, vm_domains)
         return Policy(
             enforcement=self.enum(top, "enforcement", Enforcement, Enforcement.WARN),
             live=self.boolean(top, "live", default=True),
@@ -169,6 +177,7 @@ class _Validator:
             domains=tuple(domains),
             vm_domains=vm_domains,
             isolation=self.isolation(top.get("isolation")),
+            identity=settings,
         )
 
     # --- sections
@@ -178,11 +187,14 @@ class _Validator:
         result = []
         for name, body in (section or {}).items():
             path: KeyPath = ("domains", name)
-            if not _DOMAIN_NAME.match(str(name)):
+            if not _NAME.fullmatch(str(name)):
+                self.doc.problem(path, f"a domain name is {_NAME_RULE}")
+                continue
+            if name in RESERVED_DOMAINS:
                 self.doc.problem(
                     path,
-                    "a domain name is 1-64 letters, digits and _ . : - (starting with a letter "
-                    "or digit)",
+                    f"{name!r} is ksmpolicy's own ({DEFAULT_DOMAIN!r}: VMs the policy puts in no "
+                    "domain; 'host': processes that are no VM): choose another name",
                 )
                 continue
             spec = self.mapping(body if body is not None else {}, path, _DOMAIN_KEYS)
@@ -234,6 +246,9 @@ class _Validator:
         result = []
         for name, body in (section or {}).items():
             path: KeyPath = ("groups", name)
+            if not _NAME.fullmatch(str(name)):
+                self.doc.problem(path, f"a group name is {_NAME_RULE}")
+                continue
             spec = self.mapping(body, path, _GROUP_KEYS)
             if spec is None:
                 continue
@@ -330,9 +345,11 @@ class _Validator:
     def vms(
         self, value: Any, domains: list[str]
     ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+        """Entries by typed identity (policy/identity.py): `uuid:…`, `vmid:…`, `name:…`."""
         section = self.mapping(value, ("vms",), None) if value is not None else None
         tags: dict[str, tuple[str, ...]] = {}
         in_domain: dict[str, str] = {}
+        first: dict[str, KeyPath] = {}
         for key, body in (section or {}).items():
             path: KeyPath = ("vms", key)
             spec = self.mapping(body, path, _VM_KEYS)
@@ -340,14 +357,56 @@ class _Validator:
                 continue
             if "tags" not in spec and "domain" not in spec:
                 self.doc.problem(path, "missing 'tags' or 'domain': say what the entry gives")
-            vm_key = str(key)  # the key as written (yamlsource keeps `no` or `0101` as text)
-            vm_key = vm_key.lower() if _looks_like_uuid(vm_key) else vm_key
+            parsed = identity.parse_key(str(key))  # the key as written (`no`, `0101` as text)
+            if isinstance(parsed, str):
+                self.doc.problem(path, parsed)
+                continue
+            _kind, vm_key = parsed
+            if vm_key in first:
+                self.doc.problem(
+                    path,
+                    f"names the same VM as the entry at line {self.doc.line(first[vm_key])} "
+                    f"({vm_key}): merge the two",
+                )
+                continue
+            first[vm_key] = path
+            self.written[vm_key] = str(key)
             if "tags" in spec:
                 tags[vm_key] = self.tags(spec, (*path, "tags"))
             domain = self.domain_name(spec, path, domains)
             if domain is not None:
                 in_domain[vm_key] = domain
         return tags, in_domain
+
+    def identity(self, value: Any) -> IdentitySettings:
+        if value is None:
+            return IdentitySettings()
+        spec = self.mapping(value, ("identity",), ("tenant_controlled",))
+        if spec is None or "tenant_controlled" not in spec:
+            return IdentitySettings()
+        path: KeyPath = ("identity", "tenant_controlled")
+        fields = list(identity.ALWAYS_TENANT_CONTROLLED)
+        for index, item in enumerate(self.strings(spec, path)):
+            if item not in identity.FIELDS:
+                hint = _did_you_mean(item, identity.FIELDS)
+                allowed = ", ".join(identity.FIELDS)
+                self.doc.problem((*path, index), f"unknown field {item!r}{hint}: one of {allowed}")
+            elif item not in fields:
+                fields.append(item)
+        return IdentitySettings(tuple(fields))
+
+    def tenant_bindings(
+        self,
+        settings: IdentitySettings,
+        groups: list[Group],
+        tags: dict[str, tuple[str, ...]],
+        in_domain: dict[str, str],
+    ) -> None:
+        """Refuse every trust-domain binding that rests on a field tenants control here."""
+        found = identity.tenant_bindings(settings.tenant_controlled, groups, tags, in_domain)
+        for section, name, key, message in found:
+            written = self.written.get(name, name) if section == "vms" else name
+            self.doc.problem((section, written, key), message)
 
     def reconciler(self, value: Any) -> ReconcilerSettings:
         if value is None:
@@ -515,10 +574,6 @@ def _check_image_glob(pattern: str) -> str | None:
         "images are absolute paths (libvirt) or STORAGE:VOLUME ids (Proxmox); "
         f"did you mean '*/{pattern}'?"
     )
-
-
-def _looks_like_uuid(value: str) -> bool:
-    return len(value) == 36 and value.count("-") == 4
 
 
 def _did_you_mean(word: object, choices: Any) -> str:

@@ -11,7 +11,7 @@ import itertools
 import re
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.policy.decide import VmFacts
+from ksmpolicy.policy.decide import MemoryRegion, VmFacts
 from ksmpolicy.records import dataclass
 
 MAX_CONF_BYTES = 16 * 1024 * 1024
@@ -112,14 +112,18 @@ def facts(config: PveConfig, vmid: str, values: dict[str, str] | None = None) ->
     disks = (_image(v) for k, v in sorted(main.items()) if _DISK.match(k))
     images = tuple(dict.fromkeys(i for i in disks if i))  # in key order, each once
     allow = main.get("allow-ksm")
+    memory = _memory(main.get("memory"))
+    # qemu-server backs every guest NUMA node the same way: `hugepages:` all of them with
+    # hugetlbfs, a virtiofs share all of them with shared memfd. One region says it.
+    hugepages = main.get("hugepages", "") not in ("", "0")
+    shared = any(re.match(r"^virtiofs\d+$", k) for k in main)
     vm = VmFacts(
         name=main.get("name") or f"VM {vmid}",
         vmid=vmid,
         tags=tags,
         images=images,
-        memory_bytes=_memory(main.get("memory")),
-        hugepages=main.get("hugepages", "") not in ("", "0"),
-        shared_memory=any(re.match(r"^virtiofs\d+$", k) for k in main),
+        memory_bytes=memory,
+        regions=(MemoryRegion("ram", memory, hugepages, shared),) if hugepages or shared else (),
     )
     return PveFacts(
         vm=vm,

@@ -122,7 +122,7 @@ class ProxmoxHook:
             # switch that fails must not keep the decision out of the config.
             if verdict(self.vmid, facts, decision) is not None:
                 self.spawn_persist()
-            if policy.live and not (facts.vm.hugepages or facts.vm.shared_memory):
+            if policy.live and facts.vm.ram_can_merge:
                 merge = decision.action is Action.MERGE
                 pid = None
                 if policy.uses_domains and merge:

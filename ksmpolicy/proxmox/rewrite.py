@@ -30,6 +30,6 @@ def apply_policy(
                 f"({later.reason}); it applies at the next start"
             )
     new = set_merging(text, decision.definition_merges, use_allow_ksm=use_allow_ksm)
-    if decision.bind_nodes and not (found.vm.hugepages or found.vm.shared_memory):
+    if decision.bind_nodes and found.vm.ram_can_merge:
         new = set_numa(new, decision.bind_nodes)
     return new, found, decision, note

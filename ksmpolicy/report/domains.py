@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from ksmpolicy.domains.state import load
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.policy.model import Policy
+from ksmpolicy.policy.model import CONFLICT_DOMAIN, Policy
 from ksmpolicy.report.findings import Finding
 from ksmpolicy.report.model import ScopeStatus, VmStatus
 
@@ -31,6 +31,15 @@ def domain_view(
         if vm.kind != "qemu" or vm.decision is None:
             judged.append(vm)
             continue
+        if vm.domain == CONFLICT_DOMAIN:
+            findings.append(
+                Finding(
+                    "warning",
+                    vm.name,
+                    f"{vm.domain_reason}: a VM bound to two trust domains never merges",
+                    "make its bindings agree in the policy (ksmpolicy explain shows them)",
+                )
+            )
         switched_on = vm.pid in on and on[vm.pid] == vm.start
         expected = vm.decision == "merge" and switched_on
         compliant = None if vm.merging_now is None else vm.merging_now == expected

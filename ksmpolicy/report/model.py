@@ -36,6 +36,7 @@ class VmStatus:
     saved_bytes: int = 0
     savings_source: str = "ksm_stat"  # pagemap | ksm_stat
     domain: str | None = None  # its trust domain (None: no policy)
+    domain_reason: str | None = None  # what put it there (policy.decide.Decider.domain_of)
     merging_now: bool | None = None  # its guest RAM is mergeable now (None: cannot tell)
     mergeable_vmas: int = 0  # VMAs of it KSM may scan now (guest RAM, ROMs, video RAM)
     trusted: bool = True  # run by root or the hypervisor's user: its identity is believed

@@ -12,12 +12,12 @@ from ksmpolicy.control.alive import read_alive
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
 from ksmpolicy.kernel.controllers import Controller, daemon_pids, other_controllers
-from ksmpolicy.kernel.ksm import PAGE_SIZE, KsmState, read_ksm
+from ksmpolicy.kernel.ksm import KsmState, read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
-from ksmpolicy.paths import HostPaths
+from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
-from ksmpolicy.policy.model import Policy
+from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN, Policy
 from ksmpolicy.quoting import fix_command, shell_word
 from ksmpolicy.report.findings import Finding
 from ksmpolicy.report.model import GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
@@ -130,9 +130,6 @@ def _sharing(
         return None, str(exc)
 
 
-HOST_DOMAIN = "host"  # under trust domains: processes that are no VM, or not believed to be
-
-
 def impostor(vm: VmStatus) -> tuple[str, str]:
     """(what, fix) for a QEMU process not run by root or the hypervisor's QEMU user. Anyone
     may call a process qemu-system-x86_64 -name guest=NAME: a fix for the VM of that name
@@ -149,8 +146,10 @@ def party_domain(vm: VmStatus, *, domains: bool) -> str:
     trust domains, a process that is no VM, or one not run by root or the hypervisor's user
     (anyone can call a process qemu-system-x86_64), counts in `host`, apart from every domain."""
     if vm.kind != "qemu" or not vm.trusted:
-        return HOST_DOMAIN if domains else "default"
-    return vm.domain or "default"
+        return HOST_DOMAIN if domains else DEFAULT_DOMAIN
+    if vm.domain == CONFLICT_DOMAIN:  # apart from every domain, and from each other
+        return f"{CONFLICT_DOMAIN} pid {vm.pid}"
+    return vm.domain or DEFAULT_DOMAIN
 
 
 def _host_status(
@@ -246,6 +245,7 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         profit_bytes=ksm.process_profit if ksm else None,
         saved_bytes=((ksm.merging_pages or 0) + (ksm.zero_pages or 0)) * PAGE_SIZE if ksm else 0,
         domain=decision.domain if decision else None,
+        domain_reason=decision.domain_reason if decision else None,
         merging_now=_merging_now(process),
         mergeable_vmas=process.mergeable_vmas,
         trusted=process.trusted,
@@ -298,8 +298,6 @@ def _facts(paths: HostPaths, process: VmProcess) -> tuple[VmFacts, str]:
 def _compliant(process: VmProcess, facts: VmFacts, decision: Decision | None) -> bool | None:
     if decision is None:
         return None
-    if facts.hugepages or facts.shared_memory:
-        return True  # its memory cannot merge, whatever the policy says; a finding tells
     mergeable = process.ram_mergeable
     if mergeable is None:
         mergeable = process.mergeable_bytes > 0

@@ -88,23 +88,23 @@ def test_facts_of_a_tagged_database() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "hugepages", "shared", "nosharepages"),
+    ("name", "regions", "can_merge", "nosharepages"),
     [
-        ("hugepages-default.xml", True, False, False),
-        ("memfd-memory-numa.xml", True, True, False),
-        ("vhost-user-fs-fd-memory.xml", False, True, False),
-        ("cpu-numa-memshared.xml", False, True, False),
-        ("ksm-nosharepages.xml", False, False, True),
-        ("memtune.xml", False, False, False),
+        ("hugepages-default.xml", [("ram", True, False)], False, False),
+        ("memfd-memory-numa.xml", [("node0", True, True)], False, False),
+        ("vhost-user-fs-fd-memory.xml", [("node0", False, True)], False, False),
+        # one shared cell does not make the private one unmergeable
+        ("cpu-numa-memshared.xml", [("node0", False, True), ("node1", False, False)], True, False),
+        ("ksm-nosharepages.xml", [("ram", False, False)], True, True),
+        ("memtune.xml", [("ram", False, False)], True, False),
     ],
 )
-def test_memory_backing_facts(name: str, hugepages: bool, shared: bool, nosharepages: bool) -> None:
+def test_memory_backing_facts(
+    name: str, regions: list[tuple[str, bool, bool]], can_merge: bool, nosharepages: bool
+) -> None:
     facts = domain_facts((DATA / name).read_text())
-    assert (facts.vm.hugepages, facts.vm.shared_memory, facts.nosharepages) == (
-        hugepages,
-        shared,
-        nosharepages,
-    )
+    assert [(r.name, r.hugepages, r.shared) for r in facts.vm.regions] == regions
+    assert (facts.vm.ram_can_merge, facts.nosharepages) == (can_merge, nosharepages)
 
 
 def test_live_backing_chains_give_their_roots() -> None:

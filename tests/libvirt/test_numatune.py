@@ -81,5 +81,5 @@ def test_hugepage_domains_are_not_bound() -> None:
     text = (DATA / "hugepages-default.xml").read_text()
     policy = parse_policy(POLICY.replace('["QEMUGuest*"]', '["*"]'))
     out, facts, _decision = apply_policy(text, Decider(policy))
-    assert facts.vm.hugepages
+    assert not facts.vm.ram_can_merge
     assert "<numatune>" not in out or bound_to(out) == bound_to(text)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ksmpolicy.policy.decide import Decider, VmFacts, decide
+from ksmpolicy.policy.decide import Decider, MemoryRegion, VmFacts, decide
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.policy.model import Action, Group, Match, Policy, Rule
 
@@ -44,14 +44,16 @@ POLICY = parse_policy(
             action: exclude
         vms:
           pg-primary: {tags: [database]}
-          "101": {tags: [latency-sensitive]}
-          0a0a0a0a-0000-4000-8000-000000000001: {tags: [database]}
+          "vmid:101": {tags: [latency-sensitive]}
+          uuid:0a0a0a0a-0000-4000-8000-000000000001: {tags: [database]}
         """
     ),
     "t.yaml",
 )
 
 UBUNTU = ("/images/ubuntu-24.04-base.qcow2",)
+HUGE = (MemoryRegion("ram", hugepages=True),)
+SHARED = (MemoryRegion("ram", shared=True),)
 
 # (facts, merge, group, rule)
 CASES = [
@@ -74,8 +76,8 @@ CASES = [
     (VmFacts("a", images=("/images/x.qcow2", "/images/old/y.img")), False, None, "old images"),
     (VmFacts("c", images=("local-lvm:base-9000-disk-0/vm-101-disk-0",)), True, "pve-debian", None),
     (VmFacts("ci-7"), True, "named", None),
-    (VmFacts("huge", hugepages=True), False, None, None),
-    (VmFacts("shm", shared_memory=True), False, None, None),
+    (VmFacts("huge", regions=HUGE), False, None, None),
+    (VmFacts("shm", regions=SHARED), False, None, None),
 ]
 
 
@@ -93,7 +95,7 @@ def test_reasons_say_why() -> None:
     assert decide(VmFacts("web-1", images=UBUNTU), POLICY).reason == (
         "rule 'ubuntu web' (line 18): group ubuntu; name web-1 ~ web-* -> merge"
     )
-    huge = decide(VmFacts("h", hugepages=True), POLICY)
+    huge = decide(VmFacts("h", regions=HUGE), POLICY)
     assert huge.action is Action.MERGE
     assert huge.reason == (
         "hugepage-backed memory is never merged by KSM (policy: no rule matched; default is merge)"
@@ -145,7 +147,7 @@ policy_st = st.builds(
     groups=groups_st,
     rules=st.lists(rule_st, max_size=12).map(tuple),
     vms=st.dictionaries(
-        st.sampled_from(NAMES),
+        st.sampled_from(NAMES).map(lambda n: f"name:{n}"),
         st.lists(st.sampled_from(TAGS), min_size=1, max_size=2, unique=True).map(tuple),
         max_size=3,
     ),
@@ -155,14 +157,22 @@ facts_st = st.builds(
     name=st.sampled_from(NAMES),
     tags=pick(TAGS).map(frozenset),
     images=pick(IMAGES),
-    hugepages=st.booleans(),
-    shared_memory=st.booleans(),
+    regions=st.lists(
+        st.builds(
+            MemoryRegion,
+            st.sampled_from(["ram", "node0", "node1"]),
+            st.none(),
+            st.booleans(),
+            st.booleans(),
+        ),
+        max_size=3,
+    ).map(tuple),
 )
 
 
 def reference_rule(facts: VmFacts, policy: Policy) -> tuple[str | None, Rule | None]:
     """The policy semantics written as plainly as possible."""
-    tags = set(facts.tags) | set(policy.vms.get(facts.name, ()))
+    tags = set(facts.tags) | set(policy.vms.get(f"name:{facts.name}", ()))
     group = None
     for g in policy.groups:
         if (
@@ -201,7 +211,7 @@ def test_first_match_wins_like_the_plain_loop(policy: Policy, facts: VmFacts) ->
 @given(policy_st, facts_st)
 def test_unmergeable_memory_is_never_reported_mergeable(policy: Policy, facts: VmFacts) -> None:
     decision = decide(facts, policy)
-    if facts.hugepages or facts.shared_memory:
+    if facts.regions and not any(r.can_merge for r in facts.regions):
         assert decision.merge is False
     else:
         assert decision.merge == (decision.action is Action.MERGE)
@@ -235,7 +245,7 @@ rules:
     action: merge
 vms:
   cust-7: {domain: tenant-b}
-  "4107": {domain: tenant-b}
+  vmid:4107: {domain: tenant-b}
   ops-1: {tags: [web]}
 isolation: {merge_across_nodes: false}
 """
@@ -254,7 +264,7 @@ def test_a_vms_domain_comes_from_vms_then_its_group_then_default() -> None:
     )
     assert "domain provider" in web.reason
     cust = decider.decide(VmFacts("cust-7"))
-    assert (cust.domain, cust.domain_reason, cust.merge) == ("tenant-b", "vms: cust-7", True)
+    assert (cust.domain, cust.domain_reason, cust.merge) == ("tenant-b", "vms: name:cust-7", True)
     assert decider.decide(VmFacts("x", vmid="4107")).domain == "tenant-b"
     other = decider.decide(VmFacts("db-1"))
     assert (other.domain, other.merge) == ("default", False)

@@ -43,8 +43,8 @@ def test_full_policy_loads_into_values() -> None:
                 action: merge
             vms:
               pg-primary: {tags: [database]}
-              101: {tags: [web]}
-              9B4E5C2A-0000-4000-8000-00000000000A: {tags: [x]}
+              vmid:101: {tags: [web]}
+              uuid:9B4E5C2A-0000-4000-8000-00000000000A: {tags: [x]}
             reconciler:
               interval_seconds: 5
               target_scan_seconds: 60
@@ -65,9 +65,9 @@ def test_full_policy_loads_into_values() -> None:
         Rule("rules.1", Match(names=("web-*",), groups=("ubuntu",)), Action.MERGE, line=13),
     )
     assert policy.vms == {
-        "pg-primary": ("database",),
-        "101": ("web",),
-        "9b4e5c2a-0000-4000-8000-00000000000a": ("x",),
+        "name:pg-primary": ("database",),
+        "vmid:101": ("web",),
+        "uuid:9b4e5c2a-0000-4000-8000-00000000000a": ("x",),
     }
     assert policy.reconciler == ReconcilerSettings(5.0, 60.0, 12.5)
     assert policy.source == "p.yaml"
@@ -105,7 +105,7 @@ CASES = {
         "version: 1\nzzz: 1\n",
         [
             "p.yaml:2: zzz: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler, proxmox, domains, isolation)"
+            "rules, vms, reconciler, proxmox, domains, isolation, identity)"
         ],
     ),
     "missing version": (
@@ -154,7 +154,7 @@ CASES = {
         "version: 1\nbase: &b {live: true}\n<<: *b\n",
         [
             "p.yaml:2: base: unknown key (allowed: version, enforcement, live, default, groups, "
-            "rules, vms, reconciler, proxmox, domains, isolation)",
+            "rules, vms, reconciler, proxmox, domains, isolation, identity)",
             "p.yaml:3: YAML merge keys ('<<') are not supported",
         ],
     ),
@@ -423,7 +423,7 @@ def test_a_cache_others_could_write_is_ignored(
     load_policy(path, cache_dir=str(cache))
     (cached,) = cache.iterdir()
     fmt, key, _frozen = marshal.loads(cached.read_bytes())
-    forged: Any = (fmt, key, policy_module._freeze(parse_policy("version: 1\ndefault: merge\n")))
+    forged: Any = (fmt, key, policy_module.freeze(parse_policy("version: 1\ndefault: merge\n")))
     cached.write_bytes(marshal.dumps(forged))
     cached.chmod(0o666)
     assert load_policy(path, cache_dir=str(cache)).default.value == "exclude"

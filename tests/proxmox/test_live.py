@@ -120,8 +120,8 @@ domains:
   tenant-a: {}
   tenant-b: {}
 vms:
-  "101": {domain: tenant-a}
-  "102": {domain: tenant-b}
+  vmid:101: {domain: tenant-a}
+  vmid:102: {domain: tenant-b}
 proxmox: {qemu_server_version: "9.2.6"}
 """
 

@@ -67,7 +67,7 @@ domains:
 groups:
   web: {names: ["simple"], domain: provider}
 vms:
-  "107": {domain: tenant-b}
+  vmid:107: {domain: tenant-b}
 isolation: {merge_across_nodes: false}
 """
 
