@@ -162,6 +162,7 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
 _EXPAND: dict[str, frozenset[str] | None] = {
     "domain": None,  # also inside libvirt's status files (<domstatus><domain>)
     "memoryBacking": None,
+    "hugepages": None,  # its <page> elements
     "numatune": None,  # <memory>, <memnode>: libvirt/numatune.py rewrites them
     "metadata": None,
     f"{{{NAMESPACE}}}vm": None,
@@ -302,34 +303,41 @@ def _memory_bytes(element: Element | None) -> int | None:
 
 def memory_regions(root: Element) -> tuple[MemoryRegion, ...]:
     """Guest RAM region by region, as libvirt hands it to QEMU: one backend per guest NUMA
-    cell (`ram-node<N>`) or one for all RAM (`pc.ram`), and one per memory device.
+    cell (`ram-node<N>`) or one for all RAM (`pc.ram`, which counts as node 0), and one per
+    memory device (`mem<model><N>`).
 
     A region is hugepage-backed when a `<hugepages><page>` applies to it: the page whose
-    `nodeset` names its cell, else the page without a nodeset, else none (an empty
-    `<hugepages/>` is the default huge page size for all); a page of the system's page size is
-    no huge page. It is mapped shared when its cell's `memAccess` says so, else when
-    `<memoryBacking><access mode>` does. The rules are libvirt's (qemuBuildMemoryBackendProps,
-    libvirt 9.0); tests/libvirt check them against what libvirt builds for QEMU."""
+    `nodeset` names its node, else the page without a nodeset (an empty `<hugepages/>` is the
+    default huge page size for all); a page of the system's page size is no huge page. It is
+    mapped shared when its access is (a device's `access`, else its cell's `memAccess`, else
+    `<memoryBacking><access mode>`), and when it is a memfd (`<source type='memfd'/>`) whose
+    access is not `private`: QEMU's memfd backend maps shared unless told otherwise. These are
+    libvirt 9.0's rules (qemuBuildMemoryBackendProps); tests/libvirt/test_regions.py checks them
+    against the command line libvirt builds and against real guests' mappings."""
     backing = root.child("memoryBacking")
     hugepages = backing.child("hugepages") if backing is not None else None
     access = backing.child("access") if backing is not None else None
+    source = backing.child("source") if backing is not None else None
+    memfd = source is not None and source.attrs.get("type") == "memfd"
     default_access = access.attrs.get("mode") if access is not None else None
     cpu = root.child("cpu")
     numa = cpu.child("numa") if cpu is not None else None
-    cells = numa.all("cell") if numa is not None else []
+    cells = {
+        _int(cell.attrs.get("id"), index): cell
+        for index, cell in enumerate(numa.all("cell") if numa is not None else [])
+    }
     regions = []
     if not cells:
-        huge = _huge_page_for(hugepages, None)
-        size = _memory_bytes(root.child("memory"))
-        regions.append(MemoryRegion("ram", size, huge, default_access == "shared"))
-    for index, cell in enumerate(cells):
-        number = _int(cell.attrs.get("id"), index)
+        huge = _huge_page_for(hugepages, 0)
+        shared = _shared(memfd, default_access)
+        regions.append(MemoryRegion("ram", _memory_bytes(root.child("memory")), huge, shared))
+    for number, cell in cells.items():
         size = _memory_bytes_attr(cell.attrs.get("memory"), cell.attrs.get("unit", "KiB"))
         mode = cell.attrs.get("memAccess") or default_access
         huge = _huge_page_for(hugepages, number)
-        regions.append(MemoryRegion(f"node{number}", size, huge, mode == "shared"))
+        regions.append(MemoryRegion(f"node{number}", size, huge, _shared(memfd, mode)))
     for index, device in enumerate(_devices(root, "memory")):
-        regions.append(_memory_device(device, index, hugepages, default_access, cells))
+        regions.append(_memory_device(device, index, hugepages, memfd, default_access, cells))
     return tuple(regions)
 
 
@@ -337,38 +345,43 @@ def _memory_device(
     device: Element,
     index: int,
     hugepages: Element | None,
+    memfd: bool,
     default_access: str | None,
-    cells: list[Element],
+    cells: dict[int | None, Element],
 ) -> MemoryRegion:
-    """A `<memory model=...>` device: its own backend (`memdimm<N>`), hugepage-backed by its
-    `<source><pagesize>` or else by its target node's page, shared by its `access` (file-backed
-    NVDIMM and virtio-pmem map their file shared unless `access='private'`)."""
+    """A `<memory model=...>` device: a backend of its own, hugepage-backed by its
+    `<source><pagesize>` or else by its target node's page, accessed by its `access`, else
+    its target cell's, else the default. NVDIMM and virtio-pmem map their file."""
     model = device.attrs.get("model", "dimm")
     source = device.child("source")
     target = device.child("target")
     size_element = target.child("size") if target is not None else None
     size = None
     if size_element is not None:
-        size = _memory_bytes_attr(size_element.text.strip(), size_element.attrs.get("unit", "KiB"))
+        size = _memory_bytes_attr(size_element.text, size_element.attrs.get("unit", "KiB"))
     page = source.child("pagesize") if source is not None else None
     node_element = target.child("node") if target is not None else None
     node = _int(node_element.text.strip(), None) if node_element is not None else None
     if page is not None:
         huge = not _is_system_page(page.text.strip(), page.attrs.get("unit", "KiB"))
     else:
-        huge = _huge_page_for(hugepages, node if cells else None)
-    access = device.attrs.get("access")
-    if access is None and node is not None and cells:
-        cell = next((c for c in cells if _int(c.attrs.get("id"), None) == node), None)
-        access = cell.attrs.get("memAccess") if cell is not None else None
-    access = access or default_access
-    shared = access == "shared" or (model in ("nvdimm", "virtio-pmem") and access != "private")
+        huge = _huge_page_for(hugepages, node if cells else 0)
+    cell = cells.get(node) if node is not None else None
+    mode = device.attrs.get("access") or (cell.attrs.get("memAccess") if cell else None)
+    file_backed = model in ("nvdimm", "virtio-pmem")
+    shared = _shared(memfd and not file_backed, mode or default_access)
     return MemoryRegion(f"{model}{index}", size, huge, shared)
 
 
+def _shared(memfd: bool, access: str | None) -> bool:
+    """Whether a backend maps guest RAM shared: asked for, or a memfd not asked to be
+    private (QEMU's memory-backend-memfd defaults to share=on; file and ram to off)."""
+    return access == "shared" or (memfd and access != "private")
+
+
 def _huge_page_for(hugepages: Element | None, node: int | None) -> bool:
-    """Whether `<hugepages>` backs guest NUMA node `node` (None: a guest without NUMA cells,
-    for which only a page without a nodeset applies)."""
+    """Whether `<hugepages>` backs guest NUMA node `node` (a guest without cells is node 0;
+    None: a device on no node, which only a page without a nodeset backs)."""
     if hugepages is None:
         return False
     pages = hugepages.all("page")
