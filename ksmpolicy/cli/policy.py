@@ -67,7 +67,8 @@ def check(options: Options, files: tuple[str, ...], print_default: bool) -> None
         click.echo(
             f"{policy.source if policy.source.startswith(BUILTIN_NAME) else file}: ok "
             f"({count(policy.rules, 'rule')}, {count(policy.groups, 'group')}, "
-            f"{count(policy.vms, 'VM')} tagged; default {policy.default.value}, "
+            f"{count(set(policy.vms) | set(policy.vm_domains), 'VM')} named; "
+            f"default {policy.default.value}, "
             f"enforcement {policy.enforcement.value})"
         )
         if policy.uses_domains or policy.isolation.merge_across_nodes is not None:

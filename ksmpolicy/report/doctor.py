@@ -411,8 +411,11 @@ def _apply(vm: VmStatus) -> str:
 
 
 def _cannot_merge(ram: list, cmdline: bytes, smaps: Smaps | None) -> tuple[str, str] | None:  # type: ignore[type-arg]
-    """Why this VM's memory can never merge, with the fix; None when it can."""
-    if any(v.hugetlb for v in ram):
+    """Why this VM's memory can never merge, with the fix; None when it can. Guest RAM is
+    judged region by region, as the decision judges the definition (VmFacts.ram_can_merge):
+    it can never merge only when no RAM mapping can (hugepages or shared memory for some
+    guest NUMA nodes leave the others mergeable)."""
+    if ram and all(v.hugetlb for v in ram):
         return (
             "hugepage-backed guest RAM (the kernel never merges hugetlbfs pages)",
             "drop <hugepages/> (libvirt) or `hugepages:` (Proxmox) if merging matters more",
@@ -424,7 +427,7 @@ def _cannot_merge(ram: list, cmdline: bytes, smaps: Smaps | None) -> tuple[str, 
             "confidential-computing guest (guest_memfd or SEV/TDX memory is private to it)",
             "nothing: this memory is not the host's to merge",
         )
-    if any(v.shared for v in ram):
+    if ram and all(v.hugetlb or v.shared for v in ram):
         return (
             "guest RAM is shared memory (memfd or file with access=shared: virtiofs, or "
             "virt-manager's 'Enable shared memory'); KSM merges private memory only",

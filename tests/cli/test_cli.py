@@ -63,7 +63,7 @@ def test_check_shipped_default_policy() -> None:
     code, out, _ = run("check", DEFAULT)
     assert code == 0
     assert out == (
-        f"{DEFAULT}: ok (1 rule, 0 groups, 0 VMs tagged; default merge, enforcement warn)\n"
+        f"{DEFAULT}: ok (1 rule, 0 groups, 0 VMs named; default merge, enforcement warn)\n"
     )
 
 
