@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
 
 Execute = Callable[[str, dict[str, Any] | None], Any]
 MEMORY_BACKEND = "child<memory-backend-"
@@ -180,31 +181,13 @@ def socket_of(argv: list[str]) -> str | None:
     chardevs: dict[str, str] = {}
     monitors: list[str] = []
     for flag, value in itertools.pairwise(argv):
-        options = dict(_options(value))
+        options = option_map(value)
         if flag in ("-qmp", "-qmp-pretty") and value.startswith("unix:"):
             return value[5:].split(",", 1)[0]
-        server = options.get("server", "off") in ("on", "", "yes")
+        server = qemu_bool(options.get("server")) is True
         named = "path" in options and "id" in options
         if flag == "-chardev" and value.startswith("socket,") and server and named:
             chardevs[options["id"]] = options["path"]
         if flag == "-mon" and options.get("mode") == "control" and "chardev" in options:
             monitors.append(options["chardev"])
     return next((chardevs[m] for m in monitors if m in chardevs), None)
-
-
-def _options(value: str) -> list[tuple[str, str]]:
-    """QEMU's `a=b,c` option syntax (`,,` is a literal comma)."""
-    parts, current, index = [], "", 0
-    while index < len(value):
-        if value[index] == ",":
-            if value[index + 1 : index + 2] == ",":
-                current += ","
-                index += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += value[index]
-        index += 1
-    parts.append(current)
-    return [(k, v) for k, _, v in (p.partition("=") for p in parts)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksmpolicy.kernel.procfs import effective_uid, stat_fields
+from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
@@ -95,34 +96,20 @@ def parse_qemu_cmdline(
     mem_merge = None
     for flag, value in itertools.pairwise(argv):
         if flag == "-name":
-            props = _qemu_props(value)
+            props = option_map(value)
             name = props.get("guest") or props.get("")
         elif flag == "-uuid":
             uuid = value.lower()
         elif flag == "-id":
             vmid = value
         elif flag == "-m":
-            props = _qemu_props(value)
+            props = option_map(value)
             ram = _size(props.get("size") or props.get(""))
         elif flag == "-machine":
-            merge = _qemu_props(value).get("mem-merge")
+            merge = qemu_bool(option_map(value).get("mem-merge"))
             if merge is not None:
-                mem_merge = merge in ("on", "yes", "true")
+                mem_merge = merge  # the last -machine that says wins
     return name, uuid, vmid, ram, mem_merge
-
-
-def _qemu_props(value: str) -> dict[str, str]:
-    """`guest=a,,b,debug-threads=on` -> {"guest": "a,b", ...}; a leading bare value has key ""."""
-    props: dict[str, str] = {}
-    for index, escaped in enumerate(re.split(r"(?<!,),(?!,)", value)):
-        part = escaped.replace(",,", ",")
-        key, sep, val = part.partition("=")
-        if not sep:
-            if index == 0:
-                props[""] = part
-            continue
-        props[key] = val
-    return props
 
 
 def _size(text: str | None) -> int | None:
