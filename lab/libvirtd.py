@@ -170,6 +170,7 @@ class Lab:
         xml = (
             f"<domain type='qemu'>\n  <name>{full}</name>\n{metadata}"
             f"  <memory unit='MiB'>256</memory>\n{backing}  <vcpu>1</vcpu>\n"
+            "  <features><acpi/></features>\n"
             "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n"
             f"    <kernel>{GUEST / 'vmlinuz'}</kernel>\n"
             f"    <initrd>{GUEST / 'initrd.img'}</initrd>\n"

@@ -213,6 +213,8 @@ def enforce(
         if outcome.status != "unchanged":
             line = f"{outcome.key}: definition {outcome.status} {outcome.error or ''}"
             click.echo(one_line(line).rstrip())
+        if outcome.note:
+            click.echo(one_line(f"{outcome.key}: note: {outcome.note}"))
     if live:
         for done in host.enforce_live(conn, policy, only=domains):
             state = "" if done.merge is None else f" (merge {'on' if done.merge else 'off'})"

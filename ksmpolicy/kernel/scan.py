@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ksmpolicy.kernel.procfs import effective_uid, stat_fields
 from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
+from ksmpolicy.kernel.smaps import Smaps
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
 
@@ -58,6 +59,10 @@ class VmProcess:
     uid: int | None = None  # who runs it (its effective uid, from /proc/PID/status)
     start: int | None = None  # start time in clock ticks since boot: PID and start name it
     unit: str | None = None  # its systemd unit (from /proc/PID/cgroup), e.g. "jenkins.service"
+    mergeable_size: int = 0  # virtual size of the mergeable VMAs (resident or not)
+    # Why its guest RAM mappings can never merge, from the running mappings: "hugetlb",
+    # "shared", or "confidential" (guest_memfd, SEV/TDX); None when some of them can.
+    ram_unmergeable: str | None = None
 
     @property
     def trusted(self) -> bool:
@@ -74,6 +79,8 @@ class _Mergeable:
     vmas: int
     ram: bool | None
     ranges: tuple[tuple[int, int], ...]
+    size: int = 0  # virtual size of the mergeable VMAs
+    ram_unmergeable: str | None = None  # see VmProcess
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,13 @@ class _Identity:
     ram_bytes: int | None
     mem_merge: bool | None
     unit: str | None = None
+    confidential: bool = False  # started as a confidential guest (SEV, SEV-SNP, TDX)
+
+
+# Options that start a confidential guest: its memory is private to it, not the host's to merge.
+CONFIDENTIAL_ARGS = ("confidential-guest-support", "sev-guest", "sev-snp-guest", "tdx-guest")
+# Mappings of guest memory only the guest can read: KVM's guest_memfd.
+CONFIDENTIAL_PATHS = (b"kvm-gmem", b"guest_memfd")
 
 
 def parse_qemu_cmdline(
@@ -231,6 +245,10 @@ class ProcessScanner:
                     ram_mergeable=mergeable.ram,
                     mergeable_ranges=mergeable.ranges,
                     unit=identity.unit,
+                    mergeable_size=mergeable.size,
+                    ram_unmergeable="confidential"
+                    if identity.confidential
+                    else mergeable.ram_unmergeable,
                 )
             )
         for cache in (self._identity, self._first_seen, self._smaps):
@@ -259,10 +277,31 @@ class ProcessScanner:
             return cached[2] if cached else _Mergeable(0, 0, None, ())
         resident, count = smaps.mergeable_resident()
         found = _Mergeable(
-            resident, count, smaps.ram_mergeable(ram_bytes), tuple(smaps.mergeable_ranges())
+            resident,
+            count,
+            smaps.ram_mergeable(ram_bytes),
+            tuple(smaps.mergeable_ranges()),
+            sum(v.size for v in smaps.vmas if v.mergeable),
+            _ram_unmergeable(smaps, ram_bytes),
         )
         self._smaps[key] = (now, flag, found)
         return found
+
+
+def _ram_unmergeable(smaps: Smaps, ram_bytes: int | None) -> str | None:
+    """Why no guest RAM mapping of a QEMU can ever merge, or None when one can: each is
+    hugetlb or mapped shared (libvirt's hugepages or shared access for every node), or guest
+    memory lives in a guest_memfd."""
+    if any(p in v.path for v in smaps.vmas for p in CONFIDENTIAL_PATHS):
+        return "confidential"
+    ram = smaps.ram_vmas(ram_bytes)
+    if not ram:
+        return None
+    if all(v.hugetlb for v in ram):
+        return "hugetlb"
+    if all(v.hugetlb or v.shared for v in ram):
+        return "shared"
+    return None
 
 
 def footprint_bytes(processes: Sequence[VmProcess]) -> int:
@@ -303,7 +342,8 @@ def _identify(proc: Path, pid: int) -> _Identity | None:
         if sandbox and not name:
             name = f"kata-{sandbox}"
         label = name or (f"vmid {vmid}" if vmid else f"{comm}[{pid}]")
-        return _Identity("qemu", label, uuid, vmid, ram, mem_merge, unit)
+        confidential = any(c in arg for arg in argv for c in CONFIDENTIAL_ARGS)
+        return _Identity("qemu", label, uuid, vmid, ram, mem_merge, unit, confidential)
     kind, name = vmm_identity(binary, argv)
     if kind is None:
         if unit is not None and unit.endswith(".service"):

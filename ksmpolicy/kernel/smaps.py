@@ -44,14 +44,20 @@ class Smaps:
         mergeable = [v for v in self.vmas if v.mergeable]
         return sum(v.rss_bytes for v in mergeable), len(mergeable)
 
-    def ram_mergeable(self, ram_bytes: int | None) -> bool | None:
-        """Whether the VMAs holding guest RAM (at least half of `ram_bytes` each) are mergeable;
-        None without a RAM size or without such a VMA. QEMU's small ROM regions stay mergeable
-        when RAM is switched off, so only VMAs of RAM's size count."""
+    def ram_vmas(self, ram_bytes: int | None) -> list[Vma]:
+        """The VMAs that hold guest RAM: those of at least half of `ram_bytes` (a guest with
+        two NUMA nodes has two). QEMU's ROMs and video RAM are far smaller. A guest with more
+        nodes has RAM mappings below that size: none are found, and callers say "unknown"."""
         if not ram_bytes:
-            return None
-        big = [v.mergeable for v in self.vmas if v.size >= ram_bytes // 2]
-        return any(big) if big else None
+            return []
+        return [v for v in self.vmas if v.size >= ram_bytes // 2]
+
+    def ram_mergeable(self, ram_bytes: int | None) -> bool | None:
+        """Whether any VMA holding guest RAM is mergeable; None without a RAM size or without
+        such a VMA. QEMU's small ROM regions stay mergeable when RAM is switched off, so only
+        VMAs of RAM's size count."""
+        ram = self.ram_vmas(ram_bytes)
+        return any(v.mergeable for v in ram) if ram else None
 
     def guest_ranges(self, ram_bytes: int | None) -> list[tuple[int, int]]:
         """The VMAs whose pages could be merged: mergeable ones, and guest RAM whether or not

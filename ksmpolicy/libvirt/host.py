@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ksmpolicy.apply import DEADLINE_SECONDS, Outcome, Planned, apply_targets
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.qmp import merge_state, set_merge
+from ksmpolicy.libvirt import commands
 from ksmpolicy.libvirt.domain import NAMESPACE, NAMESPACE_PREFIX, domain_facts
 from ksmpolicy.libvirt.images import qcow2_backing_root
 from ksmpolicy.libvirt.rewrite import apply_policy
@@ -107,7 +108,15 @@ class DomainTarget:
 
     def plan(self, text: str) -> Planned:
         new, facts, decision = apply_policy(text, self.decider, qcow2_backing_root)
-        return Planned(new, facts.vm.name, decision)
+        note = None
+        if new != text and not decision.definition_merges and self.domain.isActive():
+            restart_it, _steps = commands.restart(facts.vm.name, facts.vm.uuid)
+            note = (
+                "it runs with the setting it started with until it restarts: its ROMs and "
+                f"video RAM stay mergeable; restart it ({restart_it}); "
+                f"{commands.switch_live(facts.vm.name, facts.vm.uuid)} switches its guest RAM now"
+            )
+        return Planned(new, facts.vm.name, decision, note)
 
     def write(self, _old: str, new: str) -> None:
         libvirt = libvirt_module()

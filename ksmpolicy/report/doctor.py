@@ -18,21 +18,15 @@ from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
 from ksmpolicy.hookshim import import_paths_of
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
-from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import CLOCK_TICKS, stat_fields
-from ksmpolicy.kernel.smaps import Smaps, parse
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.quoting import fix_command, run_hint, shell_word
-from ksmpolicy.report.model import VmStatus
-from ksmpolicy.report.status import collect, impostor
+from ksmpolicy.quoting import run_hint, shell_word
+from ksmpolicy.report.model import Status, VmStatus
+from ksmpolicy.report.status import collect
 
 LEVELS = ("ok", "info", "warn", "fail")
-SPARSE_RATIO, SPARSE_MIN_BYTES = 16, 4 << 30  # mergeable VMAs far larger than what is resident
-# Guest memory that no one but the guest can read: KVM's guest_memfd, SEV/TDX guests.
-CONFIDENTIAL_PATHS = (b"kvm-gmem", b"guest_memfd")
-CONFIDENTIAL_ARGS = (b"confidential-guest-support", b"sev-guest", b"sev-snp-guest", b"tdx-guest")
 
 
 @dataclass(frozen=True)
@@ -63,10 +57,7 @@ def diagnose(
     checks += _daemon(paths)
     checks += _thp(paths)
     status = collect(paths, policy, sample_seconds=0, pagemap=False, policy_error=policy_error)
-    ksm = read_ksm(paths)
-    running = ksm is not None and ksm.get("run") == 1
-    for vm in status.vms:
-        checks.append(_vm(paths, vm, running=running))
+    checks += _status_checks(status)
     return Diagnosis(tuple(checks))
 
 
@@ -339,123 +330,40 @@ def _thp(paths: HostPaths) -> Iterator[Check]:
 
 # --- each VM -----------------------------------------------------------------------------
 
+# A finding's severity as a doctor level: doctor fails on errors only.
+LEVEL_OF = {"error": "fail", "warning": "warn", "info": "info"}
+# Host findings doctor checks itself, in its own words (the daemon's state).
+_OWN_HOST_CHECKS = frozenset({"passive"})
 
-def _vm(paths: HostPaths, vm: VmStatus, *, running: bool) -> Check:
-    name = vm.name
-    if vm.kind == "qemu" and not vm.trusted:
-        return Check("warn", name, *impostor(vm))
+
+def _status_checks(status: Status) -> Iterator[Check]:
+    """The findings `status` shows, one line each (report/findings.py computes them once), and
+    an ok line for every VM without one."""
+    concerned = set()
+    for finding in status.findings:
+        if finding.vm is None and finding.code in _OWN_HOST_CHECKS:
+            continue
+        concerned.add(finding.vm)
+        yield Check(LEVEL_OF[finding.severity], finding.vm or "host", finding.message, finding.fix)
+    for vm in status.vms:
+        if vm.name not in concerned:
+            yield Check("ok", vm.name, _fine(vm))
+
+
+def _fine(vm: VmStatus) -> str:
+    """What a VM with no finding is doing."""
     if vm.decision == "exclude":
-        if vm.merging_now or vm.merged_bytes:
-            return Check(
-                "fail",
-                name,
-                f"excluded by the policy ({vm.rule or 'default'}) but merging",
-                f"{_apply(vm)}; ksmpolicy enforce --live",
-            )
-        return Check("ok", name, f"not merging: excluded by the policy ({vm.rule or 'default'})")
-    smaps = _smaps(paths, vm.pid)
-    cmdline = _cmdline(paths, vm.pid)
-    ram = [v for v in smaps.vmas if vm.ram_bytes and v.size >= vm.ram_bytes // 2] if smaps else []
-    why = _cannot_merge(ram, cmdline, smaps)
-    if why is not None:
-        level = "info" if vm.decision == "never" else "fail"
-        return Check(level, name, f"cannot merge: {why[0]}", why[1])
-    if vm.kind == "qemu" and _mem_merge_off(cmdline) and vm.decision == "merge":
-        return Check(
-            "fail",
-            name,
-            "started with mem-merge=off (<nosharepages/>, allow-ksm: 0) although the policy "
-            "says merge",
-            f"{_apply(vm)}, then restart it (or ksmpolicy enforce --live)",
-        )
-    if ram and not any(v.mergeable for v in ram) and vm.decision == "merge":
-        return Check(
-            "fail",
-            name,
-            "its guest RAM is not marked mergeable (no `mg` in smaps)",
-            "ksmpolicy enforce --live (or restart it)",
-        )
-    if vm.compliant is False:
-        return Check(
-            "fail",
-            name,
-            f"its definition disagrees with the policy ({vm.decision})",
-            _apply(vm),
-        )
-    if smaps is not None:
-        size = sum(v.size for v in smaps.vmas if v.mergeable)
-        resident = sum(v.rss_bytes for v in smaps.vmas if v.mergeable)
-        if size >= SPARSE_MIN_BYTES and size > SPARSE_RATIO * max(resident, 1):
-            return Check(
-                "warn",
-                name,
-                f"mergeable areas of {size >> 30} GiB with {resident >> 20} MiB resident: "
-                "kernels before the late-2025 fix walk every empty page-table entry of them "
-                "and ksmd can sit at 100 % CPU",
-                "a kernel with the fix (6.18, or a stable kernel from late 2025), or less "
-                "memory given to the VM",
-            )
-    if not running:
-        return Check("fail", name, "mergeable, but ksmd is stopped (run=0)", "start the daemon")
+        return f"not merging: excluded by the policy ({vm.rule or 'default'})"
+    if vm.decision is None:
+        return "no policy decides for it"
     if vm.merged_bytes or vm.zero_bytes:
-        merged = (vm.merged_bytes + vm.zero_bytes) >> 20
-        return Check("ok", name, f"merging: {merged} MiB of its pages merged")
-    return Check("ok", name, "mergeable; nothing merged yet (ksmd has not reached it)")
-
-
-def _apply(vm: VmStatus) -> str:
-    """The command that rewrites this VM's definition, its name quoted for a shell."""
-    if vm.vmid:
-        return f"ksmpolicy apply --proxmox --vmid {vm.vmid}"
-    return fix_command("ksmpolicy apply", vm.name, vm.uuid)
-
-
-def _cannot_merge(ram: list, cmdline: bytes, smaps: Smaps | None) -> tuple[str, str] | None:  # type: ignore[type-arg]
-    """Why this VM's memory can never merge, with the fix; None when it can. Guest RAM is
-    judged region by region, as the decision judges the definition (VmFacts.ram_can_merge):
-    it can never merge only when no RAM mapping can (hugepages or shared memory for some
-    guest NUMA nodes leave the others mergeable)."""
-    if ram and all(v.hugetlb for v in ram):
-        return (
-            "hugepage-backed guest RAM (the kernel never merges hugetlbfs pages)",
-            "drop <hugepages/> (libvirt) or `hugepages:` (Proxmox) if merging matters more",
-        )
-    if any(arg in cmdline for arg in CONFIDENTIAL_ARGS) or (
-        smaps is not None and any(p in v.path for v in smaps.vmas for p in CONFIDENTIAL_PATHS)
-    ):
-        return (
-            "confidential-computing guest (guest_memfd or SEV/TDX memory is private to it)",
-            "nothing: this memory is not the host's to merge",
-        )
-    if ram and all(v.hugetlb or v.shared for v in ram):
-        return (
-            "guest RAM is shared memory (memfd or file with access=shared: virtiofs, or "
-            "virt-manager's 'Enable shared memory'); KSM merges private memory only",
-            "drop <memoryBacking><access mode='shared'/> (and the memfd source) unless "
-            "virtiofs or vhost-user needs it",
-        )
-    return None
-
-
-def _mem_merge_off(cmdline: bytes) -> bool:
-    return b"mem-merge=off" in cmdline
+        return f"merging: {(vm.merged_bytes + vm.zero_bytes) >> 20} MiB of its pages merged"
+    if vm.decision == "merge":
+        return "mergeable; nothing merged yet (ksmd has not reached it)"
+    return f"not merging now ({vm.decision})"
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _smaps(paths: HostPaths, pid: int) -> Smaps | None:
-    try:
-        return parse(read_regular(paths.proc / str(pid) / "smaps", 64 << 20))
-    except OSError:
-        return None
-
-
-def _cmdline(paths: HostPaths, pid: int) -> bytes:
-    try:
-        return read_regular(paths.proc / str(pid) / "cmdline", 1 << 20)
-    except OSError:
-        return b""
 
 
 def _text(path: os.PathLike[str]) -> str | None:

@@ -9,8 +9,8 @@ from dataclasses import replace
 from ksmpolicy.domains.state import load
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, Policy
-from ksmpolicy.report.findings import Finding
-from ksmpolicy.report.model import ScopeStatus, VmStatus
+from ksmpolicy.report.findings import redefine, residue_finding
+from ksmpolicy.report.model import Finding, ScopeStatus, VmStatus
 
 
 def domain_view(
@@ -38,34 +38,29 @@ def domain_view(
                     vm.name,
                     f"{vm.domain_reason}: a VM bound to two trust domains never merges",
                     "make its bindings agree in the policy (ksmpolicy explain shows them)",
+                    "identity-conflict",
                 )
             )
         switched_on = vm.pid in on and on[vm.pid] == vm.start
         expected = vm.decision == "merge" and switched_on
-        compliant = None if vm.merging_now is None else vm.merging_now == expected
+        compliant = None
+        if vm.merging_now is not None:  # switched off: nothing of it mergeable, ROMs included
+            compliant = vm.merging_now == expected and (expected or vm.residue_vmas == 0)
         judged.append(replace(vm, compliant=compliant))
         if vm.merging_now and not expected:
             findings.append(
                 Finding(
-                    "warning",
+                    "error",
                     vm.name,
                     f"its guest RAM is mergeable but trust domain {vm.domain!r} does not merge "
                     "now: it could share pages across a trust boundary",
-                    "start the daemon (ksmpolicy daemon), which switches it off; define it "
-                    "unmergeable: ksmpolicy apply",
+                    "start the daemon (systemctl start ksmpolicy), which switches it off; and "
+                    f"for its next start: {redefine(vm)}",
+                    "domain-mergeable",
                 )
             )
-        elif vm.merging_now is False and vm.mergeable_vmas > 0:
-            findings.append(
-                Finding(
-                    "warning",
-                    vm.name,
-                    f"{vm.mergeable_vmas} of its memory areas (ROMs, video RAM) stay mergeable "
-                    "after a live switch: QEMU cannot switch them",
-                    "restart it; define it unmergeable first (ksmpolicy apply) so that nothing "
-                    "of it is mergeable until the daemon switches its guest RAM on",
-                )
-            )
+        elif vm.merging_now is False and vm.residue_vmas > 0:
+            findings.append(residue_finding(vm, f"in trust domain {vm.domain!r}"))
     wanting = [v for v in vms if v.kind == "qemu" and v.decision == "merge"]
     if wanting and not daemon_running:
         findings.append(
@@ -76,6 +71,7 @@ def domain_view(
                 "runs: only the daemon (or the Proxmox hookscript, for an idle scope) switches "
                 "merging on",
                 "systemctl start ksmpolicy (or run: ksmpolicy daemon)",
+                "no-daemon",
             )
         )
     return scopes, tuple(judged), findings

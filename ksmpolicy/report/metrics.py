@@ -18,6 +18,7 @@ from ksmpolicy.files import write_atomic
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.report.findings import SEVERITIES
 from ksmpolicy.report.model import Status
 from ksmpolicy.report.status import collect
 
@@ -213,9 +214,15 @@ def status_metrics(status: Status) -> Iterator[Metric]:
     findings = GaugeMetricFamily(
         "ksmpolicy_findings", "Findings of `ksmpolicy status`.", labels=["severity"]
     )
-    for severity in ("info", "warning"):
+    for severity in SEVERITIES:
         findings.add_metric([severity], sum(f.severity == severity for f in status.findings))
     yield findings
+    yield GaugeMetricFamily(
+        "ksmpolicy_residue_vms",
+        "VMs whose guest RAM is off but whose ROMs and video RAM stay mergeable until they "
+        "restart (QEMU keeps its start-time setting).",
+        value=sum(f.code == "residue" for f in status.findings),
+    )
 
 
 def sharing_metrics(sharing: Sharing) -> Iterator[Metric]:
@@ -265,11 +272,6 @@ def keeper_metrics(keeper: Any) -> Iterator[Metric]:
         "ksmpolicy_domain_refusals",
         "Hand-overs the memory guard refused (the host could not absorb the unmerge).",
         value=keeper.refusals,
-    )
-    yield GaugeMetricFamily(
-        "ksmpolicy_residue_vms",
-        "VMs switched off live whose ROMs and video RAM stay mergeable until they restart.",
-        value=len(keeper.last.residue),
     )
 
 

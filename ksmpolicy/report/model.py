@@ -7,10 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ksmpolicy.report.findings import Finding
-
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something on the host worth acting on, with what to do (see report/findings.py)."""
+
+    severity: str  # error | warning | info
+    vm: str | None  # the VM's name, or None for the host
+    message: str
+    fix: str
+    code: str = ""  # what kind of finding: stable, for scripts and tests
+    steps: tuple[str, ...] = ()  # the fix's commands, one by one (empty: no command fixes it)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,13 @@ class VmStatus:
     trusted: bool = True  # run by root or the hypervisor's user: its identity is believed
     start: int | None = None  # start time (clock ticks since boot): with the PID, names it
     unit: str | None = None  # its systemd unit (services, and VMs started in one)
+    reason: str | None = None  # the decision's reason (which regions of RAM cannot merge)
+    # Mergeable VMAs while its guest RAM is not: QEMU's ROMs and video RAM, which keep the
+    # setting QEMU started with until it restarts (a live switch cannot reach them).
+    residue_vmas: int = 0
+    mergeable_size: int = 0  # virtual size of its mergeable VMAs (resident or not)
+    ram_unmergeable: str | None = None  # hugetlb | shared | confidential: from its mappings
+    mem_merge: bool | None = None  # QEMU's -machine mem-merge= at start (None: not given)
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,7 @@ class HostStatus:
     pages_sharing: int | None
     pages_shared: int | None
     zero_pages: int | None
+    pages_scanned: int | None = None  # since boot, including the current, unfinished scan
     # Other controllers of the knobs: "ksmtuned (pid 812)", and whether each runs (else: boot)
     others: tuple[tuple[str, bool], ...] = ()
     passive: str | None = None  # the daemon writes no knob, and why (from its daemon.json)

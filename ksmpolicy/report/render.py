@@ -49,7 +49,12 @@ def text(status: Status) -> str:
             f"full_scans: {host.full_scans if host.full_scans is not None else '-'}"
         )
         if not host.full_scans and not host.saved_bytes:
-            lines.append("  (KSM has not scanned anything since boot)")
+            if host.pages_scanned:
+                lines.append(
+                    f"  (ksmd has scanned {host.pages_scanned} pages, but not yet one full scan)"
+                )
+            else:
+                lines.append("  (KSM has not scanned anything since boot)")
     if status.policy_error:
         lines.append(f"policy: not usable: {status.policy_error}")
     elif status.policy:
@@ -213,7 +218,14 @@ def as_json(status: Status) -> dict[str, object]:
             for s in status.scopes
         ],
         "findings": [
-            {"severity": f.severity, "vm": f.vm, "message": f.message, "fix": f.fix}
+            {
+                "severity": f.severity,
+                "vm": f.vm,
+                "message": f.message,
+                "fix": f.fix,
+                "code": f.code,
+                "steps": list(f.steps),
+            }
             for f in status.findings
         ],
     }

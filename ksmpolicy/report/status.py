@@ -17,16 +17,12 @@ from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
-from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN, Policy
-from ksmpolicy.quoting import fix_command, shell_word
-from ksmpolicy.report.findings import Finding
-from ksmpolicy.report.model import GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
+from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN, Action, Policy
+from ksmpolicy.report.findings import vm_findings
+from ksmpolicy.report.model import Finding, GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
 
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing
-
-# A VM that merges nothing after this many full scans costs scan CPU for no gain.
-USELESS_AFTER_FULL_SCANS = 3
 
 
 def collect(
@@ -84,7 +80,7 @@ def collect(
         scopes, vms, extra = domain_view(paths, policy, vms, daemon_running)
     groups = _groups(vms)
     findings = (
-        *_findings(host, vms, paths, domains=policy is not None and policy.uses_domains),
+        *_findings(host, vms, domains=policy is not None and policy.uses_domains),
         *extra,
         *(sharing.findings if sharing else ()),
     )
@@ -128,17 +124,6 @@ def _sharing(
         return found, None
     except PageMapUnavailable as exc:
         return None, str(exc)
-
-
-def impostor(vm: VmStatus) -> tuple[str, str]:
-    """(what, fix) for a QEMU process not run by root or the hypervisor's QEMU user. Anyone
-    may call a process qemu-system-x86_64 -name guest=NAME: a fix for the VM of that name
-    would act on someone else's VM at their word, so the fix looks at the process."""
-    return (
-        f"pid {vm.pid} calls itself this VM but is not run by root or the hypervisor's QEMU "
-        "user: its name is its own word (it counts in no trust domain)",
-        f"look at it: ps -o user,args -p {vm.pid}",
-    )
 
 
 def party_domain(vm: VmStatus, *, domains: bool) -> str:
@@ -190,6 +175,7 @@ def _host_status(
         pages_sharing=state.get("pages_sharing"),
         pages_shared=state.get("pages_shared"),
         zero_pages=state.get("ksm_zero_pages"),
+        pages_scanned=state.get("pages_scanned"),
         others=tuple((f"{c.name} ({c.detail})", c.running) for c in others),
         passive=alive.passive if alive is not None and alive.fresh() else None,
         discovery=alive.discovery if alive is not None and alive.fresh() else None,
@@ -237,7 +223,7 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         group=decision.group if decision else None,
         decision=decision.verdict if decision else None,
         rule=decision.rule if decision else None,
-        compliant=_compliant(process, facts, decision),
+        compliant=_compliant(process, decision),
         ram_bytes=process.ram_bytes,
         mergeable_bytes=process.mergeable_bytes,
         merged_bytes=(ksm.merging_pages or 0) * PAGE_SIZE if ksm else 0,
@@ -251,6 +237,11 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         trusted=process.trusted,
         start=process.start,
         unit=process.unit,
+        reason=decision.reason if decision else None,
+        residue_vmas=process.mergeable_vmas if process.ram_mergeable is False else 0,
+        mergeable_size=process.mergeable_size,
+        ram_unmergeable=process.ram_unmergeable,
+        mem_merge=process.mem_merge,
     )
 
 
@@ -295,13 +286,20 @@ def _facts(paths: HostPaths, process: VmProcess) -> tuple[VmFacts, str]:
     return found, "process"
 
 
-def _compliant(process: VmProcess, facts: VmFacts, decision: Decision | None) -> bool | None:
+def _compliant(process: VmProcess, decision: Decision | None) -> bool | None:
+    """Whether the running process merges as decided: an excluded VM has nothing mergeable at
+    all (neither guest RAM nor QEMU's ROMs and video RAM, which keep their start-time setting);
+    one that may merge has its guest RAM mergeable; one whose RAM never merges complies."""
     if decision is None:
         return None
+    if decision.action is Action.EXCLUDE:
+        return process.mergeable_vmas == 0
+    if not decision.merge:
+        return True
     mergeable = process.ram_mergeable
     if mergeable is None:
         mergeable = process.mergeable_bytes > 0
-    return mergeable == decision.merge
+    return mergeable
 
 
 def _groups(vms: Sequence[VmStatus]) -> tuple[GroupStatus, ...]:
@@ -316,22 +314,24 @@ def _groups(vms: Sequence[VmStatus]) -> tuple[GroupStatus, ...]:
     return tuple(GroupStatus(name, *values) for name, values in sorted(totals.items()))
 
 
-def _findings(
-    host: HostStatus, vms: Sequence[VmStatus], paths: HostPaths, *, domains: bool = False
-) -> list[Finding]:
-    """The findings of the running state; under trust domains (`domains`) compliance is
-    judged by report/domains.py instead."""
-    findings = []
+def _findings(host: HostStatus, vms: Sequence[VmStatus], *, domains: bool = False) -> list[Finding]:
+    """The findings of the running state: the host's, then each VM's (report/findings.py);
+    under trust domains (`domains`) report/domains.py judges whether a VM's RAM should be
+    mergeable now."""
     if not host.available:
-        return [Finding("info", None, "this kernel has no KSM (CONFIG_KSM)", "nothing to do")]
+        return [
+            Finding("info", None, "this kernel has no KSM (CONFIG_KSM)", "nothing to do", "no-ksm")
+        ]
+    findings = []
     wanting = [v for v in vms if v.decision == "merge" and v.mergeable_bytes > 0]
     if wanting and not host.running:
         findings.append(
             Finding(
-                "warning",
+                "error",
                 None,
                 f"KSM is stopped while {len(wanting)} VM(s) may merge",
-                "start the daemon: ksmpolicy daemon (or systemctl start ksmpolicy)",
+                "start the daemon: systemctl start ksmpolicy (or ksmpolicy daemon)",
+                "ksm-stopped",
             )
         )
     if host.passive is not None:
@@ -341,78 +341,11 @@ def _findings(
                 None,
                 "the ksmpolicy daemon is passive: another controller sets the KSM knobs",
                 host.passive,
+                "passive",
             )
         )
-    scans = host.full_scans or 0
     for vm in vms:
-        if vm.kind == "qemu" and not vm.trusted:
-            findings.append(Finding("warning", vm.name, *impostor(vm)))
-            continue
-        if vm.kind != "qemu":
-            if vm.decision == "exclude":  # listed only because its memory is mergeable
-                restart = (
-                    f"ksmpolicy systemd-dropin {shell_word(vm.unit) or 'UNIT'} (MemoryKSM=no), "
-                    "then restart it"
-                    if vm.unit and vm.unit.endswith(".service")
-                    else "restart it under `ksmpolicy exec` (which leaves it unmergeable)"
-                )
-                findings.append(
-                    Finding(
-                        "warning",
-                        vm.name,
-                        f"excluded by the policy but mergeable ({vm.kind}); only the process "
-                        "itself can switch that off (prctl, madvise)",
-                        restart,
-                    )
-                )
-            continue
-        if domains and vm.decision in ("merge", "exclude"):
-            pass  # judged under trust domains
-        elif vm.decision == "exclude" and vm.compliant is False:
-            fix = (
-                f"ksmpolicy apply --proxmox --vmid {vm.vmid} (it follows at the next start)"
-                if vm.vmid
-                else fix_command("ksmpolicy enforce --live", vm.name, vm.uuid)
-            )
-            findings.append(
-                Finding(
-                    "warning", vm.name, "excluded by the policy but its memory is mergeable", fix
-                )
-            )
-        elif vm.decision == "merge" and vm.compliant is False:
-            findings.append(
-                Finding(
-                    "info",
-                    vm.name,
-                    "the policy lets it merge but its memory is not mergeable",
-                    fix_command("ksmpolicy enforce --live", vm.name, vm.uuid)
-                    if not vm.vmid
-                    else f"ksmpolicy apply --proxmox --vmid {vm.vmid}",
-                )
-            )
-        elif vm.decision == "never":
-            findings.append(
-                Finding(
-                    "info",
-                    vm.name,
-                    "the policy wants it merged, but hugepage/shared memory never merges",
-                    "exclude it in the policy, or drop hugepages if merging matters more",
-                )
-            )
-        if (
-            vm.decision == "merge"
-            and host.running
-            and scans >= USELESS_AFTER_FULL_SCANS
-            and vm.mergeable_bytes > 0
-            and vm.merged_bytes == 0
-            and vm.zero_bytes == 0
-        ):
-            findings.append(
-                Finding(
-                    "info",
-                    vm.name,
-                    f"merges nothing after {scans} full scans: it costs scan CPU for no gain",
-                    "exclude it in the policy (e.g. tag it and add a rule)",
-                )
-            )
+        findings += vm_findings(
+            vm, ksm_running=host.running, full_scans=host.full_scans or 0, domains=domains
+        )
     return findings

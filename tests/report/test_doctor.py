@@ -269,14 +269,14 @@ STAT_IDLE = STAT_MERGING.replace("ksm_merging_pages 5000", "ksm_merging_pages 0"
     [
         ("merging", QEMU, ram_vma(), 1, "ok", "merging: 19 MiB"),
         ("idle", QEMU, ram_vma(), 1, "ok", "nothing merged yet"),
-        ("stopped", QEMU, ram_vma(), 0, "fail", "ksmd is stopped (run=0)"),
-        ("hugepages", QEMU, ram_vma(flags="rd wr mr mw me ac sd ht"), 1, "fail", "hugepage"),
+        ("stopped", QEMU, ram_vma(), 0, "ok", "nothing merged yet"),  # the host's finding
+        ("hugepages", QEMU, ram_vma(flags="rd wr mr mw me ac sd ht"), 1, "info", "hugepage"),
         (
             "memfd shared",
             QEMU,
             ram_vma(perms="rw-s", flags="rd wr sh mr mw me ms sd", path="/memfd:pc.ram (deleted)"),
             1,
-            "fail",
+            "info",
             "shared memory",
         ),
         (
@@ -284,7 +284,7 @@ STAT_IDLE = STAT_MERGING.replace("ksm_merging_pages 5000", "ksm_merging_pages 0"
             [*QEMU[:-1], "type=pc,confidential-guest-support=sev0"],
             ram_vma(flags="rd wr mr mw me ac sd"),
             1,
-            "fail",
+            "info",
             "confidential",
         ),
         (
@@ -292,10 +292,17 @@ STAT_IDLE = STAT_MERGING.replace("ksm_merging_pages 5000", "ksm_merging_pages 0"
             [*QEMU[:-1], "type=pc,mem-merge=off"],
             ram_vma(flags="rd wr mr mw me ac sd"),
             1,
-            "fail",
-            "started with mem-merge=off",
+            "warn",
+            "(QEMU started with mem-merge=off)",
         ),
-        ("RAM not mergeable", QEMU, ram_vma(flags="rd wr mr mw me ac sd"), 1, "fail", "no `mg`"),
+        (
+            "RAM not mergeable",
+            QEMU,
+            ram_vma(flags="rd wr mr mw me ac sd"),
+            1,
+            "warn",
+            "its guest RAM is not mergeable",
+        ),
         (
             "sparse",
             [*QEMU[:5], "-m", "65536", *QEMU[7:]],
@@ -319,6 +326,9 @@ def test_why_a_vm_merges_or_not(
     assert len(vm) == 1, found.checks
     assert (vm[0].level, says in vm[0].what) == (level, True), vm[0]
     assert vm[0].level == "ok" or vm[0].fix
+    # a stopped ksmd is the host's finding, said once (as status says it), and fails doctor
+    stopped = [c for c in found.checks if c.subject == "host" and "KSM is stopped" in c.what]
+    assert [c.level for c in stopped] == (["fail"] if run == 0 else [])
 
 
 @pytest.mark.parametrize(
@@ -326,9 +336,10 @@ def test_why_a_vm_merges_or_not(
     [
         (  # libvirt's guest: the name, quoted for a shell
             ["/usr/bin/qemu-system-x86_64", "-name", "guest=db-$(touch PWNED),debug-threads=on"],
-            "ksmpolicy apply --domain 'db-$(touch PWNED)', then restart it",
+            "ksmpolicy enforce --live --domain 'db-$(touch PWNED)'; and for its next start: "
+            "ksmpolicy apply --domain 'db-$(touch PWNED)'",
         ),
-        (QEMU[:5], "ksmpolicy apply --proxmox --vmid 101, then restart it"),  # Proxmox's
+        (QEMU[:5], "ksmpolicy apply --proxmox --vmid 101, then qm reboot 101"),  # Proxmox's
     ],
 )
 def test_a_fix_names_the_vm_safely(tmp_path: Path, argv: list[str], expected: str) -> None:
@@ -339,5 +350,5 @@ def test_a_fix_names_the_vm_safely(tmp_path: Path, argv: list[str], expected: st
     write_process(paths.proc, 4242, argv, "kvm", ram_vma(flags="rd wr mr mw me ac sd"), STAT_IDLE)
     found = diagnose(paths, POLICY, str(tmp_path / "policy.yaml"), None)
     (vm,) = [c for c in found.checks if c.subject != "host"]
-    assert vm.level == "fail"
-    assert str(vm.fix).startswith(expected), vm
+    assert vm.level == "warn"  # merging the policy allows is lost: no safety problem
+    assert vm.fix == expected, vm

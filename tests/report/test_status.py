@@ -126,9 +126,10 @@ def test_status_on_a_fake_host_has_exact_figures(host: Path) -> None:
     # a process that opted in is decided like a VM, by its kind (and unit, in a service)
     assert (redis.kind, redis.decision, redis.merged_bytes) == ("process", "merge", 5 * 4096)
     messages = {(f.vm, f.message) for f in status.findings}
-    assert ("pg-primary", "excluded by the policy but its memory is mergeable") in messages
+    assert ("pg-primary", "excluded by the policy but its guest RAM is mergeable") in messages
     assert any(
-        f.fix == "ksmpolicy apply --proxmox --vmid 101 (it follows at the next start)"
+        f.fix == "ksmpolicy apply --proxmox --vmid 101, then qm reboot 101"
+        and (f.severity, f.code) == ("error", "excluded-mergeable")
         for f in status.findings
     )
     assert [(g.name, g.vms) for g in status.groups] == [("(none)", 1), ("debian", 1)]
@@ -220,6 +221,11 @@ def test_status_without_ksm_or_never_used(tmp_path: Path) -> None:
         collect(HostPaths(fresh), None, sample_seconds=0)
     )
     assert proc.exists()
+    # scanning, but no full scan yet: not "nothing since boot"
+    (fresh / "sys/kernel/mm/ksm/pages_scanned").write_text("81920\n")
+    shown = text(collect(HostPaths(fresh), None, sample_seconds=0))
+    assert "(ksmd has scanned 81920 pages, but not yet one full scan)" in shown
+    assert "not scanned anything" not in shown
 
 
 def test_cli_status_and_metrics_without_a_policy(host: Path, tmp_path: Path) -> None:
