@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from ksmpolicy.libvirt.domain import domain_facts, set_nosharepages
+from ksmpolicy.libvirt.domain import domain_facts
+from ksmpolicy.libvirt.nosharepages import set_nosharepages
 from ksmpolicy.policy.decide import Decider, VmFacts
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.policy.model import Policy

@@ -1,11 +1,11 @@
-"""libvirt domain XML: VM facts, and the <nosharepages/> rewrite that touches nothing else.
+"""libvirt domain XML: the hardened parser and the VM's facts (identity, tags, images, memory
+region by region). The `<nosharepages/>` rewrite, which edits the text at the parser's byte
+offsets, is libvirt/nosharepages.py.
 
 Parsing is hardened: no DOCTYPE (so no entities, no DTD, no network), a size limit, UTF-8 only,
 and linear in time and memory on any input: expat gathers text in large chunks, text is kept
 (as parts, joined once) only for the few elements whose text is read, and elements are kept only
-in the subtrees that facts and the rewrite look at. The rewrite edits the text at byte offsets
-found by the parser, so comments, namespaces, attribute quoting and order, and the whitespace of
-every untouched node stay byte for byte; a line it inserts ends as the document's lines do.
+in the subtrees that facts and the rewrites look at.
 """
 
 from __future__ import annotations
@@ -478,30 +478,7 @@ def _format(element: Element | None, attribute: str) -> str | None:
     return value.strip().lower() if value else None
 
 
-# --- the rewrite -----------------------------------------------------------------------------
-
-
-def set_nosharepages(data: str, want: bool) -> str:
-    """Add (`want`) or remove <nosharepages/> in <memoryBacking>; the input when it complies.
-
-    Creates <memoryBacking> after <memory>/<currentMemory>/<memtune> when needed and removes
-    it when it is left with no child elements. Every other byte stays as it was.
-    """
-    root, raw = parse(data)
-    if root.tag != "domain":
-        raise XmlError(f"not a libvirt domain: the root element is <{root.tag}>")
-    backing = root.child("memoryBacking")
-    present = backing is not None and backing.child("nosharepages") is not None
-    if present == want:
-        return data
-    unit = indent_unit(raw, root)
-    if want:
-        newline = b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
-        edited = _add(raw, root, backing, unit, newline)
-    else:
-        assert backing is not None
-        edited = _remove(raw, backing)
-    return edited.decode("utf-8")
+# --- where a line goes: indentation of the document's own lines ---------------------------
 
 
 def line_indent(raw: bytes, at: int) -> str | None:
@@ -520,85 +497,3 @@ def indent_unit(raw: bytes, root: Element) -> str:
         if indent is not None and len(indent) > len(root_indent):
             return indent[len(root_indent) :]
     return "  "
-
-
-def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline: bytes) -> bytes:
-    tag = b"<nosharepages/>"
-    if backing is None:
-        anchor = next(
-            (a for t in reversed(BEFORE_MEMORY_BACKING) if (a := root.child(t)) is not None),
-            None,
-        )
-        at = anchor.end if anchor is not None else root.start_end
-        indent = line_indent(raw, anchor.start) if anchor is not None else None
-        if indent is None:  # everything on one line: stay on it
-            block = b"<memoryBacking>" + tag + b"</memoryBacking>"
-        else:
-            inner = (indent + unit).encode()
-            block = (
-                newline
-                + indent.encode()
-                + b"<memoryBacking>"
-                + newline
-                + inner
-                + tag
-                + newline
-                + indent.encode()
-                + b"</memoryBacking>"
-            )
-        return raw[:at] + block + raw[at:]
-    outer = line_indent(raw, backing.start)
-    if backing.self_closing or (
-        not backing.children and not raw[backing.start_end : _close_start(raw, backing)].strip()
-    ):
-        if outer is None:
-            body = b"<memoryBacking>" + tag + b"</memoryBacking>"
-        else:
-            body = (
-                b"<memoryBacking>"
-                + newline
-                + (outer + unit).encode()
-                + tag
-                + newline
-                + outer.encode()
-                + b"</memoryBacking>"
-            )
-        return raw[: backing.start] + body + raw[backing.end :]
-    # After <hugepages> if there is one (libvirt's order), else first.
-    hugepages = backing.child("hugepages")
-    at = hugepages.end if hugepages is not None else backing.start_end
-    first = backing.children[0] if backing.children else None
-    indent = line_indent(raw, first.start) if first is not None else None
-    if indent is None:
-        indent = None if outer is None else outer + unit
-    prefix = b"" if indent is None else newline + indent.encode()
-    return raw[:at] + prefix + tag + raw[at:]
-
-
-def _close_start(raw: bytes, element: Element) -> int:
-    """Offset of the "</" of a non-self-closing element's end tag."""
-    return raw.rindex(b"</", element.start_end, element.end)
-
-
-def _remove(raw: bytes, backing: Element) -> bytes:
-    target = backing.child("nosharepages")
-    assert target is not None
-    others = [c for c in backing.children if c is not target]
-    if not others and not _has_comment(raw, backing):
-        return _cut(raw, backing)
-    return _cut(raw, target)
-
-
-def _has_comment(raw: bytes, element: Element) -> bool:
-    return b"<!--" in raw[element.start_end : element.end]
-
-
-def _cut(raw: bytes, element: Element) -> bytes:
-    """Remove an element together with the indentation and newline that introduce it."""
-    start = element.start
-    line_start = raw.rfind(b"\n", 0, start)
-    if line_start >= 0 and not raw[line_start + 1 : start].strip():
-        start = line_start  # also drop the line break and indentation before it
-        if raw[start - 1 : start] == b"\r":
-            start -= 1
-    return raw[:start] + raw[element.end :]

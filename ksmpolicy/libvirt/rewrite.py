@@ -4,7 +4,8 @@ hook (migrate, restore), `xml rewrite` and `apply`."""
 
 from __future__ import annotations
 
-from ksmpolicy.libvirt.domain import DomainFacts, domain_facts, set_nosharepages
+from ksmpolicy.libvirt.domain import DomainFacts, domain_facts
+from ksmpolicy.libvirt.nosharepages import set_nosharepages
 from ksmpolicy.libvirt.numatune import set_numatune
 
 TYPE_CHECKING = False

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from ksmpolicy.libvirt.domain import DiskImage, XmlError, domain_facts, set_nosharepages
+from ksmpolicy.libvirt.domain import DiskImage, XmlError, domain_facts
 from ksmpolicy.libvirt.images import qcow2_backing_root
+from ksmpolicy.libvirt.nosharepages import set_nosharepages
 from tests.conftest import REPO
 
 DATA = REPO / "tests/data/libvirt"
