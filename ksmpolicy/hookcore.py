@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 DEADLINE_SECONDS = 5.0
 NO_POLICY_SAID = "no-policy-said"  # in the cache dir: the hook has said there is no policy
+HOOK_SAID = "hook-said"  # in the run dir: what the hook said about each VM at its last start
 __all__ = ["Session", "fix_command", "quote", "report", "run", "says_block"]
 
 
@@ -58,8 +59,9 @@ class Session:
     says what it knew. The hook process writes them out.
     """
 
-    def __init__(self, who: str, policy_path: str, cache_dir: str) -> None:
+    def __init__(self, who: str, policy_path: str, cache_dir: str, vm_key: str = "") -> None:
         self.who = who
+        self.vm_key = vm_key  # names the VM in the run dir's notes: libvirt's name, a VMID
         self.policy_path = policy_path
         self.cache_dir = cache_dir
         self.stdout: str | None = None
@@ -204,13 +206,17 @@ def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -
     err.flush()
     result = run_in_child(child, seconds)
     enforcement: str | None = None
+    said: list[tuple[str, str]] = []
     for message in result.progress:
         if not isinstance(message, tuple):
             continue
         if message[0] == "line":
             report(err, message[1], message[2])
+            said.append((message[2], message[1]))
         elif message[0] == "enforcement":
             enforcement = message[1]
+    if session.vm_key:
+        keep_said(session.cache_dir, session.vm_key, said)
     if result.finished and isinstance(result.result, tuple):
         status, stdout = result.result
         if stdout is not None:
@@ -233,6 +239,30 @@ def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -
         _level(block),
     )
     return 1 if block else 0
+
+
+def said_path(run_dir: str, key: str) -> str:
+    """Where the hook keeps what it said about the VM `key` (its name, or a VMID)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"%{ord(c):x}" for c in key)
+    return os.path.join(run_dir, HOOK_SAID, safe[:200])  # noqa: PTH118
+
+
+def keep_said(run_dir: str, key: str, lines: list[tuple[str, str]]) -> None:
+    """Keep the lines of this run for `ksmpolicy status`: libvirt shows a hook's output only
+    when it refuses a start, so a warning would otherwise reach only syslog. The first line is
+    the VM's key, then `LEVEL<TAB>LINE` per line; nothing said removes the note. Best effort."""
+    from ksmpolicy.files import make_private_dir, write_atomic  # noqa: PLC0415
+
+    path = said_path(run_dir, key)
+    try:
+        if not lines:
+            os.unlink(path)  # noqa: PTH108
+            return
+        make_private_dir(os.path.dirname(path))  # noqa: PTH120
+        text = "".join(f"{level}\t{one_line(line)}\n" for level, line in lines)
+        write_atomic(path, f"{one_line(key)}\n{text}".encode(), 0o600, private_dir=True)
+    except OSError:
+        pass
 
 
 def _level(block: bool) -> str:

@@ -28,24 +28,34 @@ from ksmpolicy.quoting import one_line
     help="Don't walk the page map: faster on big hosts; SAVED then comes from ksm_stat.",
 )
 @ROOT
+@RUN_DIR
 @policy_option
 @click.pass_obj
-def status(options: Options, as_json: bool, sample: float, no_pagemap: bool, root: str) -> None:
+def status(
+    options: Options,
+    as_json: bool,
+    sample: float,
+    no_pagemap: bool,
+    root: str,
+    run_dir: str | None,
+) -> None:
     """What KSM saves, for which VM, at what CPU cost (read-only).
 
     The host (KSM running, who controls it, knobs, memory saved, ksmd CPU), a
     row per running VM (group, decision and rule, whether its running state
     complies, mergeable and merged MiB, profit), totals per group, and findings
-    with what to do. Works without a policy (no decisions then). As root it walks
-    the page map for exact per-VM savings (SAVED), which add up to what KSM
-    saves; otherwise SAVED comes from ksm_stat and says so.
+    with what to do, and what the hook said at each VM's start (libvirt shows a
+    hook's output only when it refuses a start). Works without a policy (no
+    decisions then). As root it walks the page map for exact per-VM savings
+    (SAVED), which add up to what KSM saves; otherwise SAVED comes from ksm_stat
+    and says so.
     """
     from ksmpolicy.report import render  # noqa: PLC0415
     from ksmpolicy.report.status import collect  # noqa: PLC0415
 
     policy, error = options.load_or_error()
     collected = collect(
-        host_paths(root),
+        host_paths(root, run_dir),
         policy,
         sample_seconds=sample,
         policy_error=error,

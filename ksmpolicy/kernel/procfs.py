@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ksmpolicy.errors import HostError
+from ksmpolicy.files import read_regular
 from ksmpolicy.paths import HostPaths
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -92,6 +93,21 @@ def run_by_root(proc: Path) -> bool:
     runs libvirt is. Any user can start a process named ksmtuned or libvirtd."""
     uids = process_uids(proc)
     return bool(uids) and not any(uids)  # type: ignore[arg-type]
+
+
+def started_at(paths: HostPaths, pid: int) -> float | None:
+    """A process's start, in wall-clock seconds: boot time + /proc/PID/stat's starttime."""
+    fields = stat_fields(paths.proc / str(pid))
+    if fields is None:
+        return None
+    try:
+        since_boot = int(fields[19]) / CLOCK_TICKS
+        for line in read_regular(paths.proc / "stat", 1 << 20).decode().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + since_boot
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def process_cpu_seconds(paths: HostPaths, pid: int) -> float | None:

@@ -33,7 +33,7 @@ class LibvirtHook:
         self.policy_path = policy_path or default_policy_fast()
         self.run_dir = run_dir
         self.session = hookcore.Session(
-            hookcore.quote(name), self.policy_path, hookcore.run_dir(run_dir)
+            hookcore.quote(name), self.policy_path, hookcore.run_dir(run_dir), vm_key=name
         )
 
     def run(

@@ -65,6 +65,7 @@ class ProxmoxHook:
         if chained != 0 and phase == "pre-start":
             return chained  # the other hookscript refused the start: so do we
         if phase == "pre-start":
+            self.session.vm_key = self.vmid  # what pre-start says is kept for `status`
             status = hookcore.run(self.session, self.pre_start, out, err)
         elif phase == "post-start":
             self.notify("started")

@@ -18,7 +18,7 @@ from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
 from ksmpolicy.hookshim import import_paths_of
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
-from ksmpolicy.kernel.procfs import CLOCK_TICKS, stat_fields
+from ksmpolicy.kernel.procfs import started_at
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
@@ -215,7 +215,7 @@ def _libvirt_hook(paths: HostPaths) -> Iterator[Check]:
     stale = [
         pid
         for pid in pids
-        if (started := _started(paths, pid)) is not None
+        if (started := started_at(paths, pid)) is not None
         and started < installed
         and (called is None or called < installed)
     ]
@@ -406,21 +406,6 @@ def _package_in(paths: HostPaths, directories: list[str] | None) -> str | None:
         module = f"{directory.rstrip('/')}/ksmpolicy/hook.py"
         if paths.under_root(module).is_file():
             return module
-    return None
-
-
-def _started(paths: HostPaths, pid: int) -> float | None:
-    """A process's start, in wall-clock seconds: boot time + /proc/PID/stat's starttime."""
-    fields = stat_fields(paths.proc / str(pid))
-    if fields is None:
-        return None
-    try:
-        since_boot = int(fields[19]) / CLOCK_TICKS
-        for line in read_regular(paths.proc / "stat", 1 << 20).decode().splitlines():
-            if line.startswith("btime "):
-                return int(line.split()[1]) + since_boot
-    except (OSError, ValueError, IndexError):
-        return None
     return None
 
 

@@ -59,6 +59,7 @@ class VmStatus:
     mergeable_size: int = 0  # virtual size of its mergeable VMAs (resident or not)
     ram_unmergeable: str | None = None  # hugetlb | shared | confidential: from its mappings
     mem_merge: bool | None = None  # QEMU's -machine mem-merge= at start (None: not given)
+    hook_said: tuple[str, ...] = ()  # what the hook said about it at its last start
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,12 @@ def text(status: Status) -> str:
             who = f"{one_line(finding.vm)}: " if finding.vm else ""
             lines.append(f"  [{finding.severity}] {who}{finding.message}")
             lines.append(f"      -> {finding.fix}")
+    said = [v for v in status.vms if v.hook_said]
+    if said:
+        lines.append("")
+        lines.append("The hook at their last start (libvirt shows it only when it refuses one):")
+        for vm in said:
+            lines += [f"  {line}" for line in vm.hook_said]
     return printable("\n".join(lines))
 
 
@@ -201,6 +207,7 @@ def as_json(status: Status) -> dict[str, object]:
                 "savings_source": v.savings_source,
                 "domain": v.domain,
                 "merging_now": v.merging_now,
+                "hook_said": list(v.hook_said),
             }
             for v in status.vms
         ],

@@ -6,18 +6,21 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ksmpolicy.control.alive import read_alive
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
+from ksmpolicy.hookcore import said_path
 from ksmpolicy.kernel.controllers import Controller, daemon_pids, other_controllers
 from ksmpolicy.kernel.ksm import KsmState, read_ksm
-from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
+from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, started_at
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.decide import Decider, Decision, VmFacts
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN, Action, Policy
+from ksmpolicy.quoting import one_line
 from ksmpolicy.report.findings import vm_findings
 from ksmpolicy.report.model import Finding, GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
 
@@ -242,7 +245,32 @@ def _vm_status(paths: HostPaths, process: VmProcess, decider: Decider | None) ->
         mergeable_size=process.mergeable_size,
         ram_unmergeable=process.ram_unmergeable,
         mem_merge=process.mem_merge,
+        hook_said=_hook_said(paths, process, facts),
     )
+
+
+# The hook runs before QEMU starts (libvirt's prepare, Proxmox's pre-start): what it said counts
+# for the running process when it is at most this much older.
+HOOK_BEFORE_START_SECONDS = 300.0
+
+
+def _hook_said(paths: HostPaths, process: VmProcess, facts: VmFacts) -> tuple[str, ...]:
+    """What the hook said about this VM at the start of its running process (hookcore keeps
+    it in the run directory), or () when it said nothing or the note is older."""
+    if process.kind != "qemu" or not process.trusted:
+        return ()
+    key = process.vmid or facts.name
+    note = Path(said_path(str(paths.run_dir), key))
+    started = started_at(paths, process.pid) or 0.0
+    try:
+        if note.stat().st_mtime < started - HOOK_BEFORE_START_SECONDS:
+            return ()
+        lines = read_regular(note, 65536).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ()
+    if not lines or lines[0] != one_line(key):
+        return ()
+    return tuple(line.partition("\t")[2] for line in lines[1:] if "\t" in line)
 
 
 def _merging_now(process: VmProcess) -> bool | None:

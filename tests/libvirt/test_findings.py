@@ -146,6 +146,29 @@ def test_a_running_database_vm_agrees_everywhere_until_its_restart(lab: Lab) -> 
     lab.stop("db")
 
 
+def test_status_shows_what_the_hook_said_at_a_start(lab: Lab) -> None:
+    """Under `warn` the hook exits 0, and libvirt then drops what it wrote to stderr: status
+    shows it instead."""
+    name = lab.prefix + "db2"
+    lab.install_hook()
+    try:
+        lab.define("db2", tags=("database",))
+        lab.start("db2")
+        result = ksmpolicy(lab, "status", "--run-dir", str(lab.workdir / "run"), "--sample", "0")
+        assert (
+            f"ksmpolicy: \"{name}\" must not share memory (rule 'databases') but its definition "
+            "lacks <memoryBacking><nosharepages/>." in result.stdout
+        ), result.stdout
+        shown = json.loads(
+            ksmpolicy(lab, "status", "--json", "--run-dir", str(lab.workdir / "run")).stdout
+        )
+        (vm,) = [v for v in shown["vms"] if v["name"] == name]
+        assert len(vm["hook_said"]) == 1 and "lacks <memoryBacking>" in vm["hook_said"][0]
+    finally:
+        lab.stop("db2")
+        lab.uninstall_hook()
+
+
 def test_a_vm_started_unmergeable_that_may_merge(lab: Lab) -> None:
     name = lab.prefix + "web"
     lab.define("web", nosharepages=True)

@@ -178,7 +178,9 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
         "savings_source",
         "domain",
         "merging_now",
+        "hook_said",
     }
+    assert set(data["findings"][0]) == {"severity", "vm", "message", "fix", "code", "steps"}  # type: ignore[index]
     assert vm["savings_source"] == "ksm_stat"  # a fake host has no page map  # type: ignore[index]
     json.dumps(data)  # serialisable
 
