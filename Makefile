@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm clean
+.PHONY: all test test-fast lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm clean
 
 all: test
 
@@ -17,6 +17,11 @@ test: $(STAMP) lint typecheck deb pytest
 # dist/ksmpolicy_<version>_all.deb with debhelper and pybuild; lintian errors fail it.
 deb: $(STAMP)
 	scripts/build-deb
+
+# The quick loop while developing: lint, types, and every test that needs no root, no daemon
+# and no real KSM (about a minute here). `make test` runs everything; CI runs `make test`.
+test-fast: $(STAMP) lint typecheck
+	$(BIN)/pytest -m "not root and not kernel and not slow" -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

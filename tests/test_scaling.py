@@ -19,6 +19,8 @@ from ksmpolicy.policy.decide import Decider, VmFacts
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.policy.model import Policy
 
+pytestmark = pytest.mark.slow  # a minute and more: `make test` runs it, `make test-fast` not
+
 SIZES_MB = (1, 4, 16)
 # Linear: about 16x over the range; memory effects (expat's own buffers, page faults) push
 # large inputs up to 8x a step, about 50x overall; quadratic is 16x a step, 256x overall.
