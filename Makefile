@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test test-fast lint typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm clean
+.PHONY: all test test-fast lint docs-check typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm clean
 
 all: test
 
@@ -23,9 +23,14 @@ deb: $(STAMP)
 test-fast: $(STAMP) lint typecheck
 	$(BIN)/pytest -m "not root and not kernel and not slow" -p no:cacheprovider
 
-lint: $(STAMP)
+lint: $(STAMP) docs-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Every benchmark figure in the README and docs/ is what bench/results/*.json say (bench/docs.py);
+# `$(BIN)/python -m bench.docs --write` rewrites them after a benchmark run.
+docs-check: $(STAMP)
+	$(BIN)/python -m bench.docs
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

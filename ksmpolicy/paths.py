@@ -1,7 +1,8 @@
 """Where the host's files are: one injectable root for every path ksmpolicy reads or writes.
 
 `HostPaths()` is the real host; tests point `root` at a temporary tree. No other module spells
-a host path. The hook imports this module, so it stays free of pathlib until a path is built.
+a host path (tests/test_structure.py checks it). Beside them, the kernel's page size. The hook
+imports this module, so it stays free of pathlib until a path is built.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PVE_POLICY_PATH = "/etc/pve/ksmpolicy/policy.yaml"
 RUN_DIR = "/run/ksmpolicy"  # root-only: the daemon's socket for hook notes, the policy cache
 STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed
 NOTIFY_SOCKET = "notify.sock"  # in the run directory
+SYSTEMD_SYSTEM_DIR = "/etc/systemd/system"  # where `systemd-dropin` writes unit drop-ins
 
 # The kernel's page size, which KSM merges in: 4 KiB on x86_64, but 16 or 64 KiB on some arm64
 # and ppc64 kernels. Every page count ksmpolicy turns into bytes uses this one.
@@ -48,6 +50,11 @@ class HostPaths:
     @property
     def meminfo(self) -> Path:
         return self.proc / "meminfo"
+
+    @property
+    def numa_nodes(self) -> Path:
+        """The host's NUMA nodes (has_memory, nodeN/)."""
+        return self.root / "sys/devices/system/node"
 
     @property
     def run_dir(self) -> Path:
@@ -102,6 +109,10 @@ class HostPaths:
 
     def qmp_socket(self, vmid: str) -> Path:
         return self.root / "var/run/qemu-server" / f"{vmid}.qmp"
+
+    def pve_pidfile(self, vmid: str) -> Path:
+        """The running QEMU's PID, as qemu-server writes it."""
+        return self.root / "var/run/qemu-server" / f"{vmid}.pid"
 
     def pve_lock(self, vmid: str) -> Path:
         return self.root / "var/lock/qemu-server" / f"lock-{vmid}.conf"

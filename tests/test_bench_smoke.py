@@ -104,3 +104,25 @@ def test_a_boolean_workload_parameter() -> None:
 
     assert parse_workload(Workload(), ["all_at_once=1"]).all_at_once is True
     assert parse_workload(Workload(), ["all_at_once=0"]).all_at_once is False
+
+
+def test_docs_figures_are_the_results_and_a_changed_one_fails(tmp_path: Path) -> None:
+    """Every benchmark figure in the README and docs/ is what bench/results/*.json says, and
+    a figure changed by hand fails the check, naming its file and line."""
+    from bench import docs
+
+    assert [p for doc in docs.documents() for p in docs.check(doc, write=False)] == []
+    readme = (docs.REPO / "README.md").read_text()
+    assert "<!-- bench:ksm-headline -->" in readme
+    edited = tmp_path / "README.md"
+    marker = "<!-- bench:libvirt.json#hook_prepare_ms|.1f -->"
+    text = f"intro\nthe hook costs {marker}12.3<!-- /bench --> ms\n"
+    edited.write_text(text)
+    original = docs.REPO
+    try:
+        docs.REPO = tmp_path  # the message names the file relative to the checkout
+        problems = docs.check(edited, write=False)
+    finally:
+        docs.REPO = original
+    assert len(problems) == 1 and problems[0].startswith("README.md:2: libvirt.json#"), problems
+    assert "'12.3'" in problems[0]

@@ -136,6 +136,38 @@ def test_libvirt_is_imported_only_by_its_adapter() -> None:
     assert users == {"ksmpolicy.libvirt.host"}
 
 
+HOST_ROOTS = ("/etc/", "/run/", "/var/", "/sys/", "/proc/", "/dev/", "/usr/", "/lib/", "/opt/")
+
+
+def test_host_paths_are_spelled_in_paths_py_only() -> None:
+    """Every host path is a HostPaths property (one injectable root, tests point it at a tree):
+    a string constant that is an absolute host path anywhere else is a path that ignores it.
+    Docstrings and messages may name paths: only constants that are whole paths count."""
+    spelled = []
+    for name, path in MODULES.items():
+        if name == "ksmpolicy.paths":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and node.value.startswith(HOST_ROOTS)
+                and " " not in node.value
+            ):
+                spelled.append(f"{name}:{node.lineno}: {node.value}")
+    assert not spelled, spelled
+
+
 def test_the_fake_guest_is_not_in_the_package() -> None:
     assert not list(PACKAGE.rglob("simguest*"))
     assert (REPO / "lab/simguest.py").exists()

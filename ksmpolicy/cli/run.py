@@ -9,6 +9,7 @@ import click
 
 from ksmpolicy.cli.common import RUN_DIR, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.paths import SYSTEMD_SYSTEM_DIR
 from ksmpolicy.quoting import one_line, shell_word
 
 
@@ -76,7 +77,7 @@ DROPIN_NAME = "50-ksmpolicy.conf"
 @click.option(
     "--dir",
     "directory",
-    default="/etc/systemd/system",
+    default=SYSTEMD_SYSTEM_DIR,
     show_default=True,
     metavar="DIR",
     help="Where unit drop-ins go.",

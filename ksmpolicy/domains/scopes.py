@@ -86,7 +86,7 @@ def parse_nodelist(text: str) -> tuple[int, ...]:
 
 def read_host(paths: HostPaths) -> HostScopes:
     """The host's NUMA nodes with memory and its merge_across_nodes knob."""
-    node_dir = paths.under_root("/sys/devices/system/node")
+    node_dir = paths.numa_nodes
     nodes: tuple[int, ...] = ()
     try:
         nodes = parse_nodelist((node_dir / "has_memory").read_text())

@@ -186,7 +186,7 @@ class ProxmoxHook:
     def qemu_pid(self) -> int | None:
         """The running QEMU's PID, from Proxmox's pid file."""
         try:
-            text = self.paths.under_root(f"/var/run/qemu-server/{self.vmid}.pid").read_text()
+            text = self.paths.pve_pidfile(self.vmid).read_text()
             return int(text.strip())
         except (OSError, ValueError):
             return None

@@ -80,7 +80,7 @@ def _kernel(paths: HostPaths) -> Iterator[Check]:
         # general_profit came with PR_SET_MEMORY_MERGE in 6.4
         "prctl PR_SET_MEMORY_MERGE (6.4)": (ksm / "general_profit").exists(),
         "smart_scan (6.7)": (ksm / "smart_scan").exists(),
-        "advisor (6.9)": (ksm / "advisor_mode").exists(),
+        "advisor (6.8)": (ksm / "advisor_mode").exists(),
         "use_zero_pages (4.x)": (ksm / "use_zero_pages").exists(),
         "ksm_zero_pages (6.10)": (ksm / "ksm_zero_pages").exists(),
     }

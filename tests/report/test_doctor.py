@@ -49,7 +49,7 @@ def test_an_old_kernel_says_what_it_lacks(tmp_path: Path) -> None:
     found = levels(paths)
     lacks = [w for w in found if w.startswith("this kernel lacks")]
     assert len(lacks) == 1, found
-    for feature in ("prctl PR_SET_MEMORY_MERGE (6.4)", "smart_scan (6.7)", "advisor (6.9)"):
+    for feature in ("prctl PR_SET_MEMORY_MERGE (6.4)", "smart_scan (6.7)", "advisor (6.8)"):
         assert feature in lacks[0]
     assert "use_zero_pages" not in lacks[0]
     assert found["KSM in kernel 5.15.0-old; has use_zero_pages (4.x)"] == "ok"
