@@ -235,53 +235,73 @@ def untrusted_reason(path: StrPath, *, owner: int = 0) -> str | None:
     way. The file itself must belong to `owner` and be writable by no one else.
     """
     name = os.path.abspath(os.fspath(path))  # noqa: PTH100
-    pending = [part for part in name.split("/") if part]
-    current = "/"
-    links = 0
     try:
-        parent = os.lstat("/")
-        reason = _directory_reason("/", parent, owner)
-        if reason:
-            return reason
-        while pending:
-            part = pending.pop(0)
-            if part == ".":
-                continue
-            if part == "..":
-                current = os.path.dirname(current)  # noqa: PTH120
-                parent = os.lstat(current)
-                continue
-            entry = os.path.join(current, part)  # noqa: PTH118
-            st = os.lstat(entry)
-            reason = _entry_reason(current, parent, entry, st, owner)
-            if reason:
-                return reason
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > _MAX_LINKS:
-                    return f"{name}: too many symbolic links"
-                target = os.readlink(entry)  # noqa: PTH115
-                if target.startswith("/"):
-                    current = "/"
-                    parent = os.lstat("/")
-                pending = [p for p in target.split("/") if p] + pending
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                reason = _directory_reason(entry, st, owner)
-                if reason and pending:
-                    return reason
-                current, parent = entry, st
-                continue
-            if pending:
-                return f"{entry} is {kind_of(st.st_mode)}, not a directory"
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                who = "everyone" if st.st_mode & stat.S_IWOTH else "its group"
-                return (
-                    f"{entry} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    + run_hint("chmod", "go-w", entry)
-                )
+        return _TrustWalk(name, owner).reason()
     except OSError as exc:
         return f"cannot inspect {exc.filename or name}: {exc.strerror}"
+
+
+class _TrustWalk:
+    """The walk of `untrusted_reason`, one path component at a time, symlinks followed."""
+
+    def __init__(self, name: str, owner: int) -> None:
+        self.name = name
+        self.owner = owner
+        self.pending = [part for part in name.split("/") if part]
+        self.current = "/"
+        self.parent = os.lstat("/")
+        self.links = 0
+
+    def reason(self) -> str | None:
+        reason = _directory_reason("/", self.parent, self.owner)
+        while reason is None and self.pending:
+            part = self.pending.pop(0)
+            if part == "..":
+                self.current = os.path.dirname(self.current)  # noqa: PTH120
+                self.parent = os.lstat(self.current)
+            elif part != ".":
+                reason = self._step(os.path.join(self.current, part))  # noqa: PTH118
+        return reason
+
+    def _step(self, entry: str) -> str | None:
+        st = os.lstat(entry)
+        reason = _entry_reason(self.current, self.parent, entry, st, self.owner)
+        if reason:
+            return reason
+        if stat.S_ISLNK(st.st_mode):
+            return self._follow(entry)
+        if stat.S_ISDIR(st.st_mode):
+            return self._enter(entry, st)
+        if self.pending:
+            return f"{entry} is {kind_of(st.st_mode)}, not a directory"
+        return _file_reason(entry, st)
+
+    def _enter(self, directory: str, st: os.stat_result) -> str | None:
+        reason = _directory_reason(directory, st, self.owner)
+        if reason and self.pending:
+            return reason
+        self.current, self.parent = directory, st
+        return None
+
+    def _follow(self, link: str) -> str | None:
+        self.links += 1
+        if self.links > _MAX_LINKS:
+            return f"{self.name}: too many symbolic links"
+        target = os.readlink(link)  # noqa: PTH115
+        if target.startswith("/"):
+            self.current = "/"
+            self.parent = os.lstat("/")
+        self.pending = [p for p in target.split("/") if p] + self.pending
+        return None
+
+
+def _file_reason(entry: str, st: os.stat_result) -> str | None:
+    """The file at the end of the path, if others could write to it."""
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "everyone" if st.st_mode & stat.S_IWOTH else "its group"
+        return f"{entry} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); " + run_hint(
+            "chmod", "go-w", entry
+        )
     return None
 
 

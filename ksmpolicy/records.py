@@ -75,44 +75,8 @@ def replace(record: T, **changes: Any) -> T:
 def _build(cls: type[T], *, frozen: bool, eq: bool) -> type[T]:
     annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063 - no inspect here
     names = [n for n in annotations if not n.startswith("_")]
-    namespace: dict[str, Any] = {"_MISSING": _MISSING, "_setattr": object.__setattr__}
-    params, body = [], []
-    hashed = []
-    compared = []
-    for name in names:
-        spec = cls.__dict__.get(name, _MISSING)
-        if isinstance(spec, Field):
-            default, factory = spec.default, spec.default_factory
-            if spec.hash:
-                hashed.append(name)
-            if spec.compare:
-                compared.append(name)
-        else:
-            default, factory = spec, _MISSING
-            hashed.append(name)
-            compared.append(name)
-        if factory is not _MISSING:
-            namespace[f"_factory_{name}"] = factory
-            params.append(f"{name}=_MISSING")
-            value = f"_factory_{name}() if {name} is _MISSING else {name}"
-        elif default is not _MISSING:
-            namespace[f"_default_{name}"] = default
-            params.append(f"{name}=_default_{name}")
-            value = name
-        else:
-            if params and "=" in params[-1]:
-                raise TypeError(f"{cls.__name__}: non-default field {name} after a default one")
-            params.append(name)
-            value = name
-        if frozen:
-            body.append(f"    _setattr(self, {name!r}, {value})")
-        else:
-            body.append(f"    self.{name} = {value}")
-        if name in cls.__dict__:
-            delattr(cls, name)  # instances hold the value; the class keeps no stale default
-    source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass")
-    exec(source, namespace)
-    _set(cls, "__init__", namespace["__init__"])
+    init, hashed, compared = _init(cls, names, frozen=frozen)
+    _set(cls, "__init__", init)
     _set(cls, "__match_args__", tuple(names))
 
     def __repr__(self: Any) -> str:
@@ -121,32 +85,82 @@ def _build(cls: type[T], *, frozen: bool, eq: bool) -> type[T]:
 
     _set(cls, "__repr__", __repr__)
     if eq:
+        _add_eq(cls, compared, hashed, frozen=frozen)
+    if frozen:
+        _add_frozen(cls)
+    return cls
 
-        def __eq__(self: Any, other: object) -> bool:
-            if other.__class__ is not self.__class__:
-                return NotImplemented
-            return all(getattr(self, n) == getattr(other, n) for n in compared)
 
-        _set(cls, "__eq__", __eq__)
-        if frozen:
-
-            def __hash__(self: Any) -> int:
-                return hash(tuple(getattr(self, n) for n in hashed))
-
-            _set(cls, "__hash__", __hash__)
+def _init(cls: type, names: list[str], *, frozen: bool) -> tuple[Any, list[str], list[str]]:
+    """The generated __init__, and the fields that hash and compare."""
+    namespace: dict[str, Any] = {"_MISSING": _MISSING, "_setattr": object.__setattr__}
+    params: list[str] = []
+    body: list[str] = []
+    hashed: list[str] = []
+    compared: list[str] = []
+    for name in names:
+        spec = cls.__dict__.get(name, _MISSING)
+        if isinstance(spec, Field):
+            default, factory = spec.default, spec.default_factory
+            hashed += [name] if spec.hash else []
+            compared += [name] if spec.compare else []
         else:
-            _set(cls, "__hash__", None)
+            default, factory = spec, _MISSING
+            hashed.append(name)
+            compared.append(name)
+        param = _param(name, default, factory, namespace)
+        if params and "=" in params[-1] and "=" not in param:
+            raise TypeError(f"{cls.__name__}: non-default field {name} after a default one")
+        params.append(param)
+        value = f"_factory_{name}() if {name} is _MISSING else {name}"
+        value = value if factory is not _MISSING else name
+        body.append(
+            f"    _setattr(self, {name!r}, {value})" if frozen else f"    self.{name} = {value}"
+        )
+        if name in cls.__dict__:
+            delattr(cls, name)  # instances hold the value; the class keeps no stale default
+    source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass")
+    exec(source, namespace)
+    return namespace["__init__"], hashed, compared
+
+
+def _param(name: str, default: Any, factory: Any, namespace: dict[str, Any]) -> str:
+    """One parameter of __init__, its default kept in `namespace`."""
+    if factory is not _MISSING:
+        namespace[f"_factory_{name}"] = factory
+        return f"{name}=_MISSING"
+    if default is not _MISSING:
+        namespace[f"_default_{name}"] = default
+        return f"{name}=_default_{name}"
+    return name
+
+
+def _add_eq(cls: type, compared: list[str], hashed: list[str], *, frozen: bool) -> None:
+    def __eq__(self: Any, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in compared)
+
+    _set(cls, "__eq__", __eq__)
     if frozen:
 
-        def __setattr__(self: Any, name: str, value: Any) -> None:
-            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        def __hash__(self: Any) -> int:
+            return hash(tuple(getattr(self, n) for n in hashed))
 
-        def __delattr__(self: Any, name: str) -> None:
-            raise FrozenInstanceError(f"cannot delete field {name!r}")
+        _set(cls, "__hash__", __hash__)
+    else:
+        _set(cls, "__hash__", None)
 
-        _set(cls, "__setattr__", __setattr__)
-        _set(cls, "__delattr__", __delattr__)
-    return cls
+
+def _add_frozen(cls: type) -> None:
+    def __setattr__(self: Any, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self: Any, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    _set(cls, "__setattr__", __setattr__)
+    _set(cls, "__delattr__", __delattr__)
 
 
 def _set(cls: type, name: str, value: object) -> None:

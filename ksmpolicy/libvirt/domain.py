@@ -93,41 +93,63 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise XmlError(f"domain XML is not valid UTF-8 (byte {exc.start})") from None
-    parser = expat.ParserCreate("utf-8", namespace_separator="}")
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    parser.buffer_text = True  # adjacent text (and entity references) in one call, not many
-    parser.buffer_size = 1 << 16
-    # One entry per open element: the element when it is kept, else None (nor its children).
-    stack: list[Element | None] = []
-    parts: list[list[str] | None] = []  # its text, for the elements whose text is read
-    roots: list[Element] = []
+    tree = _Tree(raw)
+    try:
+        tree.parser.Parse(raw, True)
+    except expat.ExpatError as exc:
+        raise XmlError(
+            f"domain XML is not well-formed: {expat.ErrorString(exc.code)} "
+            f"(line {exc.lineno}, column {exc.offset + 1})"
+        ) from None
+    if not tree.roots:
+        raise XmlError("domain XML is empty")
+    return tree.roots[0], raw
 
-    def refuse_doctype(*_args: object) -> None:
-        raise XmlError("domain XML must not have a DOCTYPE (no DTDs or entities are read)")
 
-    def start(tag: str, attrs: dict[str, str]) -> None:
+class _Tree:
+    """expat's handlers, building the kept elements with their byte offsets."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        # One entry per open element: the element when it is kept, else None (nor its children).
+        self.stack: list[Element | None] = []
+        self.parts: list[list[str] | None] = []  # its text, for the elements whose text is read
+        self.roots: list[Element] = []
+        parser = expat.ParserCreate("utf-8", namespace_separator="}")
+        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.buffer_text = True  # adjacent text (and entity references) in one call, not many
+        parser.buffer_size = 1 << 16
+        parser.StartDoctypeDeclHandler = _refuse_doctype
+        parser.EntityDeclHandler = _refuse_doctype
+        parser.StartElementHandler = self.start
+        parser.EndElementHandler = self.end
+        parser.CharacterDataHandler = self.text
+        self.parser = parser
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
         name = _clark(tag)
+        stack = self.stack
         parent = stack[-1] if stack else None
-        if stack and (parent is None or not (parent is roots[0] or _keeps(parent, name))):
+        if stack and (parent is None or not (parent is self.roots[0] or _keeps(parent, name))):
             stack.append(None)
-            parts.append(None)
+            self.parts.append(None)
             return
-        at = parser.CurrentByteIndex
-        gt = _tag_end(raw, at)
+        at = self.parser.CurrentByteIndex
+        gt = _tag_end(self.raw, at)
         element = Element(
             tag=name,
             attrs={_clark(k): v for k, v in attrs.items()},
             start=at,
             start_end=gt + 1,
-            self_closing=raw[gt - 1 : gt] == b"/",
+            self_closing=self.raw[gt - 1 : gt] == b"/",
         )
-        (parent.children if parent is not None else roots).append(element)
+        (parent.children if parent is not None else self.roots).append(element)
         stack.append(element)
-        parts.append([] if name in _TEXT else None)
+        self.parts.append([] if name in _TEXT else None)
 
-    def end(_tag: str) -> None:
-        element = stack.pop()
-        text_parts = parts.pop()
+    def end(self, _tag: str) -> None:
+        element = self.stack.pop()
+        text_parts = self.parts.pop()
         if element is None:
             return
         if text_parts:
@@ -135,27 +157,16 @@ def parse(data: str | bytes) -> tuple[Element, bytes]:
         if element.self_closing:
             element.end = element.start_end
         else:
-            element.end = _tag_end(raw, parser.CurrentByteIndex) + 1
+            element.end = _tag_end(self.raw, self.parser.CurrentByteIndex) + 1
 
-    def text(data: str) -> None:
+    def text(self, data: str) -> None:
+        parts = self.parts
         if parts and parts[-1] is not None:
             parts[-1].append(data)
 
-    parser.StartDoctypeDeclHandler = refuse_doctype
-    parser.EntityDeclHandler = refuse_doctype
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = text
-    try:
-        parser.Parse(raw, True)
-    except expat.ExpatError as exc:
-        raise XmlError(
-            f"domain XML is not well-formed: {expat.ErrorString(exc.code)} "
-            f"(line {exc.lineno}, column {exc.offset + 1})"
-        ) from None
-    if not roots:
-        raise XmlError("domain XML is empty")
-    return roots[0], raw
+
+def _refuse_doctype(*_args: object) -> None:
+    raise XmlError("domain XML must not have a DOCTYPE (no DTDs or entities are read)")
 
 
 # Which children an element keeps (None: all); the root element keeps all of its children.
@@ -497,3 +508,33 @@ def indent_unit(raw: bytes, root: Element) -> str:
         if indent is not None and len(indent) > len(root_indent):
             return indent[len(root_indent) :]
     return "  "
+
+
+def newline_of(raw: bytes, root: Element) -> bytes:
+    """The line ending the document uses (CRLF or LF), for lines an edit inserts."""
+    return b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
+
+
+def wrapped(tag: str, inner: bytes, indent: str | None, unit: str, newline: bytes) -> bytes:
+    """`<tag>inner</tag>`: on one line when `indent` is None (the document is on one line),
+    else on lines of their own, `inner` one `unit` deeper than `indent`."""
+    opening, closing = f"<{tag}>".encode(), f"</{tag}>".encode()
+    if indent is None:
+        return opening + inner + closing
+    return (
+        opening + newline + (indent + unit).encode() + inner + newline + indent.encode() + closing
+    )
+
+
+def insert_child(
+    raw: bytes, root: Element, after: tuple[str, ...], tag: str, inner: bytes, unit: str
+) -> bytes:
+    """A new `<tag>inner</tag>` in `root`, after the last of the children named in `after`
+    (libvirt's order of elements), indented like that sibling."""
+    anchor = next((a for t in reversed(after) if (a := root.child(t)) is not None), None)
+    at = anchor.end if anchor is not None else root.start_end
+    indent = line_indent(raw, anchor.start) if anchor is not None else None
+    block = wrapped(tag, inner, indent, unit, newline_of(raw, root))
+    if indent is not None:
+        block = newline_of(raw, root) + indent.encode() + block
+    return raw[:at] + block + raw[at:]

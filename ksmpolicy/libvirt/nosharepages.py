@@ -9,8 +9,11 @@ from ksmpolicy.libvirt.domain import (
     Element,
     XmlError,
     indent_unit,
+    insert_child,
     line_indent,
+    newline_of,
     parse,
+    wrapped,
 )
 
 
@@ -29,55 +32,23 @@ def set_nosharepages(data: str, want: bool) -> str:
         return data
     unit = indent_unit(raw, root)
     if want:
-        newline = b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
-        edited = _add(raw, root, backing, unit, newline)
+        edited = _add(raw, root, backing, unit)
     else:
         assert backing is not None
         edited = _remove(raw, backing)
     return edited.decode("utf-8")
 
 
-def _add(raw: bytes, root: Element, backing: Element | None, unit: str, newline: bytes) -> bytes:
+def _add(raw: bytes, root: Element, backing: Element | None, unit: str) -> bytes:
     tag = b"<nosharepages/>"
     if backing is None:
-        anchor = next(
-            (a for t in reversed(BEFORE_MEMORY_BACKING) if (a := root.child(t)) is not None),
-            None,
-        )
-        at = anchor.end if anchor is not None else root.start_end
-        indent = line_indent(raw, anchor.start) if anchor is not None else None
-        if indent is None:  # everything on one line: stay on it
-            block = b"<memoryBacking>" + tag + b"</memoryBacking>"
-        else:
-            inner = (indent + unit).encode()
-            block = (
-                newline
-                + indent.encode()
-                + b"<memoryBacking>"
-                + newline
-                + inner
-                + tag
-                + newline
-                + indent.encode()
-                + b"</memoryBacking>"
-            )
-        return raw[:at] + block + raw[at:]
+        return insert_child(raw, root, BEFORE_MEMORY_BACKING, "memoryBacking", tag, unit)
+    newline = newline_of(raw, root)
     outer = line_indent(raw, backing.start)
     if backing.self_closing or (
         not backing.children and not raw[backing.start_end : _close_start(raw, backing)].strip()
     ):
-        if outer is None:
-            body = b"<memoryBacking>" + tag + b"</memoryBacking>"
-        else:
-            body = (
-                b"<memoryBacking>"
-                + newline
-                + (outer + unit).encode()
-                + tag
-                + newline
-                + outer.encode()
-                + b"</memoryBacking>"
-            )
+        body = wrapped("memoryBacking", tag, outer, unit, newline)
         return raw[: backing.start] + body + raw[backing.end :]
     # After <hugepages> if there is one (libvirt's order), else first.
     hugepages = backing.child("hugepages")

@@ -15,8 +15,11 @@ from ksmpolicy.libvirt.domain import (
     Element,
     XmlError,
     indent_unit,
+    insert_child,
     line_indent,
+    newline_of,
     parse,
+    wrapped,
 )
 
 # Where a new <numatune> goes: after the last of these present (libvirt's own order).
@@ -58,51 +61,38 @@ def set_numatune(data: str, nodes: tuple[int, ...]) -> str:
     memory_tag = f"<memory mode='strict' nodeset='{nodeset}'/>".encode()
     numatune = root.child("numatune")
     unit = indent_unit(raw, root)
-    newline = b"\r\n" if b"\r\n" in raw[: root.start_end + 4096] else b"\n"
     if numatune is None:
-        anchor = next(
-            (a for t in reversed(_BEFORE_NUMATUNE) if (a := root.child(t)) is not None), None
-        )
-        at = anchor.end if anchor is not None else root.start_end
-        indent = line_indent(raw, anchor.start) if anchor is not None else None
-        if indent is None:
-            block = b"<numatune>" + memory_tag + b"</numatune>"
-        else:
-            block = (
-                newline
-                + indent.encode()
-                + b"<numatune>"
-                + newline
-                + (indent + unit).encode()
-                + memory_tag
-                + newline
-                + indent.encode()
-                + b"</numatune>"
-            )
-        return (raw[:at] + block + raw[at:]).decode("utf-8")
-    edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement), applied back to front
-    memory = numatune.child("memory")
-    if memory is None or not _strict_to(memory, nodeset):
-        if memory is not None:
-            edits.append((memory.start, memory.end, memory_tag))
-        elif numatune.self_closing:
-            body = b"<numatune>" + memory_tag + b"</numatune>"
-            edits.append((numatune.start, numatune.end, body))
-        else:
-            first = numatune.children[0] if numatune.children else None
-            indent = line_indent(raw, first.start) if first is not None else None
-            prefix = b"" if indent is None else newline + indent.encode()
-            edits.append((numatune.start_end, numatune.start_end, prefix + memory_tag))
-    for memnode in numatune.all("memnode"):
-        if not _strict_to(memnode, nodeset):
-            cell = memnode.attrs.get("cellid", "0")
-            tag = f"<memnode cellid='{cell}' mode='strict' nodeset='{nodeset}'/>".encode()
-            edits.append((memnode.start, memnode.end, tag))
+        return insert_child(raw, root, _BEFORE_NUMATUNE, "numatune", memory_tag, unit).decode()
+    edits = _edits(raw, root, numatune, nodeset, memory_tag)
     if not edits:
         return data
     for start, end, replacement in sorted(edits, reverse=True):
         raw = raw[:start] + replacement + raw[end:]
     return raw.decode("utf-8")
+
+
+def _edits(
+    raw: bytes, root: Element, numatune: Element, nodeset: str, memory_tag: bytes
+) -> list[tuple[int, int, bytes]]:
+    """(start, end, replacement) that make an existing `<numatune>` strict to `nodeset`."""
+    edits = []
+    memory = numatune.child("memory")
+    if memory is not None and not _strict_to(memory, nodeset):
+        edits.append((memory.start, memory.end, memory_tag))
+    elif memory is None and numatune.self_closing:
+        body = wrapped("numatune", memory_tag, None, "", b"")
+        edits.append((numatune.start, numatune.end, body))
+    elif memory is None:
+        first = numatune.children[0] if numatune.children else None
+        indent = line_indent(raw, first.start) if first is not None else None
+        prefix = b"" if indent is None else newline_of(raw, root) + indent.encode()
+        edits.append((numatune.start_end, numatune.start_end, prefix + memory_tag))
+    for memnode in numatune.all("memnode"):
+        if not _strict_to(memnode, nodeset):
+            cell = memnode.attrs.get("cellid", "0")
+            tag = f"<memnode cellid='{cell}' mode='strict' nodeset='{nodeset}'/>".encode()
+            edits.append((memnode.start, memnode.end, tag))
+    return edits
 
 
 def _strict_to(element: Element, nodeset: str) -> bool:

@@ -70,24 +70,35 @@ def key(kind: str, value: str) -> str:
 def parse_key(text: str) -> tuple[str, str] | str:
     """A `vms:` key as written -> (kind, canonical key), or why it cannot be used."""
     kind, sep, value = text.partition(":")
-    if sep and kind in KINDS:
-        if kind == "uuid" and not is_uuid(value):
-            return f"{value!r} is not a UUID (8-4-4-4-12 hexadecimal digits)"
-        if kind == "vmid" and not is_vmid(value):
-            return (
-                f"{value!r} is not a Proxmox VMID ({VMID_MIN}-{VMID_MAX}, digits only, "
-                "no leading zero)"
-            )
-        if kind == "name" and not value:
-            return "an empty name: no VM is named so"
-        return kind, key(kind, value)
     if sep:
+        problem = _typed_problem(kind, value, text)
+        return problem if problem else (kind, key(kind, value))
+    problem = _bare_problem(text)
+    return problem if problem else ("name", key("name", text))
+
+
+def _typed_problem(kind: str, value: str, text: str) -> str | None:
+    """Why `kind:value` is no key, or None."""
+    if kind not in KINDS:
         close = next((k for k in KINDS if k == kind.lower().strip()), None)
         hint = f" (did you mean '{close}:'?)" if close else ""
         return (
             f"unknown kind of identity {kind!r}{hint}: a key is 'uuid:UUID', 'vmid:VMID' or "
             f"'name:NAME' (a VM whose name holds ':' is 'name:{text}')"
         )
+    if kind == "uuid" and not is_uuid(value):
+        return f"{value!r} is not a UUID (8-4-4-4-12 hexadecimal digits)"
+    if kind == "vmid" and not is_vmid(value):
+        return (
+            f"{value!r} is not a Proxmox VMID ({VMID_MIN}-{VMID_MAX}, digits only, no leading zero)"
+        )
+    if kind == "name" and not value:
+        return "an empty name: no VM is named so"
+    return None
+
+
+def _bare_problem(text: str) -> str | None:
+    """Why a key without a kind cannot be read as a name alone, or None."""
     if not text:
         return "an empty key: no VM is named so"
     if is_uuid(text):
@@ -95,14 +106,14 @@ def parse_key(text: str) -> tuple[str, str] | str:
             f"could be a VM's UUID or its name: write 'uuid:{text}' (the VM with this UUID) "
             f"or 'name:{text}' (a VM named so)"
         )
+    if text.isdigit() and not is_vmid(text):
+        return f"could be a VM's name, but looks like a number: write 'name:{text}'"
     if text.isdigit():
-        if not is_vmid(text):
-            return f"could be a VM's name, but looks like a number: write 'name:{text}'"
         return (
             f"could be a Proxmox VMID or a VM's name: write 'vmid:{text}' (VM {text}) or "
             f"'name:{text}' (a VM named so)"
         )
-    return "name", key("name", text)
+    return None
 
 
 def vm_keys(name: str, uuid: str | None, vmid: str | None) -> tuple[tuple[int, str], ...]:

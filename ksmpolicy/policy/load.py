@@ -60,8 +60,31 @@ def load_policy(
     file = os.fspath(path)
     if check_trust is None:
         check_trust = os.geteuid() == 0
+    fd, st = _open(file)
     try:
-        fd, st = open_regular(file)
+        if check_trust:
+            _check_trust(file)
+        key = (file, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if cache_dir is not None:
+            cached = _read_cache(cache_dir, key)
+            if cached is not None:
+                return cached
+        try:
+            data = read_fd(fd, MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise _single(file, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    policy = parse_policy(_text(file, data), file)
+    if cache_dir is not None:
+        _write_cache(cache_dir, key, policy)
+    return policy
+
+
+def _open(file: str) -> tuple[int, os.stat_result]:
+    """The policy file, opened as a regular file; a PolicyError that says why it cannot be."""
+    try:
+        return open_regular(file)
     except FileNotFoundError:
         hint = (
             " (`ksmpolicy check` says what to do, or pass --policy)"
@@ -77,33 +100,19 @@ def load_policy(
         raise _single(file, "permission denied (run as root or make it readable)") from None
     except OSError as exc:
         raise _single(file, f"cannot read: {exc.strerror}") from None
-    try:
-        if check_trust:
-            _check_trust(file)
-        key = (file, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if cache_dir is not None:
-            cached = _read_cache(cache_dir, key)
-            if cached is not None:
-                return cached
-        try:
-            data = read_fd(fd, MAX_POLICY_BYTES + 1)
-        except OSError as exc:
-            raise _single(file, f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+
+
+def _text(file: str, data: bytes) -> str:
+    """The policy's bytes as text: at most MAX_POLICY_BYTES, UTF-8."""
     if len(data) > MAX_POLICY_BYTES:
         raise _single(file, f"larger than {MAX_POLICY_BYTES // (1024 * 1024)} MB: not a policy")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise PolicyError(
             [Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}): save it as UTF-8")]
         ) from None
-    policy = parse_policy(text, file)
-    if cache_dir is not None:
-        _write_cache(cache_dir, key, policy)
-    return policy
 
 
 BUILTIN_NAME = "built-in default"

@@ -139,41 +139,37 @@ def impostor_fix(vm: VmStatus) -> str:
 
 def _merge_state(vm: VmStatus) -> list[Finding]:
     """Whether a VM merges as decided (outside trust domains)."""
-    fix, steps = switch_now(vm)
     if vm.decision == "exclude":
-        if vm.merging_now:
-            what = "excluded by the policy but its guest RAM is mergeable"
-            return [Finding("error", vm.name, what, fix, "excluded-mergeable", steps)]
-        if vm.residue_vmas:
-            return [residue_finding(vm, "excluded by the policy and its guest RAM is off")]
-        return []
+        return _excluded_state(vm)
     if vm.decision == "never":
         why = vm.reason or "hugepage or shared memory never merges"
-        return [
-            Finding(
-                "info",
-                vm.name,
-                f"the policy wants it merged, but its guest RAM never merges ({why})",
-                "exclude it in the policy, or drop hugepages/shared memory if merging matters more",
-                "never",
-            )
-        ]
+        return [_never(vm, f"the policy wants it merged, but its guest RAM never merges ({why})")]
     if vm.decision != "merge" or vm.merging_now is not False:
         return []
     if vm.ram_unmergeable in ("hugetlb", "shared"):
         backing = "hugepage-backed" if vm.ram_unmergeable == "hugetlb" else "shared memory"
-        return [
-            Finding(
-                "info",
-                vm.name,
-                f"its guest RAM is {backing}: KSM never merges it",
-                "exclude it in the policy, or drop hugepages/shared memory if merging matters more",
-                "never",
-            )
-        ]
+        return [_never(vm, f"its guest RAM is {backing}: KSM never merges it")]
+    fix, steps = switch_now(vm)
     started_off = " (QEMU started with mem-merge=off)" if vm.mem_merge is False else ""
     what = f"the policy lets it merge but its guest RAM is not mergeable{started_off}"
     return [Finding("warning", vm.name, what, fix, "merge-off", steps)]
+
+
+def _excluded_state(vm: VmStatus) -> list[Finding]:
+    """An excluded VM complies when nothing of it is mergeable."""
+    if vm.merging_now:
+        fix, steps = switch_now(vm)
+        what = "excluded by the policy but its guest RAM is mergeable"
+        return [Finding("error", vm.name, what, fix, "excluded-mergeable", steps)]
+    if vm.residue_vmas:
+        return [residue_finding(vm, "excluded by the policy and its guest RAM is off")]
+    return []
+
+
+def _never(vm: VmStatus, what: str) -> Finding:
+    """A VM the policy wants merged whose RAM can never merge: said, not an error."""
+    fix = "exclude it in the policy, or drop hugepages/shared memory if merging matters more"
+    return Finding("info", vm.name, what, fix, "never")
 
 
 def _other_findings(vm: VmStatus) -> list[Finding]:

@@ -19,7 +19,7 @@ from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.findings import SEVERITIES
-from ksmpolicy.report.model import Status
+from ksmpolicy.report.model import HostStatus, Status
 from ksmpolicy.report.status import collect
 
 if TYPE_CHECKING:
@@ -83,74 +83,81 @@ class StatusCollector:
             yield from keeper_metrics(keeper)
 
 
+def _gauge(name: str, help_text: str, value: float | None) -> Iterator[Metric]:
+    if value is not None:
+        yield GaugeMetricFamily(f"ksmpolicy_{name}", help_text, value=value)
+
+
 def status_metrics(status: Status) -> Iterator[Metric]:
+    """Every family `status` can say: the host's, each VM's, each group's, the findings."""
     host = status.host
-
-    def gauge(name: str, help_text: str, value: float | None) -> Iterator[Metric]:
-        if value is not None:
-            yield GaugeMetricFamily(f"ksmpolicy_{name}", help_text, value=value)
-
-    yield from gauge(
+    yield from _gauge(
         "ksm_available", "1 if the kernel has KSM (/sys/kernel/mm/ksm).", int(host.available)
     )
-    yield from gauge("ksm_running", "1 if ksmd runs (run=1).", int(host.running))
-    yield from gauge("page_size_bytes", "The kernel's page size, which KSM merges in.", PAGE_SIZE)
+    yield from _gauge("ksm_running", "1 if ksmd runs (run=1).", int(host.running))
+    yield from _gauge("page_size_bytes", "The kernel's page size, which KSM merges in.", PAGE_SIZE)
     if host.available:
-        yield from gauge(
-            "ksm_saved_bytes",
-            "Memory KSM saves: (pages_sharing + ksm_zero_pages) x page size.",
-            host.saved_bytes,
+        yield from _host_metrics(host)
+    yield from _vm_metrics(status)
+
+
+def _host_metrics(host: HostStatus) -> Iterator[Metric]:
+    yield from _gauge(
+        "ksm_saved_bytes",
+        "Memory KSM saves: (pages_sharing + ksm_zero_pages) x page size.",
+        host.saved_bytes,
+    )
+    yield from _gauge(
+        "ksm_pages_sharing", "KSM pages_sharing: sites sharing KSM pages.", host.pages_sharing
+    )
+    yield from _gauge("ksm_pages_shared", "KSM pages_shared: KSM pages in use.", host.pages_shared)
+    yield from _gauge(
+        "ksm_zero_pages",
+        "KSM ksm_zero_pages: empty pages merged with the zero page.",
+        host.zero_pages,
+    )
+    yield from _gauge(
+        "ksm_general_profit_bytes",
+        "KSM general_profit: memory saved minus rmap overhead; negative when KSM costs more.",
+        host.general_profit_bytes,
+    )
+    others = GaugeMetricFamily(
+        "ksmpolicy_other_controllers",
+        "Other controllers of the KSM knobs (ksmtuned, another daemon, the kernel advisor, "
+        "qemu-kvm's KSM_ENABLED); when=running rewrites them, when=boot sets them at boot.",
+        labels=["controller", "when"],
+    )
+    for name, running in host.others:
+        others.add_metric([name, "running" if running else "boot"], 1)
+    yield others
+    yield from _gauge(
+        "daemon_passive",
+        "1 while the daemon writes no knob because another controller runs.",
+        float(host.passive is not None),
+    )
+    pages = host.knobs.get("pages_to_scan")
+    if isinstance(pages, int):
+        yield from _gauge("ksm_pages_to_scan", "The KSM knob pages_to_scan.", pages)
+    sleep = host.knobs.get("sleep_millisecs")
+    if isinstance(sleep, int):  # in seconds, Prometheus' base unit
+        yield from _gauge(
+            "ksm_sleep_seconds", "The KSM knob sleep_millisecs, in seconds.", sleep / 1000
         )
-        yield from gauge(
-            "ksm_pages_sharing", "KSM pages_sharing: sites sharing KSM pages.", host.pages_sharing
+    if host.full_scans is not None:
+        yield CounterMetricFamily(
+            "ksmpolicy_ksm_full_scans",
+            "Full scans ksmd completed since boot.",
+            value=host.full_scans,
         )
-        yield from gauge(
-            "ksm_pages_shared", "KSM pages_shared: KSM pages in use.", host.pages_shared
+    if host.ksmd_cpu_seconds is not None:
+        yield CounterMetricFamily(
+            "ksmpolicy_ksmd_cpu_seconds",
+            "CPU time of the ksmd thread since boot.",
+            value=host.ksmd_cpu_seconds,
         )
-        yield from gauge(
-            "ksm_zero_pages",
-            "KSM ksm_zero_pages: empty pages merged with the zero page.",
-            host.zero_pages,
-        )
-        yield from gauge(
-            "ksm_general_profit_bytes",
-            "KSM general_profit: memory saved minus rmap overhead; negative when KSM costs more.",
-            host.general_profit_bytes,
-        )
-        others = GaugeMetricFamily(
-            "ksmpolicy_other_controllers",
-            "Other controllers of the KSM knobs (ksmtuned, another daemon, the kernel advisor, "
-            "qemu-kvm's KSM_ENABLED); when=running rewrites them, when=boot sets them at boot.",
-            labels=["controller", "when"],
-        )
-        for name, running in host.others:
-            others.add_metric([name, "running" if running else "boot"], 1)
-        yield others
-        yield from gauge(
-            "daemon_passive",
-            "1 while the daemon writes no knob because another controller runs.",
-            float(host.passive is not None),
-        )
-        pages = host.knobs.get("pages_to_scan")
-        if isinstance(pages, int):
-            yield from gauge("ksm_pages_to_scan", "The KSM knob pages_to_scan.", pages)
-        sleep = host.knobs.get("sleep_millisecs")
-        if isinstance(sleep, int):  # in seconds, Prometheus' base unit
-            yield from gauge(
-                "ksm_sleep_seconds", "The KSM knob sleep_millisecs, in seconds.", sleep / 1000
-            )
-        if host.full_scans is not None:
-            yield CounterMetricFamily(
-                "ksmpolicy_ksm_full_scans",
-                "Full scans ksmd completed since boot.",
-                value=host.full_scans,
-            )
-        if host.ksmd_cpu_seconds is not None:
-            yield CounterMetricFamily(
-                "ksmpolicy_ksmd_cpu_seconds",
-                "CPU time of the ksmd thread since boot.",
-                value=host.ksmd_cpu_seconds,
-            )
+
+
+def _vm_metrics(status: Status) -> Iterator[Metric]:
     families = {
         "mergeable": GaugeMetricFamily(
             "ksmpolicy_vm_mergeable_bytes",

@@ -25,107 +25,137 @@ def mib(value: int | None) -> str:
 
 
 def text(status: Status) -> str:
-    """The status for a terminal, readable at 80 columns."""
+    """The status for a terminal, readable at 80 columns: one section after the other."""
+    sections = (
+        _host_lines,
+        _policy_lines,
+        _vm_lines,
+        _other_lines,
+        _group_lines,
+        _scope_lines,
+        _finding_lines,
+        _hook_lines,
+    )
+    return printable("\n".join(line for section in sections for line in section(status)))
+
+
+def _host_lines(status: Status) -> list[str]:
     host = status.host
-    lines = []
     if not host.available:
-        lines.append("KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)")
-    else:
-        state = "running" if host.running else "stopped"
-        lines.append(f"KSM: {state}, controlled by {host.controller}")
-        if host.passive is not None:
-            lines.append(f"  the daemon is passive: {host.passive}")
-        if host.discovery is not None:
-            lines.append(f"  new VMs found by: {host.discovery}")
-        for other, running in host.others:
-            when = "also sets the knobs" if running else "sets them at boot"
-            lines.append(f"  other controller: {other} {when} (ksmpolicy doctor says the fix)")
-        knobs = [f"{k}={v}" for k, v in host.knobs.items() if k != "run"]
-        lines += _wrap("  knobs: ", knobs)
-        cpu = "-" if host.ksmd_cpu_percent is None else f"{host.ksmd_cpu_percent:.1f} %"
-        lines.append(
-            f"  saved: {mib(host.saved_bytes)} MiB  general_profit: "
-            f"{mib(host.general_profit_bytes)} MiB  ksmd CPU: {cpu}  "
-            f"full_scans: {host.full_scans if host.full_scans is not None else '-'}"
-        )
-        if not host.full_scans and not host.saved_bytes:
-            if host.pages_scanned:
-                lines.append(
-                    f"  (ksmd has scanned {host.pages_scanned} pages, but not yet one full scan)"
-                )
-            else:
-                lines.append("  (KSM has not scanned anything since boot)")
+        return ["KSM: not available (this kernel has no /sys/kernel/mm/ksm; CONFIG_KSM=n)"]
+    state = "running" if host.running else "stopped"
+    lines = [f"KSM: {state}, controlled by {host.controller}"]
+    if host.passive is not None:
+        lines.append(f"  the daemon is passive: {host.passive}")
+    if host.discovery is not None:
+        lines.append(f"  new VMs found by: {host.discovery}")
+    for other, running in host.others:
+        when = "also sets the knobs" if running else "sets them at boot"
+        lines.append(f"  other controller: {other} {when} (ksmpolicy doctor says the fix)")
+    lines += _wrap("  knobs: ", [f"{k}={v}" for k, v in host.knobs.items() if k != "run"])
+    cpu = "-" if host.ksmd_cpu_percent is None else f"{host.ksmd_cpu_percent:.1f} %"
+    lines.append(
+        f"  saved: {mib(host.saved_bytes)} MiB  general_profit: "
+        f"{mib(host.general_profit_bytes)} MiB  ksmd CPU: {cpu}  "
+        f"full_scans: {host.full_scans if host.full_scans is not None else '-'}"
+    )
+    if not host.full_scans and not host.saved_bytes:
+        if host.pages_scanned:
+            lines.append(
+                f"  (ksmd has scanned {host.pages_scanned} pages, but not yet one full scan)"
+            )
+        else:
+            lines.append("  (KSM has not scanned anything since boot)")
+    return lines
+
+
+def _policy_lines(status: Status) -> list[str]:
     if status.policy_error:
-        lines.append(f"policy: not usable: {status.policy_error}")
-    elif status.policy:
-        lines.append(f"policy: {status.policy}")
+        return [f"policy: not usable: {status.policy_error}"]
+    return [f"policy: {status.policy}"] if status.policy else []
+
+
+def _vm_lines(status: Status) -> list[str]:
     qemus = [v for v in status.vms if v.kind == "qemu"]
-    others = [v for v in status.vms if v.kind != "qemu"]
-    lines.append("")
     if not qemus:
-        lines.append("No running VMs.")
-    else:
-        columns = ("VM", "GROUP", "DECISION", "OK", "MERGEABLE", "MERGED", "SAVED")
-        units = ("", "RULE", "", "", "MiB", "MiB", "MiB")
-        lines += [_row(columns), _row(units)]
-        for vm in sorted(qemus, key=lambda v: v.name):
-            ok = {True: "yes", False: "NO", None: "-"}[vm.compliant]
-            lines.append(
-                f"{_cut(vm.name, 18):<18} {_cut(vm.group or '-', 12):<12} "
-                f"{vm.decision or '-':<8} {ok:<3} {mib(vm.mergeable_bytes):>9} "
-                f"{mib(vm.merged_bytes):>8} {mib(vm.saved_bytes):>8}"
-            )
-            under = [vm.rule] if vm.rule else []
-            if not vm.trusted:
-                under.append(f"pid {vm.pid}: not the hypervisor's (see Findings)")
-            if status.scopes or any(v.domain not in (None, "default") for v in qemus):
-                under.append(f"domain {vm.domain}")
-            if under:
-                lines.append(f"{'':<18} {_cut('; '.join(u for u in under if u), 60)}")
-        lines += _wrap("", _savings_line(status).split())
-    if others:
-        total = sum(v.mergeable_bytes for v in others)
-        lines.append("")
+        return ["", "No running VMs."]
+    columns = ("VM", "GROUP", "DECISION", "OK", "MERGEABLE", "MERGED", "SAVED")
+    units = ("", "RULE", "", "", "MiB", "MiB", "MiB")
+    lines = ["", _row(columns), _row(units)]
+    show_domains = bool(status.scopes) or any(v.domain not in (None, "default") for v in qemus)
+    for vm in sorted(qemus, key=lambda v: v.name):
+        ok = {True: "yes", False: "NO", None: "-"}[vm.compliant]
         lines.append(
-            f"Other KSM users (VMMs, services, processes): {len(others)}, {mib(total)} MiB "
-            "mergeable"
+            f"{_cut(vm.name, 18):<18} {_cut(vm.group or '-', 12):<12} "
+            f"{vm.decision or '-':<8} {ok:<3} {mib(vm.mergeable_bytes):>9} "
+            f"{mib(vm.merged_bytes):>8} {mib(vm.saved_bytes):>8}"
         )
+        under = [vm.rule] if vm.rule else []
+        if not vm.trusted:
+            under.append(f"pid {vm.pid}: not the hypervisor's (see Findings)")
+        if show_domains:
+            under.append(f"domain {vm.domain}")
+        if under:
+            lines.append(f"{'':<18} {_cut('; '.join(u for u in under if u), 60)}")
+    return lines + _wrap("", _savings_line(status).split())
+
+
+def _other_lines(status: Status) -> list[str]:
+    others = [v for v in status.vms if v.kind != "qemu"]
+    if not others:
+        return []
+    total = sum(v.mergeable_bytes for v in others)
+    lines = [
+        "",
+        f"Other KSM users (VMMs, services, processes): {len(others)}, {mib(total)} MiB mergeable",
+        f"{'NAME':<16} {'KIND':<14} {'UNIT':<18} {'DECISION':<8} {'MERGEABLE':>9} {'MERGED':>8}",
+    ]
+    for vm in sorted(others, key=lambda v: v.name):
         lines.append(
-            f"{'NAME':<16} {'KIND':<14} {'UNIT':<18} {'DECISION':<8} {'MERGEABLE':>9} {'MERGED':>8}"
+            f"{_cut(vm.name, 16):<16} {_cut(vm.kind, 14):<14} {_cut(vm.unit or '-', 18):<18} "
+            f"{vm.decision or '-':<8} {mib(vm.mergeable_bytes):>9} {mib(vm.merged_bytes):>8}"
         )
-        for vm in sorted(others, key=lambda v: v.name):
-            lines.append(
-                f"{_cut(vm.name, 16):<16} {_cut(vm.kind, 14):<14} {_cut(vm.unit or '-', 18):<18} "
-                f"{vm.decision or '-':<8} {mib(vm.mergeable_bytes):>9} {mib(vm.merged_bytes):>8}"
-            )
-    if status.groups and qemus:
-        lines.append("")
-        lines.append(f"{'GROUP':<24} {'VMS':>4} {'MERGEABLE MiB':>14} {'MERGED MiB':>11}")
-        for group in status.groups:
-            lines.append(
-                f"{_cut(group.name, 24):<24} {group.vms:>4} {mib(group.mergeable_bytes):>14} "
-                f"{mib(group.merged_bytes):>11}"
-            )
-    if status.scopes:
-        lines.append("")
-        lines.append("Trust domains, by merge scope:")
-        for scope in status.scopes:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scope.since))
-            lines.append(f"  {scope.name}: {scope.domain} (since {since}: {scope.why})")
-    if status.findings:
-        lines.append("")
-        lines.append("Findings:")
-        for finding in status.findings:
-            who = f"{one_line(finding.vm)}: " if finding.vm else ""
-            lines.append(f"  [{finding.severity}] {who}{finding.message}")
-            lines.append(f"      -> {finding.fix}")
+    return lines
+
+
+def _group_lines(status: Status) -> list[str]:
+    if not status.groups or not any(v.kind == "qemu" for v in status.vms):
+        return []
+    lines = ["", f"{'GROUP':<24} {'VMS':>4} {'MERGEABLE MiB':>14} {'MERGED MiB':>11}"]
+    for group in status.groups:
+        lines.append(
+            f"{_cut(group.name, 24):<24} {group.vms:>4} {mib(group.mergeable_bytes):>14} "
+            f"{mib(group.merged_bytes):>11}"
+        )
+    return lines
+
+
+def _scope_lines(status: Status) -> list[str]:
+    if not status.scopes:
+        return []
+    lines = ["", "Trust domains, by merge scope:"]
+    for scope in status.scopes:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scope.since))
+        lines.append(f"  {scope.name}: {scope.domain} (since {since}: {scope.why})")
+    return lines
+
+
+def _finding_lines(status: Status) -> list[str]:
+    if not status.findings:
+        return []
+    lines = ["", "Findings:"]
+    for finding in status.findings:
+        who = f"{one_line(finding.vm)}: " if finding.vm else ""
+        lines += [f"  [{finding.severity}] {who}{finding.message}", f"      -> {finding.fix}"]
+    return lines
+
+
+def _hook_lines(status: Status) -> list[str]:
     said = [v for v in status.vms if v.hook_said]
-    if said:
-        lines.append("")
-        lines.append("The hook at their last start (libvirt shows it only when it refuses one):")
-        for vm in said:
-            lines += [f"  {line}" for line in vm.hook_said]
-    return printable("\n".join(lines))
+    if not said:
+        return []
+    lines = ["", "The hook at their last start (libvirt shows it only when it refuses one):"]
+    return lines + [f"  {line}" for vm in said for line in vm.hook_said]
 
 
 def _savings_line(status: Status) -> str:

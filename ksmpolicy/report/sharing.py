@@ -21,6 +21,7 @@ same image); groups of different trust domains that share pages at all.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -296,68 +297,61 @@ def _findings(
     groups: Sequence[str],
     group_content: np.ndarray,
 ) -> list[Finding]:
+    """What the map says about the groups: VMs in the wrong group or in none, groups that boot
+    the same image, groups of two trust domains that share pages."""
     found = []
-    mib = PAGE_SIZE / 2**20
     for i, vm in enumerate(vms):
-        if vm.kind != "qemu" or not vm.present_pages:
-            continue
+        if vm.kind == "qemu" and vm.present_pages:
+            found += _vm_group_findings(i, vm, parties, vm_matrix)
+    domain_of = {p.group or NO_GROUP: p.domain for p in parties}
+    for a, b in itertools.combinations(range(len(groups)), 2):
+        pages = int(group_content[a, b])
+        if pages and NO_GROUP not in (groups[a], groups[b]):
+            alike = min(int(group_content[a, a]), int(group_content[b, b])) or pages
+            found += _group_pair_findings(groups[a], groups[b], pages, alike, domain_of)
+    return found
+
+
+def _vm_group_findings(
+    i: int, vm: VmShare, parties: Sequence[Party], vm_matrix: np.ndarray
+) -> list[Finding]:
+    mib = PAGE_SIZE / 2**20
+    if vm.group is not None:
         members = [j for j, p in enumerate(parties) if j != i and p.group == vm.group]
         alone = vm.shared_with_group_pages < max(FLOOR_PAGES, ALONE_IN_GROUP * vm.present_pages)
-        if vm.group is not None and members and alone:
-            found.append(
-                Finding(
-                    "info",
-                    vm.name,
-                    f"in group {vm.group} but shares only "
-                    f"{vm.shared_with_group_pages * mib:.1f} MiB with it",
-                    "check its image: it may belong to another group, or to none",
-                )
-            )
-        if vm.group is None:
-            best: tuple[int, str] | None = None
-            for group in {p.group for p in parties if p.group is not None}:
-                pages = sum(int(vm_matrix[i, j]) for j, p in enumerate(parties) if p.group == group)
-                if best is None or pages > best[0]:
-                    best = (pages, group)
-            if best and best[0] >= max(FLOOR_PAGES, BELONGS_TO_GROUP * vm.present_pages):
-                found.append(
-                    Finding(
-                        "info",
-                        vm.name,
-                        f"in no group, but shares {best[0] * mib:.1f} MiB with group {best[1]}",
-                        f"add it to group {best[1]} in the policy (names: or images:)",
-                    )
-                )
-    domain_of = {p.group or NO_GROUP: p.domain for p in parties}
-    for a in range(len(groups)):
-        for b in range(a + 1, len(groups)):
-            pages = int(group_content[a, b])
-            if not pages or NO_GROUP in (groups[a], groups[b]):
-                continue
-            if domain_of.get(groups[a]) != domain_of.get(groups[b]):
-                found.append(
-                    Finding(
-                        "warning",
-                        None,
-                        f"groups {groups[a]} ({domain_of[groups[a]]}) and {groups[b]} "
-                        f"({domain_of[groups[b]]}) share {pages * mib:.1f} MiB across "
-                        "trust domains",
-                        "put them in one domain, or keep the domains from merging together",
-                    )
-                )
-                continue
-            smaller = min(int(group_content[a, a]), int(group_content[b, b])) or pages
-            if pages >= max(FLOOR_PAGES, GROUPS_ALIKE * smaller):
-                found.append(
-                    Finding(
-                        "info",
-                        None,
-                        f"groups {groups[a]} and {groups[b]} share {pages * mib:.1f} MiB: they "
-                        "probably boot the same image",
-                        "merge them into one group",
-                    )
-                )
-    return found
+        if not (members and alone):
+            return []
+        shared = vm.shared_with_group_pages * mib
+        what = f"in group {vm.group} but shares only {shared:.1f} MiB with it"
+        fix = "check its image: it may belong to another group, or to none"
+        return [Finding("info", vm.name, what, fix, "group-alone")]
+    best: tuple[int, str] | None = None
+    for group in {p.group for p in parties if p.group is not None}:
+        pages = sum(int(vm_matrix[i, j]) for j, p in enumerate(parties) if p.group == group)
+        if best is None or pages > best[0]:
+            best = (pages, group)
+    if not best or best[0] < max(FLOOR_PAGES, BELONGS_TO_GROUP * vm.present_pages):
+        return []
+    what = f"in no group, but shares {best[0] * mib:.1f} MiB with group {best[1]}"
+    fix = f"add it to group {best[1]} in the policy (names: or images:)"
+    return [Finding("info", vm.name, what, fix, "group-suggested")]
+
+
+def _group_pair_findings(
+    a: str, b: str, pages: int, smaller: int, domain_of: dict[str, str]
+) -> list[Finding]:
+    mib = PAGE_SIZE / 2**20
+    if domain_of.get(a) != domain_of.get(b):
+        what = (
+            f"groups {a} ({domain_of[a]}) and {b} ({domain_of[b]}) share {pages * mib:.1f} MiB "
+            "across trust domains"
+        )
+        fix = "put them in one domain, or keep the domains from merging together"
+        return [Finding("error", None, what, fix, "cross-domain-groups")]
+    if pages < max(FLOOR_PAGES, GROUPS_ALIKE * smaller):
+        return []
+    what = f"groups {a} and {b} share {pages * mib:.1f} MiB: they probably boot the same image"
+    return [Finding("info", None, what, "merge them into one group", "groups-alike")]
 
 
 def measure(
