@@ -405,7 +405,7 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
 
 def notify(work: Path, event: str) -> None:
     """Tell a ksmpolicy daemon (if this contender is one), as the hooks would."""
-    from ksmpolicy.control import notify as notes
+    from ksmpolicy.runtime import notify as notes
 
     notes.send(HostPaths(run_override=work / "run"), event, "bench")
 

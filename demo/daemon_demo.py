@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ksmpolicy.control import notify
 from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, VmFacts
 from ksmpolicy.policy.load import load_policy
+from ksmpolicy.runtime import notify
 from lab.simguest import spawn
 
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")

@@ -339,8 +339,8 @@ def start_refusal(policy: Policy, decision: Decision, run_dir: str | None) -> st
         return None
     from pathlib import Path  # noqa: PLC0415
 
-    from ksmpolicy.domains.guard import start_refusal as refusal  # noqa: PLC0415
     from ksmpolicy.paths import HostPaths  # noqa: PLC0415
+    from ksmpolicy.trust.guard import start_refusal as refusal  # noqa: PLC0415
 
     paths = HostPaths(run_override=Path(run_dir) if run_dir else None)
     return refusal(paths, policy, decision.domain, decision.bind_nodes)

@@ -117,7 +117,8 @@ def test_every_part_has_its_folder() -> None:
         "libvirt",
         "proxmox",
         "kernel",
-        "domains",
+        "runtime",
+        "trust",
         "control",
         "report",
         "cli",
@@ -246,7 +247,7 @@ def test_prepare_begin_imports_only_what_it_needs(tmp_path: Path) -> None:
 
 def test_a_note_imports_no_policy(tmp_path: Path) -> None:
     loaded = hook_imports(tmp_path, "started begin")
-    assert "ksmpolicy.control.notify" in loaded
+    assert "ksmpolicy.runtime.notify" in loaded
     assert not {m for m in loaded if m.startswith(("ksmpolicy.policy", "ksmpolicy.libvirt."))} - {
         "ksmpolicy.libvirt.hook"
     }

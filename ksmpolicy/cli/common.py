@@ -138,7 +138,7 @@ def qemu_server_version_option(func: F) -> F:
     """--qemu-server-version, checked like the policy's `proxmox.qemu_server_version`."""
 
     def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-        from ksmpolicy.proxmox.conf import valid_qemu_server_version  # noqa: PLC0415
+        from ksmpolicy.policy.model import valid_qemu_server_version  # noqa: PLC0415
 
         if value is not None and not valid_qemu_server_version(value):
             raise click.BadParameter(f"{value!r} is not a version like 8.4.1 or 9.0.27-1")

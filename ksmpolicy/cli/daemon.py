@@ -181,7 +181,7 @@ def notify(event: str, vm: str, root: str, run_dir: str | None) -> None:
     Never waits: when no daemon listens, the note is dropped and the exit status
     is still 0.
     """
-    from ksmpolicy.control.notify import send  # noqa: PLC0415
+    from ksmpolicy.runtime.notify import send  # noqa: PLC0415
 
     if not send(host_paths(root, run_dir), event, vm):
         click.echo("ksmpolicy: no daemon is listening; note dropped", err=True)

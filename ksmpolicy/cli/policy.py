@@ -72,7 +72,7 @@ def check(options: Options, files: tuple[str, ...], print_default: bool) -> None
             f"enforcement {policy.enforcement.value})"
         )
         if policy.uses_domains or policy.isolation.merge_across_nodes is not None:
-            from ksmpolicy.domains.scopes import describe, read_host  # noqa: PLC0415
+            from ksmpolicy.trust.scopes import describe, read_host  # noqa: PLC0415
 
             for line in describe(policy, read_host(HostPaths())):
                 click.echo(f"  {line}")

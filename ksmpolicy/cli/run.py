@@ -42,9 +42,9 @@ def exec_(
     may switch merging, and no one can switch a running process's flag), it
     execs without merging and says so.
     """
-    from ksmpolicy.control.notify import send  # noqa: PLC0415
     from ksmpolicy.kernel.prctl import memory_merge, set_memory_merge  # noqa: PLC0415
     from ksmpolicy.policy.decide import Decider, VmFacts  # noqa: PLC0415
+    from ksmpolicy.runtime.notify import send  # noqa: PLC0415
 
     policy = options.load()
     who = name or os.path.basename(command[0])  # noqa: PTH119

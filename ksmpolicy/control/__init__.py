@@ -1,1 +1,2 @@
-"""Pacing ksmd: the pure control law, the daemon loop, hook notes, systemd notify."""
+"""Pacing ksmd and keeping trust domains: the pure control law, the daemon loop, the keeper,
+systemd notify."""

@@ -15,9 +15,7 @@ from types import FrameType
 from typing import Any
 
 from ksmpolicy.control import sdnotify
-from ksmpolicy.control.alive import ALIVE_EVERY, Alive, alive_path, remove_alive, write_alive
 from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
-from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
 from ksmpolicy.kernel.ksm import KsmKnobs, read_ksm
@@ -27,6 +25,8 @@ from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, tr
 from ksmpolicy.paths import PAGE_SIZE, HostPaths, default_policy
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
+from ksmpolicy.runtime.alive import ALIVE_EVERY, Alive, alive_path, remove_alive, write_alive
+from ksmpolicy.runtime.notify import Listener
 
 log = logging.getLogger(__name__)
 SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost per page moves fast
@@ -165,7 +165,7 @@ class Daemon:
         self.metrics = metrics
         self.reconciler = Reconciler(paths, self._load_policy(), dry_run=dry_run)
         self._signals: list[int] = []
-        self.keeper: Any = None  # control.domains.Keeper, under trust domains
+        self.keeper: Any = None  # control.keeper.Keeper, under trust domains
         self._said: dict[str, float] = {}
         self.last_audit: Any = None  # report.audit.Audit
         self._next_audit = 0.0
@@ -316,9 +316,9 @@ class Daemon:
             policy.uses_domains or policy.isolation.merge_across_nodes is not None
         ):
             return 0
-        from ksmpolicy.control.domains import Keeper, keep_merge_scope, toggle_vm  # noqa: PLC0415
-        from ksmpolicy.domains.scopes import read_host  # noqa: PLC0415
+        from ksmpolicy.control.keeper import Keeper, keep_merge_scope, toggle_vm  # noqa: PLC0415
         from ksmpolicy.report.status import collect  # noqa: PLC0415
+        from ksmpolicy.trust.scopes import read_host  # noqa: PLC0415
 
         try:
             host = keep_merge_scope(

@@ -122,7 +122,7 @@ class LibvirtHook:
         return facts, decide(facts.vm, policy)
 
     def notify(self, event: str) -> None:
-        from ksmpolicy.control.notify import send_to  # noqa: PLC0415
+        from ksmpolicy.runtime.notify import send_to  # noqa: PLC0415
 
         send_to(hookcore.notify_socket(self.run_dir), event, self.name)
 

@@ -9,7 +9,6 @@ of the definition stays as it was.
 
 from __future__ import annotations
 
-from ksmpolicy.domains.scopes import node_ranges
 from ksmpolicy.libvirt.domain import (
     BEFORE_MEMORY_BACKING,
     Element,
@@ -21,6 +20,7 @@ from ksmpolicy.libvirt.domain import (
     parse,
     wrapped,
 )
+from ksmpolicy.trust.scopes import node_ranges
 
 # Where a new <numatune> goes: after the last of these present (libvirt's own order).
 _BEFORE_NUMATUNE = (

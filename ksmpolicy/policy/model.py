@@ -115,6 +115,13 @@ class IdentitySettings:
     tenant_controlled: tuple[str, ...] = ("tags",)
 
 
+def valid_qemu_server_version(text: str) -> bool:
+    """A qemu-server version as dpkg prints it: 9.0.27, 8.4.1-2 (ASCII digits, bounded)."""
+    import re  # noqa: PLC0415 - the hook reads the model; only validation needs re
+
+    return re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}(-[0-9]{1,9})?", text) is not None
+
+
 @dataclass(frozen=True)
 class ProxmoxSettings:
     # The qemu-server version to write configs for, when dpkg's answer is not wanted (e.g. a

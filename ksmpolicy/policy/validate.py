@@ -26,10 +26,10 @@ from ksmpolicy.policy.model import (
     ProxmoxSettings,
     ReconcilerSettings,
     Rule,
+    valid_qemu_server_version,
 )
 from ksmpolicy.policy.yamlsource import Document
 from ksmpolicy.policy.yamlsource import Path as KeyPath
-from ksmpolicy.proxmox.conf import valid_qemu_server_version
 
 
 def parse(text: str, file: str = "<policy>") -> Policy:

@@ -185,13 +185,6 @@ def _image(value: str) -> str | None:
 
 
 # A qemu-server package version as the policy and the command line take it: 8.4.1, 9.0.27-1.
-_VERSION = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}(-[0-9]{1,9})?")
-
-
-def valid_qemu_server_version(text: str) -> bool:
-    return bool(_VERSION.fullmatch(text))
-
-
 def qemu_server_supports_allow_ksm(version: str | None) -> bool:
     """`allow-ksm` needs qemu-server >= 9.0.27; an unknown version is taken as current."""
     if not version:

@@ -146,12 +146,12 @@ class ProxmoxHook:
     def admit(self, decision: Decision) -> tuple[bool, int | None]:
         """Under trust domains: may this VM merge now (its domain holds, or may claim, every
         merge scope it counts in)? (merge, its QEMU's PID)."""
-        from ksmpolicy.domains.scopes import (  # noqa: PLC0415
+        from ksmpolicy.trust.scopes import (  # noqa: PLC0415
             guest_ram_ranges,
             process_nodes,
             read_host,
         )
-        from ksmpolicy.domains.state import Member, admit, started_at  # noqa: PLC0415
+        from ksmpolicy.trust.state import Member, admit, started_at  # noqa: PLC0415
 
         pid = self.qemu_pid()
         start = started_at(self.paths, pid) if pid is not None else None
@@ -231,7 +231,7 @@ class ProxmoxHook:
         return result.returncode
 
     def notify(self, event: str) -> None:
-        from ksmpolicy.control.notify import send  # noqa: PLC0415
+        from ksmpolicy.runtime.notify import send  # noqa: PLC0415
 
         send(self.paths, event, self.vmid)
 

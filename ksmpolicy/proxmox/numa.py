@@ -16,8 +16,8 @@ be set by hand there. Only main-section lines change.
 
 from __future__ import annotations
 
-from ksmpolicy.domains.scopes import node_ranges
 from ksmpolicy.proxmox.conf import ConfError, memory_mib, newline_of, parse, sorted_position
+from ksmpolicy.trust.scopes import node_ranges
 
 _MAX_NUMA = 8  # qemu-server's $MAX_NUMA
 _DEFAULT_MEMORY_MIB = 512  # qemu-server's default `memory`

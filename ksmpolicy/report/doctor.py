@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ksmpolicy.control.alive import read_alive
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
 from ksmpolicy.hookshim import import_paths_of
@@ -25,6 +24,7 @@ from ksmpolicy.policy.model import Policy
 from ksmpolicy.quoting import run_hint, shell_word
 from ksmpolicy.report.model import Status, VmStatus
 from ksmpolicy.report.status import collect
+from ksmpolicy.runtime.alive import read_alive
 
 LEVELS = ("ok", "info", "warn", "fail")
 

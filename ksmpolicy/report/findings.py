@@ -59,7 +59,7 @@ def vm_findings(
 ) -> list[Finding]:
     """What is wrong with one VM (or other KSM user), judged from its running state against
     its decision. Under trust domains (`domains`) whether its RAM should be mergeable now is
-    judged by report/domains.py, which knows the active domain."""
+    judged by report/trust.py, which knows the active domain."""
     if vm.kind == "qemu" and not vm.trusted:
         what = (
             f"pid {vm.pid} calls itself this VM but is not run by root or the hypervisor's QEMU "

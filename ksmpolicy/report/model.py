@@ -1,5 +1,5 @@
 """What `status` reports, as records: the host, each VM (or other KSM user), each group, each
-merge scope under trust domains. `report/status.py` collects them, `report/domains.py` judges
+merge scope under trust domains. `report/status.py` collects them, `report/trust.py` judges
 the VMs under trust domains, `report/render.py` and `report/metrics.py` show them."""
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ksmpolicy.control.alive import read_alive
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
 from ksmpolicy.hookcore import said_path
@@ -23,6 +22,7 @@ from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN,
 from ksmpolicy.quoting import one_line
 from ksmpolicy.report.findings import vm_findings
 from ksmpolicy.report.model import Finding, GroupStatus, HostStatus, ScopeStatus, Status, VmStatus
+from ksmpolicy.runtime.alive import read_alive
 
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing
@@ -77,7 +77,7 @@ def collect(
     scopes: tuple[ScopeStatus, ...] = ()
     extra: list[Finding] = []
     if policy is not None and policy.uses_domains:
-        from ksmpolicy.report.domains import domain_view  # noqa: PLC0415
+        from ksmpolicy.report.trust import domain_view  # noqa: PLC0415
 
         daemon_running = host.controller == DAEMON_CONTROLLER
         scopes, vms, extra = domain_view(paths, policy, vms, daemon_running)
@@ -344,7 +344,7 @@ def _groups(vms: Sequence[VmStatus]) -> tuple[GroupStatus, ...]:
 
 def _findings(host: HostStatus, vms: Sequence[VmStatus], *, domains: bool = False) -> list[Finding]:
     """The findings of the running state: the host's, then each VM's (report/findings.py);
-    under trust domains (`domains`) report/domains.py judges whether a VM's RAM should be
+    under trust domains (`domains`) report/trust.py judges whether a VM's RAM should be
     mergeable now."""
     if not host.available:
         return [

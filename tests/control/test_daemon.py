@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.control import notify
 from ksmpolicy.control.law import LawSettings, promised_merge_seconds
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.kernel.scan import read_ksm_stat
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.runtime import notify
 from lab.simguest import page_plan, spawn
 from tests.conftest import RealKsm, saved_knobs
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.control.alive import Alive, read_alive
 from ksmpolicy.kernel import procevents
 from ksmpolicy.kernel.procevents import ProcEvent, open_events, parse
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.runtime.alive import Alive, read_alive
 from lab.simguest import spawn
 from tests.conftest import AS_NOBODY, IS_ROOT, RealKsm
 from tests.control.test_daemon import DaemonProcess, fake_host, wait_for

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.control.notify import Listener
 from ksmpolicy.libvirt.install import install, shim, uninstall
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.runtime.notify import Listener
 from tests.conftest import REPO
 
 DATA = REPO / "tests/data/libvirt"
@@ -431,8 +431,8 @@ def test_under_domains_block_refuses_a_start_that_would_force_an_unmerge_the_hos
 ) -> None:
     """The memory guard at start: a provider VM (priority 10) would take the host's scope from
     tenant-b, whose unmerge the daemon measured at 1 PB: block refuses the start, warn says so."""
-    from ksmpolicy.domains.choose import Claim
-    from ksmpolicy.domains.state import Member, State, save, started_at
+    from ksmpolicy.trust.choose import Claim
+    from ksmpolicy.trust.state import Member, State, save, started_at
 
     tenant = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -269,7 +269,8 @@ def test_a_number_no_qemu_server_writes_is_no_number(line: str) -> None:
 
 
 def test_an_impossible_qemu_server_version_is_refused() -> None:
-    from ksmpolicy.proxmox.conf import qemu_server_supports_allow_ksm, valid_qemu_server_version
+    from ksmpolicy.policy.model import valid_qemu_server_version
+    from ksmpolicy.proxmox.conf import qemu_server_supports_allow_ksm
 
     assert valid_qemu_server_version("9.0.27-1")
     assert not valid_qemu_server_version("9" * 5000)

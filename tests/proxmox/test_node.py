@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from ksmpolicy.cli.main import cli
-from ksmpolicy.control.notify import Listener
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.runtime.notify import Listener
 from tests.conftest import REPO, replace_policy
 
 DATA = REPO / "tests/data/proxmox"

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from ksmpolicy.cli.main import cli
-from ksmpolicy.domains.choose import Claim
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.report.metrics import StatusCollector, exposition, sharing_metrics
 from ksmpolicy.report.sharing import PairShare, Sharing
+from ksmpolicy.trust.choose import Claim
 from lab.simguest import spawn
 from tests.report.test_status import POLICY, daemon_like, host  # noqa: F401 - the fixture
 

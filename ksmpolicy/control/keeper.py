@@ -5,13 +5,13 @@ Under trust domains every VM is defined unmergeable (libvirt `<nosharepages/>`, 
 on the guest RAM of the active domain's VMs, live, over QMP. Every look (each plan, and at once
 when a VM starts or stops):
 
-1. the running VMs, their trust domains and merge scopes (domains/scopes.py);
-2. the active domain of each scope (domains/choose.py): kept, or handed to another;
-3. a hand-over only when the memory guard lets it (domains/guard.py), measured on the page
+1. the running VMs, their trust domains and merge scopes (trust/scopes.py);
+2. the active domain of each scope (trust/choose.py): kept, or handed to another;
+3. a hand-over only when the memory guard lets it (trust/guard.py), measured on the page
    map: what unmerging the outgoing domain re-materialises;
 4. each VM's guest RAM switched to match, every "off" before any "on", and no "on" in a scope
    where a VM of another domain could not be switched off;
-5. the state saved for the hooks, `status` and `audit` (domains/state.py).
+5. the state saved for the hooks, `status` and `audit` (trust/state.py).
 
 A VM whose merging was on when it started (its definition lacked `<nosharepages/>`) keeps its
 ROMs and video RAM mergeable after a live switch: QEMU has no switch for them. Such VMs are
@@ -26,14 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ksmpolicy.domains import guard
-from ksmpolicy.domains.choose import Candidate, Claim, choose
-from ksmpolicy.domains.scopes import HostScopes, guest_ram_ranges, process_nodes
-from ksmpolicy.domains.state import Member, locked
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.model import VmStatus
+from ksmpolicy.trust import guard
+from ksmpolicy.trust.choose import Candidate, Claim, choose
+from ksmpolicy.trust.scopes import HostScopes, guest_ram_ranges, process_nodes
+from ksmpolicy.trust.state import Member, locked
 
 log = logging.getLogger(__name__)
 Toggle = Callable[[VmStatus, bool], list[str]]

@@ -70,8 +70,8 @@ def start_refusal(
     outranks the one active in a scope it will count in (its start would force a hand-over)
     and unmerging that domain does not fit above the reserve; else None. Uses what the daemon
     last measured for each scope (state file)."""
-    from ksmpolicy.domains.scopes import read_host  # noqa: PLC0415
-    from ksmpolicy.domains.state import load  # noqa: PLC0415
+    from ksmpolicy.trust.scopes import read_host  # noqa: PLC0415
+    from ksmpolicy.trust.state import load  # noqa: PLC0415
 
     state = load(paths)
     live = state.live_domains(paths)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.domains.scopes import (
+from ksmpolicy.paths import HostPaths
+from ksmpolicy.trust.scopes import (
     HOST_SCOPE,
     HostScopes,
     parse_nodelist,
     process_nodes,
     read_host,
 )
-from ksmpolicy.paths import HostPaths
 
 
 def fake_host(root: Path, nodes: int, across: str | None, *, has_memory: bool = True) -> HostPaths:
@@ -118,7 +118,7 @@ def policy_with(extra: str) -> object:
 
 
 def test_check_explains_one_merge_scope(tmp_path: Path) -> None:
-    from ksmpolicy.domains.scopes import describe
+    from ksmpolicy.trust.scopes import describe
 
     lines = describe(policy_with(""), read_host(fake_host(tmp_path, 2, "1")))  # type: ignore[arg-type]
     assert lines[0] == (
@@ -130,7 +130,7 @@ def test_check_explains_one_merge_scope(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("nodes", [2, 4])
 def test_check_explains_per_node_scopes(tmp_path: Path, nodes: int) -> None:
-    from ksmpolicy.domains.scopes import describe
+    from ksmpolicy.trust.scopes import describe
 
     policy = policy_with("isolation: {merge_across_nodes: false}\n")
     lines = describe(policy, read_host(fake_host(tmp_path, nodes, "1")))  # type: ignore[arg-type]

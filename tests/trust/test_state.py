@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.domains.choose import Claim
-from ksmpolicy.domains.state import STATE_FILE, Member, State, admit, load, save, started_at
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.trust.choose import Claim
+from ksmpolicy.trust.state import STATE_FILE, Member, State, admit, load, save, started_at
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ksmpolicy.domains.choose import Candidate, Claim, choose
 from ksmpolicy.policy.model import IsolationSettings
+from ksmpolicy.trust.choose import Candidate, Claim, choose
 
 SETTINGS = IsolationSettings(stickiness_percent=25, min_hold_seconds=600)
 MIB = 2**20

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 
-from ksmpolicy.domains.choose import Claim
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.records import dataclass, field
+from ksmpolicy.trust.choose import Claim
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ksmpolicy.domains.state import load
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, Policy
 from ksmpolicy.report.findings import redefine, residue_finding
 from ksmpolicy.report.model import Finding, ScopeStatus, VmStatus
+from ksmpolicy.trust.state import load
 
 
 def domain_view(

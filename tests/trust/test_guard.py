@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ksmpolicy.domains.guard import available_bytes, check
 from ksmpolicy.paths import HostPaths
+from ksmpolicy.trust.guard import available_bytes, check
 
 
 def host(tmp_path: Path, meminfo: str) -> HostPaths:
