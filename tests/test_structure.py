@@ -119,6 +119,8 @@ def test_every_part_has_its_folder() -> None:
         "kernel",
         "runtime",
         "trust",
+        "platforms",
+        "inventory",
         "control",
         "report",
         "cli",
@@ -252,3 +254,50 @@ def test_a_note_imports_no_policy(tmp_path: Path) -> None:
         "ksmpolicy.libvirt.hook"
     }
     assert not loaded & HEAVY
+
+
+# The package's parts in the order they may import each other: each imports only parts before
+# it (docs/architecture.md's table, with the shared modules first). A new folder or top-level
+# module must be placed here.
+LAYERS = (
+    "ksmpolicy",  # __init__: the version
+    "records",
+    "quoting",
+    "deadline",
+    "errors",
+    "paths",
+    "files",
+    "hookshim",
+    "policy",
+    "kernel",
+    "runtime",
+    "trust",
+    "hookcore",
+    "apply",
+    "platforms",
+    "libvirt",
+    "proxmox",
+    "hook",
+    "inventory",
+    "report",
+    "control",
+    "cli",
+    "__main__",
+)
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_parts_import_only_the_parts_before_them() -> None:
+    assert {part_of(m) for m in MODULES} == set(LAYERS)
+    rank = {part: i for i, part in enumerate(LAYERS)}
+    wrong = sorted(
+        f"{module} imports {imported}"
+        for module in MODULES
+        for imported in imports_of(module)
+        if rank[part_of(imported)] > rank[part_of(module)]
+    )
+    assert not wrong, wrong

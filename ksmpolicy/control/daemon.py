@@ -317,7 +317,7 @@ class Daemon:
         ):
             return 0
         from ksmpolicy.control.keeper import Keeper, keep_merge_scope, toggle_vm  # noqa: PLC0415
-        from ksmpolicy.report.status import collect  # noqa: PLC0415
+        from ksmpolicy.inventory import take  # noqa: PLC0415
         from ksmpolicy.trust.scopes import read_host  # noqa: PLC0415
 
         try:
@@ -330,7 +330,7 @@ class Daemon:
                 conn = lambda: self.enforcer.conn if self.enforcer is not None else None  # noqa: E731
                 self.keeper = Keeper(self.paths, toggle_vm(self.paths, conn))
             scanner = self.reconciler.observer.scanner
-            vms = collect(self.paths, policy, sample_seconds=0, scanner=scanner, pagemap=False).vms
+            vms = take(self.paths, policy, scanner=scanner).vms
             look = self.keeper.look(policy, vms, host)
             self._audit(policy)
         except (KsmPolicyError, OSError, TimeoutError) as exc:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
-from ksmpolicy.report.model import VmStatus
 from ksmpolicy.trust import guard
 from ksmpolicy.trust.choose import Candidate, Claim, choose
 from ksmpolicy.trust.scopes import HostScopes, guest_ram_ranges, process_nodes
@@ -272,35 +272,17 @@ def _word(merge: bool) -> str:
 
 
 def toggle_vm(paths: HostPaths, libvirt_conn: Callable[[], Any]) -> Toggle:
-    """The live switch of one VM's guest RAM: over the QMP socket its command line names (or
-    Proxmox's), checked to be served by that very process; else through libvirt's monitor."""
-    from ksmpolicy.kernel.qmp import set_merge_on_socket, socket_of  # noqa: PLC0415
+    """The live switch of one VM's guest RAM, by the platform that runs it (libvirt through
+    its monitor; Proxmox and plain QEMU over their QMP socket, checked to be served by that
+    very process). A process not run by root or the hypervisor's user is left alone."""
+    from ksmpolicy.inventory import platform_named, platforms  # noqa: PLC0415
+
+    found = platforms(libvirt_conn)
 
     def toggle(vm: VmStatus, merge: bool) -> list[str]:
         if not vm.trusted:
             raise KsmPolicyError("not run by root or the hypervisor's user: left alone")
-        try:
-            raw = (paths.proc / str(vm.pid) / "cmdline").read_bytes()
-        except OSError as exc:
-            raise KsmPolicyError(f"gone ({exc.strerror})") from None
-        argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-        path = socket_of(argv)
-        if path is None and vm.vmid:
-            path = str(paths.qmp_socket(vm.vmid))
-        if path is not None:
-            return set_merge_on_socket(path, merge, timeout=5.0, expect_pid=vm.pid)
-        conn = libvirt_conn()
-        if conn is None or not vm.uuid:
-            raise KsmPolicyError("no QMP socket on its command line and no libvirt connection")
-        from ksmpolicy.kernel.qmp import set_merge  # noqa: PLC0415
-        from ksmpolicy.libvirt.host import libvirt_module, monitor  # noqa: PLC0415
-
-        libvirt = libvirt_module()
-        try:
-            domain = conn.lookupByUUIDString(vm.uuid)
-        except libvirt.libvirtError as exc:
-            raise KsmPolicyError(f"libvirt does not know it: {exc}") from None
-        return set_merge(monitor(domain), merge)
+        return platform_named(vm.source, found).set_merge(paths, vm.ref, merge)
 
     return toggle
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.hookcore import HOOK_CALLED
 from ksmpolicy.hookshim import import_paths_of
+from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.kernel.controllers import daemon_pids, other_controllers
 from ksmpolicy.kernel.procfs import started_at
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import BUILTIN_NAME
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.quoting import run_hint, shell_word
-from ksmpolicy.report.model import Status, VmStatus
+from ksmpolicy.report.model import Status
 from ksmpolicy.report.status import collect
 from ksmpolicy.runtime.alive import read_alive
 

@@ -15,10 +15,10 @@ each fix and check that its finding goes away.
 
 from __future__ import annotations
 
-from ksmpolicy.libvirt import commands as libvirt_commands
-from ksmpolicy.proxmox import commands as proxmox_commands
+from ksmpolicy.inventory import platform_named
+from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.quoting import shell_word
-from ksmpolicy.report.model import Finding, VmStatus
+from ksmpolicy.report.model import Finding
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -30,28 +30,19 @@ SPARSE_RATIO, SPARSE_MIN_BYTES = 16, 4 << 30
 
 
 def redefine(vm: VmStatus) -> str:
-    """The command that rewrites the VM's definition for the policy."""
-    if vm.vmid:
-        return proxmox_commands.redefine(vm.vmid)
-    return libvirt_commands.redefine(vm.name, vm.uuid)
+    """The command that rewrites the VM's definition for the policy (its platform's)."""
+    return platform_named(vm.source).redefine(vm.ref)
 
 
 def restart(vm: VmStatus) -> tuple[str, tuple[str, ...]]:
     """(fix, steps) that restart a VM so that QEMU starts again from its definition."""
-    if vm.vmid:
-        return proxmox_commands.restart(vm.vmid)
-    return libvirt_commands.restart(vm.name, vm.uuid)
+    return platform_named(vm.source).restart(vm.ref)
 
 
 def switch_now(vm: VmStatus) -> tuple[str, tuple[str, ...]]:
     """(fix, steps) that bring the running VM's guest RAM in line now and its definition for
-    the next start: libvirt's live switch over QMP and a redefinition; on Proxmox VE the
-    config, then a restart (qemu-server has no live switch of its own)."""
-    if vm.vmid:
-        text, steps = restart(vm)
-        return f"{redefine(vm)}, then {text}", (redefine(vm), *steps)
-    live = libvirt_commands.switch_live(vm.name, vm.uuid)
-    return f"{live}; and for its next start: {redefine(vm)}", (live, redefine(vm))
+    the next start."""
+    return platform_named(vm.source).switch_now(vm.ref)
 
 
 def vm_findings(

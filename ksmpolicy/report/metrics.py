@@ -15,11 +15,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ksmpolicy.files import write_atomic
+from ksmpolicy.inventory.model import HostStatus
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import Policy
 from ksmpolicy.report.findings import SEVERITIES
-from ksmpolicy.report.model import HostStatus, Status
+from ksmpolicy.report.model import Status
 from ksmpolicy.report.status import collect
 
 if TYPE_CHECKING:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, Policy
 from ksmpolicy.report.findings import redefine, residue_finding
-from ksmpolicy.report.model import Finding, ScopeStatus, VmStatus
+from ksmpolicy.report.model import Finding, ScopeStatus
 from ksmpolicy.trust.state import load
 
 

@@ -125,6 +125,6 @@ def test_without_the_connector_the_daemon_polls_and_says_so(
     assert "Operation not permitted" in daemon.discovery
     # its sign of life says so, and status tells the operator while that daemon runs
     assert signs and signs[-1].discovery == daemon.discovery
-    monkeypatch.setattr("ksmpolicy.report.status.daemon_pids", lambda _paths: [signs[-1].pid])
-    monkeypatch.setattr("ksmpolicy.report.status.read_alive", lambda _paths: signs[-1])
+    monkeypatch.setattr("ksmpolicy.inventory.host.daemon_pids", lambda _paths: [signs[-1].pid])
+    monkeypatch.setattr("ksmpolicy.inventory.host.read_alive", lambda _paths: signs[-1])
     assert f"new VMs found by: {daemon.discovery}" in text(collect(paths, None, sample_seconds=0))

@@ -334,7 +334,7 @@ def test_why_a_vm_merges_or_not(
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (  # libvirt's guest: the name, quoted for a shell
+        (  # libvirt's guest (it has libvirt's status file): the name, quoted for a shell
             ["/usr/bin/qemu-system-x86_64", "-name", "guest=db-$(touch PWNED),debug-threads=on"],
             "ksmpolicy enforce --live --domain 'db-$(touch PWNED)'; and for its next start: "
             "ksmpolicy apply --domain 'db-$(touch PWNED)'",
@@ -348,6 +348,10 @@ def test_a_fix_names_the_vm_safely(tmp_path: Path, argv: list[str], expected: st
     paths = fake(tmp_path, {"run": "1", "pages_to_scan": "100"})
     argv = [*argv, "-m", "2048", "-machine", "type=pc,mem-merge=off"]
     write_process(paths.proc, 4242, argv, "kvm", ram_vma(flags="rd wr mr mw me ac sd"), STAT_IDLE)
+    if "-name" in argv:  # libvirt runs it: its status file names the same domain
+        paths.libvirt_run.mkdir(parents=True)
+        status = "<domstatus><domain type='kvm'><name>db-$(touch PWNED)</name></domain></domstatus>"
+        (paths.libvirt_run / "db-$(touch PWNED).xml").write_text(status)
     found = diagnose(paths, POLICY, str(tmp_path / "policy.yaml"), None)
     (vm,) = [c for c in found.checks if c.subject != "host"]
     assert vm.level == "warn"  # merging the policy allows is lost: no safety problem
