@@ -437,6 +437,7 @@ class Daemon:
             if event.kind == "exit":
                 exited = self._looked_at.pop(event.pid, None) is not None or exited
                 continue
+            self.reconciler.observer.scanner.forget(event.pid)  # who it was is not who it is
             what = worth_a_look(str(self.paths.proc), event.pid)
             if what is None:
                 continue

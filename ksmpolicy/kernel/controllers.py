@@ -112,8 +112,12 @@ def other_controllers(
     return found
 
 
+NOT_CONTROLLING = frozenset((b"--dry-run", b"--help", b"-h"))
+
+
 def daemon_pids(paths: HostPaths) -> list[int]:
-    """PIDs of running `ksmpolicy daemon` processes (argv: .../ksmpolicy ... daemon ...)."""
+    """PIDs of running `ksmpolicy daemon` processes (argv: .../ksmpolicy ... daemon ...) that
+    may write the knobs: not `--dry-run` (plans only), not `--help` (a man page being made)."""
     found = []
     try:
         entries = [e for e in os.scandir(paths.proc) if e.name.isdigit()]
@@ -127,6 +131,7 @@ def daemon_pids(paths: HostPaths) -> list[int]:
             continue
         if (
             b"daemon" in argv
+            and not NOT_CONTROLLING.intersection(argv)
             and any(a.endswith(b"ksmpolicy") or a == b"ksmpolicy.cli" for a in argv)
             and run_by_root(Path(entry.path))  # a daemon that can write the knobs runs as root
         ):

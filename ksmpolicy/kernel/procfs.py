@@ -43,14 +43,22 @@ def ksmd_pid(paths: HostPaths) -> int | None:
 
 def stat_fields(proc: Path) -> list[str] | None:
     """The fields of /proc/PID/stat after `PID (comm)`, from the state on (field 3 of
-    proc(5) is index 0 here); None when the process is gone. The name may hold spaces and
-    parentheses, so the fields start after the last ")"."""
+    proc(5) is index 0 here); None when the process is gone."""
+    found = read_stat(proc)
+    return found[1] if found is not None else None
+
+
+def read_stat(proc: Path) -> tuple[str, list[str]] | None:
+    """/proc/PID/stat as (comm, the fields from the state on); None when the process is gone.
+    The name may hold spaces and parentheses, so the fields start after the last ")"."""
     try:
-        text = (proc / "stat").read_text()
+        text = (proc / "stat").read_text(errors="replace")
     except OSError:
         return None
-    end = text.rfind(")")
-    return text[end + 2 :].split() if end >= 0 else None
+    begin, end = text.find("("), text.rfind(")")
+    if begin < 0 or end < begin:
+        return None
+    return text[begin + 1 : end], text[end + 2 :].split()
 
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h

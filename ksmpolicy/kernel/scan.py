@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ksmpolicy.kernel.procfs import effective_uid, stat_fields
+from ksmpolicy.kernel.procfs import effective_uid, read_stat
 from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
 from ksmpolicy.kernel.smaps import Smaps
 from ksmpolicy.kernel.smaps import parse as parse_smaps
@@ -170,7 +170,10 @@ class ProcessScanner:
     memory becomes resident) is re-read on every pass; an older one after
     `smaps_max_age_seconds`, spread by PID so that not all of them come due in one pass; any
     process at once when ksm_stat says its mergeability changed (a live toggle). Processes are
-    keyed by PID and start time, so a reused PID is a new process. ksm_stat is read every pass.
+    keyed by PID and start time, so a reused PID is a new process. An exec keeps both: libvirt
+    forks, prepares the child, then execs QEMU, and a pass in between sees libvirtd. So who a
+    process is is also tied to its name (comm), which an exec changes, and `forget` drops a
+    PID the kernel reported an exec for. ksm_stat is read every pass.
     """
 
     def __init__(
@@ -185,7 +188,8 @@ class ProcessScanner:
         self.smaps_max_age_seconds = smaps_max_age_seconds
         self.young_seconds = young_seconds
         self.clock = clock
-        self._identity: dict[tuple[int, int], _Identity | None] = {}
+        # key -> (comm when identified, identity)
+        self._identity: dict[tuple[int, int], tuple[str, _Identity | None]] = {}
         self._first_seen: dict[tuple[int, int], float] = {}
         # key -> (read at, resident mergeable bytes, VMA count, ksm_stat's flag, RAM mergeable)
         self._smaps: dict[tuple[int, int], tuple[float, bool | None, _Mergeable]] = {}
@@ -205,15 +209,18 @@ class ProcessScanner:
         for entry in entries:
             pid = int(entry.name)
             proc = Path(entry.path)
-            start = _start_time(proc)
-            if start is None:
+            stat = read_stat(proc)
+            start = _start_time(stat)
+            if stat is None or start is None:
                 continue  # gone, or a kernel thread
             key = (pid, start)
             alive.add(key)
-            if key not in self._identity:
-                self._identity[key] = _identify_safely(proc, pid)
+            known = self._identity.get(key)
+            if known is None or known[0] != stat[0]:  # new, or exec'd since
+                self._identity[key] = (stat[0], _identify_safely(proc, pid))
                 self._first_seen[key] = now
-            identity = self._identity[key]
+                self._smaps.pop(key, None)
+            identity = self._identity[key][1]
             if identity is None:
                 continue
             ksm = read_ksm_stat(proc / "ksm_stat")
@@ -255,6 +262,12 @@ class ProcessScanner:
             for key in [k for k in cache if k not in alive]:
                 del cache[key]
         return found
+
+    def forget(self, pid: int) -> None:
+        """Identify `pid` afresh on the next pass: it exec'd (the kernel's process events)."""
+        for key in [k for k in self._identity if k[0] == pid]:
+            del self._identity[key]
+            self._smaps.pop(key, None)
 
     def _mergeable(
         self,
@@ -309,8 +322,8 @@ def footprint_bytes(processes: Sequence[VmProcess]) -> int:
     return sum(p.mergeable_bytes for p in processes)
 
 
-def _start_time(proc: Path) -> int | None:
-    fields = stat_fields(proc)
+def _start_time(stat: tuple[str, list[str]] | None) -> int | None:
+    fields = stat[1] if stat is not None else None
     return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 

@@ -200,3 +200,26 @@ def test_real_guest_like_processes_are_found(real_ksm: RealKsm) -> None:
     assert (ex.mem_merge, ex.mergeable_bytes) == (False, 0)
     assert ex.ksm is not None and ex.ksm.mergeable is False
     assert os.getpid() not in found
+
+
+def test_a_process_that_execs_a_vmm_is_seen_as_the_vmm(tmp_path: Path) -> None:
+    """libvirt forks, prepares the child, then execs QEMU: PID and start time stay the same.
+    A pass that saw the child before its exec must not hide the QEMU after it."""
+    import shutil
+
+    proc = tmp_path / "proc"
+    write_process(proc, 300, ["/usr/sbin/libvirtd"], "rpc-libvirtd", b"", None)
+    scanner = ProcessScanner(HostPaths(tmp_path))
+    assert scanner.scan() == []
+    shutil.rmtree(proc / "300")
+    write_process(proc, 300, LIBVIRT, "qemu-system-x86", SMAPS, KSM_STAT_YES)  # exec'd
+    assert [p.kind for p in scanner.scan()] == ["qemu"]
+    # the same name before and after an exec: the process events say it exec'd, and the
+    # scanner forgets what it knew
+    write_process(proc, 301, ["/usr/bin/wrapper"], "wrapper", b"", None)
+    assert [p.pid for p in scanner.scan()] == [300]
+    shutil.rmtree(proc / "301")
+    write_process(proc, 301, LIBVIRT, "wrapper", SMAPS, None)
+    assert [p.pid for p in scanner.scan()] == [300]  # nothing told the scanner yet
+    scanner.forget(301)
+    assert [p.pid for p in scanner.scan()] == [300, 301]
