@@ -453,6 +453,9 @@ NAMES = [
     "db-\nsecond line",
     "db-\x85next",
     "db-\u2028next",
+    "db-\u202egnp.exe",  # a right-to-left override: shows as db-exe.png
+    "db-\u2066x\u2069",  # an isolate
+    "db\u200b-zero-width",
 ]
 
 
@@ -465,6 +468,7 @@ def test_the_suggested_fix_runs_nothing_but_ksmpolicy(
     outcome = host.call(name, domain(escaped, disk(str(host.images / "a.img"), "raw")))
     assert outcome.status == 1
     assert len(outcome.lines) == 1
+    assert outcome.lines[0].isprintable(), outcome.lines  # escaped: nothing hidden or reordered
     words = pasted(outcome.lines[0].split(" Fix: ", 1)[1], "ksmpolicy", tmp_path)
     expected = name if name.isprintable() else "6e6b7d53-8d7a-4c1e-9f0a-1b2c3d4e5f60"
     assert words == ["apply", "--domain", expected]
