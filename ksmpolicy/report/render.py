@@ -335,13 +335,16 @@ def pages_json(sharing: Sharing) -> dict[str, object]:
     """The documented JSON of `ksmpolicy pages` (keys are only ever added)."""
 
     def pair(p: PairShare) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "a": p.a,
             "b": p.b,
             "shared_pages": p.shared_pages,
             "zero_pages": p.zero_pages,
             "saved_bytes": p.saved_bytes,
         }
+        if p.a_pid is not None:  # VM pairs: names need not be unique
+            found.update(a_pid=p.a_pid, b_pid=p.b_pid)
+        return found
 
     return {
         "version": JSON_VERSION,
