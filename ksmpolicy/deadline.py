@@ -3,12 +3,14 @@ the other VMs of an `apply`.
 
 Two ways, for two kinds of caller:
 
-* `run_in_child` (the hooks): the work runs in a forked child whose stdin, stdout and stderr
-  are /dev/null, and sends its results back over a pipe. When the deadline passes, the hook
-  process goes on and exits; the child is left behind. This is the only way that holds for
-  every filesystem: a process blocked on a FUSE request that its server has already read (a
-  hung pmxcfs, for one) is not even released by SIGKILL until the server answers, so a hook
-  that waited for such a thread, or exited with one, would leave libvirt or Proxmox waiting.
+* `run_in_child` (the hooks): the work runs in a forked child whose stdout and stderr are
+  /dev/null, and its stdin too unless the work reads it (then a stdin that never ends is cut
+  off by the deadline like any other read), and sends its results back over a pipe. When
+  the deadline passes, the hook process goes on and exits; the child is left behind. This
+  is the only way that holds for every filesystem: a process blocked on a FUSE request that
+  its server has already read (a hung pmxcfs, for one) is not even released by SIGKILL until
+  the server answers, so a hook that waited for such a thread, or exited with one, would
+  leave libvirt or Proxmox waiting.
 * `call_with_deadline` (`apply`, in a long-running or interactive process): a daemon thread;
   the caller reports the VM and goes on to the next. The thread may stay blocked in the
   kernel until the filesystem answers.
@@ -69,12 +71,15 @@ class ChildRun:
         self.finished = False
 
 
-def run_in_child(work: Callable[[Callable[[object], None]], object], seconds: float) -> ChildRun:
+def run_in_child(
+    work: Callable[[Callable[[object], None]], object], seconds: float, *, keep_stdin: bool = False
+) -> ChildRun:
     """Run `work(send)` in a forked child for at most `seconds`.
 
     `send(value)` passes a progress message to the parent at once (a value marshal can
     write); the value `work` returns is the result. An exception in the child comes back as
-    `error`. The child never writes to the parent's stdout or stderr.
+    `error`. The child never writes to the parent's stdout or stderr; it reads the parent's
+    stdin only with `keep_stdin`.
     """
     run = ChildRun()
     read_end, write_end = os.pipe()
@@ -84,7 +89,7 @@ def run_in_child(work: Callable[[Callable[[object], None]], object], seconds: fl
         try:
             os.close(read_end)
             null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
+            for fd in (1, 2) if keep_stdin else (0, 1, 2):
                 os.dup2(null, fd)
 
             def send(value: object) -> None:

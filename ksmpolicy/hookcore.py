@@ -191,8 +191,18 @@ def mark_called(run_dir: str) -> None:
         pass
 
 
-def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -> int:
-    """Run `work` in a child process against the deadline, and write out what it reported."""
+def run(
+    session: Session,
+    work: Callable[[], int],
+    out: IO[str],
+    err: IO[str],
+    *,
+    reads_stdin: bool = False,
+) -> int:
+    """Run `work` in a child process against the deadline, and write out what it reported.
+    `reads_stdin`: the work reads the hook's stdin, so that reading it is under the deadline
+    too (it should load the policy first, so that a stdin that never ends meets the policy's
+    enforcement)."""
     from ksmpolicy.deadline import run_in_child  # noqa: PLC0415
 
     def child(send: Callable[[object], None]) -> object:
@@ -204,7 +214,7 @@ def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -
     seconds = deadline_seconds()
     out.flush()
     err.flush()
-    result = run_in_child(child, seconds)
+    result = run_in_child(child, seconds, keep_stdin=reads_stdin)
     enforcement: str | None = None
     said: list[tuple[str, str]] = []
     for message in result.progress:
@@ -235,7 +245,7 @@ def run(session: Session, work: Callable[[], int], out: IO[str], err: IO[str]) -
     report(
         err,
         f"ksmpolicy: {session.who} not checked within {seconds:g} s (a disk or the policy on a "
-        f"slow or hung filesystem, or a FIFO?): {outcome}",
+        f"slow or hung filesystem, a FIFO, or input that never ends?): {outcome}",
         _level(block),
     )
     return 1 if block else 0

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 
 def unprintable(char: str) -> bool:
-    """A control character (C0, DEL, C1) or a line or paragraph separator: anything that could
-    break a line or move a terminal's cursor."""
-    return char < " " or "\x7f" <= char <= "\x9f" or char in "\u2028\u2029"
+    """What `str.isprintable` calls unprintable: control characters (C0, DEL, C1), format
+    characters (Unicode category Cf: the bidirectional overrides and isolates U+202A-U+202E and
+    U+2066-U+2069 that reorder what a terminal shows, zero-width characters, U+FEFF, U+061C),
+    separators other than the ASCII space (line, paragraph, no-break and wide spaces),
+    surrogates, private-use and unassigned code points: anything that could break a line, move
+    a terminal's cursor, or make a name look like another."""
+    return not char.isprintable()
 
 
 def quote(name: str) -> str:
@@ -53,9 +57,14 @@ def run_hint(*words: str) -> str:
 def one_line(message: str) -> str:
     """A message as one log line: unprintable characters (newlines, escapes that move a
     terminal's cursor) shown as \\uXXXX, whatever part of it they came from."""
-    if not any(unprintable(c) for c in message):
+    if message.isprintable():
         return message
-    return "".join(f"\\u{ord(c):04x}" if unprintable(c) else c for c in message)
+    return "".join(_escaped(c) if unprintable(c) else c for c in message)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def printable(text: str) -> str:

@@ -453,6 +453,9 @@ NAMES = [
     "db-\nsecond line",
     "db-\x85next",
     "db-\u2028next",
+    "db-\u202egnp.exe",  # a right-to-left override: shows as db-exe.png
+    "db-\u2066x\u2069",  # an isolate
+    "db\u200b-zero-width",
 ]
 
 
@@ -465,6 +468,7 @@ def test_the_suggested_fix_runs_nothing_but_ksmpolicy(
     outcome = host.call(name, domain(escaped, disk(str(host.images / "a.img"), "raw")))
     assert outcome.status == 1
     assert len(outcome.lines) == 1
+    assert outcome.lines[0].isprintable(), outcome.lines  # escaped: nothing hidden or reordered
     words = pasted(outcome.lines[0].split(" Fix: ", 1)[1], "ksmpolicy", tmp_path)
     expected = name if name.isprintable() else "6e6b7d53-8d7a-4c1e-9f0a-1b2c3d4e5f60"
     assert words == ["apply", "--domain", expected]
@@ -608,6 +612,40 @@ def test_closed_stdin_is_one_line(host: Host) -> None:
     assert hook.stderr.decode().splitlines() == [
         'ksmpolicy: cannot check "tenant": no domain XML: standard input is closed'
     ]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("warn", 0), ("block", 1)])
+@pytest.mark.parametrize("op", ["prepare begin", "migrate begin", "restore begin"])
+def test_a_stdin_that_never_closes_ends_at_the_deadline(
+    host: Host, mode: str, expected: int, op: str
+) -> None:
+    """libvirt (or anyone calling the hook) writes part of a domain XML and never closes the
+    pipe: the hook ends at its deadline, with one line and the mode's outcome."""
+    host.write_policy(mode)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, domain("tenant")[:40])  # the start of an XML, then nothing
+        started = time.monotonic()
+        result = subprocess.run(
+            [str(host.hook), "tenant", *op.split(), "-"],
+            stdin=read_end,
+            capture_output=True,
+            timeout=LIMIT,
+            check=False,
+            env={"PATH": "/usr/bin:/bin", "KSMPOLICY_HOOK_DEADLINE": "1"},
+        )
+        seconds = time.monotonic() - started
+    finally:  # the child the hook left reading now sees the end and leaves too
+        os.close(write_end)
+        os.close(read_end)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == expected, lines
+    assert len(lines) == 1, lines
+    outcome = "refusing the start" if mode == "block" else "starting it anyway"
+    assert lines[0].startswith('ksmpolicy: "tenant" not checked within 1 s'), lines
+    assert lines[0].endswith(f"{outcome}" + (" (enforcement: block)" if mode == "block" else ""))
+    assert result.stdout == b""  # migrate/restore: no XML, libvirt keeps its own
+    assert seconds < 4
 
 
 def test_proxmox_arguments_are_checked(host: Host) -> None:

@@ -17,6 +17,7 @@ from ksmpolicy import __version__
 from ksmpolicy.cli import daemon, libvirt, pages, policy, proxmox, run, status
 from ksmpolicy.cli.common import Options
 from ksmpolicy.errors import KsmPolicyError, PolicyError
+from ksmpolicy.quoting import one_line, printable
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -91,18 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as exc:  # already FILE:LINE: key: message, one problem per line
         if options.debug:
             traceback.print_exc()
-        click.echo(str(exc), err=True)
+        click.echo(printable(str(exc)), err=True)
         return 1
-    except KsmPolicyError as exc:
+    except KsmPolicyError as exc:  # messages name VMs and paths: anyone's strings
         if options.debug:
             traceback.print_exc()
-        click.echo(f"ksmpolicy: error: {exc}", err=True)
+        click.echo(printable(f"ksmpolicy: error: {exc}"), err=True)
         return 1
     except Exception as exc:  # a bug: say so in one line, the traceback with --debug
         if options.debug:
             traceback.print_exc()
         click.echo(
-            f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)", err=True
+            one_line(f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)"),
+            err=True,
         )
         return 1
     return 0

@@ -156,27 +156,31 @@ def estimate(
 @policy_option
 @click.pass_obj
 def audit(options: Options, as_json: bool, root: str) -> None:
-    """Check that no KSM page is mapped across trust domains (root); exit 1 if one is.
+    """Check that no KSM page is mapped across trust domains (root).
 
     Walks the page tables of every process with mergeable memory, VMs or not,
     and every mergeable area of each (guest RAM, and the ROMs and video RAM a
     live switch leaves mergeable). Each VM counts in its policy's trust domain;
     other processes, and processes not run by root or the hypervisor's user,
-    count in domain `host`. Prints the pages mapped across domains and the VM
-    pairs behind them. For cron or monitoring: exit 0 when there are none.
+    count in domain `host`. Prints the pages mapped across domains and the
+    pairs of processes (pid, name, domain) behind them. For cron or
+    monitoring: exit 0 when there are none, 1 when there are, 3 when the audit
+    cannot be made (no page map, not root, no KSM, a policy that cannot be
+    read): that is never read as either.
     """
-    from ksmpolicy.kernel.pagemap import PageMapUnavailable  # noqa: PLC0415
-    from ksmpolicy.report.audit import audit as run_audit  # noqa: PLC0415
-    from ksmpolicy.report.audit import audit_json, audit_text  # noqa: PLC0415
+    from ksmpolicy.report import audit as auditing  # noqa: PLC0415
 
-    policy = options.load()
     try:
-        found = run_audit(host_paths(root), policy)
-    except PageMapUnavailable as exc:
-        raise KsmPolicyError(f"the page map cannot be read: {exc}") from None
+        found = auditing.audit(host_paths(root), options.load())
+    except (KsmPolicyError, OSError) as exc:  # no verdict: neither clean nor a violation
+        reason = str(exc)
+        if as_json:
+            click.echo(json.dumps(auditing.cannot_audit_json(reason), indent=2))
+        else:
+            click.echo(auditing.cannot_audit_text(reason), err=True)
+        raise SystemExit(auditing.EXIT_CANNOT_AUDIT) from None
     if as_json:
-        click.echo(json.dumps(audit_json(found), indent=2))
+        click.echo(json.dumps(auditing.audit_json(found), indent=2))
     else:
-        click.echo(audit_text(found))
-    if not found.ok:
-        raise SystemExit(1)
+        click.echo(auditing.audit_text(found))
+    raise SystemExit(auditing.EXIT_CLEAN if found.ok else auditing.EXIT_VIOLATION)

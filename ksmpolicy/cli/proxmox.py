@@ -18,6 +18,7 @@ from ksmpolicy.cli.common import (
 )
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import Decider
+from ksmpolicy.quoting import printable
 
 
 @click.group("proxmox")
@@ -104,7 +105,7 @@ def _attach_or_detach(
             else:
                 what = hookscript.detach(paths, vmid, volid, qm=(qm,))
         except KsmPolicyError as exc:
-            click.echo(f"{vmid}: failed: {exc}", err=True)
+            click.echo(printable(f"{vmid}: failed: {exc}"), err=True)
             failed.append(vmid)
             continue
         click.echo(f"{vmid}: {what}")

@@ -343,7 +343,7 @@ class Daemon:
         1 % of a core (100 times its last CPU cost apart). Says when pages cross a domain
         boundary, with the VMs, and when they no longer do."""
         from ksmpolicy.kernel.pagemap import PageMapUnavailable  # noqa: PLC0415
-        from ksmpolicy.report.audit import audit  # noqa: PLC0415
+        from ksmpolicy.report.audit import audit, violation_line  # noqa: PLC0415
 
         now = time.monotonic()
         if now < self._next_audit:
@@ -359,7 +359,7 @@ class Daemon:
         crossing = found.cross_domain_pages + found.cross_domain_zero_pages
         if crossing:
             pairs = "; ".join(
-                f"{v.a} ({v.a_domain}) ~ {v.b} ({v.b_domain}): {v.shared_pages + v.zero_pages}"
+                f"{violation_line(v)}: {v.shared_pages + v.zero_pages}"
                 for v in found.violations[:10]
             )
             log.error("audit: %d KSM pages mapped across trust domains: %s", crossing, pairs)

@@ -10,6 +10,7 @@ from ksmpolicy import hookcore
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import IO
 
     from ksmpolicy.libvirt.domain import DomainFacts
@@ -44,23 +45,26 @@ class LibvirtHook:
         if note is not None:
             self.notify(note)
             return 0
+        # The XML is read in the child, under the deadline: a stdin that never closes ends
+        # there like a hung disk, with the enforcement of the policy loaded first.
+        read = lambda: read_stdin(stdin)  # noqa: E731
         if (operation, suboperation) == ("prepare", "begin"):
-            xml = read_stdin(stdin)  # here: the check runs in a child whose stdin is /dev/null
-            return hookcore.run(self.session, lambda: self.check_start(xml), out, err)
+            work = lambda: self.check_start(read)  # noqa: E731
+            return hookcore.run(self.session, work, out, err, reads_stdin=True)
         if (operation, suboperation) in (("migrate", "begin"), ("restore", "begin")):
-            xml = read_stdin(stdin)
-            work = lambda: self.rewrite_incoming(operation, xml)  # noqa: E731
-            return hookcore.run(self.session, work, out, err)
+            work = lambda: self.rewrite_incoming(operation, read)  # noqa: E731
+            return hookcore.run(self.session, work, out, err, reads_stdin=True)
         return 0
 
     # --- prepare begin: does the definition being started follow the policy?
 
-    def check_start(self, xml: bytes | Exception) -> int:
+    def check_start(self, read: Callable[[], bytes | Exception]) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
 
         session = self.session
         policy = session.load_policy()
+        xml = read()
         if policy is None:
             return session.unusable_policy_status()
         if policy.enforcement is Enforcement.OFF:
@@ -88,7 +92,7 @@ class LibvirtHook:
 
     # --- migrate begin / restore begin: hand libvirt this host's version of the XML
 
-    def rewrite_incoming(self, operation: str, xml: bytes | Exception) -> int:
+    def rewrite_incoming(self, operation: str, read: Callable[[], bytes | Exception]) -> int:
         from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
         from ksmpolicy.libvirt.images import qcow2_backing_root  # noqa: PLC0415
         from ksmpolicy.libvirt.rewrite import apply_policy  # noqa: PLC0415
@@ -96,6 +100,7 @@ class LibvirtHook:
 
         session = self.session
         policy = session.load_policy()
+        xml = read()
         if policy is None:  # print nothing: libvirt keeps the XML it has
             return session.unusable_policy_status()
         who = session.who

@@ -33,30 +33,116 @@ def load_facts(path: str) -> list[VmFacts]:
         if vm is not None:
             vms.append(vm)
     if doc.problems:
-        raise PolicyError(doc.problems)
+        raise PolicyError(sorted(doc.problems, key=lambda p: p.line or 0))
     return vms
 
 
 def _facts(item: Any, path: yamlsource.Path, doc: yamlsource.Document) -> VmFacts | None:
+    """One VM, every key checked for its type (each wrong one a FILE:LINE problem)."""
     if not isinstance(item, dict):
         doc.problem(path, "expected a mapping with at least 'name'")
         return None
     for key in item:
         if key not in _KEYS:
             doc.problem((*path, key), f"unknown key (allowed: {', '.join(_KEYS)})")
-    if not isinstance(item.get("name"), str):
-        doc.problem((*path, "name"), "missing or not a string")
+    field = _Fields(item, path, doc)
+    name = field.string("name")
+    if name is None:
+        if "name" not in item:
+            doc.problem(path, "missing 'name'")
         return None
-    memory = item.get("memory_mib")
+    memory = field.number("memory_mib")
     return VmFacts(
-        name=item["name"],
-        uuid=_opt_str(item.get("uuid")),
-        vmid=_opt_str(item.get("vmid")),
-        tags=frozenset(str(t) for t in item.get("tags") or ()),
-        images=tuple(str(i) for i in item.get("images") or ()),
-        memory_bytes=int(memory) * 1024 * 1024 if isinstance(memory, int) else None,
-        regions=_regions(item.get("hugepages") is True, item.get("shared_memory") is True),
+        name=name,
+        uuid=field.string("uuid"),
+        vmid=field.vmid(),
+        tags=frozenset(field.strings("tags")),
+        images=field.strings("images"),
+        memory_bytes=memory * 1024 * 1024 if memory is not None else None,
+        regions=_regions(field.flag("hugepages"), field.flag("shared_memory")),
     )
+
+
+class _Fields:
+    """The keys of one VM, read as their types; a value of another type is a problem at its
+    line, never turned into something else (`tags: database` is one tag, not eight)."""
+
+    def __init__(self, item: dict[str, Any], path: yamlsource.Path, doc: yamlsource.Document):
+        self.item, self.path, self.doc = item, path, doc
+
+    def _wrong(self, key: str, expected: str, value: Any, where: yamlsource.Path = ()) -> None:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        quoted = " (quote it if you mean the text)" if number and "string" in expected else ""
+        self.doc.problem(
+            (*self.path, key, *where), f"expected {expected}, got {_kind(value)}{quoted}"
+        )
+
+    def string(self, key: str) -> str | None:
+        value = self.item.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        self._wrong(key, "a string", value)
+        return None
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        """A list of strings; one string is a list of one."""
+        value = self.item.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list):
+            self._wrong(key, "a string or a list of strings", value)
+            return ()
+        found = []
+        for index, entry in enumerate(value):
+            if isinstance(entry, str):
+                found.append(entry)
+            else:
+                self._wrong(key, "a string", entry, (index,))
+        return tuple(found)
+
+    def number(self, key: str) -> int | None:
+        value = self.item.get(key)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        self._wrong(key, "a whole number above 0", value)
+        return None
+
+    def flag(self, key: str) -> bool:
+        value = self.item.get(key, False)
+        if isinstance(value, bool):
+            return value
+        self._wrong(key, "true or false", value)
+        return False
+
+    def vmid(self) -> str | None:
+        """A Proxmox VMID: a number as written (`101`), or its digits quoted (`'101'`)."""
+        value = self.item.get("vmid")
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            return value
+        self._wrong("vmid", "a VMID (a whole number)", value)
+        return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"a {type(value).__name__} ({value!r})"
 
 
 def _regions(hugepages: bool, shared: bool) -> tuple[MemoryRegion, ...]:
@@ -64,7 +150,3 @@ def _regions(hugepages: bool, shared: bool) -> tuple[MemoryRegion, ...]:
     if not (hugepages or shared):
         return ()
     return (MemoryRegion("ram", hugepages=hugepages, shared=shared),)
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)

@@ -372,7 +372,9 @@ def _group_name(names: Sequence[str], taken: set[str]) -> str:
         while not name.startswith(prefix):
             prefix = prefix[:-1]
     base = prefix.rstrip("-_.0123456789 ")
-    base = "".join(c if c.isalnum() or c in "-_" else "-" for c in base).strip("-_")
+    # what `check` accepts of a group name: ASCII letters, digits, - and _, at most 64
+    base = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in base)
+    base = base[:64].strip("-_")
     if not base or base in taken:
         number = 1
         while f"image-{number}" in taken:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.files import write_atomic
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.report.sharing import Sharing
 
@@ -32,10 +34,12 @@ def heatmap(
     vms = sorted(sharing.vms, key=lambda v: (v.group is None, v.group or "", v.name))
     if not vms:
         raise KsmPolicyError("no VM maps any KSM page: nothing to draw")
-    where = {v.name: i for i, v in enumerate(vms)}
+    where: dict[int | None, int] = {
+        v.pid: i for i, v in enumerate(vms)
+    }  # by process: two VMs may share a name
     grid = np.zeros((len(vms), len(vms)))
     for pair in sharing.pairs:
-        i, j = where.get(pair.a), where.get(pair.b)
+        i, j = where.get(pair.a_pid), where.get(pair.b_pid)
         if i is not None and j is not None:
             grid[i, j] = grid[j, i] = pair.shared_pages * PAGE_SIZE / 2**20
     np.fill_diagonal(grid, np.nan)
@@ -70,5 +74,10 @@ def heatmap(
             start = index
     figure.colorbar(image, ax=axes, label="MiB of KSM pages both map", shrink=0.8)
     axes.set_title(title, fontsize=10)
-    figure.savefig(path, dpi=110)
+    image_file = io.BytesIO()
+    figure.savefig(image_file, dpi=110, format=path.suffix[1:].lower() or "png")
     plt.close(figure)
+    try:  # a new file beside it, renamed over it: a symlink planted at `path` is never followed
+        write_atomic(path, image_file.getvalue(), 0o644)
+    except OSError as exc:
+        raise KsmPolicyError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -3,7 +3,6 @@ documented JSON)."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING
 
@@ -335,13 +334,16 @@ def pages_json(sharing: Sharing) -> dict[str, object]:
     """The documented JSON of `ksmpolicy pages` (keys are only ever added)."""
 
     def pair(p: PairShare) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "a": p.a,
             "b": p.b,
             "shared_pages": p.shared_pages,
             "zero_pages": p.zero_pages,
             "saved_bytes": p.saved_bytes,
         }
+        if p.a_pid is not None:  # VM pairs: names need not be unique
+            found.update(a_pid=p.a_pid, b_pid=p.b_pid)
+        return found
 
     return {
         "version": JSON_VERSION,
@@ -470,6 +472,25 @@ def yaml_snippet(suggested: Sequence[SuggestedGroup]) -> str:
 
 
 def _yaml_name(name: str) -> str:
-    """A VM name as a literal glob (wildcards in brackets), quoted as a YAML string."""
-    literal = "".join(f"[{c}]" if c in "*?[" else c for c in name)
-    return json.dumps(literal)
+    """A VM name as a glob that matches it, as a double-quoted YAML string that PyYAML reads
+    back exactly. Wildcards are put in brackets (literal); a character no name glob may hold
+    (`/`, a newline, NUL) or YAML cannot carry (a lone surrogate) becomes `?`, which matches
+    it (and any one other character)."""
+    glob = "".join(
+        f"[{c}]" if c in "*?[" else "?" if c in "/\n\0" or "\ud800" <= c <= "\udfff" else c
+        for c in name
+    )
+    return '"' + "".join(_yaml_char(c) for c in glob) + '"'
+
+
+def _yaml_char(char: str) -> str:
+    """One character inside a YAML double-quoted scalar: printable ASCII as it is, the rest
+    escaped (\\xXX, \\uXXXX, \\UXXXXXXXX), so the snippet is plain ASCII whatever the name."""
+    if char in '"\\':
+        return "\\" + char
+    if " " <= char <= "~":
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

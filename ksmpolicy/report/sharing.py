@@ -72,6 +72,9 @@ class PairShare:
     b: str
     shared_pages: int  # KSM pages with content both map
     zero_pages: int  # all-zero KSM pages both map
+    # the two processes of a VM pair (names need not be unique); None for group pairs
+    a_pid: int | None = None
+    b_pid: int | None = None
 
     @property
     def saved_bytes(self) -> int:
@@ -138,7 +141,14 @@ def share(
             )
         )
     pairs = tuple(
-        PairShare(alive[i].name, alive[j].name, int(vm_matrix[i, j]), int(zero_matrix[i, j]))
+        PairShare(
+            alive[i].name,
+            alive[j].name,
+            int(vm_matrix[i, j]),
+            int(zero_matrix[i, j]),
+            alive[i].pid,
+            alive[j].pid,
+        )
         for i in range(len(alive))
         for j in range(i + 1, len(alive))
         if vm_matrix[i, j] or zero_matrix[i, j]
