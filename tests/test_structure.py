@@ -226,7 +226,14 @@ def hook_imports(tmp_path: Path, operation: str) -> set[str]:
     )
     policy.chmod(0o644)
     xml = (REPO / "tests/data/libvirt/ksm-tagged-database.xml").read_bytes()
-    argv = [sys.executable, "-X", "importtime", "-I", "-m", "ksmpolicy.hook"]
+    # The hook's work runs in a forked child whose stderr is /dev/null: here the child keeps
+    # the parent's stderr (os.dup2 onto fd 2 is skipped), so that its imports are listed too.
+    keep_stderr = (
+        "import os, runpy; dup2 = os.dup2; "
+        "os.dup2 = lambda a, b, *k: None if b == 2 else dup2(a, b, *k); "
+        "runpy.run_module('ksmpolicy.hook', run_name='__main__', alter_sys=True)"
+    )
+    argv = [sys.executable, "-X", "importtime", "-I", "-c", keep_stderr]
     argv += ["--policy", str(policy), "--run-dir", str(tmp_path / "run")]
     argv += ["libvirt", "vm", *operation.split(), "-"]
     for _ in range(2):  # the first run compiles the policy cache; the second is the usual one
