@@ -317,6 +317,7 @@ class Daemon:
         ):
             return 0
         from ksmpolicy.control.keeper import Keeper, keep_merge_scope, toggle_vm  # noqa: PLC0415
+        from ksmpolicy.control.rivals import Rivals  # noqa: PLC0415
         from ksmpolicy.inventory import take  # noqa: PLC0415
         from ksmpolicy.trust.scopes import read_host  # noqa: PLC0415
 
@@ -328,7 +329,11 @@ class Daemon:
                 return 0
             if self.keeper is None:
                 conn = lambda: self.enforcer.conn if self.enforcer is not None else None  # noqa: E731
-                self.keeper = Keeper(self.paths, toggle_vm(self.paths, conn))
+                rivals = Rivals(
+                    self.paths,
+                    use_zero_pages=lambda: self.reconciler.policy.reconciler.use_zero_pages,
+                )
+                self.keeper = Keeper(self.paths, toggle_vm(self.paths, conn), rivals=rivals)
             scanner = self.reconciler.observer.scanner
             vms = take(self.paths, policy, scanner=scanner).vms
             look = self.keeper.look(policy, vms, host)

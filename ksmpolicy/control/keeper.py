@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ksmpolicy.control.rivals import Rivals
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
@@ -71,11 +72,17 @@ class Look:
 
 class Keeper:
     def __init__(
-        self, paths: HostPaths, toggle: Toggle, *, clock: Callable[[], float] = time.time
+        self,
+        paths: HostPaths,
+        toggle: Toggle,
+        *,
+        clock: Callable[[], float] = time.time,
+        rivals: Rivals | None = None,
     ) -> None:
         self.paths = paths
         self.toggle = toggle
         self.clock = clock
+        self.rivals = rivals  # estimates for domains of equal priority (None: none are made)
         self.last = Look()
         self.handovers = 0
         self.refusals = 0
@@ -87,12 +94,14 @@ class Keeper:
     def look(self, policy: Policy, vms: Sequence[VmStatus], host: HostScopes) -> Look:
         now = self.clock()
         seats = self._seats(vms, host)
+        estimated = self._estimated(policy, seats)  # before the lock: the hooks wait on it
         found = Look()
         with locked(self.paths) as state:
             state.prune(self.paths)
             for scope in host.names:
                 here = [s for s in seats if scope in s.scopes]
-                claim = self._claim(policy, scope, here, state.scopes.get(scope), now, found)
+                current = state.scopes.get(scope)
+                claim = self._claim(policy, scope, here, current, now, found, estimated)
                 if claim is not None:
                     found.claims[scope] = claim
             self._switch(seats, found)
@@ -148,6 +157,23 @@ class Keeper:
         self._known = {k: v for k, v in self._known.items() if k in alive}
         return seats
 
+    def _estimated(self, policy: Policy, seats: Sequence[Seat]) -> dict[str, int]:
+        """Estimated savings of the domains that share a priority with another domain that
+        wants to merge (control/rivals.py): only between those do savings decide."""
+        if self.rivals is None:
+            return {}
+        wanting: dict[str, list[VmStatus]] = {}
+        for seat in seats:
+            if seat.wants:
+                wanting.setdefault(seat.domain, []).append(seat.vm)
+        priorities = [policy.domain(d).priority for d in wanting]
+        contested = {
+            domain: vms
+            for domain, vms in wanting.items()
+            if priorities.count(policy.domain(domain).priority) > 1
+        }
+        return self.rivals.savings(contested) if contested else {}
+
     def _claim(
         self,
         policy: Policy,
@@ -156,16 +182,18 @@ class Keeper:
         current: Claim | None,
         now: float,
         found: Look,
+        estimated: dict[str, int],
     ) -> Claim | None:
         candidates = []
         for domain in sorted({s.domain for s in seats if s.wants}):
             mine = [s for s in seats if s.domain == domain and s.wants]
             merging = [s for s in mine if s.merging]
+            measured = sum(s.vm.saved_bytes for s in merging) if merging else None
             candidates.append(
                 Candidate(
                     domain,
                     policy.domain(domain).priority,
-                    sum(s.vm.saved_bytes for s in merging) if merging else None,
+                    estimated.get(domain) if self.rivals is not None else measured,
                     min(float(s.vm.start or 0) for s in mine),
                 )
             )

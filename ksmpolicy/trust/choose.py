@@ -5,8 +5,10 @@ In order:
 1. A scope whose active domain still has running VMs that want to merge keeps it, unless
 2. a domain of higher `priority` has such VMs: it takes the scope over (priority is the
    operator's word, so no margin applies), or
-3. a domain of the same priority would save more by `stickiness_percent` (savings measured for
-   the active domain, estimated for the others) and the active one has held the scope for
+3. a domain of the same priority would save more by `stickiness_percent` (the savings of every
+   domain of that priority estimated the same way, from its VMs' pages: control/rivals.py,
+   since only the active domain merges and a rival's savings cannot be measured), and the
+   active one has held the scope for
    `min_hold_seconds`: the choice does not flap on noise, and a tenant who fills its guests
    with duplicate pages to win a scope can force a switch at most once per hold time.
 4. A scope with no active domain goes to the highest priority, then the largest savings known,
@@ -27,7 +29,7 @@ class Candidate:
 
     domain: str
     priority: int
-    savings_bytes: int | None  # measured (the active domain) or estimated; None: not known
+    savings_bytes: int | None  # estimated (control/rivals.py); None: not known
     first_started: float  # when its earliest running VM in the scope started
 
 

@@ -179,6 +179,53 @@ def test_a_hand_over_the_host_cannot_absorb_is_refused(real_ksm: RealKsm, tmp_pa
         assert daemon.stop() == 0, daemon.output()
 
 
+def test_a_domain_of_equal_priority_that_saves_more_takes_the_scope_over(
+    real_ksm: RealKsm, tmp_path: Path
+) -> None:
+    """Equal priority: alpha starts first and merges; beta, whose VMs hold three times as
+    much of the same image, is kept unmergeable, so the kernel measures nothing for it. The
+    daemon estimates both from their pages (control/rivals.py) and hands the scope over, off
+    before on, with no page mapped by both domains along the way."""
+    real_ksm.write("use_zero_pages", 1)
+    pids = {}
+    for name in ("dom-a-0", "dom-a-1"):
+        guest = spawn(name, mib=MIB, image="shared-base", no_merge=True, qmp=str(tmp_path / name))
+        pids[name] = real_ksm.track(guest).pid
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(policy_text())
+    policy_path.chmod(0o644)
+    daemon = DaemonProcess(policy_path, tmp_path / "run", "--restore-on-exit")
+    try:
+        assert wait_for(lambda: domain_merged(pids, "dom-a"), 90, 0.5) is not None, daemon.output()
+        for name in ("dom-b-0", "dom-b-1"):
+            guest = spawn(
+                name,
+                mib=3 * MIB,
+                image="shared-base",
+                image_percent=80,
+                no_merge=True,
+                qmp=str(tmp_path / name),
+            )
+            pids[name] = real_ksm.track(guest).pid
+        audits = []
+        started = time.monotonic()
+        while time.monotonic() - started < 120 and not (
+            domain_unmerged(pids, "dom-a") and domain_merged(pids, "dom-b")
+        ):
+            audits.append(cross_pages(policy_text()))
+            time.sleep(0.3)
+        took = time.monotonic() - started
+        output = daemon.output()
+        print(f"equal-priority hand-over: {took:.1f} s, {len(audits)} audits")
+        assert domain_unmerged(pids, "dom-a") and domain_merged(pids, "dom-b"), output
+        assert "trust domain beta takes over from alpha (saves" in output, output
+        assert "trust domain alpha would save" in output, output
+        assert "trust domain beta would save" in output, output
+        assert audits and max(audits) == 0, audits
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
 @pytest.mark.parametrize("zero", [1, 0], ids=["use_zero_pages=1", "use_zero_pages=0"])
 def test_zero_pages_of_two_domains_share_a_ksm_page_only_without_use_zero_pages(
     real_ksm: RealKsm, zero: int
