@@ -154,6 +154,7 @@ class Daemon:
         # Other controllers of the knobs: passive while one runs, unless told to take over.
         self.take_over = take_over
         self.passive: str | None = None
+        self._pace: str | None = None  # the last plan, for status (runtime/alive.py)
         self._owns_knobs = False  # written a knob: an advisor seen on now is its own doing
         self._next_alive = 0.0
         self._said_once: set[str] = set()
@@ -291,6 +292,7 @@ class Daemon:
                 if self.passive is None:
                     notes += self._keep_domains()
                 result = self.reconciler.step(notes=notes, write=self.passive is None)
+                self._pace = f"{result.mode}: {result.reason}"
                 self._owns_knobs = self._owns_knobs or self.passive is None
                 self._say_alive()
                 notes = 0
@@ -531,6 +533,7 @@ class Daemon:
             policy=self._policy_name(),
             passive=self.passive,
             discovery=self.discovery,
+            pace=self._pace,
         )
         try:
             write_alive(self.paths, alive)

@@ -11,7 +11,10 @@ The law, in short (README "The reconciler" has the reasons):
   moves several times over between checksumming new memory and merging it.
 * Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8.
 * Pressure: as MemAvailable falls below `memory_pressure_percent` of MemTotal, the pace rises
-  from calm towards the CPU budget, in proportion.
+  from calm towards the CPU budget, in proportion, but only while merges remain: while the
+  last full scan added sharing. Once a full scan under pressure found nothing left to merge,
+  the pace goes back to calm or slow (pressure cannot buy what is not there), and one full
+  scan at the pressure pace probes again every `target_scan_seconds x max_slowdown`.
 * Budget: ksmd's CPU share is rate x cost-per-page; the cost is measured (ksmd CPU seconds per
   page scanned) and the rate never planned above `max_ksmd_cpu_percent`.
 * Kernel advisor (optional): hand pacing to `advisor_mode=scan-time` and never write
@@ -116,6 +119,10 @@ class History:
     advisor_since: float | None = None
     advisor_scans_at_start: int = 0
     advisor_failed: bool = False
+    # Pressure probes: the full scan count that ends the one under way (None: none), and when
+    # the last one began.
+    probe_until_full_scans: int | None = None
+    probe_at: float | None = None
     # ksmd's scan rate over the last re-plan interval (pages/s), and when that interval began
     scan_rate: float | None = None
     scan_rate_since: float | None = None
@@ -174,9 +181,15 @@ def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
         if slowdown > 1:
             why += f" (the last {history.unproductive_scans} full scan(s) added no sharing)"
         pressure_rate = calm_rate + severity * (max_rate - calm_rate)
-        if severity > 0 and pressure_rate > rate:
+        history, merges_remain = _merges_remain(obs, settings, history, severity)
+        if severity > 0 and pressure_rate > rate and merges_remain:
             rate, mode = pressure_rate, "pressure"
             why = f"memory pressure {severity:.0%}: pace raised towards the CPU budget"
+        elif severity > 0:
+            why += (
+                f"; memory pressure {severity:.0%}, but the last full scan found nothing left "
+                "to merge: a faster pace would buy nothing"
+            )
     capped = rate > max_rate
     rate = min(rate, max_rate)
     pages, sleep_ms = _knobs_for_rate(rate, cost, settings)
@@ -310,6 +323,27 @@ def _track_productivity(obs: Observation, settings: LawSettings, history: Histor
         saved_at_last_full_scan=obs.saved_pages,
         unproductive_scans=0 if productive else history.unproductive_scans + 1,
     )
+
+
+def _merges_remain(
+    obs: Observation, settings: LawSettings, history: History, severity: float
+) -> tuple[History, bool]:
+    """Whether pressure may raise the pace: the last full scan added sharing, or a probe (one
+    full scan at the pressure pace, at most every target period x max_slowdown) is under way
+    or due. ksmd's counters cannot say how many duplicates are left unmerged; the scan that
+    just looked at every mergeable page can."""
+    if severity <= 0:
+        return replace(history, probe_until_full_scans=None), False
+    if history.unproductive_scans == 0:
+        return history, True
+    until = history.probe_until_full_scans
+    if until is not None and obs.full_scans < until:
+        return history, True
+    every = settings.target_scan_seconds * settings.max_slowdown
+    if until is None and (history.probe_at is None or obs.time - history.probe_at >= every):
+        # the rest of the current round, then one whole scan
+        return replace(history, probe_until_full_scans=obs.full_scans + 2, probe_at=obs.time), True
+    return replace(history, probe_until_full_scans=None), False
 
 
 def _pressure(obs: Observation, settings: LawSettings) -> float:

@@ -54,6 +54,7 @@ def host_status(
         others=tuple((f"{c.name} ({c.detail})", c.running) for c in others),
         passive=alive.passive if alive is not None and alive.fresh() else None,
         discovery=alive.discovery if alive is not None and alive.fresh() else None,
+        pace=alive.pace if alive is not None and alive.fresh() else None,
     )
 
 

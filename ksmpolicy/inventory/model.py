@@ -73,3 +73,4 @@ class HostStatus:
     others: tuple[tuple[str, bool], ...] = ()
     passive: str | None = None  # the daemon writes no knob, and why (from its daemon.json)
     discovery: str | None = None  # how the daemon finds new VMs (process events, polling)
+    pace: str | None = None  # the daemon's last plan: mode and why

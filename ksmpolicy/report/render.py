@@ -48,6 +48,8 @@ def _host_lines(status: Status) -> list[str]:
         lines.append(f"  the daemon is passive: {host.passive}")
     if host.discovery is not None:
         lines.append(f"  new VMs found by: {host.discovery}")
+    if host.pace is not None:
+        lines.append(f"  the daemon's pace: {host.pace}")
     for other, running in host.others:
         when = "also sets the knobs" if running else "sets them at boot"
         lines.append(f"  other controller: {other} {when} (ksmpolicy doctor says the fix)")
@@ -204,6 +206,7 @@ def as_json(status: Status) -> dict[str, object]:
             "other_controllers": [{"name": n, "running": r} for n, r in host.others],
             "passive": host.passive,
             "discovery": host.discovery,
+            "pace": host.pace,
             "knobs": host.knobs,
             "saved_bytes": host.saved_bytes,
             "general_profit_bytes": host.general_profit_bytes,

@@ -25,6 +25,7 @@ class Alive:
     policy: str  # the policy file, or the built-in default's description
     passive: str | None = None  # why it writes no knob: another controller, named with its fix
     discovery: str = "polling"  # how new VMs are found: process events, or polling and why
+    pace: str | None = None  # the last plan: its mode and why ("slow: one full scan per ...")
 
     def fresh(self, now: float | None = None) -> bool:
         """Written within three intervals (and at least 30 s): the loop is turning."""
@@ -51,6 +52,7 @@ def read_alive(paths: HostPaths) -> Alive | None:
             policy=str(record["policy"]),
             passive=None if record.get("passive") is None else str(record["passive"]),
             discovery=str(record.get("discovery", "polling")),
+            pace=None if record.get("pace") is None else str(record["pace"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -367,6 +367,37 @@ def test_ksmd_cpu_stays_under_a_low_cap(
     print(f"ksmd at {share:.1f} % of a core, cap {cap} %")
 
 
+@pytest.mark.kernel
+@pytest.mark.root
+def test_pressure_with_nothing_left_to_merge_spends_no_cpu(
+    real_ksm: RealKsm, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Real pressure as the law sees it (the threshold above MemAvailable's share): guests
+    merge, a full scan then finds nothing left, and ksmd goes back to a slow pace (at most
+    1 % of a core) saying why; new duplicates under the same pressure still merge."""
+    daemon = start_daemon(
+        "version: 1\nreconciler: {interval_seconds: 1, target_scan_seconds: 10, "
+        "max_ksmd_cpu_percent: 40, memory_pressure_percent: 99.9}\n"
+    )
+    ksmd = ksmd_pid(HostPaths())
+    assert ksmd is not None
+    guests = start_guests(real_ksm, "squeeze", count=2)
+    want = 0.95 * achievable_merged(GUEST_MIB, 2)
+    assert wait_for(lambda: merged_pages(guests) >= want, 60) is not None, daemon.output()
+    took = wait_for(lambda: "nothing left to merge" in daemon.output(), 90)
+    assert took is not None, daemon.output()
+    cpu_start = process_cpu_seconds(HostPaths(), ksmd) or 0.0
+    start = time.monotonic()
+    time.sleep(20)
+    cpu = (process_cpu_seconds(HostPaths(), ksmd) or 0.0) - cpu_start
+    share = 100 * cpu / (time.monotonic() - start)
+    print(f"pressure, nothing left: ksmd at {share:.2f} % of a core ({took:.0f} s to settle)")
+    assert share <= 1.0, f"ksmd at {share:.2f} % of a core\n{daemon.output()}"
+    more = start_guests(real_ksm, "squeeze-more", count=2)
+    want = 0.95 * achievable_merged(GUEST_MIB, 2)
+    assert wait_for(lambda: merged_pages(more) >= want, 60) is not None, daemon.output()
+
+
 def test_daemon_serves_metrics_with_its_decisions(
     tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:

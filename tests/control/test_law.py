@@ -100,6 +100,44 @@ def test_memory_pressure_raises_the_pace_in_proportion() -> None:
     assert abs(planned_cpu_fraction(none) - 0.20) < 0.01
 
 
+def test_pressure_buys_a_faster_pace_only_while_merges_remain() -> None:
+    """Under pressure with everything mergeable already merged, the pace stays calm or slow
+    (after one full scan that finds nothing), and the plan says why; a probe (one full scan at
+    the pressure pace) comes again only after target x max_slowdown; a probe that finds
+    sharing keeps the pressure pace."""
+    squeezed = int(24 * GIB * 0.05)  # MemAvailable 5 %: pressure 75 %
+    p = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    p = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, p.history)  # sprint over
+    t, scans = 2.0, 7
+    p = plan(obs(t, 100_000, full_scans=scans, saved=5000, mem_available=squeezed), LAW, p.history)
+    assert p.mode == "pressure"  # no full scan judged yet: merges may remain
+    modes = []
+    for _ in range(4):  # full scans that add no sharing, under pressure
+        t, scans = t + 5, scans + 1
+        p = plan(
+            obs(t, 100_000, full_scans=scans, saved=5000, mem_available=squeezed), LAW, p.history
+        )
+        modes.append(p.mode)
+    # the first unproductive scan starts one probe (the rest of a round and one whole scan),
+    # then nothing is bought
+    assert modes == ["pressure", "pressure", "slow", "slow"], modes
+    assert "nothing left to merge" in p.reason
+    calm_rate = 100_000 / LAW.target_scan_seconds
+    assert p.pages_per_second <= calm_rate / 2 * 1.05
+    # the next probe only after target x max_slowdown
+    every = LAW.target_scan_seconds * LAW.max_slowdown
+    p = plan(obs(t + every / 2, 100_000, scans, 5000, mem_available=squeezed), LAW, p.history)
+    assert p.mode == "slow"
+    t += every
+    p = plan(obs(t, 100_000, scans, 5000, mem_available=squeezed), LAW, p.history)
+    assert p.mode == "pressure"
+    # this probe finds sharing: the pressure pace stays
+    p = plan(obs(t + 5, 100_000, scans + 1, 9000, mem_available=squeezed), LAW, p.history)
+    p = plan(obs(t + 10, 100_000, scans + 2, 13000, mem_available=squeezed), LAW, p.history)
+    p = plan(obs(t + 15, 100_000, scans + 3, 17000, mem_available=squeezed), LAW, p.history)
+    assert p.mode == "pressure"
+
+
 def test_a_sprint_follows_the_newest_measured_cost() -> None:
     p = plan(obs(0, 524_288, ksmd_cpu_seconds=10.0, pages_scanned=0), LAW, History())
     assert p.mode == "sprint"
