@@ -96,6 +96,9 @@ class Keeper:
         seats = self._seats(vms, host)
         estimated = self._estimated(policy, seats)  # before the lock: the hooks wait on it
         found = Look()
+        # The state lock is held only to read and write the state: the hooks wait on it. The
+        # claims are written first, so that a hook that starts a VM meanwhile follows them;
+        # the switches (QMP, up to 5 s each) run without it; then who merges is written.
         with locked(self.paths) as state:
             state.prune(self.paths)
             for scope in host.names:
@@ -104,18 +107,27 @@ class Keeper:
                 claim = self._claim(policy, scope, here, current, now, found, estimated)
                 if claim is not None:
                     found.claims[scope] = claim
-            self._switch(seats, found)
-            on = {
-                s.vm.pid
-                for s in seats
-                if self._should_merge(s, found.claims) and s.vm.pid not in found.failed_pids
-            }
-            state.members = {
-                s.vm.pid: Member(s.vm.pid, s.vm.start or 0, s.vm.name, s.domain, s.scopes)
-                for s in seats
-                if s.vm.pid in on and s.vm.start is not None
-            }
-            state.scopes = dict(found.claims)
+            for scope in host.names:
+                state.scopes.pop(scope, None)
+            state.scopes.update(found.claims)
+            state.updated = now
+        self._switch(seats, found)
+        on = {
+            s.vm.pid
+            for s in seats
+            if self._should_merge(s, found.claims) and s.vm.pid not in found.failed_pids
+        }
+        with locked(self.paths) as state:
+            seated = {s.vm.pid for s in seats}
+            # members a hook added meanwhile (a VM this look did not see) are kept
+            state.members = {pid: m for pid, m in state.members.items() if pid not in seated}
+            state.members.update(
+                {
+                    s.vm.pid: Member(s.vm.pid, s.vm.start or 0, s.vm.name, s.domain, s.scopes)
+                    for s in seats
+                    if s.vm.pid in on and s.vm.start is not None
+                }
+            )
             state.unmerge_bytes = {
                 scope: self._bound(
                     s for s in seats if s.domain == claim.domain and scope in s.scopes
