@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksmpolicy.kernel.procfs import effective_uid, read_stat
-from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
+from ksmpolicy.kernel.qemuopts import machine_mem_merge, option_map
 from ksmpolicy.kernel.smaps import Smaps
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.paths import HostPaths
@@ -107,7 +107,6 @@ def parse_qemu_cmdline(
     """(name, uuid, vmid, ram_bytes, mem_merge) from a QEMU command line."""
     name = uuid = vmid = None
     ram = None
-    mem_merge = None
     for flag, value in itertools.pairwise(argv):
         if flag == "-name":
             props = option_map(value)
@@ -119,11 +118,7 @@ def parse_qemu_cmdline(
         elif flag == "-m":
             props = option_map(value)
             ram = _size(props.get("size") or props.get(""))
-        elif flag == "-machine":
-            merge = qemu_bool(option_map(value).get("mem-merge"))
-            if merge is not None:
-                mem_merge = merge  # the last -machine that says wins
-    return name, uuid, vmid, ram, mem_merge
+    return name, uuid, vmid, ram, machine_mem_merge(argv)
 
 
 def _size(text: str | None) -> int | None:

@@ -71,3 +71,13 @@ def test_what_qemu_would_be_given_comes_back(pairs: list[tuple[str, str]]) -> No
     reads back as it was."""
     text = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in pairs)
     assert options(text) == pairs
+
+
+def test_every_spelling_of_machine_counts_and_a_value_is_no_flag() -> None:
+    """`-M` is `-machine`'s short form and QEMU reads `--opt` as `-opt`: the scan missed
+    `-M pc,mem-merge=off` and called the VM mergeable."""
+    assert parse_qemu_cmdline(["qemu", "-M", "pc,mem-merge=off"])[4] is False
+    assert parse_qemu_cmdline(["qemu", "--machine", "mem-merge=off"])[4] is False
+    assert parse_qemu_cmdline(["qemu", "-machine", "mem-merge=off", "--M", "mem-merge=on"])[4]
+    # -M's value is `-machine`; what follows is a disk image, not an option
+    assert parse_qemu_cmdline(["qemu", "-M", "-machine", "mem-merge=off"])[4] is None
