@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ksmpolicy.kernel.qemuopts import option_map, options, qemu_bool
 from ksmpolicy.kernel.qmp import socket_of
-from ksmpolicy.kernel.scan import parse_qemu_cmdline
+from ksmpolicy.kernel.vmm import parse_qemu_cmdline
 
 
 def test_doubled_commas_are_commas_in_the_value() -> None:
