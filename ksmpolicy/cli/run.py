@@ -32,38 +32,90 @@ def exec_(
     """Run COMMAND with its memory mergeable if the policy says merge.
 
     \b
-    ksmpolicy exec --name fc-42 --tag tenant-a -- firecracker --api-sock /run/fc-42.sock
+    ksmpolicy exec --tag tenant-a -- firecracker --id fc-42 --api-sock /run/fc-42.sock
     ksmpolicy exec -n build-runner -- java -jar runner.jar
 
-    Decides for NAME (default: the command's name) and TAGs, calls
-    prctl(PR_SET_MEMORY_MERGE) (Linux 6.4+, CAP_SYS_RESOURCE) when the decision
-    is merge, tells the daemon, and execs COMMAND, which keeps the flag and
-    passes it to its children. Excluded, or under trust domains (only the daemon
-    may switch merging, and no one can switch a running process's flag), it
-    execs without merging and says so.
+    Decides for what COMMAND will be once it runs, as status and the daemon
+    will see it: its kind (qemu, firecracker, cloud-hypervisor, crosvm, kata;
+    service inside a systemd service, else process), the name it gives itself
+    (Firecracker's --id, QEMU's -name; NAME may only repeat it), else NAME,
+    else its service's or its program's name, and TAGs. A COMMAND that cannot
+    be run fails first (exit 127, or 126 when not executable), before anything
+    is decided or announced. When the decision is merge it calls
+    prctl(PR_SET_MEMORY_MERGE) (Linux 6.4+, CAP_SYS_RESOURCE), tells the
+    daemon, and execs COMMAND, which keeps the flag and passes it to its
+    children. Excluded, or under trust domains (only the daemon may switch
+    merging, and no one can switch a running process's flag), it execs without
+    merging and says so.
     """
+    import errno  # noqa: PLC0415
+
     from ksmpolicy.kernel.prctl import memory_merge, set_memory_merge  # noqa: PLC0415
-    from ksmpolicy.policy.decide import Decider, VmFacts  # noqa: PLC0415
+    from ksmpolicy.kernel.scan import systemd_unit  # noqa: PLC0415
+    from ksmpolicy.platforms.process import command_facts  # noqa: PLC0415
+    from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
     from ksmpolicy.runtime.notify import send  # noqa: PLC0415
 
+    executable = resolve_program(command[0])
+    paths = host_paths("/", run_dir)
+    facts = command_facts(
+        command,
+        executable,
+        unit=systemd_unit(paths.proc / "self"),
+        name=name,
+        tags=frozenset(tags),
+    )
     policy = options.load()
-    who = name or os.path.basename(command[0])  # noqa: PTH119
-    decision = Decider(policy).decide(VmFacts(name=who, tags=frozenset(tags)))
+    decision = Decider(policy).decide(facts)
     merge = decision.merge and not policy.uses_domains
+    who = f"{facts.name} ({facts.kind})" if facts.kind != "process" else facts.name
     if merge:
         set_memory_merge(True)
         if not quiet:
             click.echo(one_line(f"ksmpolicy: {who}: mergeable ({decision.reason})"), err=True)
-        send(host_paths("/", run_dir), "started", who)  # the daemon sprints for it
+        send(paths, "started", facts.name)  # the daemon sprints for it
     else:
         why = decision.reason if not decision.merge else "trust domains: only the daemon merges"
         if memory_merge():  # inherited from whoever started us
             set_memory_merge(False)
         click.echo(one_line(f"ksmpolicy: {who}: not mergeable ({why})"), err=True)
     try:
-        os.execvp(command[0], list(command))
+        os.execv(executable, list(command))
     except OSError as exc:
-        raise click.ClickException(f"cannot run {command[0]}: {exc.strerror}") from None
+        missing = exc.errno == errno.ENOENT  # e.g. a script's interpreter
+        raise (NotFound if missing else CannotRun)(command[0], exc.strerror or str(exc)) from None
+
+
+class CannotRun(click.ClickException):
+    """A command that is there but cannot be run: exit 126, as a shell's."""
+
+    exit_code = 126
+
+    def __init__(self, program: str, why: str) -> None:
+        super().__init__(one_line(f"cannot run {program}: {why}"))
+
+
+class NotFound(CannotRun):
+    """A command that is not there: exit 127, as a shell's."""
+
+    exit_code = 127
+
+
+def resolve_program(program: str) -> str:
+    """The file `program` will be exec'd from, as execvp finds it (PATH when it has no `/`);
+    CannotRun when there is none or it is not executable."""
+    import shutil  # noqa: PLC0415
+
+    if "/" not in program:
+        found = shutil.which(program)
+        if found is None:
+            raise NotFound(program, "command not found (not in PATH)")
+        return found
+    if not os.path.exists(program):  # noqa: PTH110
+        raise NotFound(program, "No such file or directory")
+    if os.path.isdir(program) or not os.access(program, os.X_OK):  # noqa: PTH112
+        raise CannotRun(program, "not an executable file")
+    return program
 
 
 MEMORY_KSM_SINCE = 254  # systemd's MemoryKSM= (prctl PR_SET_MEMORY_MERGE for the service)
@@ -104,13 +156,16 @@ def systemd_dropin(
     ksmpolicy systemd-dropin jenkins.service --tag ci
     systemctl daemon-reload && systemctl restart jenkins.service
 
-    The policy decides for the unit's name (without `.service`) and TAGs; the
-    drop-in (UNIT.d/50-ksmpolicy.conf) says MemoryKSM=yes or no. MemoryKSM=
+    The policy decides for the service as the process scan will see its
+    processes: kind `service`, the unit (for `units:` rules), its name without
+    `.service`, and TAGs; the drop-in (UNIT.d/50-ksmpolicy.conf) says
+    MemoryKSM=yes or no. Only .service units take it. MemoryKSM=
     came with systemd 254: on an older one this refuses and says which version
     it found (use `ksmpolicy exec` in ExecStart= there).
     """
     from ksmpolicy.files import write_atomic  # noqa: PLC0415
-    from ksmpolicy.policy.decide import Decider, VmFacts  # noqa: PLC0415
+    from ksmpolicy.platforms.process import service_facts  # noqa: PLC0415
+    from ksmpolicy.policy.decide import Decider  # noqa: PLC0415
 
     if not valid_unit_name(unit):
         raise click.BadParameter(
@@ -118,6 +173,11 @@ def systemd_dropin(
             param_hint="UNIT",
         )
     full = unit if "." in unit else f"{unit}.service"
+    if not full.endswith(".service"):
+        raise click.BadParameter(
+            f"{unit!r} is no service: MemoryKSM= goes in a .service unit's [Service] section",
+            param_hint="UNIT",
+        )
     version = systemd_version if systemd_version is not None else installed_systemd()
     if version < MEMORY_KSM_SINCE:
         raise KsmPolicyError(
@@ -126,8 +186,7 @@ def systemd_dropin(
             "in its ExecStart= instead"
         )
     policy = options.load()
-    name = full.rsplit(".", 1)[0]
-    decision = Decider(policy).decide(VmFacts(name=name, tags=frozenset(tags)))
+    decision = Decider(policy).decide(service_facts(full, frozenset(tags)))
     merge = decision.merge and not policy.uses_domains
     text = (
         f"# Written by `ksmpolicy systemd-dropin {full}`: {decision.reason}.\n"

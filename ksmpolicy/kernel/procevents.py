@@ -10,10 +10,11 @@ exec (pid, tgid), for exit (pid, tgid, exit code, signal, ...).
 from __future__ import annotations
 
 import os
-import re
 import socket
 import struct
 from dataclasses import dataclass
+
+from ksmpolicy.kernel.vmm import is_vmm_binary
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -26,11 +27,6 @@ _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _PIDS = struct.Struct("=II")  # pid, tgid (exec and exit start with these)
-
-# Processes worth a look the moment they exec: VMMs by their binary's name.
-VMM_BINARY = re.compile(
-    rb"^(qemu-system-.*|qemu-kvm|kvm|firecracker|cloud-hypervisor|crosvm|jailer)$"
-)
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,7 @@ def worth_a_look(proc: str, pid: int) -> str | None:
     except OSError:
         return None
     binary = os.path.basename(argv0)  # noqa: PTH119
-    if VMM_BINARY.match(binary):
+    if is_vmm_binary(binary.decode("utf-8", "replace")):
         return binary.decode("utf-8", "replace")
     try:
         with open(f"{proc}/{pid}/ksm_stat", "rb") as handle:  # noqa: PTH123

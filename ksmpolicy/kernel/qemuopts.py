@@ -10,6 +10,10 @@ keeps its last value, as QEMU does. Linear in the string's length (one `find` pe
 
 from __future__ import annotations
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 
 def options(value: str) -> list[tuple[str, str]]:
     """(key, value) pairs in order; the implied first value has key ""."""
@@ -57,3 +61,27 @@ def qemu_bool(text: str | None) -> bool | None:
     if text in ("off", "no", "false", "n"):
         return False
     return None
+
+
+# `-machine` as QEMU's option table spells it: `-M` is its short form, and QEMU reads `--opt` as
+# `-opt` (vl.c: lookup_opt skips a second dash).
+MACHINE_FLAGS = frozenset({"-machine", "--machine", "-M", "--M"})
+
+
+def machine_mem_merge(argv: Sequence[str]) -> bool | None:
+    """`mem-merge` as QEMU will apply it from a command line: each `-machine` (or `-M`,
+    `--machine`) is merged into one set of machine options, a later key replacing an earlier
+    one (keyval_parse_into), so the last `mem-merge=` given wins. None when none says it (QEMU's
+    default: on). A flag's value is never read as a flag: `-M -machine` is a machine called
+    `-machine`, and the option after it stands on its own."""
+    found = None
+    index = 0
+    while index < len(argv):
+        if argv[index] in MACHINE_FLAGS and index + 1 < len(argv):
+            merge = qemu_bool(option_map(argv[index + 1]).get("mem-merge"))
+            if merge is not None:
+                found = merge
+            index += 2
+        else:
+            index += 1
+    return found

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ksmpolicy.kernel.procfs import effective_uid, read_stat
-from ksmpolicy.kernel.qemuopts import option_map, qemu_bool
 from ksmpolicy.kernel.smaps import Smaps
 from ksmpolicy.kernel.smaps import parse as parse_smaps
+from ksmpolicy.kernel.vmm import classify
 from ksmpolicy.paths import HostPaths
 
 log = logging.getLogger(__name__)
-
-# libvirt runs qemu-system-ARCH (comm truncated to 15 characters), RHEL qemu-kvm, Proxmox kvm.
-_QEMU_BINARY = re.compile(r"^(qemu-system-.*|qemu-kvm|kvm)$")
-_SIZE_UNITS = {"": 2**20, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 @dataclass(frozen=True)
@@ -95,43 +89,8 @@ class _Identity:
     confidential: bool = False  # started as a confidential guest (SEV, SEV-SNP, TDX)
 
 
-# Options that start a confidential guest: its memory is private to it, not the host's to merge.
-CONFIDENTIAL_ARGS = ("confidential-guest-support", "sev-guest", "sev-snp-guest", "tdx-guest")
 # Mappings of guest memory only the guest can read: KVM's guest_memfd.
 CONFIDENTIAL_PATHS = (b"kvm-gmem", b"guest_memfd")
-
-
-def parse_qemu_cmdline(
-    argv: Sequence[str],
-) -> tuple[str | None, str | None, str | None, int | None, bool | None]:
-    """(name, uuid, vmid, ram_bytes, mem_merge) from a QEMU command line."""
-    name = uuid = vmid = None
-    ram = None
-    mem_merge = None
-    for flag, value in itertools.pairwise(argv):
-        if flag == "-name":
-            props = option_map(value)
-            name = props.get("guest") or props.get("")
-        elif flag == "-uuid":
-            uuid = value.lower()
-        elif flag == "-id":
-            vmid = value
-        elif flag == "-m":
-            props = option_map(value)
-            ram = _size(props.get("size") or props.get(""))
-        elif flag == "-machine":
-            merge = qemu_bool(option_map(value).get("mem-merge"))
-            if merge is not None:
-                mem_merge = merge  # the last -machine that says wins
-    return name, uuid, vmid, ram, mem_merge
-
-
-def _size(text: str | None) -> int | None:
-    """QEMU's `-m` size in bytes; None for anything a real QEMU would not have started with."""
-    match = re.fullmatch(r"(\d{1,15}(?:\.\d{1,15})?)([bkmgtBKMGT]?)", text or "")
-    if not match:
-        return None
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def read_ksm_stat(path: Path) -> KsmStat | None:
@@ -347,66 +306,22 @@ def _identify(proc: Path, pid: int) -> _Identity | None:
     if not raw:
         return None  # kernel thread or zombie
     argv = raw.rstrip(b"\0").decode("utf-8", "replace").split("\0")
-    binary = Path(argv[0]).name
     unit = systemd_unit(proc)
-    if _QEMU_BINARY.match(binary) or _QEMU_BINARY.match(comm):
-        name, uuid, vmid, ram, mem_merge = parse_qemu_cmdline(argv)
-        sandbox = _kata_sandbox(argv)
-        if sandbox and not name:
-            name = f"kata-{sandbox}"
-        label = name or (f"vmid {vmid}" if vmid else f"{comm}[{pid}]")
-        confidential = any(c in arg for arg in argv for c in CONFIDENTIAL_ARGS)
-        return _Identity("qemu", label, uuid, vmid, ram, mem_merge, unit, confidential)
-    kind, name = vmm_identity(binary, argv)
-    if kind is None:
-        if unit is not None and unit.endswith(".service"):
-            kind, name = "service", unit.removesuffix(".service")
-        else:
-            kind, name = "process", None
-    return _Identity(kind, name or f"{comm}[{pid}]", None, None, None, None, unit)
-
-
-# VMMs other than QEMU, by their binary's name; what names a VM on their command lines.
-_VMMS = {"firecracker": "--id", "cloud-hypervisor": "--api-socket", "crosvm": "--socket"}
-
-
-def vmm_identity(binary: str, argv: Sequence[str]) -> tuple[str | None, str | None]:
-    """(kind, name) of a non-QEMU VMM from its command line: Firecracker's `--id`, Cloud
-    Hypervisor's `--api-socket` and crosvm's `--socket` (the socket's name, without `.sock`); a
-    VMM in a kata sandbox (its sockets under /run/vc/vm/ID/) is kind `kata`, named `kata-ID`.
-    (None, None) for anything else."""
-    flag = _VMMS.get(binary)
-    if flag is None:
-        return None, None
-    sandbox = _kata_sandbox(argv)
-    if sandbox:
-        return "kata", f"kata-{sandbox}"
-    value = _option(argv, flag)
-    if value and flag != "--id":
-        value = value.removeprefix("path=").split(",", 1)[0]
-        value = Path(value).name.removesuffix(".sock") or None
-    return binary, value
-
-
-def _option(argv: Sequence[str], flag: str) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1 :]
-    return None
-
-
-_KATA_SANDBOX = re.compile(r"/vc/vm/([0-9A-Za-z_.-]{1,128})/")
-
-
-def _kata_sandbox(argv: Sequence[str]) -> str | None:
-    """kata runs its VMMs with sockets and files under /run/vc/vm/SANDBOX-ID/."""
-    for arg in argv:
-        found = _KATA_SANDBOX.search(arg)
-        if found:
-            return found.group(1)
-    return None
+    found = classify(argv, comm, unit)
+    if found.kind == "qemu":
+        label = found.name or (f"vmid {found.vmid}" if found.vmid else f"{comm}[{pid}]")
+    else:
+        label = found.name or f"{comm}[{pid}]"
+    return _Identity(
+        found.kind,
+        label,
+        found.uuid,
+        found.vmid,
+        found.ram_bytes,
+        found.mem_merge,
+        unit,
+        found.confidential,
+    )
 
 
 def systemd_unit(proc: Path) -> str | None:

@@ -10,6 +10,10 @@ from ksmpolicy.paths import HostPaths
 from ksmpolicy.platforms.base import VmRef
 from ksmpolicy.policy.decide import VmFacts
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 
 class Process:
     name = "process"
@@ -54,3 +58,46 @@ def qmp_switch(paths: HostPaths, vm: VmRef, merge: bool, fallback: str | None) -
     if path is None:
         raise KsmPolicyError("no QMP socket on its command line")
     return set_merge_on_socket(path, merge, timeout=5.0, expect_pid=vm.pid)
+
+
+def command_facts(
+    argv: Sequence[str],
+    executable: str,
+    *,
+    unit: str | None,
+    name: str | None = None,
+    tags: frozenset[str] = frozenset(),
+) -> VmFacts:
+    """The facts of a command about to be exec'd as `executable` in `unit` (the caller's: exec
+    keeps the cgroup and the PID), as the process scan will see it once it runs: its kind from
+    the one classification (kernel/vmm.py), so `kinds:` and `units:` rules apply. A VM names
+    itself on its command line (Firecracker's `--id`, QEMU's `-name`): `name` may only repeat
+    that name, since the scan, status and the daemon will know it by it. A command without a
+    name of its own is known by `name`, else by the unit (a service), else by its program."""
+    import os  # noqa: PLC0415
+
+    from ksmpolicy.kernel.vmm import classify  # noqa: PLC0415
+
+    comm = os.path.basename(executable)[:15]  # noqa: PTH119 (the kernel's comm after exec)
+    found = classify(argv, comm, unit)
+    own = found.name if found.kind not in ("service", "process") else None
+    if own is not None and name is not None and name != own:
+        raise KsmPolicyError(
+            f"{argv[0]} names itself {own!r} ({found.kind}), and status and the daemon will know "
+            f"it by that name: drop --name {name!r}, or give --name {own!r}"
+        )
+    chosen = own or name or found.name or os.path.basename(argv[0])  # noqa: PTH119
+    return VmFacts(
+        name=chosen,
+        uuid=found.uuid,
+        vmid=found.vmid,
+        tags=tags,
+        kind=found.kind,
+        unit=unit,
+    )
+
+
+def service_facts(unit: str, tags: frozenset[str] = frozenset()) -> VmFacts:
+    """The facts of the processes of a system service, as the process scan sees them: kind
+    `service`, known by the unit's name without `.service`, in `unit`."""
+    return VmFacts(name=unit.removesuffix(".service"), tags=tags, kind="service", unit=unit)

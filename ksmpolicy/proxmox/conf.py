@@ -1,26 +1,46 @@
-"""Proxmox VE guest configs (/etc/pve/qemu-server/VMID.conf): facts, and the KSM rewrite.
+r"""Proxmox VE guest configs (/etc/pve/qemu-server/VMID.conf): facts, and the KSM rewrite.
 
-A config is `key: value` lines. The main section comes first, its description as leading `#`
-lines; `[PENDING]`, `[special:cloudinit]` and one `[name]` section per snapshot follow. Only the
-main section is ever edited, one line at a time; everything else is kept byte for byte.
+Read as qemu-server reads them (QemuServer.pm: parse_vm_config, whose rules are quoted here):
+
+* Lines are split at `\n` only. Blank lines are skipped, `#` lines are the description.
+* The main section comes first. `[PENDING]` (any case), `[special:cloudinit]` and
+  `[special:fleecing]`, and a `[name]` per snapshot follow; any other `[...]` line starts a
+  section qemu-server skips. None of them is the current config; a section given twice keeps
+  the last.
+* A key line is `key: value` (`^([a-z][a-z_-]*\d*):\s*(.+?)\s*$`, whitespace being ASCII's,
+  as Perl's `\s` on bytes). A line ending in `snapstate: prepare|delete` is snapstate, whatever
+  comes first (that regex is not anchored). A value that fails its type check (a boolean that
+  is not 1/0/on/off/yes/no/true/false in any case) is dropped, as if the line were not there.
+* A key given twice keeps the last value that passed (`$conf->{$key} = $value`).
+
+Only the main section is ever edited, one line at a time; everything else is kept byte for
+byte.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.policy.decide import MemoryRegion, VmFacts
+from ksmpolicy.proxmox.args import MEM_MERGE_OFF, mem_merge, with_merge_off, without_merge_off
 from ksmpolicy.records import dataclass
 
 MAX_CONF_BYTES = 16 * 1024 * 1024
 # qemu-server 9.0.27 added `allow-ksm`; older versions need `args: -machine mem-merge=off`
 # (QEMU merges repeated -machine options).
 ALLOW_KSM_SINCE = (9, 0, 27)
-MEM_MERGE_OFF = ("-machine", "mem-merge=off")
-_SECTION = re.compile(r"^\[([^\]]+)\]\s*$")
-_KEY = re.compile(r"^([a-z][a-z0-9_-]*):\s?(.*?)\s*$")
+_PENDING = re.compile(r"^\[PENDING\]\s*$", re.I | re.A)
+_SPECIAL = re.compile(r"^\[special:(cloudinit|fleecing)\]\s*$", re.I | re.A)
+_SNAPSHOT = re.compile(r"^\[([a-z][a-z0-9_\-]+)\]\s*$", re.I | re.A)
+_UNKNOWN = re.compile(r"^\[([^\]]*)\]\s*$", re.A)
+_BLANK = re.compile(r"^\s*$", re.A)
+_SNAPSTATE = re.compile(r"snapstate:\s*(prepare|delete)\s*$", re.A)
+_DESCRIPTION = re.compile(r"^description:\s*(.*\S)\s*$", re.A)
+_ARGS = re.compile(r"^(args):\s*(.*\S)\s*$", re.A)
+_KEY = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.+?)\s*$", re.A)
+# The booleans ksmpolicy reads, checked as check_type checks them.
+BOOLEAN_KEYS = frozenset({"allow-ksm", "template", "numa"})
 _DISK = re.compile(r"^(ide|sata|scsi|virtio)\d+$")
 _TAG_SPLIT = re.compile(r"[;,\s]+")
 
@@ -31,11 +51,14 @@ class ConfError(KsmPolicyError):
 
 @dataclass(frozen=True)
 class Section:
-    name: str | None  # None for the main section
+    name: str | None  # None for the main section; the header's text for the others
     first: int  # index of its first line (the [header] for named sections)
     end: int  # index after its last line
-    values: dict[str, str]
-    lines_of: dict[str, int]  # key -> line index
+    values: dict[str, str]  # each key's value that counts: its last valid one
+    lines_of: dict[str, int]  # key -> index of the line that counts
+    # key -> indices of its other lines, which qemu-server reads and then overrides or drops
+    dead: dict[str, tuple[int, ...]]
+    kind: str = "main"  # main, pending, special, snapshot, or unknown (skipped by qemu-server)
 
 
 @dataclass(frozen=True)
@@ -47,23 +70,41 @@ class PveConfig:
     def main(self) -> Section:
         return self.sections[0]
 
-    def section(self, name: str) -> Section | None:
-        return next((s for s in self.sections if s.name == name), None)
+    @property
+    def pending(self) -> Section | None:
+        """The `[PENDING]` section qemu-server uses: the last one."""
+        return next((s for s in reversed(self.sections) if s.kind == "pending"), None)
 
 
 @dataclass(frozen=True)
 class PveFacts:
     vm: VmFacts
     allow_ksm: bool | None  # the `allow-ksm` key, None when absent (default: allowed)
-    args_mem_merge_off: bool  # `args` carries -machine mem-merge=off
+    args_mem_merge: bool | None  # the last `-machine ...mem-merge=` in `args`, None: not said
     hookscript: str | None
     template: bool
     lock: str | None
 
     @property
     def merging_off(self) -> bool:
-        """The config keeps this VM's memory out of KSM (either way)."""
-        return self.allow_ksm is False or self.args_mem_merge_off
+        """QEMU will start with merging off: `args` comes last on its command line, so what it
+        says wins; else `allow-ksm: 0`."""
+        if self.args_mem_merge is not None:
+            return not self.args_mem_merge
+        return self.allow_ksm is False
+
+
+def pve_bool(value: str | None) -> bool | None:
+    """A boolean as qemu-server's check_type reads it (after the line's whitespace is
+    stripped): `1`, or on/yes/true in any case; `0`, or off/no/false in any case; None for
+    anything else (dropped with a warning) or absent."""
+    if value is None:
+        return None
+    if value == "1" or value.lower() in ("on", "yes", "true"):
+        return True
+    if value == "0" or value.lower() in ("off", "no", "false"):
+        return False
+    return None
 
 
 def split_lines(text: str) -> tuple[str, ...]:
@@ -79,39 +120,98 @@ def split_lines(text: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
+def _header(line: str) -> tuple[str, str] | None:
+    """(kind, name) of a section header line, in qemu-server's order of tests, or None."""
+    for kind, pattern in (
+        ("pending", _PENDING),
+        ("special", _SPECIAL),
+        ("snapshot", _SNAPSHOT),
+        ("unknown", _UNKNOWN),
+    ):
+        if pattern.match(line):
+            return kind, line.strip()[1:-1]
+    return None
+
+
+def _key_value(line: str) -> tuple[str, str] | None:
+    """(key, value) of a key line as qemu-server reads it, or None (not a key line, or a value
+    its type check drops)."""
+    if _BLANK.match(line) or line.startswith("#") or _DESCRIPTION.match(line):
+        return None
+    if _SNAPSTATE.search(line):
+        return None
+    match = _ARGS.match(line) or _KEY.match(line)
+    if match is None:
+        return None
+    key, value = match.group(1), match.group(2)
+    if key in BOOLEAN_KEYS and pve_bool(value) is None:
+        return None
+    return key, value
+
+
+class _Builder:
+    """One section's keys as the lines go by."""
+
+    def __init__(self, name: str | None, first: int, kind: str) -> None:
+        self.name, self.first, self.kind = name, first, kind
+        self.values: dict[str, str] = {}
+        self.lines_of: dict[str, int] = {}
+        self.dead: dict[str, list[int]] = {}
+
+    def line(self, index: int, line: str) -> None:
+        shape = _KEY.match(line)
+        if shape:
+            self.dead.setdefault(shape.group(1), []).append(index)  # until it proves to count
+        found = _key_value(line)
+        if found is None:
+            return
+        key, value = found
+        self.values[key] = value
+        self.lines_of[key] = index
+
+    def section(self, end: int) -> Section:
+        dead = {
+            key: tuple(i for i in indices if i != self.lines_of.get(key))
+            for key, indices in self.dead.items()
+        }
+        dead = {key: indices for key, indices in dead.items() if indices}
+        return Section(self.name, self.first, end, self.values, self.lines_of, dead, self.kind)
+
+
 def parse(text: str) -> PveConfig:
-    """Split a config into sections; malformed lines are kept, not judged."""
+    """Split a config into sections and read their keys as qemu-server does; malformed lines
+    are kept, not judged."""
     if len(text) > MAX_CONF_BYTES:
         raise ConfError(f"config is larger than {MAX_CONF_BYTES // 2**20} MB: refusing it")
     if "\0" in text:
         raise ConfError("config contains NUL bytes: not a Proxmox config")
     lines = split_lines(text)
     sections: list[Section] = []
-    name: str | None = None
-    first = 0
-    values: dict[str, str] = {}
-    lines_of: dict[str, int] = {}
+    current = _Builder(None, 0, "main")
     for index, line in enumerate(lines):
-        header = _SECTION.match(line)
-        if header:
-            sections.append(Section(name, first, index, values, lines_of))
-            name, first, values, lines_of = header.group(1), index, {}, {}
+        header = _header(line)
+        if header is not None:
+            sections.append(current.section(index))
+            current = _Builder(header[1], index, header[0])
             continue
-        match = _KEY.match(line)
-        if match and match.group(1) not in values:
-            values[match.group(1)] = match.group(2)
-            lines_of[match.group(1)] = index
-    sections.append(Section(name, first, len(lines), values, lines_of))
+        current.line(index, line)
+    sections.append(current.section(len(lines)))
     return PveConfig(lines, tuple(sections))
 
 
-def facts(config: PveConfig, vmid: str, values: dict[str, str] | None = None) -> PveFacts:
-    """Facts from the main section (or from `values`, e.g. main with pending changes)."""
+def facts(
+    config: PveConfig,
+    vmid: str,
+    values: dict[str, str] | None = None,
+    *,
+    use_allow_ksm: bool = True,
+) -> PveFacts:
+    """Facts from the main section (or from `values`, e.g. main with pending changes).
+    `use_allow_ksm` False: a qemu-server before 9.0.27, which drops `allow-ksm` as unknown."""
     main = config.main.values if values is None else values
     tags = frozenset(t for t in _TAG_SPLIT.split(main.get("tags", "")) if t)
     disks = (_image(v) for k, v in sorted(main.items()) if _DISK.match(k))
     images = tuple(dict.fromkeys(i for i in disks if i))  # in key order, each once
-    allow = main.get("allow-ksm")
     memory = _memory(main.get("memory"))
     # qemu-server backs every guest NUMA node the same way: `hugepages:` all of them with
     # hugetlbfs, a virtiofs share all of them with shared memfd. One region says it.
@@ -127,17 +227,17 @@ def facts(config: PveConfig, vmid: str, values: dict[str, str] | None = None) ->
     )
     return PveFacts(
         vm=vm,
-        allow_ksm=None if allow is None else allow.strip() not in ("0", "false", "no"),
-        args_mem_merge_off=_find_pair(main.get("args", ""), MEM_MERGE_OFF) is not None,
+        allow_ksm=pve_bool(main.get("allow-ksm")) if use_allow_ksm else None,
+        args_mem_merge=mem_merge(main.get("args")),
         hookscript=main.get("hookscript"),
-        template=main.get("template", "0").strip() == "1",
+        template=pve_bool(main.get("template")) is True,
         lock=main.get("lock"),
     )
 
 
 def with_pending(config: PveConfig) -> dict[str, str] | None:
     """The main section as it will be once pending changes apply, or None without any."""
-    pending = config.section("PENDING")
+    pending = config.pending
     if pending is None:
         return None
     values = dict(config.main.values)
@@ -196,48 +296,75 @@ def qemu_server_supports_allow_ksm(version: str | None) -> bool:
 def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
     """The config with KSM allowed or not for this VM; the input text when it complies.
 
-    Exclude: `allow-ksm: 0` (qemu-server >= 9.0.27), else `-machine mem-merge=off` added to
-    `args`. Allow: the `allow-ksm: 0` line is removed (the default is 1) and the token pair
-    taken out of `args`. Only main-section lines change.
+    Exclude: `allow-ksm: 0` (qemu-server >= 9.0.27; older ones drop the key as unknown, so
+    there `args` alone counts), and when `args` would still turn merging on (or on an older
+    qemu-server, unless it turns merging off), `-machine mem-merge=off` at its end, where it
+    wins. Allow: the `allow-ksm: 0` line goes (the default is 1), and ksmpolicy's own
+    `-machine mem-merge=off` pairs leave `args`; any other way `args` says mem-merge=off is the
+    operator's and stays (the hook and status then say the config turns KSM off).
+
+    The line that counts is the one edited; other lines of `allow-ksm` or `args` in the main
+    section, which qemu-server reads and then overrides or drops, are removed whenever the text
+    changes, so no reader is misled by them. Only main-section lines change.
     """
     config = parse(text)
-    lines: list[str | None] = list(config.lines)
     main = config.main
-    newline = newline_of(config.lines)
-    edits: list[tuple[int, str | None]] = []  # (line index, new line or None to delete)
+    edits: dict[int, str | None] = {}  # line index -> new line, or None to delete it
     inserts: list[tuple[int, str]] = []
-    allow_value = main.values.get("allow-ksm")
-    allow_off = allow_value is not None and allow_value.strip() in ("0", "false", "no")
+    newline = newline_of(config.lines)
+    allow_ksm = pve_bool(main.values.get("allow-ksm"))
     args = main.values.get("args")
-    pair = _find_pair(args or "", MEM_MERGE_OFF)
+    said = mem_merge(args)
     if allow:
-        if allow_off:
-            edits.append((main.lines_of["allow-ksm"], None))
-        if args is not None and pair is not None:
-            index = main.lines_of["args"]
-            edits.append((index, _without_pair(config.lines[index], args, pair)))
-    elif allow_off or pair is not None:
-        pass  # merging is off already, one way or the other
-    elif use_allow_ksm:
-        setting = f"allow-ksm: 0{newline}"
-        if allow_value is not None:
-            edits.append((main.lines_of["allow-ksm"], setting))
-        else:
-            inserts.append((sorted_position(config, "allow-ksm"), setting))
-    elif args is None:
-        inserts.append(
-            (sorted_position(config, "args"), f"args: {' '.join(MEM_MERGE_OFF)}{newline}")
-        )
+        if allow_ksm is False:
+            edits[main.lines_of["allow-ksm"]] = None
+        kept = without_merge_off(args) if args is not None and said is False else args
+        if kept != args:
+            edits[main.lines_of["args"]] = _args_line(config, kept or "")
     else:
-        index = main.lines_of["args"]
-        edits.append((index, _with_pair(config.lines[index])))
+        if use_allow_ksm and allow_ksm is not False and said is not False:
+            setting = f"allow-ksm: 0{newline}"
+            if "allow-ksm" in main.lines_of:
+                edits[main.lines_of["allow-ksm"]] = setting
+            else:
+                inserts.append((sorted_position(config, "allow-ksm"), setting))
+        if said is True or (not use_allow_ksm and said is None):
+            if args is None:
+                pair = " ".join(MEM_MERGE_OFF)
+                inserts.append((sorted_position(config, "args"), f"args: {pair}{newline}"))
+            else:
+                edits[main.lines_of["args"]] = _args_line(config, _merge_off(args))
     if not edits and not inserts:
         return text
-    for index, edited in edits:
+    for key in ("allow-ksm", "args"):
+        edits.update(dict.fromkeys(main.dead.get(key, ())))
+    lines: list[str | None] = list(config.lines)
+    for index, edited in edits.items():
         lines[index] = edited
     for index, added in sorted(inserts, reverse=True):
         lines.insert(index, added)
     return "".join(line for line in lines if line is not None)
+
+
+def _merge_off(args: str) -> str:
+    new = with_merge_off(args)
+    if new is None:
+        raise ConfError(
+            f"args: {args!r} ends inside a quote or with a backslash, so "
+            f"`{' '.join(MEM_MERGE_OFF)}` cannot be added after it: fix args by hand"
+        )
+    return new
+
+
+def _args_line(config: PveConfig, args: str) -> str | None:
+    """The `args` line that counts, with a new value (its key, spacing and ending kept); None
+    when the value is empty."""
+    line = config.lines[config.main.lines_of["args"]]
+    old = config.main.values["args"]
+    if not args.strip():
+        return None
+    offset = line.index(old, line.index(":") + 1)
+    return line[:offset] + args + line[offset + len(old) :]
 
 
 def newline_of(lines: tuple[str, ...]) -> str:
@@ -258,41 +385,3 @@ def sorted_position(config: PveConfig, key: str) -> int:
     while index < main.end and config.lines[index].startswith("#"):
         index += 1
     return index
-
-
-def _tokens(args: str) -> list[tuple[int, int, str]]:
-    """Shell-like words of `args` with their spans; quoted words keep their quotes out."""
-    tokens = []
-    for match in re.finditer(r"""(?:[^\s'"\\]|\\.|'[^']*'|"(?:[^"\\]|\\.)*")+""", args):
-        word = match.group(0)
-        plain = word if not re.search(r"['\"\\]", word) else None
-        tokens.append((match.start(), match.end(), plain if plain is not None else "\0" + word))
-    return tokens
-
-
-def _find_pair(args: str, pair: tuple[str, str]) -> tuple[int, int] | None:
-    """Span of the unquoted token pair in `args` (e.g. `-machine mem-merge=off`), or None."""
-    tokens = _tokens(args)
-    for (start, _end, first), (_s, end, second) in itertools.pairwise(tokens):
-        if (first, second) == pair:
-            return start, end
-    return None
-
-
-def _without_pair(line: str, args: str, span: tuple[int, int]) -> str | None:
-    """The args line without the pair and one space next to it; None if args ends up empty."""
-    start, end = span
-    if end < len(args) and args[end] == " ":
-        end += 1
-    elif start > 0 and args[start - 1] == " ":
-        start -= 1
-    remaining = args[:start] + args[end:]
-    if not remaining.strip():
-        return None
-    offset = line.index(args, line.index(":") + 1)
-    return line[:offset] + remaining + line[offset + len(args) :]
-
-
-def _with_pair(line: str) -> str:
-    body = line.rstrip("\r\n")
-    return body + " " + " ".join(MEM_MERGE_OFF) + line[len(body) :]

@@ -175,7 +175,7 @@ class ProxmoxHook:
 
     def ram_bytes(self, pid: int) -> int | None:
         """Guest RAM from the QEMU command line (`-m`)."""
-        from ksmpolicy.kernel.scan import parse_qemu_cmdline  # noqa: PLC0415
+        from ksmpolicy.kernel.vmm import parse_qemu_cmdline  # noqa: PLC0415
 
         try:
             raw = (self.paths.proc / str(pid) / "cmdline").read_bytes()

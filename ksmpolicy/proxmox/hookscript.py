@@ -16,7 +16,7 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import carries_marker, read_regular, write_atomic
 from ksmpolicy.hookshim import shim
 from ksmpolicy.paths import HostPaths
-from ksmpolicy.proxmox.conf import MAX_CONF_BYTES, parse, split_lines
+from ksmpolicy.proxmox.conf import MAX_CONF_BYTES, parse, pve_bool, split_lines
 from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
 
 HOOKSCRIPT_NAME = "ksmpolicy-hook"
@@ -165,7 +165,7 @@ def attach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm"
     current = facts.get("hookscript")
     if current == volid:
         return "already attached"
-    if facts.get("template", "0").strip() == "1":
+    if pve_bool(facts.get("template")):
         return "skipped (template)"
     if current and is_our_volume(paths, current):
         run_qm(qm, "set", vmid, "--hookscript", volid)  # ours elsewhere: moved, never chained

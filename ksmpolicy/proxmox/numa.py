@@ -16,7 +16,14 @@ be set by hand there. Only main-section lines change.
 
 from __future__ import annotations
 
-from ksmpolicy.proxmox.conf import ConfError, memory_mib, newline_of, parse, sorted_position
+from ksmpolicy.proxmox.conf import (
+    ConfError,
+    memory_mib,
+    newline_of,
+    parse,
+    pve_bool,
+    sorted_position,
+)
 from ksmpolicy.trust.scopes import node_ranges
 
 _MAX_NUMA = 8  # qemu-server's $MAX_NUMA
@@ -55,7 +62,7 @@ def set_numa(text: str, nodes: tuple[int, ...]) -> str:
     sockets = _number(values.get("sockets"), 1)
     cores = _number(values.get("cores"), 1)
     memory = _memory_mib(values.get("memory"))
-    numa_on = (values.get("numa") or "0").strip() == "1"
+    numa_on = pve_bool(values.get("numa")) is True
     if numa_on:
         added = []
         for socket in range(min(sockets, _MAX_NUMA)):

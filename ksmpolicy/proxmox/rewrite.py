@@ -18,12 +18,12 @@ def apply_policy(
     """The config as the policy wants it, facts, decision, and a note when a pending change
     would change the decision. One code path for the hookscript, `rewrite` and `apply`."""
     config = parse(text)
-    found = facts(config, vmid)
+    found = facts(config, vmid, use_allow_ksm=use_allow_ksm)
     decision = decider.decide(found.vm)
     note = None
     pending = with_pending(config)
     if pending is not None:
-        later = decider.decide(facts(config, vmid, pending).vm)
+        later = decider.decide(facts(config, vmid, pending, use_allow_ksm=use_allow_ksm).vm)
         if later.action is not decision.action:
             note = (
                 f"a pending change would make the decision {later.action.value} "

@@ -240,6 +240,7 @@ def _proxmox_hookscripts(paths: HostPaths) -> Iterator[Check]:
         return
     from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
     from ksmpolicy.proxmox.conf import parse as parse_conf  # noqa: PLC0415
+    from ksmpolicy.proxmox.conf import pve_bool  # noqa: PLC0415
     from ksmpolicy.proxmox.hookscript import (  # noqa: PLC0415
         HOOKSCRIPT_RISK,
         installed_volume,
@@ -263,7 +264,7 @@ def _proxmox_hookscripts(paths: HostPaths) -> Iterator[Check]:
         except (OSError, ValueError) as exc:
             yield Check("warn", f"VM {vmid}", f"config unreadable: {exc}")
             continue
-        if values.get("template", "0").strip() == "1":
+        if pve_bool(values.get("template")):
             continue
         volume = values.get("hookscript")
         if not volume or not is_our_volume(paths, volume):

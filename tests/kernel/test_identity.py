@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.kernel.scan import ProcessScanner, systemd_unit, vmm_identity
+from ksmpolicy.kernel.scan import ProcessScanner, systemd_unit
+from ksmpolicy.kernel.vmm import vmm_identity
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.report.status import collect

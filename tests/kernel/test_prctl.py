@@ -87,20 +87,6 @@ def test_exec_says_why_it_does_not_merge(tmp_path: Path) -> None:
     assert result.stderr.startswith("ksmpolicy: pg-1: not mergeable (rule 'databases'")
 
 
-def test_exec_reports_a_command_that_does_not_exist(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\ndefault: exclude\n")
-    result = subprocess.run(
-        [KSMPOLICY, "-p", str(policy), "exec", "--", "/nonexistent/vmm"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "cannot run /nonexistent/vmm: No such file or directory" in result.stderr
-
-
 @pytest.mark.parametrize(
     ("code", "says"),
     [

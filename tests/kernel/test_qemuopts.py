@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ksmpolicy.kernel.qemuopts import option_map, options, qemu_bool
 from ksmpolicy.kernel.qmp import socket_of
-from ksmpolicy.kernel.scan import parse_qemu_cmdline
+from ksmpolicy.kernel.vmm import parse_qemu_cmdline
 
 
 def test_doubled_commas_are_commas_in_the_value() -> None:
@@ -71,3 +71,13 @@ def test_what_qemu_would_be_given_comes_back(pairs: list[tuple[str, str]]) -> No
     reads back as it was."""
     text = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in pairs)
     assert options(text) == pairs
+
+
+def test_every_spelling_of_machine_counts_and_a_value_is_no_flag() -> None:
+    """`-M` is `-machine`'s short form and QEMU reads `--opt` as `-opt`: the scan missed
+    `-M pc,mem-merge=off` and called the VM mergeable."""
+    assert parse_qemu_cmdline(["qemu", "-M", "pc,mem-merge=off"])[4] is False
+    assert parse_qemu_cmdline(["qemu", "--machine", "mem-merge=off"])[4] is False
+    assert parse_qemu_cmdline(["qemu", "-machine", "mem-merge=off", "--M", "mem-merge=on"])[4]
+    # -M's value is `-machine`; what follows is a disk image, not an option
+    assert parse_qemu_cmdline(["qemu", "-M", "-machine", "mem-merge=off"])[4] is None

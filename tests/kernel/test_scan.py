@@ -11,9 +11,9 @@ from ksmpolicy.kernel.scan import (
     KsmStat,
     ProcessScanner,
     footprint_bytes,
-    parse_qemu_cmdline,
     read_ksm_stat,
 )
+from ksmpolicy.kernel.vmm import parse_qemu_cmdline
 from ksmpolicy.paths import HostPaths
 from lab.simguest import spawn
 from tests.conftest import RealKsm

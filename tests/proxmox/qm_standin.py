@@ -5,7 +5,8 @@
 
 Like `qm set`, it changes keys of the main section of ROOT/etc/pve/qemu-server/VMID.conf: a key
 that exists is replaced in place, a new key goes where Proxmox's sorted order puts it, deleted
-keys disappear; every other line stays as it is. It records each call in ROOT/qm.log.
+keys disappear, a key's earlier duplicates too (qm writes each key once); every other line
+stays as it is. It records each call in ROOT/qm.log.
 It does not lock, validate values or know pending changes: it is not Proxmox.
 """
 
@@ -59,6 +60,18 @@ def main(argv: list[str]) -> int:
             }
     main_lines = [
         line for line in main_lines if line.split(":", 1)[0] not in deletes or line.startswith("#")
+    ]
+    # qm writes the config it parsed, each key once: the last of duplicated lines is the one
+    # qemu-server read, the others are gone.
+    last = {
+        line.split(":", 1)[0]: i
+        for i, line in enumerate(main_lines)
+        if ":" in line and not line.startswith("#")
+    }
+    main_lines = [
+        line
+        for i, line in enumerate(main_lines)
+        if ":" not in line or line.startswith("#") or last[line.split(":", 1)[0]] == i
     ]
     path.write_text("".join(main_lines + rest))
     return 0
