@@ -155,6 +155,7 @@ class Daemon:
         self.take_over = take_over
         self.passive: str | None = None
         self._pace: str | None = None  # the last plan, for status (runtime/alive.py)
+        self._replan_now = False  # a reloaded policy asks for a look at once
         self._owns_knobs = False  # written a knob: an advisor seen on now is its own doing
         self._next_alive = 0.0
         self._said_once: set[str] = set()
@@ -237,8 +238,9 @@ class Daemon:
         deadline: float | None,
         watchdog: float | None,
     ) -> None:
-        next_plan = time.monotonic()
-        next_ping = time.monotonic()
+        """Wait for something to happen (a note, a process event, a libvirt event, a signal,
+        or the next plan's time); gather what happened; plan when asked or due."""
+        next_plan = next_ping = time.monotonic()
         ready_sent = False
         notes = 0  # VMs that started since the last plan
         replan = False  # a note or event asks for a plan now
@@ -246,69 +248,89 @@ class Daemon:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return
-            timeouts = [next_plan - now]
-            if watchdog is not None:
-                timeouts.append(next_ping - now)
-            if deadline is not None:
-                timeouts.append(deadline - now)
-            fds = [listener.fileno(), wake.fileno()]
-            if self.events is not None:
-                fds.append(self.events.fileno())
-            readable, _, _ = select.select(fds, [], [], max(0.0, min(timeouts)))
-            if wake.fileno() in readable:
-                while True:
-                    try:
-                        wake.recv(64)
-                    except BlockingIOError:
-                        break
-            # Swap the list out before acting on it: a signal that arrives while the loop runs
-            # lands in the new list and is seen on the next round, never cleared unseen.
-            received_signals, self._signals = self._signals, []
-            for signum in received_signals:
-                if signum == signal.SIGHUP:
-                    self.reload()
-                    replan = True  # a new policy may move VMs between domains: look at once
-                else:
-                    log.info("received %s", signal.Signals(signum).name)
-                    return
-            if self.events is not None and self.events.fileno() in readable:
-                started, exited = self._process_events()
-                notes += started
-                replan = replan or started > 0 or exited
-            if listener.fileno() in readable:
-                received = listener.receive()
-                for note in received:
-                    log.info("hook: %s %s", note.vm, note.event)
-                # Only new memory calls for a sprint; a stop just re-plans at once.
-                notes += sum(note.event in STARTS for note in received)
-                replan = replan or bool(received)
-            if self.enforcer is not None:
-                starts, changes = self.enforcer.handle(self.reconciler.policy)
-                notes += starts
-                replan = replan or changes > 0
-            now = time.monotonic()
-            if replan or now >= next_plan:
-                self.passive = self._other_controllers()
-                if self.passive is None:
-                    notes += self._keep_domains()
-                result = self.reconciler.step(notes=notes, write=self.passive is None)
-                self._pace = f"{result.mode}: {result.reason}"
-                self._owns_knobs = self._owns_knobs or self.passive is None
-                self._say_alive()
-                notes = 0
-                replan = False
-                interval = self.reconciler.policy.reconciler.interval_seconds
-                if result.mode == "sprint" or time.monotonic() < self._watch_until:
-                    interval = min(interval, SPRINT_INTERVAL_SECONDS)
-                if time.monotonic() < self._watch_until - WATCH_SECONDS + WATCH_FAST_FOR:
-                    interval = min(interval, WATCH_FAST)
-                next_plan = time.monotonic() + interval
+            wakeups = [next_plan, *([next_ping] if watchdog is not None else [])]
+            readable = self._wait(listener, wake, min([*wakeups, deadline or next_plan]) - now)
+            if not self._handle_signals():
+                return
+            started, changed = self._gather(listener, readable)
+            notes += started
+            replan = replan or changed
+            if replan or time.monotonic() >= next_plan:
+                next_plan = time.monotonic() + self._plan(notes)
+                notes, replan = 0, False
                 if not ready_sent:
                     sdnotify.notify("READY=1")
                     ready_sent = True
             if watchdog is not None and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
+
+    def _wait(self, listener: Listener, wake: socket.socket, timeout: float) -> set[int]:
+        """The file descriptors that became readable within `timeout` seconds (a signal wakes
+        it through `wake`, which is drained here)."""
+        fds = [listener.fileno(), wake.fileno()]
+        if self.events is not None:
+            fds.append(self.events.fileno())
+        readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        if wake.fileno() in readable:
+            while True:
+                try:
+                    wake.recv(64)
+                except BlockingIOError:
+                    break
+        return set(readable)
+
+    def _handle_signals(self) -> bool:
+        """SIGHUP reloads the policy (and asks for a look at once); any other signal ends the
+        loop (False)."""
+        # Swap the list out before acting on it: a signal that arrives while the loop runs
+        # lands in the new list and is seen on the next round, never cleared unseen.
+        received, self._signals = self._signals, []
+        for signum in received:
+            if signum != signal.SIGHUP:
+                log.info("received %s", signal.Signals(signum).name)
+                return False
+            self.reload()
+            self._replan_now = True  # a new policy may move VMs between domains
+        return True
+
+    def _gather(self, listener: Listener, readable: set[int]) -> tuple[int, bool]:
+        """(VMs that started: each makes the law sprint; whether to plan at once)."""
+        started, replan = 0, self._replan_now
+        self._replan_now = False
+        if self.events is not None and self.events.fileno() in readable:
+            execs, exited = self._process_events()
+            started += execs
+            replan = replan or execs > 0 or exited
+        if listener.fileno() in readable:
+            received = listener.receive()
+            for note in received:
+                log.info("hook: %s %s", note.vm, note.event)
+            # Only new memory calls for a sprint; a stop just re-plans at once.
+            started += sum(note.event in STARTS for note in received)
+            replan = replan or bool(received)
+        if self.enforcer is not None:
+            starts, changes = self.enforcer.handle(self.reconciler.policy)
+            started += starts
+            replan = replan or changes > 0
+        return started, replan
+
+    def _plan(self, notes: int) -> float:
+        """Keep the trust domains, plan the pace and write the knobs (unless passive); say
+        so. Returns the seconds until the next plan."""
+        self.passive = self._other_controllers()
+        if self.passive is None:
+            notes += self._keep_domains()
+        result = self.reconciler.step(notes=notes, write=self.passive is None)
+        self._pace = f"{result.mode}: {result.reason}"
+        self._owns_knobs = self._owns_knobs or self.passive is None
+        self._say_alive()
+        interval = self.reconciler.policy.reconciler.interval_seconds
+        if result.mode == "sprint" or time.monotonic() < self._watch_until:
+            interval = min(interval, SPRINT_INTERVAL_SECONDS)
+        if time.monotonic() < self._watch_until - WATCH_SECONDS + WATCH_FAST_FOR:
+            interval = min(interval, WATCH_FAST)
+        return interval
 
     def _keep_domains(self) -> int:
         """Trust domains and merge scopes, before the pace is planned; returns how many VMs
