@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 DEADLINE_SECONDS = 5.0
 NO_POLICY_SAID = "no-policy-said"  # in the cache dir: the hook has said there is no policy
 HOOK_SAID = "hook-said"  # in the run dir: what the hook said about each VM at its last start
-__all__ = ["Session", "fix_command", "quote", "report", "run", "says_block"]
+__all__ = ["Session", "StartCheck", "fix_command", "quote", "report", "run", "says_block"]
 
 
 def deadline_seconds() -> float:
@@ -164,6 +164,65 @@ class Session:
         block = _blocks(self.policy)
         self.report(f"ksmpolicy: {message}", "err" if block else "warning")
         return 1 if block else 0
+
+    def check_start(
+        self,
+        who: str,
+        evaluate: Callable[[Policy], StartCheck],
+        *,
+        read_input: Callable[[], None] = lambda: None,
+    ) -> int:
+        """The start check of both hooks: the policy, the VM's decision and how its definition
+        drifts from it; under `block` a definition that would merge what it must not is
+        refused, anything else is a warning. `read_input` runs after the policy is loaded (a
+        stdin that never ends then meets the policy's enforcement at the deadline)."""
+        from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
+        from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
+
+        policy = self.load_policy()
+        read_input()
+        if policy is None:
+            return self.unusable_policy_status()
+        if policy.enforcement is Enforcement.OFF:
+            return 0
+        try:
+            found = evaluate(policy)
+        except (KsmPolicyError, OSError, ValueError) as exc:
+            return self.own_failure(f"cannot check {who}: {exc}")
+        except Exception as exc:  # a bug must not stop VMs unless the policy says so
+            return self.own_failure(f"internal error checking {who}: {type(exc).__name__}: {exc}")
+        if found.note:
+            self.report(f"ksmpolicy: {who}: {found.note}", "warning")
+        if self.refuse_start(policy, found.decision, who):
+            return 1
+        if found.drift is None:
+            return 0
+        how, message = found.drift
+        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
+            self.report(f"{message} Fix: {found.fix}", "err")
+            return 1
+        self.report(f"{message} {found.advice}", "warning")
+        return 0
+
+
+class StartCheck:
+    """What a hook found about a VM that starts (`Session.check_start`)."""
+
+    __slots__ = ("advice", "decision", "drift", "fix", "note")
+
+    def __init__(
+        self,
+        decision: Decision,
+        drift: tuple[str, str] | None,
+        fix: str,
+        advice: str,
+        note: str | None = None,
+    ) -> None:
+        self.decision = decision
+        self.drift = drift  # (how the definition drifts, one line), or None: it complies
+        self.fix = fix  # the command that rewrites the definition
+        self.advice = advice  # what a warning adds ("Run: FIX")
+        self.note = note  # something else to say about it (a warning of its own)
 
 
 HOOK_CALLED = "hook-called"  # in the run dir: touched on every call; `doctor` reads its time

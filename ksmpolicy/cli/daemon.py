@@ -63,21 +63,23 @@ def daemon(
     daemon, a kernel advisor someone left on): it logs the fix once and writes
     nothing until that controller is gone, unless --take-over.
     """
-    from ksmpolicy.control.daemon import Daemon  # noqa: PLC0415 - keeps `check` light
+    from ksmpolicy.control.daemon import Daemon, DaemonOptions  # noqa: PLC0415 - keeps `check` light
     from ksmpolicy.control.journal import configure_daemon_logging  # noqa: PLC0415
 
     configure_daemon_logging(options.debug)
     Daemon(
         host_paths(root, run_dir, state_dir),
         options.policy_path(),
-        restore_on_exit=restore_on_exit,
-        dry_run=dry_run,
-        libvirt_uri=uri,
-        use_libvirt=not no_libvirt,
-        metrics=metrics,
-        policy_explicit=options.explicit,
-        take_over=take_over,
-        use_events=not no_process_events,
+        DaemonOptions(
+            restore_on_exit=restore_on_exit,
+            dry_run=dry_run,
+            libvirt_uri=uri,
+            use_libvirt=not no_libvirt,
+            metrics=metrics,
+            policy_explicit=options.explicit,
+            take_over=take_over,
+            use_events=not no_process_events,
+        ),
     ).run()
 
 

@@ -129,30 +129,34 @@ class Reconciler:
         return result
 
 
+@dataclass(frozen=True)
+class DaemonOptions:
+    """How the daemon runs: `ksmpolicy daemon`'s options."""
+
+    restore_on_exit: bool = False  # put back the knobs found at start
+    dry_run: bool = False  # plan and log, write no knob
+    libvirt_uri: str | None = None
+    use_libvirt: bool = True  # watch libvirt's events (rewrite definitions, switch live)
+    metrics: str | None = None  # [HOST:]PORT to serve /metrics on
+    policy_explicit: bool = True  # the policy file was named (else the default, looked up)
+    take_over: bool = False  # stop ksmtuned / turn the advisor off instead of staying passive
+    use_events: bool = True  # the kernel's process events (else polling)
+
+
 class Daemon:
     """The loop: plan every interval (every half second while sprinting) and at once on a note."""
 
     def __init__(
-        self,
-        paths: HostPaths,
-        policy_path: str,
-        *,
-        restore_on_exit: bool = False,
-        dry_run: bool = False,
-        libvirt_uri: str | None = None,
-        use_libvirt: bool = True,
-        metrics: str | None = None,
-        policy_explicit: bool = True,
-        take_over: bool = False,
-        use_events: bool = True,
+        self, paths: HostPaths, policy_path: str, options: DaemonOptions | None = None
     ) -> None:
+        options = options or DaemonOptions()
         self.paths = paths
         self.policy_path = policy_path
         # Not named (no --policy, no $KSMPOLICY_POLICY): the default path, looked up again on
         # each reload, and the built-in default while no file is there.
-        self.policy_explicit = policy_explicit
+        self.policy_explicit = options.policy_explicit
         # Other controllers of the knobs: passive while one runs, unless told to take over.
-        self.take_over = take_over
+        self.take_over = options.take_over
         self.passive: str | None = None
         self._pace: str | None = None  # the last plan, for status (runtime/alive.py)
         self._replan_now = False  # a reloaded policy asks for a look at once
@@ -160,12 +164,12 @@ class Daemon:
         self._next_alive = 0.0
         self._said_once: set[str] = set()
         self._next_controllers = 0.0  # when to look for other controllers again
-        self.restore_on_exit = restore_on_exit
-        self.libvirt_uri = libvirt_uri
-        self.use_libvirt = use_libvirt and not dry_run
+        self.restore_on_exit = options.restore_on_exit
+        self.libvirt_uri = options.libvirt_uri
+        self.use_libvirt = options.use_libvirt and not options.dry_run
         self.enforcer: Any = None
-        self.metrics = metrics
-        self.reconciler = Reconciler(paths, self._load_policy(), dry_run=dry_run)
+        self.metrics = options.metrics
+        self.reconciler = Reconciler(paths, self._load_policy(), dry_run=options.dry_run)
         self._signals: list[int] = []
         self.keeper: Any = None  # control.keeper.Keeper, under trust domains
         self._said: dict[str, float] = {}
@@ -174,7 +178,7 @@ class Daemon:
         # The kernel's process events: a VMM seen the moment it execs (else: polling).
         self.events: ProcEvents | None = None
         self.discovery = "polling"
-        self.use_events = use_events
+        self.use_events = options.use_events
         self._looked_at: dict[int, str] = {}  # pids seen exec'ing: their exit re-plans too
         self._watch_until = 0.0  # after such an exec, look often while its memory appears
 

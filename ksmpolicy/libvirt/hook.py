@@ -59,36 +59,18 @@ class LibvirtHook:
     # --- prepare begin: does the definition being started follow the policy?
 
     def check_start(self, read: Callable[[], bytes | Exception]) -> int:
-        from ksmpolicy.errors import KsmPolicyError  # noqa: PLC0415
-        from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
+        xml: list[bytes | Exception] = []
 
-        session = self.session
-        policy = session.load_policy()
-        xml = read()
-        if policy is None:
-            return session.unusable_policy_status()
-        if policy.enforcement is Enforcement.OFF:
-            return 0
-        who = session.who
-        try:
-            facts, decision = self.evaluate(xml, policy)
-        except (KsmPolicyError, OSError, ValueError) as exc:
-            return session.own_failure(f"cannot check {who}: {exc}")
-        except Exception as exc:  # a bug must not stop VMs unless the policy says so
-            what = f"{type(exc).__name__}: {exc}"
-            return session.own_failure(f"internal error checking {who}: {what}")
-        if session.refuse_start(policy, decision, who):
-            return 1
-        found = start_verdict(self.name, facts, decision)
-        if found is None:
-            return 0
-        how, message = found
-        fix = hookcore.fix_command("ksmpolicy apply", self.name, facts.vm.uuid)
-        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
-            session.report(f"{message} Fix: {fix}", "err")
-            return 1
-        session.report(f"{message} Run: {fix}", "warning")
-        return 0
+        def evaluate(policy: Policy) -> hookcore.StartCheck:
+            facts, decision = self.evaluate(xml[0], policy)
+            fix = hookcore.fix_command("ksmpolicy apply", self.name, facts.vm.uuid)
+            drift = start_verdict(self.name, facts, decision)
+            return hookcore.StartCheck(decision, drift, fix, f"Run: {fix}")
+
+        # libvirt writes the XML whatever the hook does with it: it is read in any case
+        return self.session.check_start(
+            self.session.who, evaluate, read_input=lambda: xml.append(read())
+        )
 
     # --- migrate begin / restore begin: hand libvirt this host's version of the XML
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from ksmpolicy import hookcore
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.paths import HostPaths, default_policy
-from ksmpolicy.policy.model import Action, Enforcement, Policy
+from ksmpolicy.policy.model import Action, Policy
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
@@ -80,34 +80,15 @@ class ProxmoxHook:
     # --- phases
 
     def pre_start(self) -> int:
-        session = self.session
-        policy = session.load_policy()
-        if policy is None:
-            return session.unusable_policy_status()
-        if policy.enforcement is Enforcement.OFF:
-            return 0
-        try:
-            facts, decision, note = self.evaluate(policy)
-        except KsmPolicyError as exc:
-            return session.own_failure(f"cannot check VM {self.vmid}: {exc}")
-        except Exception as exc:  # a bug must not stop VMs unless the policy says so
-            what = f"{type(exc).__name__}: {exc}"
-            return session.own_failure(f"internal error checking VM {self.vmid}: {what}")
-        if note:
-            session.report(f"ksmpolicy: VM {self.vmid}: {note}", "warning")
-        if session.refuse_start(policy, decision, f"VM {self.vmid}"):
-            return 1
-        found = verdict(self.vmid, facts, decision)
-        if found is None:
-            return 0
-        how, message = found
         fix = f"ksmpolicy apply --proxmox --vmid {self.vmid}"
-        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
-            session.report(f"{message} Fix: {fix}", "err")
-            return 1
-        line = f"{message} It is switched at post-start; to persist now: {fix}"
-        session.report(line, "warning")
-        return 0
+
+        def evaluate(policy: Policy) -> hookcore.StartCheck:
+            facts, decision, note = self.evaluate(policy)
+            advice = f"It is switched at post-start; to persist now: {fix}"
+            drift = verdict(self.vmid, facts, decision)
+            return hookcore.StartCheck(decision, drift, fix, advice, note)
+
+        return self.session.check_start(f"VM {self.vmid}", evaluate)
 
     def post_start(self) -> int:
         """Switch the running VM to its decision; persist it later. Only ever warns."""

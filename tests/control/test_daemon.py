@@ -428,13 +428,13 @@ def test_a_signal_arriving_while_signals_are_handled_is_not_lost(tmp_path: Path)
     """A SIGTERM that lands after the loop has gone through the queued signals, but before it
     cleared them, used to be cleared unseen: the daemon then ran on. Here it lands at exactly
     that point (the queue's iterator delivers it when it is exhausted)."""
-    from ksmpolicy.control.daemon import Daemon
+    from ksmpolicy.control.daemon import Daemon, DaemonOptions
 
     fake_host(tmp_path / "root")
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nreconciler: {interval_seconds: 1}\n")
     paths = HostPaths(tmp_path / "root", tmp_path / "run")
-    daemon = Daemon(paths, str(policy), dry_run=True, use_libvirt=False)
+    daemon = Daemon(paths, str(policy), DaemonOptions(dry_run=True, use_libvirt=False))
 
     class ArrivesAtTheEnd(list[int]):
         def __iter__(self) -> Iterator[int]:

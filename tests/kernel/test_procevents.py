@@ -118,7 +118,8 @@ def test_without_the_connector_the_daemon_polls_and_says_so(
     paths = HostPaths(tmp_path / "root", tmp_path / "run")
     signs: list[Alive] = []
     monkeypatch.setattr(daemon_module, "write_alive", lambda _paths, alive: signs.append(alive))
-    daemon = daemon_module.Daemon(paths, str(policy), dry_run=True, use_libvirt=False)
+    options = daemon_module.DaemonOptions(dry_run=True, use_libvirt=False)
+    daemon = daemon_module.Daemon(paths, str(policy), options)
     daemon.run(max_seconds=1.5)
     assert daemon.events is None
     assert daemon.discovery.startswith("polling every interval (the kernel's process events")
