@@ -191,6 +191,11 @@ class Session:
             return self.own_failure(f"cannot check {who}: {exc}")
         except Exception as exc:  # a bug must not stop VMs unless the policy says so
             return self.own_failure(f"internal error checking {who}: {type(exc).__name__}: {exc}")
+        return self._start_outcome(policy, who, found)
+
+    def _start_outcome(self, policy: Policy, who: str, found: StartCheck) -> int:
+        from ksmpolicy.policy.model import Enforcement  # noqa: PLC0415
+
         if found.note:
             self.report(f"ksmpolicy: {who}: {found.note}", "warning")
         if self.refuse_start(policy, found.decision, who):
@@ -198,11 +203,10 @@ class Session:
         if found.drift is None:
             return 0
         how, message = found.drift
-        if policy.enforcement is Enforcement.BLOCK and how == "mergeable":
-            self.report(f"{message} Fix: {found.fix}", "err")
-            return 1
-        self.report(f"{message} {found.advice}", "warning")
-        return 0
+        block = policy.enforcement is Enforcement.BLOCK and how == "mergeable"
+        line = f"{message} Fix: {found.fix}" if block else f"{message} {found.advice}"
+        self.report(line, "err" if block else "warning")
+        return 1 if block else 0
 
 
 class StartCheck:

@@ -32,7 +32,7 @@ from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, po
 )
 @policy_option
 @click.pass_obj
-def daemon(
+def daemon(  # noqa: PLR0913 - one parameter per option of the command
     options: Options,
     restore_on_exit: bool,
     dry_run: bool,

@@ -124,7 +124,7 @@ def uninstall(target: str, main_hook: bool, name: str, root: str) -> None:
 @ROOT
 @policy_option
 @click.pass_obj
-def apply(
+def apply(  # noqa: PLR0913 - one parameter per option of the command
     options: Options,
     uri: str | None,
     dry_run: bool,

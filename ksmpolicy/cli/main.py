@@ -79,35 +79,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options()
     try:
         cli.main(args=argv, prog_name="ksmpolicy", obj=options, standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (Exception, SystemExit) as exc:
+        return _failed(exc, options.debug)
+    return 0
+
+
+def _failed(exc: BaseException, debug: bool) -> int:
+    """The exit status of a command that raised `exc`, after saying why on stderr."""
+    if isinstance(exc, click.exceptions.Exit):
         return exc.exit_code
-    except click.ClickException as exc:
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, click.ClickException):  # bad usage: click's own message, exit 2
         exc.show()
         return exc.exit_code
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        return 1
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    except PolicyError as exc:  # already FILE:LINE: key: message, one problem per line
-        if options.debug:
-            traceback.print_exc()
-        click.echo(printable(str(exc)), err=True)
-        return 1
-    except KsmPolicyError as exc:  # messages name VMs and paths: anyone's strings
-        if options.debug:
-            traceback.print_exc()
-        click.echo(printable(f"ksmpolicy: error: {exc}"), err=True)
-        return 1
-    except Exception as exc:  # a bug: say so in one line, the traceback with --debug
-        if options.debug:
-            traceback.print_exc()
-        click.echo(
-            one_line(f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)"),
-            err=True,
-        )
-        return 1
-    return 0
+    if debug and not isinstance(exc, click.Abort):
+        traceback.print_exc()
+    click.echo(_failure_line(exc), err=True)
+    return 1
+
+
+def _failure_line(exc: BaseException) -> str:
+    if isinstance(exc, click.Abort):
+        return "Aborted."
+    if isinstance(exc, PolicyError):  # already FILE:LINE: key: message, one problem per line
+        return printable(str(exc))
+    if isinstance(exc, KsmPolicyError):  # messages name VMs and paths: anyone's strings
+        return printable(f"ksmpolicy: error: {exc}")
+    # a bug: say so in one line, the traceback with --debug
+    return one_line(f"ksmpolicy: internal error: {type(exc).__name__}: {exc} (run with --debug)")
 
 
 if __name__ == "__main__":

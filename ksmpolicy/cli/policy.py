@@ -100,7 +100,7 @@ def check(options: Options, files: tuple[str, ...], print_default: bool) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @policy_option
 @click.pass_obj
-def explain(
+def explain(  # noqa: PLR0913 - one parameter per option of the command
     options: Options,
     name: str | None,
     uuid: str | None,

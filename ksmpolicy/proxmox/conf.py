@@ -309,31 +309,11 @@ def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
     """
     config = parse(text)
     main = config.main
-    edits: dict[int, str | None] = {}  # line index -> new line, or None to delete it
     inserts: list[tuple[int, str]] = []
-    newline = newline_of(config.lines)
-    allow_ksm = pve_bool(main.values.get("allow-ksm"))
-    args = main.values.get("args")
-    said = mem_merge(args)
     if allow:
-        if allow_ksm is False:
-            edits[main.lines_of["allow-ksm"]] = None
-        kept = without_merge_off(args) if args is not None and said is False else args
-        if kept != args:
-            edits[main.lines_of["args"]] = _args_line(config, kept or "")
+        edits = _allow_edits(config)
     else:
-        if use_allow_ksm and allow_ksm is not False and said is not False:
-            setting = f"allow-ksm: 0{newline}"
-            if "allow-ksm" in main.lines_of:
-                edits[main.lines_of["allow-ksm"]] = setting
-            else:
-                inserts.append((sorted_position(config, "allow-ksm"), setting))
-        if said is True or (not use_allow_ksm and said is None):
-            if args is None:
-                pair = " ".join(MEM_MERGE_OFF)
-                inserts.append((sorted_position(config, "args"), f"args: {pair}{newline}"))
-            else:
-                edits[main.lines_of["args"]] = _args_line(config, _merge_off(args))
+        edits, inserts = _exclude_edits(config, use_allow_ksm=use_allow_ksm)
     if not edits and not inserts:
         return text
     for key in ("allow-ksm", "args"):
@@ -344,6 +324,48 @@ def set_merging(text: str, allow: bool, *, use_allow_ksm: bool = True) -> str:
     for index, added in sorted(inserts, reverse=True):
         lines.insert(index, added)
     return "".join(line for line in lines if line is not None)
+
+
+Edits = dict[int, str | None]  # line index -> new line, or None to delete it
+
+
+def _allow_edits(config: PveConfig) -> Edits:
+    """Let it merge: no `allow-ksm: 0`, and none of ksmpolicy's own mem-merge=off in args."""
+    main = config.main
+    edits: Edits = {}
+    args = main.values.get("args")
+    if pve_bool(main.values.get("allow-ksm")) is False:
+        edits[main.lines_of["allow-ksm"]] = None
+    kept = without_merge_off(args) if args is not None and mem_merge(args) is False else args
+    if kept != args:
+        edits[main.lines_of["args"]] = _args_line(config, kept or "")
+    return edits
+
+
+def _exclude_edits(
+    config: PveConfig, *, use_allow_ksm: bool
+) -> tuple[Edits, list[tuple[int, str]]]:
+    """Keep it from merging: `allow-ksm: 0`, and mem-merge=off at the end of args when args
+    would turn merging on (or says nothing, on a qemu-server without allow-ksm)."""
+    main = config.main
+    edits: Edits = {}
+    inserts: list[tuple[int, str]] = []
+    newline = newline_of(config.lines)
+    args = main.values.get("args")
+    said = mem_merge(args)
+    if use_allow_ksm and pve_bool(main.values.get("allow-ksm")) is not False and said is not False:
+        setting = f"allow-ksm: 0{newline}"
+        if "allow-ksm" in main.lines_of:
+            edits[main.lines_of["allow-ksm"]] = setting
+        else:
+            inserts.append((sorted_position(config, "allow-ksm"), setting))
+    if said is True or (not use_allow_ksm and said is None):
+        if args is None:
+            pair = " ".join(MEM_MERGE_OFF)
+            inserts.append((sorted_position(config, "args"), f"args: {pair}{newline}"))
+        else:
+            edits[main.lines_of["args"]] = _args_line(config, _merge_off(args))
+    return edits, inserts
 
 
 def _merge_off(args: str) -> str:

@@ -59,21 +59,8 @@ def set_numa(text: str, nodes: tuple[int, ...]) -> str:
                 lines[main.lines_of[key]] = f"{key}: {new}{newline}"
                 changed = True
         return "".join(lines) if changed else text
-    sockets = _number(values.get("sockets"), 1)
-    cores = _number(values.get("cores"), 1)
-    memory = _memory_mib(values.get("memory"))
     numa_on = pve_bool(values.get("numa")) is True
-    if numa_on:
-        added = []
-        for socket in range(min(sockets, _MAX_NUMA)):
-            first = cores * socket
-            cpus = str(first) if cores == 1 else f"{first}-{first + cores - 1}"
-            share = memory // sockets
-            added.append((f"numa{socket}", _entry(cpus, hostnodes, share)))
-    else:
-        vcpus = sockets * cores
-        cpus = "0" if vcpus == 1 else f"0-{vcpus - 1}"
-        added = [("numa0", _entry(cpus, hostnodes, memory))]
+    added = _new_entries(values, hostnodes, numa_on=numa_on)
     inserts = []
     if not numa_on:
         if "numa" in values:
@@ -88,6 +75,24 @@ def set_numa(text: str, nodes: tuple[int, ...]) -> str:
     ):
         lines.insert(index, line)
     return "".join(lines)
+
+
+def _new_entries(values: dict[str, str], hostnodes: str, *, numa_on: bool) -> list[tuple[str, str]]:
+    """numaN entries for a VM that has none: one per socket when its guest NUMA is on (as
+    qemu-server lays them out), else one for all its vCPUs and memory."""
+    sockets = _number(values.get("sockets"), 1)
+    cores = _number(values.get("cores"), 1)
+    memory = _memory_mib(values.get("memory"))
+    if not numa_on:
+        vcpus = sockets * cores
+        cpus = "0" if vcpus == 1 else f"0-{vcpus - 1}"
+        return [("numa0", _entry(cpus, hostnodes, memory))]
+    added = []
+    for socket in range(min(sockets, _MAX_NUMA)):
+        first = cores * socket
+        cpus = str(first) if cores == 1 else f"{first}-{first + cores - 1}"
+        added.append((f"numa{socket}", _entry(cpus, hostnodes, memory // sockets)))
+    return added
 
 
 def _entry(cpus: str, hostnodes: str, memory: int) -> str:
