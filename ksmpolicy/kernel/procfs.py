@@ -103,13 +103,28 @@ def run_by_root(proc: Path) -> bool:
     return bool(uids) and not any(uids)  # type: ignore[arg-type]
 
 
+def start_of(stat: tuple[str, list[str]] | None) -> int | None:
+    """The start time in `read_stat`'s result: clock ticks since boot (field 22 of stat)."""
+    fields = stat[1] if stat is not None else None
+    try:
+        return int(fields[19]) if fields is not None and len(fields) > 19 else None
+    except ValueError:
+        return None
+
+
+def start_ticks(paths: HostPaths, pid: int) -> int | None:
+    """A process's start time in clock ticks since boot, or None when it is gone: with the
+    PID it names one process (a reused PID has another)."""
+    return start_of(read_stat(paths.proc / str(pid)))
+
+
 def started_at(paths: HostPaths, pid: int) -> float | None:
     """A process's start, in wall-clock seconds: boot time + /proc/PID/stat's starttime."""
-    fields = stat_fields(paths.proc / str(pid))
-    if fields is None:
+    ticks = start_ticks(paths, pid)
+    if ticks is None:
         return None
     try:
-        since_boot = int(fields[19]) / CLOCK_TICKS
+        since_boot = ticks / CLOCK_TICKS
         for line in read_regular(paths.proc / "stat", 1 << 20).decode().splitlines():
             if line.startswith("btime "):
                 return int(line.split()[1]) + since_boot

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ksmpolicy.kernel.procfs import effective_uid, read_stat
+from ksmpolicy.kernel.procfs import effective_uid, read_stat, start_of
 from ksmpolicy.kernel.smaps import Smaps
 from ksmpolicy.kernel.smaps import parse as parse_smaps
 from ksmpolicy.kernel.vmm import classify
@@ -169,7 +169,7 @@ class ProcessScanner:
             pid = int(entry.name)
             proc = Path(entry.path)
             stat = read_stat(proc)
-            start = _start_time(stat)
+            start = start_of(stat)
             if stat is None or start is None:
                 continue  # gone, or a kernel thread
             key = (pid, start)
@@ -279,11 +279,6 @@ def _ram_unmergeable(smaps: Smaps, ram_bytes: int | None) -> str | None:
 def footprint_bytes(processes: Sequence[VmProcess]) -> int:
     """The mergeable footprint: resident mergeable memory of every process, VM or not."""
     return sum(p.mergeable_bytes for p in processes)
-
-
-def _start_time(stat: tuple[str, list[str]] | None) -> int | None:
-    fields = stat[1] if stat is not None else None
-    return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
 def _identify_safely(proc: Path, pid: int) -> _Identity | None:

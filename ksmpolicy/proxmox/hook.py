@@ -127,15 +127,16 @@ class ProxmoxHook:
     def admit(self, decision: Decision) -> tuple[bool, int | None]:
         """Under trust domains: may this VM merge now (its domain holds, or may claim, every
         merge scope it counts in)? (merge, its QEMU's PID)."""
+        from ksmpolicy.kernel.procfs import start_ticks  # noqa: PLC0415
         from ksmpolicy.trust.scopes import (  # noqa: PLC0415
             guest_ram_ranges,
             process_nodes,
             read_host,
         )
-        from ksmpolicy.trust.state import Member, admit, started_at  # noqa: PLC0415
+        from ksmpolicy.trust.state import Member, admit  # noqa: PLC0415
 
         pid = self.qemu_pid()
-        start = started_at(self.paths, pid) if pid is not None else None
+        start = start_ticks(self.paths, pid) if pid is not None else None
         if pid is None or start is None:
             raise KsmPolicyError("its QEMU process is not found: merging stays off")
         host = read_host(self.paths)

@@ -40,16 +40,13 @@ class Verdict:
 
 def available_bytes(paths: HostPaths) -> int | None:
     """MemAvailable + SwapFree, or None when /proc/meminfo cannot be read."""
+    from ksmpolicy.errors import HostError  # noqa: PLC0415
+    from ksmpolicy.kernel.procfs import read_meminfo  # noqa: PLC0415
+
     try:
-        text = paths.meminfo.read_text()
-    except OSError:
+        values = read_meminfo(paths)
+    except HostError:
         return None
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * 1024
     if "MemAvailable" not in values:
         return None
     return values["MemAvailable"] + values.get("SwapFree", 0)

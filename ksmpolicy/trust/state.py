@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+from ksmpolicy.kernel.procfs import start_ticks
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.records import dataclass, field
 from ksmpolicy.trust.choose import Claim
@@ -52,7 +53,7 @@ class State:
 
     def live_domains(self, paths: HostPaths) -> dict[str, str]:
         """scope -> the claimed domain, for claims that still have a running member."""
-        alive = [m for m in self.members.values() if started_at(paths, m.pid) == m.start]
+        alive = [m for m in self.members.values() if start_ticks(paths, m.pid) == m.start]
         found = {}
         for scope, claim in self.scopes.items():
             if any(m.domain == claim.domain and scope in m.scopes for m in alive):
@@ -62,21 +63,10 @@ class State:
     def prune(self, paths: HostPaths) -> None:
         """Forget members that stopped, and claims left without a member."""
         self.members = {
-            pid: m for pid, m in self.members.items() if started_at(paths, pid) == m.start
+            pid: m for pid, m in self.members.items() if start_ticks(paths, pid) == m.start
         }
         live = self.live_domains(paths)
         self.scopes = {s: c for s, c in self.scopes.items() if s in live}
-
-
-def started_at(paths: HostPaths, pid: int) -> int | None:
-    """A process's start time (clock ticks since boot), or None when it is gone."""
-    try:
-        with open(paths.proc / str(pid) / "stat", "rb") as handle:  # noqa: PTH123
-            text = handle.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(b")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else None
 
 
 def load(paths: HostPaths) -> State:

@@ -431,12 +431,13 @@ def test_under_domains_block_refuses_a_start_that_would_force_an_unmerge_the_hos
 ) -> None:
     """The memory guard at start: a provider VM (priority 10) would take the host's scope from
     tenant-b, whose unmerge the daemon measured at 1 PB: block refuses the start, warn says so."""
+    from ksmpolicy.kernel.procfs import start_ticks
     from ksmpolicy.trust.choose import Claim
-    from ksmpolicy.trust.state import Member, State, save, started_at
+    from ksmpolicy.trust.state import Member, State, save
 
     tenant = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        start = started_at(HostPaths(), tenant.pid)
+        start = start_ticks(HostPaths(), tenant.pid)
         assert start is not None
         run = HostPaths(run_override=tmp_path / "run")
         save(

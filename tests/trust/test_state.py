@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ksmpolicy.kernel.procfs import start_ticks
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.trust.choose import Claim
-from ksmpolicy.trust.state import STATE_FILE, Member, State, admit, load, save, started_at
+from ksmpolicy.trust.state import STATE_FILE, Member, State, admit, load, save
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def sleeper() -> subprocess.Popen[bytes]:
 
 
 def member(process: subprocess.Popen[bytes], domain: str, scopes: tuple[str, ...]) -> Member:
-    start = started_at(HostPaths(), process.pid)
+    start = start_ticks(HostPaths(), process.pid)
     assert start is not None
     return Member(process.pid, start, f"vm-{process.pid}", domain, scopes)
 
