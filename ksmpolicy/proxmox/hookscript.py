@@ -17,7 +17,7 @@ from ksmpolicy.files import carries_marker, read_regular, write_atomic
 from ksmpolicy.hookshim import shim
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.proxmox.conf import MAX_CONF_BYTES, parse, pve_bool, split_lines
-from ksmpolicy.proxmox.node import read_config, run_qm, valid_vmid
+from ksmpolicy.proxmox.node import qm_set, read_config, valid_vmid
 
 HOOKSCRIPT_NAME = "ksmpolicy-hook"
 HOOKSCRIPT_MARKER = "# ksmpolicy-hookscript: written by `ksmpolicy proxmox install`"
@@ -161,14 +161,15 @@ def previous_hookscript(paths: HostPaths, vmid: str) -> str | None:
 
 def attach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm",)) -> str:
     """Set our hookscript on a VM, remembering one that was there; return what happened."""
-    facts = parse(read_config(paths, vmid)).main.values
+    text = read_config(paths, vmid)
+    facts = parse(text).main.values
     current = facts.get("hookscript")
     if current == volid:
         return "already attached"
     if pve_bool(facts.get("template")):
         return "skipped (template)"
     if current and is_our_volume(paths, current):
-        run_qm(qm, "set", vmid, "--hookscript", volid)  # ours elsewhere: moved, never chained
+        qm_set(qm, vmid, text, "--hookscript", volid)  # ours elsewhere: moved, never chained
         return f"attached (replaces ours from {current})"
     if current:
         chain = chain_file(paths, vmid)
@@ -177,19 +178,20 @@ def attach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm"
             write_atomic(chain, (current + "\n").encode(), 0o644)
         except OSError as exc:
             raise KsmPolicyError(f"cannot write {chain}: {exc.strerror or exc}") from None
-    run_qm(qm, "set", vmid, "--hookscript", volid)
+    qm_set(qm, vmid, text, "--hookscript", volid)
     return f"attached (chains {current})" if current else "attached"
 
 
 def detach(paths: HostPaths, vmid: str, volid: str, *, qm: Sequence[str] = ("qm",)) -> str:
     """Remove our hookscript, putting back the one it chained."""
-    current = parse(read_config(paths, vmid)).main.values.get("hookscript")
+    text = read_config(paths, vmid)
+    current = parse(text).main.values.get("hookscript")
     if current != volid:
         return "not attached"
     previous = previous_hookscript(paths, vmid)
     if previous:
-        run_qm(qm, "set", vmid, "--hookscript", previous)
+        qm_set(qm, vmid, text, "--hookscript", previous)
     else:
-        run_qm(qm, "set", vmid, "--delete", "hookscript")
+        qm_set(qm, vmid, text, "--delete", "hookscript")
     chain_file(paths, vmid).unlink(missing_ok=True)
     return f"detached (restored {previous})" if previous else "detached"

@@ -93,6 +93,7 @@ def uses_allow_ksm(policy: Policy, override: str | None = None) -> bool:
 
 
 def run_qm(qm: Sequence[str], *args: str) -> None:
+    shown = " ".join(_without_digest(args))
     try:
         result = subprocess.run(
             [*qm, *args], capture_output=True, text=True, timeout=120, check=False
@@ -102,11 +103,33 @@ def run_qm(qm: Sequence[str], *args: str) -> None:
             f"cannot run {' '.join(qm)}: {exc.strerror} (is this a Proxmox VE node?)"
         ) from None
     except subprocess.TimeoutExpired:
-        raise KsmPolicyError(f"qm {' '.join(args)} timed out after 120 s") from None
+        raise KsmPolicyError(f"qm {shown} timed out after 120 s") from None
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
         why = message[-1] if message else f"exit status {result.returncode}"
-        raise KsmPolicyError(f"qm {' '.join(args)} failed: {why}")
+        raise KsmPolicyError(f"qm {shown} failed: {why}")
+
+
+def _without_digest(args: Sequence[str]) -> list[str]:
+    """The arguments as a message shows them: the digest is noise to a reader."""
+    if "--digest" not in args:
+        return list(args)
+    at = list(args).index("--digest")
+    return [*args[:at], *args[at + 2 :]]
+
+
+def digest(text: str) -> str:
+    """qemu-server's digest of a config (SHA-1 of the file as read): `qm set --digest` refuses
+    to change a config whose digest differs, so an edit made meanwhile is never overwritten."""
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def qm_set(qm: Sequence[str], vmid: str, read: str, *options: str) -> None:
+    """`qm set VMID OPTIONS`, only if the config is still the text `read` (every `qm set`
+    ksmpolicy runs goes through here)."""
+    run_qm(qm, "set", vmid, "--digest", digest(read), *options)
 
 
 def qm_set_args(vmid: str, old: str, new: str) -> list[str]:
@@ -151,7 +174,9 @@ class ConfigTarget:
         return Planned(new, facts.vm.name, decision, note)
 
     def write(self, old: str, new: str) -> None:
-        run_qm(self.qm, *qm_set_args(self.key, old, new))
+        args = qm_set_args(self.key, old, new)
+        if args:
+            qm_set(self.qm, self.key, old, *args[2:])
 
     def labels(self, _name: str) -> tuple[str, str]:
         return f"{self.key}.conf", f"{self.key}.conf (policy)"

@@ -261,7 +261,7 @@ def _proxmox_hookscripts(paths: HostPaths) -> Iterator[Check]:
     for vmid in vmids(paths):
         try:
             values = parse_conf(read_config(paths, vmid)).main.values
-        except (OSError, ValueError) as exc:
+        except (KsmPolicyError, OSError, ValueError) as exc:
             yield Check("warn", f"VM {vmid}", f"config unreadable: {exc}")
             continue
         if pve_bool(values.get("template")):

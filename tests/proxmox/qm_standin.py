@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """A stand-in for Proxmox's `qm set`, for the tests: the options ksmpolicy uses, nothing more.
 
-    qm_standin.py ROOT set VMID [--allow-ksm V] [--hookscript V] [--args V] [--delete K1,K2]
+    qm_standin.py ROOT set VMID [--digest SHA1] [--allow-ksm V] [--hookscript V] [--args V]
+                                [--delete K1,K2]
 
 Like `qm set`, it changes keys of the main section of ROOT/etc/pve/qemu-server/VMID.conf: a key
 that exists is replaced in place, a new key goes where Proxmox's sorted order puts it, deleted
 keys disappear, a key's earlier duplicates too (qm writes each key once); every other line
-stays as it is. It records each call in ROOT/qm.log.
+stays as it is. With --digest it refuses, as qemu-server does, a config whose SHA-1 differs
+(someone changed it since it was read). It records each call in ROOT/qm.log.
 It does not lock, validate values or know pending changes: it is not Proxmox.
 """
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -31,7 +34,16 @@ def main(argv: list[str]) -> int:
     changes, deletes = {}, set()
     while options:
         option, value = options.pop(0), options.pop(0)
-        if option == "--delete":
+        if option == "--digest":
+            if (
+                hashlib.sha1(path.read_bytes()).hexdigest() != value
+            ):  # PVE::Tools::assert_if_modified
+                print(
+                    "detected modified configuration - file changed by other user? Try again.",
+                    file=sys.stderr,
+                )
+                return 255
+        elif option == "--delete":
             deletes.update(value.split(","))
         elif option in ("--allow-ksm", "--hookscript", "--args"):
             changes[option[2:]] = value

@@ -3,6 +3,7 @@ as a process, and `qm set` played by a small stand-in (tests/proxmox/qm_standin.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -66,9 +67,12 @@ class Node:
     def config(self, vmid: str) -> str:
         return (self.root / "etc/pve/qemu-server" / f"{vmid}.conf").read_text()
 
-    def qm_log(self) -> list[str]:
+    def qm_log(self, *, digests: bool = False) -> list[str]:
+        """The `qm` calls made, without `--digest SHA1` (every `qm set` carries one; a test
+        of the digest asks for them)."""
         log = self.root / "qm.log"
-        return log.read_text().splitlines() if log.exists() else []
+        calls = log.read_text().splitlines() if log.exists() else []
+        return calls if digests else [re.sub(r" --digest [0-9a-f]{40}", "", c) for c in calls]
 
     def cli(self, *args: str) -> tuple[int, str, str]:
         """The command line in-process; errors as main() reports them (exit 1, one line)."""
@@ -622,3 +626,50 @@ def test_doctor_names_vms_without_the_hookscript(node: Node) -> None:
     assert fix == "ksmpolicy proxmox attach 110"
     node.cli("proxmox", "attach", "110", "--root", str(node.root), "--qm", str(node.qm))
     assert hookscript_check()[:2] == ("ok", "ksmpolicy's hookscript is attached to every VM")
+
+
+def test_doctor_reports_a_config_it_cannot_read_and_goes_on(node: Node) -> None:
+    """One config that is not UTF-8 (a tenant's description in Latin-1, a broken copy) is one
+    finding about that VM, not the end of doctor."""
+    from ksmpolicy.report.doctor import diagnose
+
+    node.install()
+    node.add("110", "qs-simple1.conf")
+    paths = HostPaths(node.root)
+    paths.pve_config("111").write_bytes(b"name: caf\xe9\nmemory: 512\n")
+    found = diagnose(paths, None, str(node.policy), "not read")
+    unreadable = [c for c in found.checks if c.subject == "VM 111"]
+    assert [c.level for c in unreadable] == ["warn"], found.checks
+    assert "not valid UTF-8" in unreadable[0].what
+    assert any("without ksmpolicy's hookscript: 110" in c.what for c in found.checks)
+
+
+def test_a_config_changed_between_read_and_write_is_never_overwritten(node: Node) -> None:
+    """Every `qm set` ksmpolicy runs carries the digest of the config it read: an edit made
+    meanwhile (an operator's `qm set`, the GUI) makes it fail, as qemu-server does, instead of
+    being overwritten. Both the policy's rewrite and attaching the hookscript."""
+    from ksmpolicy.errors import KsmPolicyError
+    from ksmpolicy.policy.decide import Decider
+    from ksmpolicy.policy.load import parse_policy
+    from ksmpolicy.proxmox import hookscript
+    from ksmpolicy.proxmox.node import ConfigTarget
+
+    node.install()
+    path = node.add("110", "qs-simple1.conf")
+    paths = HostPaths(node.root)
+    policy = parse_policy("version: 1\nrules:\n  - {match: {names: ['*']}, action: exclude}\n")
+    target = ConfigTarget(paths, "110", Decider(policy), (str(node.qm),), True)
+    old = target.read()
+    new = target.plan(old).new
+    assert new != old
+    path.write_text(old + "description: edited meanwhile\n")  # someone else's edit
+    with pytest.raises(KsmPolicyError, match="detected modified configuration"):
+        target.write(old, new)
+    assert node.config("110").endswith("description: edited meanwhile\n")
+    assert "allow-ksm" not in node.config("110")
+    target.write(target.read(), target.plan(target.read()).new)  # read again: it applies
+    assert "allow-ksm: 0" in node.config("110")
+    assert all("--digest" in call for call in node.qm_log(digests=True))
+    volid = hookscript.installed_volume(paths, None)
+    assert hookscript.attach(paths, "110", volid, qm=(str(node.qm),)) == "attached"
+    assert all("--digest" in call for call in node.qm_log(digests=True))
