@@ -110,6 +110,10 @@ class HostPaths:
     def qmp_socket(self, vmid: str) -> Path:
         return self.root / "var/run/qemu-server" / f"{vmid}.qmp"
 
+    def libvirt_pidfile(self, name: str) -> Path:
+        """The running QEMU's PID, as libvirt writes it."""
+        return self.libvirt_run / f"{name}.pid"
+
     def pve_pidfile(self, vmid: str) -> Path:
         """The running QEMU's PID, as qemu-server writes it."""
         return self.root / "var/run/qemu-server" / f"{vmid}.pid"

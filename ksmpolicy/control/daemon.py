@@ -19,7 +19,7 @@ from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
 from ksmpolicy.kernel.ksm import KsmKnobs, read_ksm
-from ksmpolicy.kernel.procevents import ProcEvents, open_events, worth_a_look
+from ksmpolicy.kernel.procevents import ProcEvents, open_events, starts_unmergeable, worth_a_look
 from ksmpolicy.kernel.procfs import effective_uid, ksmd_pid, process_cpu_seconds, read_meminfo
 from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, trusted_uid
 from ksmpolicy.paths import PAGE_SIZE, HostPaths, default_policy
@@ -310,14 +310,29 @@ class Daemon:
             received = listener.receive()
             for note in received:
                 log.info("hook: %s %s", note.vm, note.event)
-            # Only new memory calls for a sprint; a stop just re-plans at once.
-            started += sum(note.event in STARTS for note in received)
+            # Only new mergeable memory calls for a sprint; a stop just re-plans at once.
+            started += sum(
+                note.event in STARTS and not self._starts_unmergeable(note.vm) for note in received
+            )
             replan = replan or bool(received)
         if self.enforcer is not None:
-            starts, changes = self.enforcer.handle(self.reconciler.policy)
-            started += starts
+            names, changes = self.enforcer.handle(self.reconciler.policy)
+            started += sum(not self._starts_unmergeable(name) for name in names)
             replan = replan or changes > 0
         return started, replan
+
+    def _starts_unmergeable(self, vm: str) -> bool:
+        """A VM a hook said started whose QEMU (found by libvirt's or qemu-server's PID file)
+        runs with mem-merge=off: no sprint for it."""
+        if not vm or "/" in vm or vm.startswith("."):
+            return False
+        for pidfile in (self.paths.libvirt_pidfile(vm), self.paths.pve_pidfile(vm)):
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            return starts_unmergeable(str(self.paths.proc), pid)
+        return False
 
     def _plan(self, notes: int) -> float:
         """Keep the trust domains, plan the pace and write the knobs (unless passive); say
@@ -482,8 +497,13 @@ class Daemon:
                     "exec: pid %d (%s) not run by root or libvirt's QEMU user", event.pid, what
                 )
                 continue
-            log.info("exec: pid %d (%s)", event.pid, what)
             self._looked_at[event.pid] = what
+            if starts_unmergeable(str(self.paths.proc), event.pid):
+                log.info(
+                    "exec: pid %d (%s), started with mem-merge=off: no sprint", event.pid, what
+                )
+                continue
+            log.info("exec: pid %d (%s)", event.pid, what)
             self._watch_until = time.monotonic() + WATCH_SECONDS
             started += 1
         return started, exited

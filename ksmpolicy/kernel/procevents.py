@@ -99,6 +99,21 @@ def parse(data: bytes) -> list[ProcEvent]:
     return events
 
 
+def starts_unmergeable(proc: str, pid: int) -> bool:
+    """A QEMU whose command line says `-machine mem-merge=off` (libvirt's <nosharepages/>,
+    Proxmox's allow-ksm 0): none of its memory will ever be mergeable, so its start is no
+    reason for ksmd to sprint."""
+    from ksmpolicy.kernel.qemuopts import machine_mem_merge  # noqa: PLC0415
+
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:  # noqa: PTH123
+            raw = handle.read(1 << 20)
+    except OSError:
+        return False
+    argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+    return machine_mem_merge(argv) is False
+
+
 def worth_a_look(proc: str, pid: int) -> str | None:
     """What a just-exec'd process is, if the daemon should look at once: a VMM by its binary's
     name, or a process exec'd mergeable (prctl, e.g. by `ksmpolicy exec`). None otherwise."""

@@ -96,24 +96,25 @@ class Enforcer:
         if policy.enforcement is not Enforcement.OFF:
             self._definitions(policy, ())
         if policy.live and not policy.uses_domains:  # under domains the keeper switches
-            for result in enforce_live(self.conn, policy):
-                if result.status in ("toggled", "failed"):
-                    log.info("%s: %s %s", result.name, result.status, result.detail)
+            for result in enforce_live(self.conn, policy):  # a switch is logged where made
+                if result.status == "failed":
+                    log.warning("%s: live switch failed: %s", result.name, result.detail)
 
-    def handle(self, policy: Policy) -> tuple[int, int]:
-        """Act on queued events; return (VMs started, VMs started or stopped)."""
-        starts = stops = 0
+    def handle(self, policy: Policy) -> tuple[list[str], int]:
+        """Act on queued events; return (the domains that started, VMs started or stopped)."""
+        started: list[str] = []
+        stops = 0
         for event in self.watcher.drain() if self.watcher is not None else []:
             log.debug("libvirt: %s %s", event.name, event.kind)
             if event.kind == "defined" and policy.enforcement is not Enforcement.OFF:
                 self._definitions(policy, (event.name,))
             elif event.kind == "started":
-                starts += 1
+                started.append(event.name)
                 if policy.live and not policy.uses_domains:
                     self._live(policy, event.name)
             elif event.kind == "stopped":
                 stops += 1
-        return starts, starts + stops
+        return started, len(started) + stops
 
     def _definitions(self, policy: Policy, only: Iterable[str]) -> None:
         for result in apply(self.conn, policy, backup_dir=self.backup_dir, only=only):

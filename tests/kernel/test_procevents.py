@@ -75,6 +75,16 @@ def test_the_daemon_sprints_for_a_vmm_that_execs_without_a_hook_note(
         assert f"exec: pid {impostor}" not in daemon.output()
         assert real_ksm.read("run") == 0  # no sprint at their word
         started = time.monotonic()
+        excluded = real_ksm.track(spawn("pe-0", mib=64, no_merge=True))  # <nosharepages/>
+        assert wait_for(
+            lambda: (
+                f"pid {excluded.pid} (qemu-system-x86_64), started with "
+                "mem-merge=off: no sprint" in daemon.output()
+            ),
+            5,
+        ), daemon.output()
+        time.sleep(2)
+        assert real_ksm.read("run") == 0, daemon.output()  # nothing to merge: no sprint
         guest = real_ksm.track(spawn("pe-1", mib=64))
         assert wait_for(lambda: f"exec: pid {guest.pid} (qemu-system-x86_64)" in daemon.output(), 5)
         assert wait_for(lambda: real_ksm.read("run") == 1, 20), daemon.output()
