@@ -66,9 +66,10 @@ class GuestEstimate:
 
 @dataclass(frozen=True)
 class SuggestedGroup:
-    name: str
+    name: str  # a new group's name, or the existing group the VMs should join
     vms: tuple[str, ...]
     shared_bytes: int
+    extends: bool = False  # the VMs join the policy's existing group `name`
 
 
 @dataclass(frozen=True)
@@ -326,8 +327,12 @@ def _held_by(samples: Sequence[_Sample], size: int) -> np.ndarray:
     return np.bincount(np.concatenate([s.pool_ids() for s in samples]), minlength=size) > 0
 
 
-def _suggest(samples: Sequence[_Sample], is_zero: np.ndarray) -> tuple[SuggestedGroup, ...]:
-    """Clusters of VMs whose non-zero content overlaps, as groups for the policy."""
+def _suggest(all_samples: Sequence[_Sample], is_zero: np.ndarray) -> tuple[SuggestedGroup, ...]:
+    """Clusters of VMs whose non-zero content overlaps, as groups for the policy. Only VMs the
+    policy lets merge are suggested (an excluded VM stays excluded whatever group it is in);
+    VMs already in a group stay there: a cluster of ungrouped VMs with one existing group's VMs
+    is a suggestion to join that group, one that spans two groups is left to the operator."""
+    samples = [s for s in all_samples if s.guest.merges]
     distinct = []
     for sample in samples:
         ids = np.unique(sample.pool_ids())
@@ -352,12 +357,18 @@ def _suggest(samples: Sequence[_Sample], is_zero: np.ndarray) -> tuple[Suggested
     for i in range(len(samples)):
         clusters.setdefault(root(i), []).append(i)
     suggested = []
-    taken: set[str] = set()
+    taken = {s.guest.group for s in all_samples if s.guest.group is not None}
     for members in sorted(clusters.values(), key=lambda m: min(samples[i].guest.name for i in m)):
-        if len(members) < 2:
+        existing = {samples[i].guest.group for i in members} - {None}
+        new = [i for i in members if samples[i].guest.group is None]
+        if len(members) < 2 or not new or len(existing) > 1 or (not existing and len(new) < 2):
             continue
-        names = tuple(sorted(samples[i].guest.name for i in members))
+        names = tuple(sorted(samples[i].guest.name for i in new))
         pages = max((shared.get((a, b), 0) for a in members for b in members if a < b), default=0)
+        if existing:
+            (group,) = existing
+            suggested.append(SuggestedGroup(str(group), names, pages * PAGE_SIZE, extends=True))
+            continue
         name = _group_name(names, taken)
         taken.add(name)
         suggested.append(SuggestedGroup(name, names, pages * PAGE_SIZE))

@@ -453,7 +453,12 @@ def estimate_json(found: Estimate) -> dict[str, object]:
         ],
         "groups": [{"name": g, "predicted_saved_bytes": b} for g, b in found.groups],
         "suggested_groups": [
-            {"name": s.name, "vms": list(s.vms), "shared_bytes": s.shared_bytes}
+            {
+                "name": s.name,
+                "vms": list(s.vms),
+                "shared_bytes": s.shared_bytes,
+                "extends": s.extends,
+            }
             for s in found.suggested
         ],
         "suggested_yaml": yaml_snippet(found.suggested),
@@ -462,16 +467,19 @@ def estimate_json(found: Estimate) -> dict[str, object]:
 
 def yaml_snippet(suggested: Sequence[SuggestedGroup]) -> str:
     """The suggested groups as a `groups:` section that `ksmpolicy check` accepts."""
-    if not suggested:
-        return ""
-    lines = ["groups:"]
-    for group in suggested:
+    new = [g for g in suggested if not g.extends]
+    lines = ["groups:"] if new else []
+    for group in new:
         names = ", ".join(_yaml_name(n) for n in group.vms)
         lines.append(
             f"  {group.name}:  # {len(group.vms)} VMs, {group.shared_bytes / 2**20:.1f} MiB alike"
         )
         lines.append(f"    names: [{names}]")
-    return "\n".join(lines) + "\n"
+    for group in suggested:  # to the policy's own groups: the operator edits them
+        if group.extends:
+            names = ", ".join(_yaml_name(n) for n in group.vms)
+            lines.append(f"# add to your group {one_line(group.name)}'s names: {names}")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _yaml_name(name: str) -> str:

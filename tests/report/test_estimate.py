@@ -71,6 +71,28 @@ def test_suggested_groups_recover_the_images(real_ksm: RealKsm) -> None:
     assert len(policy.groups) == 3
 
 
+def test_suggestions_leave_excluded_vms_out_and_extend_existing_groups(
+    real_ksm: RealKsm,
+) -> None:
+    """Three images: deb-0/1 already in the policy's group `debian` with deb-2 ungrouped;
+    rhel-0/1/2 ungrouped, rhel-2 excluded; win-0/1 in two different groups. Suggested: deb-2
+    joins `debian`, a new group of rhel-0 and rhel-1 (not the excluded rhel-2), nothing for
+    the win VMs (already grouped, by the operator's choice)."""
+    workload = {f"deb-{i}": "deb" for i in range(3)}
+    workload |= {f"rhel-{i}": "rhel" for i in range(3)}
+    workload |= {f"win-{i}": "win" for i in range(2)}
+    pids = start(real_ksm, workload)
+    group = {"deb-0": "debian", "deb-1": "debian", "win-0": "w1", "win-1": "w2"}
+    guests = [Guest(pid, name, group.get(name), name != "rhel-2") for name, pid in pids.items()]
+    found = estimate(HostPaths(), guests, interval=0.5)
+    got = {(s.name, s.vms, s.extends) for s in found.suggested}
+    assert got == {("debian", ("deb-2",), True), ("rhel", ("rhel-0", "rhel-1"), False)}, got
+    snippet = yaml_snippet(found.suggested)
+    assert '# add to your group debian\'s names: "deb-2"' in snippet
+    policy = parse_policy("version: 1\n" + snippet)  # check accepts it
+    assert [g.name for g in policy.groups] == ["rhel"]
+
+
 def test_what_merging_an_excluded_vm_would_save(real_ksm: RealKsm) -> None:
     pids = start(real_ksm, {"web-0": "web", "web-1": "web", "db-1": "web"})
     guests = [
