@@ -468,3 +468,44 @@ def test_under_domains_block_refuses_a_start_that_would_force_an_unmerge_the_hos
         "latency-box", "prepare", "begin", EXCLUDED_XML
     )
     assert (result.returncode, result.stderr) == (0, b"")
+
+
+def run_shim(path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path.write_text(text)
+    path.chmod(0o755)
+    return subprocess.run(
+        [str(path), "vm", "prepare", "begin", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_the_debian_hook_lets_vms_start_once_the_package_is_removed(tmp_path: Path) -> None:
+    """`apt remove` keeps the hook (a conffile) but removes ksmpolicy: the package's hook then
+    lets VMs start; a checkout's or pip's hook, or any other missing import, still fails."""
+    gone = tmp_path / "gone"  # dist-packages after `apt remove`: no ksmpolicy in it
+    gone.mkdir()
+    hook = tmp_path / "ksmpolicy"
+    removed = run_shim(
+        hook, shim(sys.executable, import_paths=[str(gone)], package_removed_ok=True)
+    )
+    assert (removed.returncode, removed.stderr) == (
+        0,
+        "ksmpolicy-hook: the ksmpolicy package is removed: this VM start is not checked "
+        "(apt purge ksmpolicy removes this hook)\n",
+    )
+    strict = run_shim(hook, shim(sys.executable, import_paths=[str(gone)]))
+    assert strict.returncode == 1
+    assert "No module named 'ksmpolicy'" in strict.stderr
+    broken = tmp_path / "broken"  # ksmpolicy there, a dependency of it missing
+    (broken / "ksmpolicy").mkdir(parents=True)
+    (broken / "ksmpolicy/__init__.py").write_text("")
+    (broken / "ksmpolicy/hook.py").write_text("import no_such_dependency\n")
+    failed = run_shim(
+        hook, shim(sys.executable, import_paths=[str(broken)], package_removed_ok=True)
+    )
+    assert failed.returncode == 1
+    assert "No module named 'no_such_dependency'" in failed.stderr
