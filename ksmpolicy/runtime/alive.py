@@ -25,6 +25,7 @@ class Alive:
     policy: str  # the policy file, or the built-in default's description
     passive: str | None = None  # why it writes no knob: another controller, named with its fix
     discovery: str = "polling"  # how new VMs are found: process events, or polling and why
+    version: str = ""  # of the code it runs (an upgrade not yet restarted shows the old one)
 
     def fresh(self, now: float | None = None) -> bool:
         """Written within three intervals (and at least 30 s): the loop is turning."""
@@ -51,6 +52,7 @@ def read_alive(paths: HostPaths) -> Alive | None:
             policy=str(record["policy"]),
             passive=None if record.get("passive") is None else str(record["passive"]),
             discovery=str(record.get("discovery", "polling")),
+            version=str(record.get("version", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
