@@ -16,8 +16,6 @@ def shim(
     platform: str,
     options: Sequence[str] = (),
     import_paths: Sequence[str] | None = None,
-    *,
-    package_removed_ok: bool = False,
 ) -> str:
     """The text of an installed hook: the absolute interpreter, then a call of `leave`.
 
@@ -26,38 +24,16 @@ def shim(
     the directories this installation imports ksmpolicy and PyYAML from are named instead
     (`import_paths`, found from this interpreter when not given). A shebang passes its flags
     as one argument, hence `-IS`, not `-I -S`.
-
-    `package_removed_ok` (the Debian package's hooks): when ksmpolicy itself cannot be found,
-    the hook lets the VM start. `apt remove` keeps the libvirt hook, a conffile, until purge,
-    and a Proxmox hookscript copied to a storage stays after both; without this a removed
-    package would refuse every VM start. Any other import failure still fails the hook.
     """
     paths = list(import_paths) if import_paths is not None else installed_import_paths()
-    load = "from ksmpolicy.hook import leave\n"
-    if package_removed_ok:
-        load = (
-            "try:\n"
-            "    from ksmpolicy.hook import leave\n"
-            "except ModuleNotFoundError as missing:\n"
-            "    if missing.name != 'ksmpolicy':\n"
-            "        raise\n"
-            f"    sys.stderr.write({REMOVED_MESSAGE!r})\n"
-            "    sys.exit(0)\n"
-        )
     return (
         f"#!{python} -IS\n"
         f"{marker}\n"
         "import sys\n"
         f"{IMPORT_PATHS_LINE}{paths!r}\n"
-        f"{load}"
+        "from ksmpolicy.hook import leave\n"
         f"leave([*{list(options)!r}, {platform!r}, *sys.argv[1:]])\n"
     )
-
-
-REMOVED_MESSAGE = (
-    "ksmpolicy-hook: the ksmpolicy package is removed: this VM start is not checked "
-    "(apt purge ksmpolicy removes this hook)\n"
-)
 
 
 def installed_import_paths() -> list[str]:

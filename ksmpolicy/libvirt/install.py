@@ -21,8 +21,6 @@ def shim(
     policy: str | None = None,
     run_dir: str | None = None,
     import_paths: Sequence[str] | None = None,
-    *,
-    package_removed_ok: bool = False,
 ) -> str:
     """The hook file (see `ksmpolicy.hookshim`)."""
     options = []
@@ -36,7 +34,6 @@ def shim(
         "libvirt",
         options,
         import_paths,
-        package_removed_ok=package_removed_ok,
     )
 
 

@@ -72,16 +72,12 @@ def hookscript_text(
     policy: str | None = None,
     extra: Sequence[str] = (),
     import_paths: Sequence[str] | None = None,
-    *,
-    package_removed_ok: bool = False,
 ) -> str:
     """The hookscript (see `ksmpolicy.hookshim`)."""
     options = ["--policy", policy] if policy else []
     options += list(extra)
     marker = f"{HOOKSCRIPT_MARKER}; Proxmox runs it as: ksmpolicy-hook VMID PHASE"
-    return shim(
-        python, marker, "proxmox", options, import_paths, package_removed_ok=package_removed_ok
-    )
+    return shim(python, marker, "proxmox", options, import_paths)
 
 
 def install_hookscript(
