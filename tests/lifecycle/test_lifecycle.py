@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +36,11 @@ LOAD = (
     "time.sleep(3600)"
 )
 PREEXISTING = "/etc/libvirt/hooks"  # the admin's, before the package came
+METRICS_URL = "http://127.0.0.1:19573/metrics"
+METRICS_DROPIN = """[Service]
+ExecStart=
+ExecStart=/usr/bin/ksmpolicy daemon --restore-on-exit --metrics 19573
+"""
 HOOK = "/etc/libvirt/hooks/qemu.d/ksmpolicy"  # postinst writes it in a directory it makes
 
 
@@ -168,9 +174,18 @@ def test_install_upgrade_remove_purge(
     # Start it beside a mergeable process: it paces the real ksmd.
     load = ("--name", "lifecycle-load", "--", "/usr/bin/python3", "-c", LOAD)
     box.run("systemd-run", "--unit=lifecycle-load", "/usr/bin/ksmpolicy", "exec", *load)
+    # With metrics, as docs/install.md says to turn them on (the host shares the network).
+    dropin = box.root / "etc/systemd/system/ksmpolicy.service.d/metrics.conf"
+    dropin.parent.mkdir()
+    dropin.write_text(METRICS_DROPIN)
+    box.run("systemctl", "daemon-reload")
     box.run("systemctl", "start", UNIT)
     assert daemon.active()
     first = daemon.main_pid()
+    journal = box.run("journalctl", "-u", UNIT, "-o", "cat").stdout
+    assert f"metrics on {METRICS_URL}" in journal, journal
+    with urllib.request.urlopen(METRICS_URL, timeout=10) as answer:
+        assert "# TYPE ksmpolicy_ksm_available gauge" in answer.read().decode()
     assert wait_for(lambda: real_ksm.read("run") == 1, 30), "the daemon did not start ksmd"
 
     # Upgrade with the daemon running: it runs again, on the new code.
