@@ -100,10 +100,10 @@ def metrics(
         raise click.UsageError("--listen and --textfile exclude each other")
     if listen:
         try:
-            exposition.serve(collector, listen)
+            url = exposition.serve(collector, listen)
         except (ValueError, OSError) as exc:
             raise KsmPolicyError(f"cannot listen on {listen}: {exc}") from None
-        click.echo(f"serving metrics on {listen} (/metrics)", err=True)
+        click.echo(f"serving metrics on {url}", err=True)
         exposition.every(3600, lambda: None)
     elif textfile:
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from ksmpolicy import __version__
 from ksmpolicy.control import sdnotify
 from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
 from ksmpolicy.errors import KsmPolicyError
@@ -205,12 +206,13 @@ class Daemon:
                 keeper=lambda: self.keeper,
             )
             try:
-                serve(collector, self.metrics)
+                url = serve(collector, self.metrics)
             except (ValueError, OSError) as exc:
                 raise KsmPolicyError(f"cannot serve metrics on {self.metrics}: {exc}") from None
-            log.info("metrics on http://%s/metrics", self.metrics)
+            log.info("metrics on %s", url)
         log.info(
-            "started: policy %s, notes on %s, pid %d",
+            "started: ksmpolicy %s, policy %s, notes on %s, pid %d",
+            __version__,
             self._policy_name(),
             listener.path,
             os.getpid(),
@@ -580,6 +582,7 @@ class Daemon:
             passive=self.passive,
             discovery=self.discovery,
             pace=self._pace,
+            version=__version__,
         )
         try:
             write_alive(self.paths, alive)

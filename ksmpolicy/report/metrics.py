@@ -326,9 +326,17 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def serve(collector: StatusCollector, address: str) -> None:
+def metrics_url(address: str) -> str:
+    """Where `serve(collector, address)` answers: `9573` -> http://127.0.0.1:9573/metrics."""
+    host, port = parse_listen(address)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
+def serve(collector: StatusCollector, address: str) -> str:
+    """Serve /metrics on `address` ([HOST:]PORT) from a thread; return its URL."""
     host, port = parse_listen(address)
     start_http_server(port, addr=host, registry=registry_for(collector))
+    return metrics_url(address)
 
 
 def write_textfile(collector: StatusCollector, path: str) -> None:

@@ -26,6 +26,7 @@ class Alive:
     passive: str | None = None  # why it writes no knob: another controller, named with its fix
     discovery: str = "polling"  # how new VMs are found: process events, or polling and why
     pace: str | None = None  # the last plan: its mode and why ("slow: one full scan per ...")
+    version: str = ""  # of the code it runs (an upgrade not yet restarted shows the old one)
 
     def fresh(self, now: float | None = None) -> bool:
         """Written within three intervals (and at least 30 s): the loop is turning."""
@@ -53,6 +54,7 @@ def read_alive(paths: HostPaths) -> Alive | None:
             passive=None if record.get("passive") is None else str(record["passive"]),
             discovery=str(record.get("discovery", "polling")),
             pace=None if record.get("pace") is None else str(record["pace"]),
+            version=str(record.get("version", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

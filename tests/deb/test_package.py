@@ -153,5 +153,6 @@ def test_install_check_and_purge_the_package(
     left = [f for f in files if Path(f).exists()]
     assert not left, f"purge left {left}"
     assert not Path("/run/ksmpolicy").exists()
+    assert not Path("/etc/libvirt/hooks/qemu.d/ksmpolicy").exists(), "the hook was left"
     assert not Path("/var/lib/ksmpolicy").exists()
     assert KSMTUNED_WANTS.is_symlink(), "ksmtuned was not turned back on"

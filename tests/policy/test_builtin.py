@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ksmpolicy import __version__
 from ksmpolicy.errors import PolicyError
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.decide import Decider, VmFacts
@@ -106,4 +107,6 @@ def test_first_run_daemon_dry_run_names_the_builtin(tmp_path: Path) -> None:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=15)
-    assert f"started: policy {BUILTIN_NAME} (no file at " in log.read_text()
+    assert (
+        f"started: ksmpolicy {__version__}, policy {BUILTIN_NAME} (no file at " in log.read_text()
+    )

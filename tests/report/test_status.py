@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +18,13 @@ from ksmpolicy.cli.main import cli
 from ksmpolicy.control.law import History, LawSettings, Observation, plan
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
-from ksmpolicy.report.metrics import StatusCollector, exposition, parse_listen
+from ksmpolicy.report.metrics import (
+    StatusCollector,
+    exposition,
+    metrics_url,
+    parse_listen,
+    serve,
+)
 from ksmpolicy.report.render import as_json, text
 from ksmpolicy.report.status import collect
 from lab.simguest import spawn
@@ -314,6 +322,28 @@ def test_textfile_is_written_whole(host: Path, tmp_path: Path) -> None:
 )
 def test_listen_addresses(address: str, expected: tuple[str, int]) -> None:
     assert parse_listen(address) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("9573", "http://127.0.0.1:9573/metrics"),
+        ("0.0.0.0:80", "http://0.0.0.0:80/metrics"),
+        ("[::1]:9573", "http://[::1]:9573/metrics"),
+    ],
+)
+def test_metrics_urls(address: str, expected: str) -> None:
+    assert metrics_url(address) == expected
+
+
+def test_metrics_are_served_where_the_log_says(tmp_path: Path) -> None:
+    """The daemon logs the URL `serve` returns (it once printed http://9573/metrics)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = serve(StatusCollector(HostPaths(fake_host(tmp_path)), lambda: POLICY), str(port))
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert "# TYPE ksmpolicy_ksm_available gauge\n" in answer.read().decode()
 
 
 def test_bad_listen_address() -> None:
