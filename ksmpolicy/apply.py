@@ -39,7 +39,7 @@ class Planned:
 
     new: str
     name: str  # the VM's name, for messages
-    decision: Decision
+    decision: Decision | None  # None: not the policy's (a restore)
     note: str | None = None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ksmpolicy.cli.common import (
@@ -243,3 +245,50 @@ def tag(vm: str, tags: tuple[str, ...], remove: bool, uri: str | None) -> None:
 
     now = host.set_tags(host.connect(uri), vm, tags, remove=remove)
     click.echo(one_line(f"{vm}: tags {', '.join(now) or '(none)'}"))
+
+
+@click.command()
+@CONNECT
+@click.option(
+    "--backups",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the backups are (default: /var/lib/ksmpolicy/backups; after `apt purge`, "
+    "/var/backups/ksmpolicy-definitions-TIME).",
+)
+@click.option(
+    "--domain", "-d", "domains", multiple=True, metavar="NAME", help="Only these (name or UUID)."
+)
+@click.option("--dry-run", is_flag=True, help="Print the diffs; change nothing.")
+@ROOT
+def restore(
+    uri: str | None, backups: Path | None, domains: tuple[str, ...], dry_run: bool, root: str
+) -> None:
+    """Put libvirt definitions back as they were before ksmpolicy first changed them.
+
+    The oldest backup of each domain (NAME.UUID.TIME.xml, saved by `apply` and the
+    daemon before each rewrite) is its definition before ksmpolicy; changes made to
+    it since are lost, so look at --dry-run first. The current definition is saved
+    as one more backup. A domain that no longer exists is not defined again
+    (`virsh define FILE` does that). Running VMs follow at their next start. Turn
+    the policy off first (stop the daemon, `ksmpolicy uninstall libvirt`), or the
+    hook and the daemon rewrite the definitions again.
+    """
+    from ksmpolicy.libvirt import host  # noqa: PLC0415
+    from ksmpolicy.libvirt.restore import restore as restore_backups  # noqa: PLC0415
+
+    paths = host_paths(root)
+    directory = backups or paths.backup_dir
+    outcomes = restore_backups(
+        host.connect(uri), directory, save_to=paths.backup_dir, only=domains, dry_run=dry_run
+    )
+    if not outcomes:
+        click.echo(f"no backups of existing domains in {directory}")
+    for outcome in outcomes:
+        if outcome.diff and dry_run:
+            click.echo(outcome.diff, nl=False)
+        click.echo(outcome_line(outcome, proxmox=False), err=outcome.status == "failed")
+        if outcome.note:
+            click.echo(one_line(f"{outcome.key}: note: {outcome.note}"))
+    click.echo(outcome_summary(outcomes, "domains"))
+    if any(o.status == "failed" for o in outcomes):
+        raise SystemExit(1)

@@ -67,6 +67,7 @@ for command in (
     libvirt.uninstall,
     libvirt.apply,
     libvirt.enforce,
+    libvirt.restore,
     libvirt.tag,
     proxmox.proxmox,
 ):
