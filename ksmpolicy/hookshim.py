@@ -35,6 +35,11 @@ def shim(
     the directories this installation imports ksmpolicy and PyYAML from are named instead
     (`import_paths`, found from this interpreter when not given). A shebang passes its flags
     as one argument, hence `-IS`, not `-I -S`.
+
+    When ksmpolicy itself is gone (the package removed, its virtualenv deleted) the hook lets
+    the VM start and says so: a Proxmox hookscript copied to a storage outlives the package,
+    and a hook that fails every VM start for a tool that is no longer there helps no one. Any
+    other import failure still fails the hook.
     """
     paths = list(import_paths) if import_paths is not None else installed_import_paths()
     return (
@@ -42,9 +47,21 @@ def shim(
         f"{marker}\n"
         "import sys\n"
         f"{IMPORT_PATHS_LINE}{paths!r}\n"
-        "from ksmpolicy.hook import leave\n"
+        "try:\n"
+        "    from ksmpolicy.hook import leave\n"
+        "except ModuleNotFoundError as missing:\n"
+        "    if missing.name != 'ksmpolicy':\n"
+        "        raise\n"
+        f"    sys.stderr.write({REMOVED_MESSAGE!r})\n"
+        "    sys.exit(0)\n"
         f"leave([*{absolute_options(options)!r}, {platform!r}, *sys.argv[1:]])\n"
     )
+
+
+REMOVED_MESSAGE = (
+    "ksmpolicy-hook: ksmpolicy is not installed any more: this VM start is not checked "
+    "(remove this hook: ksmpolicy's uninstall, or delete the file)\n"
+)
 
 
 def shebang(python: str, kernel_release: str | None = None) -> str:

@@ -469,3 +469,37 @@ def test_under_domains_block_refuses_a_start_that_would_force_an_unmerge_the_hos
         "latency-box", "prepare", "begin", EXCLUDED_XML
     )
     assert (result.returncode, result.stderr) == (0, b"")
+
+
+def run_shim(path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path.write_text(text)
+    path.chmod(0o755)
+    return subprocess.run(
+        [str(path), "vm", "prepare", "begin", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_a_hook_lets_vms_start_once_ksmpolicy_is_gone(tmp_path: Path) -> None:
+    """A hook whose ksmpolicy was removed (a Proxmox hookscript outlives the package in its
+    storage; a deleted virtualenv) lets VMs start and says why; any other missing import (a
+    dependency of ksmpolicy) still fails the hook."""
+    from ksmpolicy.libvirt.install import shim
+
+    gone = tmp_path / "gone"  # dist-packages after `apt remove`: no ksmpolicy in it
+    gone.mkdir()
+    hook = tmp_path / "ksmpolicy"
+    removed = run_shim(hook, shim(sys.executable, import_paths=[str(gone)]))
+    assert removed.returncode == 0, removed.stderr
+    assert "ksmpolicy is not installed any more: this VM start is not checked" in removed.stderr
+    broken = tmp_path / "broken"  # ksmpolicy there, a dependency of it missing
+    (broken / "ksmpolicy").mkdir(parents=True)
+    (broken / "ksmpolicy/__init__.py").write_text("")
+    (broken / "ksmpolicy/hook.py").write_text("import no_such_dependency\n")
+    failed = run_shim(hook, shim(sys.executable, import_paths=[str(broken)]))
+    assert failed.returncode == 1
+    assert "No module named 'no_such_dependency'" in failed.stderr
