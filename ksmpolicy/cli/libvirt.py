@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ksmpolicy.apply import Outcome
 from ksmpolicy.cli.common import (
     CONNECT,
     QM,
@@ -176,15 +177,7 @@ def apply(  # noqa: PLR0913 - one parameter per option of the command
             conn, policy, backup_dir=paths.backup_dir, dry_run=dry_run, only=domains
         )
         noun = "domains"
-    for outcome in outcomes:
-        if outcome.diff and dry_run:
-            click.echo(outcome.diff, nl=False)
-        click.echo(outcome_line(outcome, proxmox=proxmox), err=outcome.status == "failed")
-        if outcome.note:
-            click.echo(one_line(f"{outcome.key}: note: {outcome.note}"))
-    click.echo(outcome_summary(outcomes, noun))
-    if any(o.status == "failed" for o in outcomes):
-        raise SystemExit(1)
+    report_outcomes(outcomes, noun, dry_run=dry_run, proxmox=proxmox)
 
 
 @click.command()
@@ -283,12 +276,18 @@ def restore(
     )
     if not outcomes:
         click.echo(f"no backups of existing domains in {directory}")
+    report_outcomes(outcomes, "domains", dry_run=dry_run, proxmox=False)
+
+
+def report_outcomes(outcomes: list[Outcome], noun: str, *, dry_run: bool, proxmox: bool) -> None:
+    """Each VM's line (with its diff under --dry-run, and its note), the summary; exit 1 when
+    one failed."""
     for outcome in outcomes:
         if outcome.diff and dry_run:
             click.echo(outcome.diff, nl=False)
-        click.echo(outcome_line(outcome, proxmox=False), err=outcome.status == "failed")
+        click.echo(outcome_line(outcome, proxmox=proxmox), err=outcome.status == "failed")
         if outcome.note:
             click.echo(one_line(f"{outcome.key}: note: {outcome.note}"))
-    click.echo(outcome_summary(outcomes, "domains"))
+    click.echo(outcome_summary(outcomes, noun))
     if any(o.status == "failed" for o in outcomes):
         raise SystemExit(1)

@@ -88,15 +88,14 @@ class Connection(Protocol):
 # --- apply -----------------------------------------------------------------------------------
 
 
-class DomainTarget:
-    """One persistent domain for the shared apply loop."""
+class DomainDefinition:
+    """A persistent domain's definition, read and written for the shared apply loop."""
 
     suffix = ".xml"
 
-    def __init__(self, conn: Connection, domain: Domain, decider: Decider) -> None:
+    def __init__(self, conn: Connection, domain: Domain) -> None:
         self.conn = conn
         self.domain = domain
-        self.decider = decider
         self.key = domain.name()
 
     def read(self) -> str:
@@ -105,6 +104,22 @@ class DomainTarget:
             return self.domain.XMLDesc(XML_INACTIVE | XML_SECURE)
         except libvirt.libvirtError as exc:
             raise KsmPolicyError(str(exc)) from None
+
+    def write(self, _old: str, new: str) -> None:
+        libvirt = libvirt_module()
+        try:
+            self.conn.defineXML(new)
+        except libvirt.libvirtError as exc:
+            raise KsmPolicyError(str(exc)) from None
+        log.info("redefined %s", self.key)
+
+
+class DomainTarget(DomainDefinition):
+    """One persistent domain, planned by the policy."""
+
+    def __init__(self, conn: Connection, domain: Domain, decider: Decider) -> None:
+        super().__init__(conn, domain)
+        self.decider = decider
 
     def plan(self, text: str) -> Planned:
         new, facts, decision = apply_policy(text, self.decider, qcow2_backing_root)
@@ -117,14 +132,6 @@ class DomainTarget:
                 f"{commands.switch_live(facts.vm.name, facts.vm.uuid)} switches its guest RAM now"
             )
         return Planned(new, facts.vm.name, decision, note)
-
-    def write(self, _old: str, new: str) -> None:
-        libvirt = libvirt_module()
-        try:
-            self.conn.defineXML(new)
-        except libvirt.libvirtError as exc:
-            raise KsmPolicyError(str(exc)) from None
-        log.info("redefined %s", self.key)
 
     def labels(self, name: str) -> tuple[str, str]:
         return f"{name} (defined)", f"{name} (policy)"

@@ -21,7 +21,7 @@ from ksmpolicy.apply import Outcome, Planned, apply_targets
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular
 from ksmpolicy.libvirt.domain import MAX_XML_BYTES, domain_facts
-from ksmpolicy.libvirt.host import XML_INACTIVE, XML_SECURE, libvirt_module
+from ksmpolicy.libvirt.host import DomainDefinition, libvirt_module
 
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 BACKUP_NAME = re.compile(
@@ -53,23 +53,13 @@ def oldest_backups(directory: Path) -> dict[str, Backup]:
     return found
 
 
-class RestoreTarget:
-    """One domain and its oldest backup, for the shared apply loop."""
-
-    suffix = ".xml"
+class RestoreTarget(DomainDefinition):
+    """One domain and its oldest backup, for the shared apply loop: read and written as
+    `apply` does, planned from the backup instead of the policy."""
 
     def __init__(self, conn: Any, domain: Any, backup: Backup) -> None:
-        self.conn = conn
-        self.domain = domain
+        super().__init__(conn, domain)
         self.backup = backup
-        self.key = domain.name()
-
-    def read(self) -> str:
-        libvirt = libvirt_module()
-        try:
-            return str(self.domain.XMLDesc(XML_INACTIVE | XML_SECURE))
-        except libvirt.libvirtError as exc:
-            raise KsmPolicyError(str(exc)) from None
 
     def plan(self, _text: str) -> Planned:
         data = read_regular(self.backup.path, MAX_XML_BYTES)
@@ -80,13 +70,6 @@ class RestoreTarget:
         if self.domain.isActive():
             note = "it runs with the setting it started with until it restarts"
         return Planned(data.decode("utf-8"), self.key, None, note)
-
-    def write(self, _old: str, new: str) -> None:
-        libvirt = libvirt_module()
-        try:
-            self.conn.defineXML(new)
-        except libvirt.libvirtError as exc:
-            raise KsmPolicyError(str(exc)) from None
 
     def labels(self, name: str) -> tuple[str, str]:
         return f"{name} (defined)", f"{name} ({self.backup.path.name})"

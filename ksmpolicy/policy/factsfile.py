@@ -8,6 +8,7 @@ from typing import Any
 from ksmpolicy.errors import PolicyError, Problem
 from ksmpolicy.policy import yamlsource
 from ksmpolicy.policy.decide import MemoryRegion, VmFacts
+from ksmpolicy.policy.validate import kind_of
 
 _KEYS = ("name", "uuid", "vmid", "tags", "images", "memory_mib", "hugepages", "shared_memory")
 
@@ -74,7 +75,7 @@ class _Fields:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         quoted = " (quote it if you mean the text)" if number and "string" in expected else ""
         self.doc.problem(
-            (*self.path, key, *where), f"expected {expected}, got {_kind(value)}{quoted}"
+            (*self.path, key, *where), f"expected {expected}, got {kind_of(value)}{quoted}"
         )
 
     def string(self, key: str) -> str | None:
@@ -129,20 +130,6 @@ class _Fields:
             return value
         self._wrong("vmid", "a VMID (a whole number)", value)
         return None
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, int):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    return f"a {type(value).__name__} ({value!r})"
 
 
 def _regions(hugepages: bool, shared: bool) -> tuple[MemoryRegion, ...]:

@@ -268,7 +268,7 @@ class _Validator:
         if value is None:
             return []
         if not isinstance(value, list):
-            self.doc.problem(("rules",), f"expected a list of rules, got {_kind(value)}")
+            self.doc.problem(("rules",), f"expected a list of rules, got {kind_of(value)}")
             return []
         result = []
         seen: dict[str, int] = {}
@@ -463,7 +463,7 @@ class _Validator:
         self, value: Any, path: KeyPath, known: tuple[str, ...] | None
     ) -> dict[str, Any] | None:
         if not isinstance(value, dict):
-            self.doc.problem(path, f"expected a mapping (key: value lines), got {_kind(value)}")
+            self.doc.problem(path, f"expected a mapping (key: value lines), got {kind_of(value)}")
             return None
         if known is not None:
             for key in value:
@@ -503,7 +503,7 @@ class _Validator:
 
     def number(self, value: Any, path: KeyPath, low: float, high: float) -> float | None:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.doc.problem(path, f"expected a number, got {_kind(value)}")
+            self.doc.problem(path, f"expected a number, got {kind_of(value)}")
             return None
         if not low <= value <= high:
             self.doc.problem(path, f"{value} is out of range: use {low:g} to {high:g}")
@@ -517,7 +517,7 @@ class _Validator:
         value = spec[path[-1]]
         items = value if isinstance(value, list) else [value]
         if not isinstance(items, list):
-            self.doc.problem(path, f"expected a list of strings, got {_kind(value)}")
+            self.doc.problem(path, f"expected a list of strings, got {kind_of(value)}")
             return ()
         if not items:
             self.doc.problem(path, "empty list matches nothing: remove the key or add items")
@@ -526,7 +526,7 @@ class _Validator:
             item_path = (*path, index) if isinstance(value, list) else path
             item = self.doc.text(item_path, found)  # `no`, `0101`: the text as written
             if not isinstance(item, str):
-                self.doc.problem(item_path, f"expected a string, got {_kind(item)}")
+                self.doc.problem(item_path, f"expected a string, got {kind_of(item)}")
                 continue
             result.append(item)
         return tuple(result)
@@ -581,15 +581,15 @@ def _did_you_mean(word: object, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """What a YAML value is, for an error message: "a list", "a string ('x')", ..."""
     if value is None:
         return "nothing"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    return f"a {type(value).__name__} ({value!r})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    noun = "string" if isinstance(value, str) else type(value).__name__
+    return f"a {noun} ({value!r})"

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ksmpolicy.paths import HostPaths
-from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, wait_for
-from tests.conftest import IS_ROOT, RealKsm
+from lab.libvirtd import PREFIX, Lab, wait_for
+from tests.conftest import RealKsm
 from tests.libvirt.test_live import start_daemon
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
@@ -39,18 +38,6 @@ groups:
 reconciler: {{interval_seconds: 1, target_scan_seconds: 10, max_ksmd_cpu_percent: 60}}
 """
 ORDER = ("ka-1", "kb-1", "ka-2", "kb-2")
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if not IS_ROOT:
-        pytest.skip("needs root to run libvirtd and QEMU (CI runs as root)")
-    if not (GUEST / "initrd.img").exists():
-        pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
-    pytest.importorskip("libvirt")
-    workdir = tmp_path_factory.mktemp("keeper")
-    workdir.chmod(0o755)
-    yield from lab_session(workdir)
 
 
 def test_the_active_domain_merges_whenever_its_guests_start_after_the_daemon(

@@ -21,8 +21,8 @@ import pytest
 from ksmpolicy.libvirt.domain import domain_facts
 from ksmpolicy.libvirt.host import live_merge
 from ksmpolicy.paths import HostPaths
-from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, wait_for
-from tests.conftest import IS_ROOT, RealKsm
+from lab.libvirtd import PREFIX, Lab, wait_for
+from tests.conftest import RealKsm
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
@@ -40,18 +40,6 @@ rules:
 
 def policy(mode: str = "block", extra: str = "") -> str:
     return POLICY.format(mode=mode, extra=extra)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if not IS_ROOT:
-        pytest.skip("needs root to run libvirtd and QEMU (CI runs as root)")
-    if not (GUEST / "initrd.img").exists():
-        pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
-    pytest.importorskip("libvirt")
-    workdir = tmp_path_factory.mktemp("libvirt")
-    workdir.chmod(0o755)
-    yield from lab_session(workdir)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,31 +6,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ksmpolicy.libvirt.domain import domain_facts
-from lab.libvirtd import GUEST, Lab, lab_session
+from lab.libvirtd import Lab
 
 pytestmark = [pytest.mark.root]
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
 EXCLUDE_ALL = "version: 1\nrules:\n  - {match: {names: ['*']}, action: exclude}\n"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    from tests.conftest import IS_ROOT
-
-    if not IS_ROOT:
-        pytest.skip("needs root to run libvirtd (CI runs as root)")
-    if not (GUEST / "initrd.img").exists():
-        pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
-    pytest.importorskip("libvirt")
-    workdir = tmp_path_factory.mktemp("restore")
-    workdir.chmod(0o755)
-    yield from lab_session(workdir)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
