@@ -88,3 +88,30 @@ def test_ksmd_cpu_from_stat(tmp_path: Path) -> None:
     assert ksmd_pid(paths) == 7
     assert process_cpu_seconds(paths, 7) == 3.0  # 300 ticks at 100 Hz
     assert processes_named(paths, ["ksmtuned"]) == [8]
+
+
+def test_switching_the_merge_scope_unmerges_first_and_leaves_ksmd_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run=2 (everything unmerged; the kernel refuses merge_across_nodes otherwise), then the
+    knob, then run=0 for the caller to start again; `run` as found is what restore() puts
+    back, and a write the kernel refuses stops there with the path in the message."""
+    ksm = fake_ksm(tmp_path, run="1", merge_across_nodes="1")
+    knobs = KsmKnobs(HostPaths(tmp_path))
+    written: list[tuple[str, str]] = []
+    real_write = Path.write_text
+
+    def recording(path: Path, text: str, *args: object, **kwargs: object) -> int:
+        written.append((path.name, text.strip()))
+        return real_write(path, text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", recording)
+    knobs.switch_merge_across_nodes(False)
+    assert written == [("run", "2"), ("merge_across_nodes", "0"), ("run", "0")]
+    assert knobs.original["run"] == 1
+    knobs.restore()
+    assert (ksm / "run").read_text().strip() == "1"
+    (ksm / "merge_across_nodes").unlink()
+    (ksm / "merge_across_nodes").mkdir()  # the kernel says EBUSY; a directory says EISDIR
+    with pytest.raises(HostError, match="merge_across_nodes"):
+        knobs.switch_merge_across_nodes(True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmpolicy.kernel.qmp import MAX_REPLY_BYTES, QmpError, QmpSocket, set_merge
+from ksmpolicy.kernel.qmp import MAX_REPLY_BYTES, QmpError, QmpSocket, set_merge, socket_of
 
 Serve = Callable[[socket.socket], None]
 
@@ -104,3 +104,52 @@ def test_a_silent_peer_is_cut_off_by_the_deadline(qmp_server: Callable[[Serve], 
     finally:
         stop.set()
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-qmp", "unix:/run/q.sock,server=on,wait=off"], "/run/q.sock"),
+        (["-qmp-pretty", "unix:/run/p.sock,server"], "/run/p.sock"),
+        (  # Proxmox VE: a chardev that a control monitor uses
+            [
+                "-chardev",
+                "socket,id=qmp,path=/var/run/qemu-server/101.qmp,server=on,wait=off",
+                "-mon",
+                "chardev=qmp,mode=control",
+            ],
+            "/var/run/qemu-server/101.qmp",
+        ),
+        (  # libvirt: the monitor is a file descriptor it holds
+            [
+                "-chardev",
+                "socket,id=charmonitor,fd=23,server=on,wait=off",
+                "-mon",
+                "chardev=charmonitor,id=monitor,mode=control",
+            ],
+            None,
+        ),
+        (  # a socket chardev no control monitor uses (a serial console): not QMP
+            [
+                "-chardev",
+                "socket,id=serial0,path=/run/s.sock,server=on",
+                "-serial",
+                "chardev:serial0",
+            ],
+            None,
+        ),
+        (  # a client socket (server=off) is QEMU connecting out, not serving
+            [
+                "-chardev",
+                "socket,id=m,path=/run/c.sock,server=off",
+                "-mon",
+                "chardev=m,mode=control",
+            ],
+            None,
+        ),
+        (["-qmp", "tcp:127.0.0.1:4444,server"], None),  # not a UNIX socket
+        ([], None),
+    ],
+)
+def test_the_qmp_socket_a_command_line_serves(argv: list[str], expected: str | None) -> None:
+    assert socket_of(["qemu-system-x86_64", *argv]) == expected
