@@ -34,7 +34,7 @@ from ksmpolicy.policy.model import Policy
 from ksmpolicy.trust import guard
 from ksmpolicy.trust.choose import Candidate, Claim, choose
 from ksmpolicy.trust.scopes import HostScopes, guest_ram_ranges, process_nodes
-from ksmpolicy.trust.state import Member, locked
+from ksmpolicy.trust.state import Member, load, locked
 
 log = logging.getLogger(__name__)
 Toggle = Callable[[VmStatus, bool], list[str]]
@@ -95,6 +95,7 @@ class Keeper:
         now = self.clock()
         seats = self._seats(vms, host)
         estimated = self._estimated(policy, seats)  # before the lock: the hooks wait on it
+        needs = self._walk_outgoing(policy, seats, host, estimated)
         found = Look()
         # The state lock is held only to read and write the state: the hooks wait on it. The
         # claims are written first, so that a hook that starts a VM meanwhile follows them;
@@ -104,7 +105,7 @@ class Keeper:
             for scope in host.names:
                 here = [s for s in seats if scope in s.scopes]
                 current = state.scopes.get(scope)
-                claim = self._claim(policy, scope, here, current, now, found, estimated)
+                claim = self._claim(policy, scope, here, current, now, found, estimated, needs)
                 if claim is not None:
                     found.claims[scope] = claim
             for scope in host.names:
@@ -186,16 +187,9 @@ class Keeper:
         }
         return self.rivals.savings(contested) if contested else {}
 
-    def _claim(
-        self,
-        policy: Policy,
-        scope: str,
-        seats: list[Seat],
-        current: Claim | None,
-        now: float,
-        found: Look,
-        estimated: dict[str, int],
-    ) -> Claim | None:
+    def _candidates(
+        self, policy: Policy, seats: Sequence[Seat], estimated: dict[str, int]
+    ) -> list[Candidate]:
         candidates = []
         for domain in sorted({s.domain for s in seats if s.wants}):
             mine = [s for s in seats if s.domain == domain and s.wants]
@@ -209,11 +203,47 @@ class Keeper:
                     min(float(s.vm.start or 0) for s in mine),
                 )
             )
-        chosen = choose(candidates, current, now, policy.isolation)
+        return candidates
+
+    def _walk_outgoing(
+        self, policy: Policy, seats: Sequence[Seat], host: HostScopes, estimated: dict[str, int]
+    ) -> dict[str, int]:
+        """What unmerging each domain that may hand a scope over re-materialises, measured on
+        the page map before the state lock is taken (a walk takes seconds on a large host):
+        the claims as the state file says now (written atomically, read without the lock)."""
+        state = load(self.paths)
+        now = self.clock()
+        needs: dict[str, int] = {}
+        for scope in host.names:
+            here = [s for s in seats if scope in s.scopes]
+            current = state.scopes.get(scope)
+            chosen = choose(
+                self._candidates(policy, here, estimated), current, now, policy.isolation
+            )
+            if current is None or chosen is None or chosen.domain == current.domain:
+                continue
+            if current.domain not in needs:
+                outgoing = [s for s in here if s.domain == current.domain and s.merging]
+                needs[current.domain] = self._unmerge_bytes(outgoing)
+        return needs
+
+    def _claim(
+        self,
+        policy: Policy,
+        scope: str,
+        seats: list[Seat],
+        current: Claim | None,
+        now: float,
+        found: Look,
+        estimated: dict[str, int],
+        needs: dict[str, int],
+    ) -> Claim | None:
+        chosen = choose(self._candidates(policy, seats, estimated), current, now, policy.isolation)
         if current is None or chosen is None or chosen.domain == current.domain:
             return chosen
         outgoing = [s for s in seats if s.domain == current.domain and s.merging]
-        need = self._unmerge_bytes(outgoing)
+        # walked before the lock; a hand-over the state did not show then: ksm_stat's bound
+        need = needs[current.domain] if current.domain in needs else self._bound(outgoing)
         verdict = guard.check(self.paths, need, policy.isolation.unmerge_reserve_mib)
         if not verdict.ok:
             message = (

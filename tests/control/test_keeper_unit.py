@@ -3,9 +3,10 @@ order, and that no switch runs under the state's lock (the hooks wait on it)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from ksmpolicy.control.keeper import Keeper
+from ksmpolicy.control.keeper import Keeper, Seat
 from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
@@ -68,6 +69,14 @@ def test_a_hand_over_switches_off_before_on_and_never_under_the_lock(tmp_path: P
         return ["/objects/pc.ram"]
 
     keeper = Keeper(paths, toggle, clock=lambda: 100.0)
+    walked: list[list[str]] = []
+
+    def walk(seats: Sequence[Seat]) -> int:  # the page walk: seconds on a large host
+        with locked(paths, timeout=0.0):
+            walked.append([s.vm.name for s in seats])
+        return 0
+
+    keeper._unmerge_bytes = walk  # type: ignore[method-assign]
     vms = [vm(1, "a-1", "alpha", merging=False), vm(2, "a-2", "alpha", merging=False)]
     look = keeper.look(parse_policy(POLICY.format(beta=0)), vms, HOST)
     assert sorted(calls) == [("a-1", True), ("a-2", True)] and not look.failed
@@ -82,6 +91,7 @@ def test_a_hand_over_switches_off_before_on_and_never_under_the_lock(tmp_path: P
     look = keeper.look(parse_policy(POLICY.format(beta=10)), vms, HOST)
     assert calls == [("a-1", False), ("a-2", False), ("b-1", True)], look
     assert look.handovers == 1
+    assert walked == [["a-1", "a-2"]]  # what unmerging alpha re-materialises, walked unlocked
     assert load(paths).scopes["host"].domain == "beta"
 
 
