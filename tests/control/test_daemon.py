@@ -23,6 +23,7 @@ from ksmpolicy.paths import HostPaths
 from ksmpolicy.runtime import notify
 from lab.simguest import page_plan, spawn
 from tests.conftest import RealKsm, saved_knobs
+from tests.fakehost import FakeHost
 
 KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
 
@@ -101,19 +102,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 
 def fake_host(root: Path) -> Path:
     """An old kernel's KSM (no advisor, smart_scan, ksm_zero_pages, pages_scanned)."""
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    for name, value in {
-        "run": "1",
-        "pages_to_scan": "100",
-        "sleep_millisecs": "20",
-        "full_scans": "0",
-        "pages_sharing": "0",
-    }.items():
-        (ksm / name).write_text(value + "\n")
-    (root / "proc").mkdir()
-    (root / "proc/meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
-    return ksm
+    host = FakeHost(root).ksm(
+        run=1, pages_to_scan=100, sleep_millisecs=20, full_scans=0, pages_sharing=0
+    )
+    host.meminfo()
+    return host.ksm_dir
 
 
 def test_daemon_on_fake_host_stops_ksm_reloads_and_exits(

@@ -12,7 +12,7 @@ from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.load import parse_policy
 from ksmpolicy.trust.scopes import HostScopes
 from ksmpolicy.trust.state import load, locked
-from tests.kernel.test_scan import write_process
+from tests.fakehost import FakeHost
 
 POLICY = """version: 1
 domains:
@@ -52,11 +52,10 @@ def vm(pid: int, name: str, domain: str, *, merging: bool) -> VmStatus:
 def fake_host(tmp_path: Path) -> HostPaths:
     """/proc with the VMs' processes (started 1000 + PID ticks after boot, as `vm` says) and
     memory to spare for a hand-over."""
-    paths = HostPaths(tmp_path, tmp_path / "run")
+    host = FakeHost(tmp_path).meminfo(8_000_000, 4_000_000)
     for pid in (1, 2, 3):
-        write_process(paths.proc, pid, ["qemu-system-x86_64"], "qemu-system-x86", b"", None)
-    (paths.proc / "meminfo").write_text("MemTotal: 8000000 kB\nMemAvailable: 4000000 kB\n")
-    return paths
+        host.process(pid, ["qemu-system-x86_64"], "qemu-system-x86")
+    return host.paths
 
 
 def test_a_hand_over_switches_off_before_on_and_never_under_the_lock(tmp_path: Path) -> None:

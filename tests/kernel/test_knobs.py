@@ -10,15 +10,12 @@ from ksmpolicy.errors import HostError
 from ksmpolicy.kernel.ksm import KsmKnobs
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds, processes_named
 from ksmpolicy.paths import HostPaths
+from tests.fakehost import FakeHost
 
 
 def fake_ksm(root: Path, **values: str) -> Path:
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
     defaults = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20"}
-    for name, value in {**defaults, **values}.items():
-        (ksm / name).write_text(value + "\n")
-    return ksm
+    return FakeHost(root).ksm(**{**defaults, **values}).ksm_dir
 
 
 def test_writes_only_changes_and_remembers_originals(tmp_path: Path) -> None:

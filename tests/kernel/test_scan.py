@@ -17,6 +17,7 @@ from ksmpolicy.kernel.vmm import parse_qemu_cmdline
 from ksmpolicy.paths import HostPaths
 from lab.simguest import spawn
 from tests.conftest import RealKsm
+from tests.fakehost import FakeHost
 
 # Command lines as libvirt 9 and Proxmox VE start QEMU (abridged to the options that matter).
 LIBVIRT = [
@@ -102,16 +103,7 @@ def write_process(
     ksm_stat: str | None,
     uid: int = 0,
 ) -> None:
-    d = proc / str(pid)
-    d.mkdir(parents=True)
-    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
-    (d / "comm").write_text(comm + "\n")
-    (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-    fields = ["S", "1"] + ["0"] * 17 + [str(1000 + pid)] + ["0"] * 20
-    (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
-    (d / "smaps").write_bytes(smaps)
-    if ksm_stat is not None:
-        (d / "ksm_stat").write_text(ksm_stat)
+    FakeHost(proc.parent).process(pid, argv, comm, smaps, ksm_stat, uid)
 
 
 KSM_STAT_YES = (

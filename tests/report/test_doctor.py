@@ -21,20 +21,13 @@ from ksmpolicy.report.doctor import diagnose
 from lab.simguest import spawn
 from tests.conftest import RealKsm
 from tests.control.test_daemon import KSMPOLICY, DaemonProcess, wait_for
+from tests.fakehost import FakeHost
 
 POLICY = parse_policy("version: 1\n", "p.yaml")
 
 
 def fake(root: Path, knobs: dict[str, str]) -> HostPaths:
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    for name, value in knobs.items():
-        (ksm / name).write_text(f"{value}\n")
-    proc = root / "proc"
-    (proc / "sys/kernel").mkdir(parents=True)
-    (proc / "sys/kernel/osrelease").write_text("5.15.0-old\n")
-    (proc / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
-    return HostPaths(root, root / "run")
+    return FakeHost(root).ksm(**knobs).kernel("5.15.0-old").meminfo().paths
 
 
 def levels(paths: HostPaths, policy: object = POLICY) -> dict[str, str]:

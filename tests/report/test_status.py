@@ -29,6 +29,7 @@ from ksmpolicy.report.render import as_json, text
 from ksmpolicy.report.status import collect
 from lab.simguest import spawn
 from tests.conftest import REPO, RealKsm
+from tests.fakehost import FakeHost
 from tests.kernel.test_scan import LIBVIRT, PROXMOX, SMAPS, write_process
 
 POLICY = parse_policy(
@@ -45,30 +46,18 @@ MIB = 2**20
 
 
 def fake_host(root: Path, *, run: int = 1, full_scans: int = 5) -> Path:
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    for name, value in {
-        "run": run,
-        "pages_to_scan": 1000,
-        "sleep_millisecs": 20,
-        "pages_sharing": 25600,
-        "pages_shared": 100,
-        "ksm_zero_pages": 256,
-        "general_profit": 100 * MIB,
-        "full_scans": full_scans,
-    }.items():
-        (ksm / name).write_text(f"{value}\n")
-    proc = root / "proc"
-    proc.mkdir()
-    (proc / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 900 kB\n")
-    ksmd = proc / "42"  # the kernel thread: no cmdline, 12.5 s of CPU
-    ksmd.mkdir()
-    (ksmd / "comm").write_text("ksmd\n")
-    (ksmd / "cmdline").write_text("")
-    (ksmd / "schedstat").write_text("12500000000 0 0\n")
-    flags = " 0 0 0 0 2129984"  # pgrp, session, tty, tpgid, flags: PF_KTHREAD is set
-    (ksmd / "stat").write_text("42 (ksmd) S 2" + flags + " 0" * 40 + "\n")
-    return proc
+    host = FakeHost(root).ksm(
+        run=run,
+        pages_to_scan=1000,
+        sleep_millisecs=20,
+        pages_sharing=25600,
+        pages_shared=100,
+        ksm_zero_pages=256,
+        general_profit=100 * MIB,
+        full_scans=full_scans,
+    )
+    host.meminfo().ksmd(42, cpu_ns=12_500_000_000)  # the kernel thread, 12.5 s of CPU
+    return host.proc
 
 
 def ksm_stat(merging: int, zero: int = 0, profit: int = 0, mergeable: str = "yes") -> str:

@@ -15,18 +15,12 @@ from ksmpolicy.trust.scopes import (
     process_nodes,
     read_host,
 )
+from tests.fakehost import FakeHost
 
 
 def fake_host(root: Path, nodes: int, across: str | None, *, has_memory: bool = True) -> HostPaths:
-    node_dir = root / "sys/devices/system/node"
-    for n in range(nodes):
-        (node_dir / f"node{n}").mkdir(parents=True)
-    if has_memory:
-        (node_dir / "has_memory").write_text(f"0-{nodes - 1}\n" if nodes > 1 else "0\n")
-    ksm = root / "sys/kernel/mm/ksm"
-    ksm.mkdir(parents=True)
-    if across is not None:
-        (ksm / "merge_across_nodes").write_text(across + "\n")
+    host = FakeHost(root).numa(nodes, has_memory=has_memory)
+    host.ksm(**({"merge_across_nodes": across} if across is not None else {}))
     return HostPaths(root)
 
 
