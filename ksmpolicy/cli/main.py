@@ -56,6 +56,7 @@ for command in (
     pages.estimate,
     pages.audit,
     status.doctor,
+    status.fleet,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

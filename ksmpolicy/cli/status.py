@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -153,4 +154,28 @@ def doctor(options: Options, as_json: bool, root: str, run_dir: str | None) -> N
             if check.fix and check.level != "ok":
                 click.echo(one_line(f"{'':<5} {'':<{width}}  fix: {check.fix}"))
     if diagnosis.failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def fleet(files: tuple[Path, ...], as_json: bool) -> None:
+    """One table over many hosts, from each host's `ksmpolicy status --json`.
+
+    Gather the files as you reach your hosts (ssh, Ansible, cron); each host is
+    named by the JSON's hostname. Hosts are listed most saved first, with ksmd's
+    CPU, their VMs, whether KSM runs (or the daemon is passive), and below, every
+    error and warning that needs an operator with its fix. Exit 1 when a host has
+    an error finding.
+    """
+    from ksmpolicy.report import render  # noqa: PLC0415
+    from ksmpolicy.report.fleet import fleet as gather  # noqa: PLC0415
+
+    rows = gather(files)
+    if as_json:
+        click.echo(json.dumps(render.fleet_json(rows), indent=2))
+    else:
+        click.echo(render.fleet_text(rows))
+    if any(r.errors for r in rows):
         raise SystemExit(1)

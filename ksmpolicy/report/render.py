@@ -3,11 +3,13 @@ documented JSON)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING
 
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.quoting import one_line, printable
+from ksmpolicy.report.fleet import NEEDS_OPERATOR, HostRow
 from ksmpolicy.report.model import Status
 
 if TYPE_CHECKING:
@@ -196,6 +198,7 @@ def as_json(status: Status) -> dict[str, object]:
     host = status.host
     return {
         "version": JSON_VERSION,
+        "hostname": socket.gethostname(),
         "policy": status.policy,
         "policy_error": status.policy_error,
         "savings_note": status.savings_note,
@@ -505,3 +508,55 @@ def _yaml_char(char: str) -> str:
     if code <= 0xFF:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+# --- ksmpolicy fleet ------------------------------------------------------------------------
+
+
+def fleet_text(rows: Sequence[HostRow]) -> str:
+    lines = [_fleet_row("HOST", "SAVED MiB", "KSMD CPU", "VMS", "KSM", "FINDINGS")]
+    for r in rows:
+        cpu = "-" if r.ksmd_cpu_percent is None else f"{r.ksmd_cpu_percent:.1f} %"
+        ksm = "passive" if r.passive else ("running" if r.running else "stopped")
+        found = f"{r.errors} error(s), {r.warnings} warning(s)" if r.errors or r.warnings else "-"
+        lines.append(_fleet_row(_cut(r.host, 24), mib(r.saved_bytes), cpu, str(r.vms), ksm, found))
+    total = sum(r.saved_bytes for r in rows)
+    lines.append(f"{len(rows)} host(s), {mib(total)} MiB saved")
+    needing = [(r.host, f) for r in rows for f in r.findings if f[0] in NEEDS_OPERATOR]
+    if needing:
+        lines += ["", "Needs an operator:"]
+        for host, (severity, vm, message, fix) in needing:
+            lines.append(f"  {host}: {severity}: {vm}: {message}")
+            if fix:
+                lines.append(f"    fix: {fix}")
+    return printable("\n".join(lines))
+
+
+def _fleet_row(host: str, saved: str, cpu: str, vms: str, ksm: str, found: str) -> str:
+    return f"{host:<24} {saved:>9} {cpu:>8} {vms:>4} {ksm:<8} {found}".rstrip()
+
+
+def fleet_json(rows: Sequence[HostRow]) -> dict[str, object]:
+    return {
+        "version": JSON_VERSION,
+        "saved_bytes": sum(r.saved_bytes for r in rows),
+        "hosts": [
+            {
+                "host": r.host,
+                "saved_bytes": r.saved_bytes,
+                "ksmd_cpu_percent": r.ksmd_cpu_percent,
+                "vms": r.vms,
+                "running": r.running,
+                "controller": r.controller,
+                "passive": r.passive,
+                "errors": r.errors,
+                "warnings": r.warnings,
+                "needs_operator": [
+                    {"severity": s, "vm": v, "message": m, "fix": f}
+                    for s, v, m, f in r.findings
+                    if s in NEEDS_OPERATOR
+                ],
+            }
+            for r in rows
+        ],
+    }
