@@ -355,8 +355,9 @@ def test_daemon_metrics_add_the_reconciler(host: Path) -> None:
     assert families["ksmpolicy_reconciler_pages_per_second"].samples[0].value > 0
 
 
-def test_grafana_dashboard_uses_exposed_metrics(host: Path) -> None:
-    dashboard = json.loads((REPO / "contrib/grafana/ksmpolicy.json").read_text())
+@pytest.mark.parametrize("dashboard_file", ["ksmpolicy.json", "ksmpolicy-fleet.json"])
+def test_grafana_dashboard_uses_exposed_metrics(host: Path, dashboard_file: str) -> None:
+    dashboard = json.loads((REPO / "contrib/grafana" / dashboard_file).read_text())
     exposed = exposition(StatusCollector(HostPaths(host), lambda: POLICY, daemon_like()))
     names = {f.name for f in text_string_to_metric_families(exposed)}
     # A fake host has no page map: the sharing map's metrics, from a map of two groups.
