@@ -9,7 +9,11 @@ The law, in short (README "The reconciler" has the reasons):
   queued behind ksmd's cursor) and the two scans new memory needs before it can merge. While
   sprinting the law re-plans every half second on the newest measured cost per page, which
   moves several times over between checksumming new memory and merging it.
-* Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8.
+* Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8; but
+  not while memory that became mergeable since has not been scanned twice (a page merges only
+  on its second scan): a guest that fills its memory over a minute, or a VM switched on while
+  its partners still boot, would otherwise wait behind a pace slowed on scans that could not
+  have merged it (smart_scan skipping pages scanned alone makes that worse).
 * Pressure: as MemAvailable falls below `memory_pressure_percent` of MemTotal, the pace rises
   from calm towards the CPU budget, in proportion, but only while merges remain: while the
   last full scan added sharing. Once a full scan under pressure found nothing left to merge,
@@ -46,6 +50,8 @@ GROWTH_MIN_PAGES = 2048
 # ksmd CPU time needed before its cost per page is trusted (schedstat counts nanoseconds).
 MIN_COST_WINDOW_CPU_SECONDS = 0.02
 GROWTH_FRACTION = 0.02
+# Memory that grew by this much (pages) since the last full scan is new: not judged yet.
+FRESH_MIN_PAGES = 512
 HYSTERESIS = 0.10  # keep pages_to_scan when the new plan differs by less than this
 
 
@@ -110,6 +116,10 @@ class History:
     last_full_scans: int | None = None
     saved_at_last_full_scan: int = 0
     unproductive_scans: int = 0
+    # The footprint when the last full scan ended, and the full scan count until which new
+    # memory seen then is still unjudged (a page merges only on its second scan).
+    footprint_at_last_full_scan: int = 0
+    fresh_until_full_scans: int | None = None
     cost_per_page: float = DEFAULT_COST_PER_PAGE
     cpu_percent: float | None = None  # ksmd's measured share of one core since the last plan
     # Start of the window over which the cost per page is measured: it grows until ksmd has
@@ -311,17 +321,25 @@ def _track_productivity(obs: Observation, settings: LawSettings, history: Histor
             history,
             last_full_scans=obs.full_scans,
             saved_at_last_full_scan=obs.saved_pages,
+            footprint_at_last_full_scan=obs.footprint_pages,
             unproductive_scans=0,
         )
     if obs.full_scans <= history.last_full_scans:
         return history
     gain = obs.saved_pages - history.saved_at_last_full_scan
     productive = gain > settings.unproductive_fraction * obs.footprint_pages
+    fresh = history.fresh_until_full_scans
+    grown = obs.footprint_pages - history.footprint_at_last_full_scan
+    if grown > max(FRESH_MIN_PAGES, settings.unproductive_fraction * obs.footprint_pages):
+        fresh = obs.full_scans + 2  # new memory: two more scans before it can merge
+    unjudged = fresh is not None and obs.full_scans <= fresh
     return replace(
         history,
         last_full_scans=obs.full_scans,
         saved_at_last_full_scan=obs.saved_pages,
-        unproductive_scans=0 if productive else history.unproductive_scans + 1,
+        footprint_at_last_full_scan=obs.footprint_pages,
+        fresh_until_full_scans=fresh if unjudged else None,
+        unproductive_scans=0 if productive or unjudged else history.unproductive_scans + 1,
     )
 
 

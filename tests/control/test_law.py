@@ -86,6 +86,24 @@ def test_unproductive_full_scans_slow_down_to_an_eighth() -> None:
     assert p.mode == "calm"
 
 
+def test_no_slowdown_while_new_memory_has_not_been_scanned_twice() -> None:
+    """A guest that fills its memory slowly (a TCG boot, a VM switched on while its partner
+    still boots): full scans that add no sharing while the footprint grows are not evidence
+    that nothing is left, so the pace stays calm until the memory held still for two scans."""
+    p = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    p = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, p.history)  # sprint over
+    footprint, modes = 100_000, []
+    for scan in range(8, 12):  # each full scan sees 1,000 new pages (below a sprint's 2 %)
+        footprint += 1000
+        p = plan(obs(scan, footprint, full_scans=scan, saved=5000), LAW, p.history)
+        modes.append(p.mode)
+    assert modes == ["calm"] * 4, modes
+    for scan in range(12, 16):  # then it holds still: two scans to judge it, then slow
+        p = plan(obs(scan, footprint, full_scans=scan, saved=5000), LAW, p.history)
+        modes.append(p.mode)
+    assert modes[4:] == ["calm", "calm", "slow", "slow"], modes
+
+
 def test_memory_pressure_raises_the_pace_in_proportion() -> None:
     base = plan(obs(0, 100_000, full_scans=3), LAW, History())
     base = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, base.history)
