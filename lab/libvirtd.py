@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -262,7 +262,7 @@ class Lab:
         self.conn.close()
 
 
-def lab_session(workdir: Path) -> Iterator[Lab]:
+def lab_session(workdir: Path) -> Generator[Lab, None, None]:
     daemon = Libvirtd(workdir)
     lab = None
     try:
