@@ -7,15 +7,16 @@ are the same in every guest; they say `ksmpolicy-guest: ready` on their serial c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ksmpolicy.libvirt.install import install, uninstall
 from ksmpolicy.paths import HostPaths
@@ -35,6 +36,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.2) -
             return True
         time.sleep(step)
     return condition()
+
+
+def mount_namespace(pid: int | str) -> str:
+    """The mount namespace a process is in (`mnt:[INODE]`)."""
+    return str(Path(f"/proc/{pid}/ns/mnt").readlink())
 
 
 def _pids(name: str) -> list[str]:
@@ -80,7 +86,13 @@ class Libvirtd:
     def libvirtd_pid(self) -> int:
         if self.started:
             return self.started[-1].pid
-        return int(subprocess.check_output(["pidof", "-s", "libvirtd"]).split()[0])
+        # A second host's libvirtd (lab.twohosts) has another mount namespace: not ours.
+        ours = mount_namespace("self")
+        for pid in _pids("libvirtd"):
+            with contextlib.suppress(OSError):
+                if mount_namespace(pid) == ours:
+                    return int(pid)
+        raise RuntimeError("no libvirtd runs in this mount namespace")
 
     def reload(self) -> None:
         """SIGHUP: libvirtd reads its hooks again."""
@@ -100,12 +112,24 @@ class Libvirtd:
         self.started.clear()
 
 
+class Reloads(Protocol):
+    def reload(self) -> None: ...
+
+
 class Lab:
     """Test guests, the test hook and the policy it reads."""
 
     def __init__(
-        self, daemon: Libvirtd, workdir: Path, *, prefix: str = PREFIX, hook_name: str = HOOK_NAME
+        self,
+        daemon: Reloads,
+        workdir: Path,
+        *,
+        prefix: str = PREFIX,
+        hook_name: str = HOOK_NAME,
+        uri: str = "qemu:///system",
+        paths: HostPaths | None = None,
     ) -> None:
+        """`uri` and `paths` name another libvirt host than this machine's (lab.twohosts)."""
         import libvirt
 
         libvirt.registerErrorHandler(lambda _ctx, _error: None, None)  # errors raise; no echo
@@ -115,7 +139,9 @@ class Lab:
         self.prefix = prefix
         self.hook_name = hook_name
         self.policy = workdir / "policy.yaml"
-        self.conn = libvirt.open("qemu:///system")
+        self.uri = uri
+        self.paths = paths or HostPaths()
+        self.conn = libvirt.open(uri)
         self.defined: list[str] = []
 
     # --- policy and hook
@@ -129,7 +155,7 @@ class Lab:
     def install_hook(self, run_dir: Path | None = None, *, reload: bool = True) -> Path:
         """The hook, with its notes and policy cache in `run_dir` (default: the lab's own)."""
         path = install(
-            HostPaths(),
+            self.paths,
             name=self.hook_name,
             policy=str(self.policy),
             run_dir=str(run_dir or self.workdir / "run"),
@@ -140,7 +166,7 @@ class Lab:
         return path
 
     def uninstall_hook(self, *, reload: bool = True) -> None:
-        uninstall(HostPaths(), name=self.hook_name)
+        uninstall(self.paths, name=self.hook_name)
         if reload:
             self.daemon.reload()
 
@@ -207,7 +233,7 @@ class Lab:
             raise AssertionError(f"guest {name} did not get ready in {timeout} s")
 
     def pid(self, name: str) -> int:
-        return int(Path(f"/run/libvirt/qemu/{self.prefix}{name}.pid").read_text())
+        return int((self.paths.libvirt_run / f"{self.prefix}{name}.pid").read_text())
 
     def cmdline(self, name: str) -> str:
         return Path(f"/proc/{self.pid(name)}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -236,7 +262,7 @@ class Lab:
         self.conn.close()
 
 
-def lab_session(workdir: Path) -> Iterator[Lab]:
+def lab_session(workdir: Path) -> Generator[Lab, None, None]:
     daemon = Libvirtd(workdir)
     lab = None
     try:
