@@ -144,6 +144,7 @@ def test_status_json_is_the_documented_shape(host: Path) -> None:
     assert data["version"] == 1
     assert set(data) == {
         "version",
+        "hostname",
         "policy",
         "policy_error",
         "savings_note",
