@@ -102,14 +102,35 @@ class Libvirtd:
 
     def stop(self) -> None:
         for process in reversed(self.started):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            end(process)
         self.started.clear()
+
+
+def end(process: subprocess.Popen[Any]) -> None:
+    """End a process this lab started: SIGTERM, then SIGKILL after 20 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def two_domains_policy(a_names: str, b_names: str) -> str:
+    """A policy with two trust domains, tenant-a (priority 10) over tenant-b (5), whose VMs
+    are named by the globs given, and a fast pace for the tests."""
+    return f"""\
+version: 1
+enforcement: block
+domains:
+  tenant-a: {{priority: 10}}
+  tenant-b: {{priority: 5}}
+groups:
+  a: {{names: ["{a_names}"], domain: tenant-a}}
+  b: {{names: ["{b_names}"], domain: tenant-b}}
+reconciler: {{interval_seconds: 1, target_scan_seconds: 10, max_ksmd_cpu_percent: 60}}
+"""
 
 
 class Reloads(Protocol):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from ksmpolicy.paths import HostPaths
-from lab.libvirtd import mount_namespace, wait_for
+from lab.libvirtd import end, mount_namespace, wait_for
 
 # B's own copies are mounted over these (directories that exist on a host with libvirt).
 PRIVATE_DIRS = (
@@ -216,10 +216,4 @@ class HostB:
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    end(process)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ksmpolicy.paths import HostPaths
-from lab.libvirtd import PREFIX, Lab, wait_for
+from lab.libvirtd import PREFIX, Lab, two_domains_policy, wait_for
 from tests.conftest import RealKsm
 from tests.libvirt.test_live import start_daemon
 
@@ -26,17 +26,7 @@ KSMPOLICY = str(Path(sys.executable).parent / "ksmpolicy")
 RUNS = 5
 PATTERN_PAGES = 48 * 256  # the test guest fills 48 MiB with one pattern (scripts/build-guest)
 
-POLICY = f"""\
-version: 1
-enforcement: block
-domains:
-  tenant-a: {{priority: 10}}
-  tenant-b: {{priority: 5}}
-groups:
-  a: {{names: ["{PREFIX}ka-*"], domain: tenant-a}}
-  b: {{names: ["{PREFIX}kb-*"], domain: tenant-b}}
-reconciler: {{interval_seconds: 1, target_scan_seconds: 10, max_ksmd_cpu_percent: 60}}
-"""
+POLICY = two_domains_policy(f"{PREFIX}ka-*", f"{PREFIX}kb-*")
 ORDER = ("ka-1", "kb-1", "ka-2", "kb-2")
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from ksmpolicy.kernel import smaps
 from ksmpolicy.libvirt.domain import domain_facts
-from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, wait_for
+from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, two_domains_policy, wait_for
 from lab.twohosts import HostB
 from tests.conftest import IS_ROOT, RealKsm
 
@@ -250,17 +250,7 @@ def test_save_on_a_and_restore_on_b_follows_b_policy(
     image.unlink()
 
 
-B_DOMAINS = f"""\
-version: 1
-enforcement: block
-domains:
-  tenant-a: {{priority: 10}}
-  tenant-b: {{priority: 5}}
-groups:
-  a: {{names: ["{PREFIX}ta-*"], domain: tenant-a}}
-  b: {{names: ["{PREFIX}tb-*"], domain: tenant-b}}
-reconciler: {{interval_seconds: 1, target_scan_seconds: 10, max_ksmd_cpu_percent: 60}}
-"""
+B_DOMAINS = two_domains_policy(f"{PREFIX}ta-*", f"{PREFIX}tb-*")
 
 
 def audit_on_b(hosts: Hosts) -> dict[str, object]:
