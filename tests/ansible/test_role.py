@@ -1,12 +1,13 @@
-"""The Ansible role (contrib/ansible/roles/ksmpolicy) run for real: ansible-core from Debian
-inside a Debian 12 container with systemd as PID 1 (tests/lifecycle/container.py), the role
-bind-mounted read-only, the playbook run there with `-c local` against the .deb `make deb`
-built. In order: a wrong variable refused by the argument spec before any task; install with
-the daemon left stopped (doctor's own failing line fails the play); the daemon started; a
-second run that changes nothing; a policy change shown by `--check --diff` and then made (the
-daemon reloads it, same process); a policy `ksmpolicy check` refuses never lands; `absent`
-purges the package and the knobs are as the daemon found them. Debian 12 only (ansible-core
-2.14, the oldest the role supports; one container keeps this under about 3 minutes). Root."""
+"""The Ansible role (contrib/ansible/roles/ksmpolicy) run for real: ansible-core from Debian inside
+a Debian 12 container with systemd as PID 1 (tests/lifecycle/container.py), the role bind-
+mounted read-only, the playbook run there with `-c local` against the .deb `make deb` built. In
+order: a wrong variable refused by the argument spec before any task; `--check` on a fresh host
+(nothing done); install with the daemon left stopped (doctor's own failing line fails the play);
+the daemon started; a second run that changes nothing; a policy change shown by `--check --diff`
+and then made (the daemon reloads it, same process); a policy `ksmpolicy check` refuses never
+lands; `absent` purges the package and the knobs are as the daemon found them. Debian 12 only
+(ansible-core 2.14, the oldest the role supports; one container keeps this under about 3
+minutes). Root."""
 
 from __future__ import annotations
 
@@ -112,6 +113,13 @@ def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # no
     # Two package sources: the role's own check says which were given.
     rc, out, counts = play.run(ksmpolicy_deb_url="http://example.invalid/k.deb")
     assert rc != 0 and "given: ksmpolicy_deb_src, ksmpolicy_deb_url" in out, out
+
+    # --check --diff on a fresh host: what it would do, and nothing done.
+    rc, out, counts = play.run("--check", "--diff", ksmpolicy_policy=policy("merge"))
+    assert rc == 0 and counts["changed"] >= 2, out
+    assert box.run("dpkg-query", "-W", "ksmpolicy", check=False).returncode != 0
+    for untouched in ("etc/ksmpolicy", "var/cache/ksmpolicy-ansible"):
+        assert not (box.root / untouched).exists(), untouched
 
     # Install with the daemon left stopped: doctor's own failing line fails the play.
     rc, out, counts = play.run(ksmpolicy_policy=policy("merge"), ksmpolicy_service_started=False)
