@@ -5,9 +5,9 @@ built. In order: a wrong variable refused by the argument spec before any task; 
 fresh host (nothing done); install with the daemon left stopped (doctor's own failing line fails
 the play); the daemon started; a second run that changes nothing; a policy change shown by
 `--check --diff` and then made (the daemon reloads it, same process); a policy `ksmpolicy check`
-refuses never lands; `absent` purges the package and the knobs are as the daemon found them.
-Debian 12 only (ansible-core 2.14, the oldest the role supports; one container keeps this under
-about 3 minutes). Root."""
+refuses never lands; a policy from a file; `absent` purges the package and the knobs are as the
+daemon found them. Debian 12 only (ansible-core 2.14, the oldest the role supports; one
+container keeps this under about 3 minutes). Root."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ PLAY = """- name: ksmpolicy
     - ksmpolicy
 """
 POLICY = "/etc/ksmpolicy/policy.yaml"
+MINIMAL = "version: 1\ndefault: exclude\n"
 FOUND = {"run": 0, "pages_to_scan": 123, "sleep_millisecs": 45}
 RECAP = re.compile(
     r"^localhost\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
@@ -174,6 +175,12 @@ def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # no
     assert "default: expected one of merge, exclude, got 'sometimes'" in out, out
     assert play.policy_text() == before
     assert daemon.active()
+
+    # From a file on the controller (here the container itself): copied as it is.
+    (box.root / "root/policy-file.yaml").write_text(MINIMAL)
+    rc, out, counts = play.run(ksmpolicy_policy_src="/root/policy-file.yaml")
+    assert rc == 0 and counts["changed"] == 2, out
+    assert play.policy_text() == MINIMAL
 
     # absent: purged; the daemon stopped and put the knobs back; the hook and the copy gone.
     rc, out, counts = play.run(ksmpolicy_state="absent")
