@@ -16,6 +16,7 @@ import hashlib
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE = Path("/var/cache/ksmpolicy-tests")
@@ -51,8 +52,9 @@ class Container:
     """One boot of a cached root on an overlay under `workdir`; `stop()` ends it (by the
     nspawn PID) and unmounts it."""
 
-    def __init__(self, release: str, workdir: Path) -> None:
+    def __init__(self, release: str, workdir: Path, read_only: Sequence[str] = ()) -> None:
         self.release = release
+        self.read_only = read_only  # binds, "HOST:CONTAINER" or "PATH", read-only inside
         self.lower = cached_root(release)
         self.archives = CACHE / f"{release}-apt-archives"
         (self.archives / "partial").mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,7 @@ class Container:
                     *("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-b"),
                     *("-D", str(self.root), "--bind", KSM),
                     *("--bind", f"{self.archives}:/var/cache/apt/archives"),
+                    *(f"--bind-ro={bind}" for bind in self.read_only),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,
