@@ -2,7 +2,9 @@
 runs, stopped after.
 
 The guests boot Debian's kernel with a busybox initramfs (scripts/build-guest) whose image pages
-are the same in every guest; they say `ksmpolicy-guest: ready` on their serial console.
+are the same in every guest, or with a real-content image (scripts/build-guest-real: "web",
+Flask on python3, or "database", PostgreSQL 15, unpacked from Debian's packages); they say
+`ksmpolicy-guest: ready` on their serial console.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ksmpolicy.paths import HostPaths
 REPO = Path(__file__).resolve().parent.parent
 
 GUEST = REPO / ".cache/guest"
+REAL_GUEST = REPO / ".cache/guest-real"
+REAL_IMAGES = ("web", "database")
 HOOK_NAME = "ksmpolicy-test"
 PREFIX = "ksmpolicy-test-"
 NAMESPACE = "urn:ksmpolicy:vm:1"
@@ -203,9 +207,23 @@ class Lab:
         tags: tuple[str, ...] = (),
         nosharepages: bool = False,
         memory_backing: str = "",
+        image: str | None = None,
+        memory_mib: int | None = None,
     ) -> Any:
-        """A test guest; `memory_backing` is more <memoryBacking> content (memfd, access)."""
+        """A test guest; `memory_backing` is more <memoryBacking> content (memfd, access).
+        `image` picks a real-content image (REAL_IMAGES; default: the tiny guest), whose RAM
+        defaults to 512 MiB (the tiny guest's to 256)."""
         full = self.prefix + name
+        cmdline = "console=ttyS0 quiet"
+        if image is None:
+            initrd, memory_mib = GUEST / "initrd.img", memory_mib or 256
+        elif image in REAL_IMAGES:
+            initrd, memory_mib = REAL_GUEST / f"{image}.img", memory_mib or 512
+            # the root tmpfs holds at most half the RAM left beside the loaded initrd (the
+            # 166 MiB database image failed "Initramfs unpacking failed: write error"): ramfs
+            cmdline += " rootfstype=ramfs"
+        else:
+            raise ValueError(f"no guest image {image!r}: one of {', '.join(REAL_IMAGES)}")
         metadata = ""
         if tags:
             inner = "".join(f"<k:tag>{t}</k:tag>" for t in tags)
@@ -216,12 +234,12 @@ class Lab:
         backing = f"  <memoryBacking>{inner}</memoryBacking>\n" if inner else ""
         xml = (
             f"<domain type='qemu'>\n  <name>{full}</name>\n{metadata}"
-            f"  <memory unit='MiB'>256</memory>\n{backing}  <vcpu>1</vcpu>\n"
+            f"  <memory unit='MiB'>{memory_mib}</memory>\n{backing}  <vcpu>1</vcpu>\n"
             "  <features><acpi/></features>\n"
             "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n"
             f"    <kernel>{GUEST / 'vmlinuz'}</kernel>\n"
-            f"    <initrd>{GUEST / 'initrd.img'}</initrd>\n"
-            "    <cmdline>console=ttyS0 quiet</cmdline>\n  </os>\n"
+            f"    <initrd>{initrd}</initrd>\n"
+            f"    <cmdline>{cmdline}</cmdline>\n  </os>\n"
             "  <devices>\n"
             f"    <serial type='file'><source path='{self.console(full)}'/></serial>\n"
             "    <memballoon model='none'/>\n"
@@ -245,13 +263,19 @@ class Lab:
 
     def wait_ready(self, name: str, timeout: float = 120) -> None:
         console = self.console(self.prefix + name)
+
+        def said(line: bytes) -> bool:
+            return console.exists() and line in console.read_bytes()
+
+        # a real-content guest says so when its program does not start
         ok = wait_for(
-            lambda: console.exists() and b"ksmpolicy-guest: ready" in console.read_bytes(),
+            lambda: said(b"ksmpolicy-guest: ready") or said(b"ksmpolicy-guest: service failed"),
             timeout,
             step=0.5,
         )
-        if not ok:
-            raise AssertionError(f"guest {name} did not get ready in {timeout} s")
+        if not ok or not said(b"ksmpolicy-guest: ready"):
+            tail = console.read_bytes()[-2000:].decode(errors="replace") if console.exists() else ""
+            raise AssertionError(f"guest {name} did not get ready in {timeout} s:\n{tail}")
 
     def pid(self, name: str) -> int:
         return int((self.paths.libvirt_run / f"{self.prefix}{name}.pid").read_text())
