@@ -27,11 +27,12 @@ import shutil
 import signal
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from ksmpolicy.paths import HostPaths
-from lab.libvirtd import end, mount_namespace, wait_for
+from lab.libvirtd import Lab, end, lab_session, mount_namespace, wait_for
 
 # B's own copies are mounted over these (directories that exist on a host with libvirt).
 PRIVATE_DIRS = (
@@ -217,3 +218,26 @@ class HostB:
 
 def _end(process: subprocess.Popen[bytes]) -> None:
     end(process)
+
+
+@contextlib.contextmanager
+def two_hosts(workdir: Path) -> Iterator[tuple[Lab, Lab, HostB]]:
+    """Host A (the machine's libvirtd: `lab_session` in `workdir`/a) and host B (in `workdir`/b),
+    each a `Lab`; everything both started is ended after, B first."""
+    workdir.chmod(0o755)
+    (workdir / "a").mkdir(mode=0o755)
+    (workdir / "b").mkdir(mode=0o755)
+    session = lab_session(workdir / "a")
+    a = next(session)
+    hostb = None
+    try:
+        hostb = HostB(workdir).start()
+        b = Lab(hostb, workdir / "b", uri=hostb.uri, paths=hostb.paths)
+        try:
+            yield a, b, hostb
+        finally:
+            b.conn.close()
+    finally:
+        if hostb is not None:
+            hostb.stop()  # B's domains, daemons, namespace and directories (its hook with them)
+        session.close()  # A's guests and hook, and A's libvirtd if the lab started it

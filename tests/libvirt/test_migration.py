@@ -14,7 +14,6 @@ Needs root, libvirtd, QEMU (TCG) and the real ksmd (CI runs as root). About two 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -27,9 +26,9 @@ import pytest
 
 from ksmpolicy.kernel import smaps
 from ksmpolicy.libvirt.domain import domain_facts
-from lab.libvirtd import GUEST, PREFIX, Lab, lab_session, two_domains_policy, wait_for
-from lab.twohosts import HostB
-from tests.conftest import IS_ROOT, RealKsm
+from lab.libvirtd import GUEST, PREFIX, Lab, two_domains_policy, wait_for
+from lab.twohosts import HostB, two_hosts
+from tests.conftest import IS_ROOT, RealKsm, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 RAM_BYTES = 256 * 2**20  # lab.libvirtd's guests
@@ -72,17 +71,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
     pytest.importorskip("libvirt")
     workdir = tmp_path_factory.mktemp("twohosts")
-    workdir.chmod(0o755)
-    (workdir / "a").mkdir(mode=0o755)
-    (workdir / "b").mkdir(mode=0o755)
-    session = lab_session(workdir / "a")
-    a = next(session)
-    hostb = None
-    try:
-        started = time.monotonic()
-        hostb = HostB(workdir).start()
-        TIMES["host B up"] = time.monotonic() - started
-        b = Lab(hostb, workdir / "b", uri=hostb.uri, paths=hostb.paths)
+    started = time.monotonic()
+    with two_hosts(workdir) as (a, b, hostb):
+        TIMES["hosts up"] = time.monotonic() - started
         a.write_policy(A_POLICY)
         a.install_hook()
         b.write_policy(B_POLICY)
@@ -95,18 +86,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         for lab, name in [(b, "peer"), *((a, n) for n in ON_A)]:
             lab.wait_ready(name)
         yield Hosts(a, b, hostb, workdir)
-        b.conn.close()
-    finally:
-        if hostb is not None:
-            hostb.stop()  # B's domains, daemons, namespace and directories (its hook with them)
-        session.close()  # A's guests and hook, and A's libvirtd if the lab started it
     print("two hosts, seconds:", {k: round(v, 2) for k, v in TIMES.items()})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def virsh(uri: str, *args: str) -> float:
