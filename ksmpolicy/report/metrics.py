@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -332,10 +335,40 @@ def metrics_url(address: str) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
-def serve(collector: StatusCollector, address: str) -> str:
-    """Serve /metrics on `address` ([HOST:]PORT) from a thread; return its URL."""
+# Another page beside /metrics: () -> (HTTP status, content type, body)
+Route = Callable[[], tuple[str, str, bytes]]
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def serve(
+    collector: StatusCollector, address: str, routes: Mapping[str, Route] | None = None
+) -> str:
+    """Serve /metrics (and `routes`, by path) on `address` ([HOST:]PORT) from a thread; return
+    the metrics URL. Every path not in `routes` is Prometheus's, as its own server answers."""
     host, port = parse_listen(address)
-    start_http_server(port, addr=host, registry=registry_for(collector))
+    metrics = make_wsgi_app(registry_for(collector))
+    pages = dict(routes or {})
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        route = pages.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        status, content_type, body = route()
+        start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("_Bound", (_Server,), {"address_family": family})
+    server: WSGIServer = make_server(host, port, app, server_class, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return metrics_url(address)
 
 
