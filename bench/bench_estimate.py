@@ -11,12 +11,10 @@ host-wide for (1), within 10 % for (2). Writes bench/results/estimate.{json,md}.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.report.estimate import Guest, estimate
 from ksmpolicy.report.sharing import Party, measure
-from lab.libvirtd import GUEST, lab_session
+from lab.libvirtd import GUEST, temporary_lab
 from tests.conftest import KSM_LOCK, RealKsm, restore_knobs, saved_knobs
 from tests.report.test_sharing import GROUP, WORKLOAD, converge, parties, start, zero_pages_of
 
@@ -84,42 +82,32 @@ def guest_like(zero: int) -> list[dict[str, object]]:
 
 def tcg() -> list[dict[str, object]]:
     ksm = RealKsm()
-    with tempfile.TemporaryDirectory(prefix="ksmpolicy-bench-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        session = lab_session(workdir)
-        lab = next(session)
-        try:
-            ksm.write("run", 0)
-            names = ("est-1", "est-2")
-            for name in names:
-                lab.define(name)
-                lab.start(name)
-            for name in names:
-                lab.wait_ready(name)
-            time.sleep(3)
-            guests = [Guest(lab.pid(n), n, "est", True, 256 * 2**20) for n in names]
-            found = estimate(
-                HostPaths(),
-                guests,
-                interval=3.0,
-                max_page_sharing=int(ksm.read("max_page_sharing")),
-                use_zero_pages=bool(ksm.read("use_zero_pages")),
-            )
-            converge(ksm, timeout=120)
-            zeros = {g.pid: int(lab.ksm_stat(g.name)["ksm_zero_pages"]) for g in guests}
-            real = measure(
-                HostPaths(), [Party(g.pid, g.name, "est") for g in guests], zero_pages=zeros
-            )
-            result = rows(
-                {v.name: v.predicted_saved_bytes for v in found.vms},
-                {v.name: v.saved_bytes for v in real.vms},
-            )
-            result.append({"vm": "(split huge pages)", "predicted_bytes": found.split_zero_bytes})
-            return result
-        finally:
-            with contextlib.suppress(StopIteration):
-                next(session)
+    with temporary_lab() as lab:
+        ksm.write("run", 0)
+        names = ("est-1", "est-2")
+        for name in names:
+            lab.define(name)
+            lab.start(name)
+        for name in names:
+            lab.wait_ready(name)
+        time.sleep(3)
+        guests = [Guest(lab.pid(n), n, "est", True, 256 * 2**20) for n in names]
+        found = estimate(
+            HostPaths(),
+            guests,
+            interval=3.0,
+            max_page_sharing=int(ksm.read("max_page_sharing")),
+            use_zero_pages=bool(ksm.read("use_zero_pages")),
+        )
+        converge(ksm, timeout=120)
+        zeros = {g.pid: int(lab.ksm_stat(g.name)["ksm_zero_pages"]) for g in guests}
+        real = measure(HostPaths(), [Party(g.pid, g.name, "est") for g in guests], zero_pages=zeros)
+        result = rows(
+            {v.name: v.predicted_saved_bytes for v in found.vms},
+            {v.name: v.saved_bytes for v in real.vms},
+        )
+        result.append({"vm": "(split huge pages)", "predicted_bytes": found.split_zero_bytes})
+        return result
 
 
 def main() -> int:

@@ -7,34 +7,24 @@ one "database" guest. Writes bench/results/real-guests.{json,md}.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.ksm_bench import machine_name
 from lab import realguests
-from lab.libvirtd import lab_session
+from lab.libvirtd import temporary_lab
 from tests.conftest import KSM_LOCK, RealKsm, restore_knobs, saved_knobs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def scenario() -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ksmpolicy-bench-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        session = lab_session(workdir)
-        lab = next(session)
-        try:
-            return realguests.run(lab, RealKsm(), realguests.FULL)
-        finally:
-            with contextlib.suppress(StopIteration):
-                next(session)
+    with temporary_lab() as lab:
+        return realguests.run(lab, RealKsm(), realguests.FULL)
 
 
 def markdown(machine: str, found: dict[str, Any]) -> list[str]:

@@ -15,8 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -305,6 +306,19 @@ class Lab:
                 domain.destroy()
             domain.undefine()
         self.conn.close()
+
+
+@contextlib.contextmanager
+def temporary_lab(prefix: str = "ksmpolicy-bench-") -> Iterator[Lab]:
+    """A lab in a temporary directory, for the benchmarks; everything it started ended after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        session = lab_session(workdir)
+        try:
+            yield next(session)
+        finally:
+            session.close()
 
 
 def lab_session(workdir: Path) -> Generator[Lab, None, None]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from typing import Any, Protocol
+from typing import Any
 
-from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.report.estimate import Guest, estimate
 from ksmpolicy.report.sharing import Party, measure
+from lab.ksmd import Knobs, converge
 from lab.libvirtd import REAL_GUEST, REAL_IMAGES, REPO, Lab
 
 Guests = tuple[tuple[str, str], ...]  # (name, image)
@@ -35,11 +35,6 @@ _NOTHING = {"shared_mib": 0.0, "shared_share_of_ram": 0.0, "zero_mib": 0.0}
 READY = re.compile(rb"ksmpolicy-guest: ready, .* up ([0-9.]+) s")
 
 
-class Knobs(Protocol):
-    def read(self, name: str) -> int | str: ...
-    def write(self, name: str, value: int | str) -> None: ...
-
-
 def build_images(timeout: float = 1800) -> float:
     """Build the images when they are missing or stale (cached; see the script); seconds spent."""
     started = time.monotonic()
@@ -47,27 +42,6 @@ def build_images(timeout: float = 1800) -> float:
     for image in REAL_IMAGES:
         if not (REAL_GUEST / f"{image}.img").exists():
             raise RuntimeError(f"scripts/build-guest-real made no {image}.img")
-    return time.monotonic() - started
-
-
-def converge(ksm: Knobs, timeout: float = 120) -> float:
-    """ksmd at a fixed fast pace until its savings hold still for 5 s; stopped after so the
-    counters hold still while the map is read. Returns the seconds it ran."""
-    ksm.write("sleep_millisecs", 10)
-    ksm.write("pages_to_scan", 5000)
-    ksm.write("run", 1)
-    started = time.monotonic()
-    last, steady = -1, 0
-    while time.monotonic() - started < timeout:
-        time.sleep(1.0)
-        state = read_ksm(HostPaths())
-        assert state is not None
-        now = state.saved_pages
-        steady = steady + 1 if abs(now - last) <= 64 and now > 0 else 0  # 256 KiB of noise
-        last = now
-        if steady >= 5:
-            break
-    ksm.write("run", 0)
     return time.monotonic() - started
 
 

@@ -71,6 +71,15 @@ def policy_option(func: F) -> F:
 CONNECT = click.option(
     "--connect", "-c", "uri", metavar="URI", help="libvirt URI (default: libvirt's default)."
 )
+INTERVAL = click.option(
+    "--interval",
+    type=click.FloatRange(0, 600),
+    default=3.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Hash the pages again after this long; pages that changed are left out (ksmd would "
+    "not merge them).",
+)
 ROOT = click.option("--root", default="/", metavar="DIR", hidden=True, help="Host root (tests).")
 RUN_DIR = click.option("--run-dir", metavar="DIR", hidden=True, help="Runtime directory (tests).")
 QM = click.option("--qm", default="qm", hidden=True, help="The qm command (a stand-in in tests).")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ksmpolicy.cli.common import ROOT, Options, host_paths, policy_option
+from ksmpolicy.cli.common import INTERVAL, ROOT, Options, host_paths, policy_option
 from ksmpolicy.errors import KsmPolicyError
 
 
@@ -61,14 +61,7 @@ def pages(options: Options, as_json: bool, plot: Path | None, top: int, root: st
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")
-@click.option(
-    "--interval",
-    type=click.FloatRange(0, 600),
-    default=3.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Hash repeated pages again after this long; pages that changed are left out.",
-)
+@INTERVAL
 @click.option(
     "--limit-mib",
     type=click.FloatRange(1, None),

@@ -32,6 +32,7 @@ from ksmpolicy.kernel.pagemap import (
     PM_PRESENT,
     PageMapReader,
 )
+from ksmpolicy.kernel.smaps import parse as smaps_of
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
 READ_PAGES = 1024  # pages per read: 4 MiB
@@ -104,6 +105,15 @@ def present_runs(
     if not starts:
         return Runs(np.zeros(0, np.uint64), np.zeros(0, np.int64))
     return Runs(np.concatenate(starts), np.concatenate(lengths))
+
+
+def guest_runs(
+    paths: HostPaths, pid: int, ram_bytes: int | None, reader: PageMapReader | None
+) -> Runs:
+    """The present pages of a VM's guest RAM (its mappings as `smaps` tells them apart), as
+    `present_runs` finds them. OSError when the process is gone."""
+    ranges = smaps_of((paths.proc / str(pid) / "smaps").read_bytes()).guest_ranges(ram_bytes)
+    return present_runs(paths, pid, ranges, reader)
 
 
 def _zero_page_mappings(reader: PageMapReader, entries: np.ndarray) -> np.ndarray:

@@ -33,7 +33,6 @@ import numpy as np
 
 from ksmpolicy.kernel import guestmem
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
-from ksmpolicy.kernel.smaps import parse as smaps_of
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
 ALIKE = 0.25  # shared non-zero content, as a share of the smaller VM's, to suggest a group
@@ -122,9 +121,7 @@ def estimate(
     try:
         for guest in guests:
             try:
-                smaps = (paths.proc / str(guest.pid) / "smaps").read_bytes()
-                ranges = smaps_of(smaps).guest_ranges(guest.ram_bytes)
-                runs = guestmem.present_runs(paths, guest.pid, ranges, reader)
+                runs = guestmem.guest_runs(paths, guest.pid, guest.ram_bytes, reader)
             except OSError:
                 continue  # gone
             samples.append(_Sample(guest, runs, _NO_HASHES))

@@ -54,13 +54,8 @@ def policy(default: str) -> dict[str, object]:
 
 @pytest.fixture
 def container(tmp_path: Path) -> Iterator[Container]:
-    box = Container("bookworm", tmp_path / "container", read_only=[f"{ROLES}:/srv/roles"])
-    (tmp_path / "container").mkdir()
-    try:
-        box.boot()
+    with Container.booted("bookworm", tmp_path / "container", [f"{ROLES}:/srv/roles"]) as box:
         yield box
-    finally:
-        box.stop()
 
 
 class Play:

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from lab import realguests
-from lab.libvirtd import GUEST, Lab, lab_session
-from tests.conftest import IS_ROOT, RealKsm
+from lab.libvirtd import Lab, lab_session
+from tests.conftest import RealKsm
+from tests.libvirt.conftest import need_guests
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel, pytest.mark.slow]
 
@@ -29,12 +30,7 @@ ESTIMATE_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if not IS_ROOT:
-        pytest.skip("needs root to run libvirtd and QEMU (CI runs as root)")
-    if not (GUEST / "vmlinuz").exists():
-        pytest.skip("the test guest is not built (scripts/build-guest; make test builds it)")
-    pytest.importorskip("libvirt")
-    realguests.build_images()
+    need_guests(real=True)
     workdir = tmp_path_factory.mktemp("real")
     workdir.chmod(0o755)
     yield from lab_session(workdir)

@@ -12,11 +12,12 @@ daemon inside drives the host's real ksmd.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CACHE = Path("/var/cache/ksmpolicy-tests")
@@ -64,6 +65,20 @@ class Container:
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.init_pid = 0
         self.mounted = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def booted(
+        cls, release: str, workdir: Path, read_only: Sequence[str] = ()
+    ) -> Iterator[Container]:
+        """A container booted in `workdir` (made here), stopped after whatever happens."""
+        box = cls(release, workdir, read_only)
+        workdir.mkdir()
+        try:
+            box.boot()
+            yield box
+        finally:
+            box.stop()
 
     def boot(self, timeout: float = 60.0) -> None:
         for name in ("upper", "work", "root"):

@@ -98,13 +98,8 @@ def deb() -> Path:
 
 @pytest.fixture
 def container(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
-    box = Container(request.param, tmp_path / "container")
-    (tmp_path / "container").mkdir()
-    try:
-        box.boot()
+    with Container.booted(request.param, tmp_path / "container") as box:
         yield box
-    finally:
-        box.stop()
 
 
 class Daemon:

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.report.sharing import Party, Sharing, measure
 from ksmpolicy.report.status import collect
+from lab.ksmd import converge as run_to_convergence
 from lab.simguest import page_plan, spawn
 from tests.conftest import AS_NOBODY, RealKsm
 
@@ -44,21 +44,8 @@ def start(real_ksm: RealKsm, workload: dict[str, str]) -> dict[str, int]:
 
 
 def converge(real_ksm: RealKsm, timeout: float = 90) -> None:
-    """Run ksmd fast until its savings stop growing."""
-    real_ksm.write("sleep_millisecs", 10)
-    real_ksm.write("pages_to_scan", 5000)
-    real_ksm.write("run", 1)
-    last, steady, deadline = -1, 0, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        state = read_ksm(HostPaths())
-        assert state is not None
-        now = state.saved_pages
-        steady = steady + 1 if now == last and now > 0 else 0
-        if steady >= 3:
-            break
-        last = now
-    real_ksm.write("run", 0)  # stop: the counters hold still while the map is read
+    """Run ksmd fast until its savings stop growing (exactly, for 3 s)."""
+    run_to_convergence(real_ksm, timeout, noise_pages=0, steady_seconds=3)
 
 
 def parties(pids: dict[str, int], workload: dict[str, str]) -> list[Party]:
