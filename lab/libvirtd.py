@@ -297,6 +297,8 @@ class Lab:
             domain.destroy()
 
     def cleanup(self) -> None:
+        """End and undefine the guests it defined, and the test guests that arrived here by a
+        migration or a restore (else their QEMU outlives the lab's libvirtd)."""
         for full in self.defined:
             try:
                 domain = self.conn.lookupByName(full)
@@ -305,6 +307,13 @@ class Lab:
             if domain.isActive():
                 domain.destroy()
             domain.undefine()
+        for domain in self.conn.listAllDomains(0):
+            if domain.name().startswith(self.prefix):
+                persistent = domain.isPersistent()  # a transient one is gone once destroyed
+                if domain.isActive():
+                    domain.destroy()
+                if persistent:
+                    domain.undefine()
         self.conn.close()
 
 
