@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all test test-fast lint docs-check typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm bench-real-guests clean
+.PHONY: all test test-fast lint docs-check typecheck pytest deb demo bench bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-procevents bench-ksm bench-real-guests bench-placement clean
 
 all: test
 
@@ -42,7 +42,7 @@ pytest: $(STAMP)
 demo: $(STAMP)
 	demo/run
 
-bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-domains bench-procevents bench-real-guests bench-ksm
+bench: bench-policy bench-discovery bench-libvirt bench-status bench-pagemap bench-estimate bench-zero-pages bench-domains bench-procevents bench-real-guests bench-placement bench-ksm
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.bench_policy
@@ -66,6 +66,10 @@ bench-estimate: $(STAMP)
 	$(BIN)/python -m bench.bench_estimate
 
 # Two "web" and one "database" guest holding a real Debian userspace (scripts/build-guest-real).
+# Placement by sharing: sketch size and error against K, the cost of sketch, place, rebalance.
+bench-placement: $(STAMP)
+	$(BIN)/python -m bench.bench_placement
+
 bench-real-guests: $(STAMP)
 	$(BIN)/python -m bench.bench_real_guests
 

@@ -1,7 +1,7 @@
 """What merges in guests that hold a real OS (root, real ksmd and libvirtd): four "web" guests and
 two "database" guests (scripts/build-guest-real), the estimate before ksmd runs against what it
 then saves, and how much merges within an image and between images. The scenario is
-lab/realguests.py, which tests/libvirt/test_real_guests.py asserts on with two "web" guests and
+lab/realguests.py, which tests/libvirt/test_placement.py asserts on with two "web" guests and
 one "database" guest. Writes bench/results/real-guests.{json,md}.
 """
 

@@ -20,6 +20,7 @@ DEFAULT_POLICY_PATH = "/etc/ksmpolicy/policy.yaml"
 PVE_POLICY_PATH = "/etc/pve/ksmpolicy/policy.yaml"
 RUN_DIR = "/run/ksmpolicy"  # root-only: the daemon's socket for hook notes, the policy cache
 STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed
+FLEET_KEY = "/etc/ksmpolicy/fleet.key"  # the key sketches are hashed under (placement)
 NOTIFY_SOCKET = "notify.sock"  # in the run directory
 SYSTEMD_SYSTEM_DIR = "/etc/systemd/system"  # where `systemd-dropin` writes unit drop-ins
 

@@ -4,7 +4,7 @@ within an image and between images, how volatile it is, and how close `estimate`
 "web" and "database" guests (scripts/build-guest-real, 512 MiB each; the test boots two and one,
 the benchmark four and two) boot with ksmd stopped. The estimate reads them first; then ksmd
 runs at a fixed fast pace until its savings hold still, and the page map (report/sharing.py)
-says who shares what. Shared by tests/libvirt/test_real_guests.py (which asserts) and
+says who shares what. Shared by tests/libvirt/test_placement.py (which asserts) and
 bench/bench_real_guests.py (which records bench/results/real-guests.json).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
@@ -67,8 +68,16 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
     ready = boot(lab, guests)
     all_ready = time.monotonic() - started
     time.sleep(5)  # the programs settle after answering
-    image = dict(guests)
-    running = [Guest(lab.pid(name), name, image[name], True, MEMORY_MIB * MIB) for name in image]
+    pids = {name: lab.pid(name) for name, _image in guests}
+    return {"seconds_to_all_ready": round(all_ready, 1), **observe(pids, dict(guests), ksm, ready)}
+
+
+def observe(
+    pids: dict[str, int], image: dict[str, str], ksm: Knobs, ready: dict[str, float]
+) -> dict[str, Any]:
+    """Running guests (name: pid, name: image; ksmd stopped): the estimate, then ksmd run to
+    convergence and the page map. `ready`: each one's seconds from boot to ready."""
+    running = [Guest(pid, name, image[name], True, MEMORY_MIB * MIB) for name, pid in pids.items()]
     predicted = estimate(
         HostPaths(),
         running,
@@ -77,7 +86,7 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
         use_zero_pages=bool(ksm.read("use_zero_pages")),
     )
     ksmd_seconds = converge(ksm)
-    zeros = {g.pid: int(lab.ksm_stat(g.name)["ksm_zero_pages"]) for g in running}
+    zeros = {g.pid: _zero_pages(g.pid) for g in running}
     sharing = measure(
         HostPaths(), [Party(g.pid, g.name, g.group) for g in running], zero_pages=zeros
     )
@@ -89,7 +98,7 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
             {
                 "vm": vm.name,
                 "image": image[vm.name],
-                "boot_to_ready_seconds": ready[vm.name],
+                "boot_to_ready_seconds": ready.get(vm.name),
                 "present_mib": round(real.present_pages * PAGE_SIZE / MIB, 1),
                 "volatile_mib": round(vm.volatile_pages * PAGE_SIZE / MIB, 1),
                 "predicted_saved_mib": round(vm.predicted_saved_bytes / MIB, 1),
@@ -102,7 +111,7 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
             }
         )
     measured_total = sum(v.saved_bytes for v in sharing.vms)
-    images = sorted({image for _name, image in guests})
+    images = sorted(set(image.values()))
     pairs = {f"{a}+{b}": _NOTHING for a in images for b in images if a <= b}
     for pair in sharing.group_pairs:
         pairs["+".join(sorted((pair.a, pair.b)))] = {
@@ -111,9 +120,8 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
             "zero_mib": round(pair.zero_pages * PAGE_SIZE / MIB, 1),
         }
     return {
-        "guests": len(guests),
+        "guests": len(pids),
         "guest_ram_mib": MEMORY_MIB,
-        "seconds_to_all_ready": round(all_ready, 1),
         "ksmd_seconds_to_converge": round(ksmd_seconds, 1),
         "use_zero_pages": int(ksm.read("use_zero_pages")),
         "vms": vms,
@@ -124,6 +132,14 @@ def run(lab: Lab, ksm: Knobs, guests: Guests = SMALL) -> dict[str, Any]:
             "error_percent": _error(predicted.predicted_saved_bytes, measured_total),
         },
     }
+
+
+def _zero_pages(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "ksm_zero_pages":
+            return int(value)
+    return 0
 
 
 def _error(predicted: int, measured: int) -> float | None:

@@ -124,6 +124,7 @@ def test_every_part_has_its_folder() -> None:
         "inventory",
         "control",
         "report",
+        "placement",
         "cli",
     }
 
@@ -288,6 +289,7 @@ LAYERS = (
     "hook",
     "inventory",
     "report",
+    "placement",
     "control",
     "cli",
     "__main__",

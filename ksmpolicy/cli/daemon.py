@@ -20,6 +20,15 @@ from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, po
 @click.option("--no-libvirt", is_flag=True, help="Do not watch libvirt events.")
 @click.option("--metrics", metavar="[HOST:]PORT", help="Also serve Prometheus /metrics.")
 @click.option(
+    "--sketch-every",
+    type=click.FloatRange(0, None),
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --metrics and a fleet key: serve the host's sketch at /sketch, taken again this "
+    "often (0: no /sketch).",
+)
+@click.option(
     "--no-process-events",
     is_flag=True,
     help="Find new VMs by polling only (not the kernel's process events).",
@@ -42,6 +51,7 @@ def daemon(  # noqa: PLR0913 - one parameter per option of the command
     uri: str | None,
     no_libvirt: bool,
     metrics: str | None,
+    sketch_every: float,
     no_process_events: bool,
     take_over: bool,
 ) -> None:
@@ -76,6 +86,7 @@ def daemon(  # noqa: PLR0913 - one parameter per option of the command
             libvirt_uri=uri,
             use_libvirt=not no_libvirt,
             metrics=metrics,
+            sketch_every=sketch_every or None,
             policy_explicit=options.explicit,
             take_over=take_over,
             use_events=not no_process_events,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import click
 
 from ksmpolicy import __version__
-from ksmpolicy.cli import daemon, libvirt, pages, policy, proxmox, run, status
+from ksmpolicy.cli import daemon, libvirt, pages, placement, policy, proxmox, run, status
 from ksmpolicy.cli.common import Options
 from ksmpolicy.errors import KsmPolicyError, PolicyError
 from ksmpolicy.quoting import one_line, printable
@@ -57,6 +57,9 @@ for command in (
     pages.audit,
     status.doctor,
     status.fleet,
+    placement.sketch,
+    placement.place,
+    placement.rebalance,
     daemon.daemon,
     daemon.reconcile,
     daemon.notify,

@@ -139,6 +139,7 @@ class DaemonOptions:
     libvirt_uri: str | None = None
     use_libvirt: bool = True  # watch libvirt's events (rewrite definitions, switch live)
     metrics: str | None = None  # [HOST:]PORT to serve /metrics on
+    sketch_every: float | None = None  # seconds between the sketches served at /sketch
     policy_explicit: bool = True  # the policy file was named (else the default, looked up)
     take_over: bool = False  # stop ksmtuned / turn the advisor off instead of staying passive
     use_events: bool = True  # the kernel's process events (else polling)
@@ -170,6 +171,7 @@ class Daemon:
         self.use_libvirt = options.use_libvirt and not options.dry_run
         self.enforcer: Any = None
         self.metrics = options.metrics
+        self.sketch_every = options.sketch_every
         self.reconciler = Reconciler(paths, self._load_policy(), dry_run=options.dry_run)
         self._signals: list[int] = []
         self.keeper: Any = None  # control.keeper.Keeper, under trust domains
@@ -205,8 +207,11 @@ class Daemon:
                 reconciler=self.reconciler,
                 keeper=lambda: self.keeper,
             )
+            from ksmpolicy.placement.publish import Published  # noqa: PLC0415
+
+            routes = Published.routes(self.paths, lambda: self.reconciler.policy, self.sketch_every)
             try:
-                url = serve(collector, self.metrics)
+                url = serve(collector, self.metrics, routes)
             except (ValueError, OSError) as exc:
                 raise KsmPolicyError(f"cannot serve metrics on {self.metrics}: {exc}") from None
             log.info("metrics on %s", url)

@@ -1,0 +1,244 @@
+"""Placement by sharing: `sketch` (this host's VMs, comparable between hosts), `place` (where a
+VM would share the most) and `rebalance` (migrations that would save the most, printed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ksmpolicy.cli.common import INTERVAL, ROOT, Options, host_paths, policy_option
+from ksmpolicy.quoting import printable
+
+if TYPE_CHECKING:
+    from ksmpolicy.placement.sketch import HostSketch
+
+MIB = 2**20
+HOSTS = click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    metavar="FILE|URL",
+    help="A host's sketch: a file `ksmpolicy sketch --out` wrote, or a daemon's /sketch URL. "
+    "Repeat for each host.",
+)
+RESERVE = click.option(
+    "--reserve-mib",
+    type=click.IntRange(0, None),
+    default=1024,
+    show_default=True,
+    help="Memory every host keeps free after a move (MiB of MemAvailable).",
+)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the sketch as JSON.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write the sketch (JSON) to FILE, atomically, for `place` and `rebalance`.",
+)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(1, 2**20),
+    default=64,
+    show_default=True,
+    help="Sample one page content in K (larger: smaller sketches, larger error).",
+)
+@INTERVAL
+@click.option("--vm", "names", multiple=True, metavar="NAME", help="Only these VMs.")
+@click.option(
+    "--new-key",
+    is_flag=True,
+    help="Make the fleet key (/etc/ksmpolicy) if there is none, then copy it to every host "
+    "whose sketches you compare.",
+)
+@ROOT
+@policy_option
+@click.pass_obj
+def sketch(
+    options: Options,
+    as_json: bool,
+    out: Path | None,
+    k: int,
+    interval: float,
+    names: tuple[str, ...],
+    new_key: bool,
+    root: str,
+) -> None:
+    """Summarise what each running VM's memory holds, comparably between hosts (root).
+
+    Reads every present page of each VM's guest RAM, as `estimate` does, keeps
+    one page content in K (chosen by content, so the same on every host), drops
+    those that change within --interval, and records each kept content as a
+    hash keyed by the fleet key: no page content and nothing a reader without
+    the key can test a guess against. Prints a summary, or JSON (--json, --out).
+    """
+    from ksmpolicy.files import write_atomic  # noqa: PLC0415
+    from ksmpolicy.paths import FLEET_KEY  # noqa: PLC0415
+    from ksmpolicy.placement.sketch import load_key, sketch_host, to_json  # noqa: PLC0415
+
+    paths = host_paths(root)
+    policy, _error = options.load_or_error()
+    key, made = load_key(paths, create=new_key)
+    if made:
+        click.echo(f"made the fleet key {paths.under_root(FLEET_KEY)}", err=True)
+    found = sketch_host(paths, policy, key, k=k, interval=interval, names=names)
+    document = to_json(found)
+    if out is not None:
+        write_atomic(out, (json.dumps(document) + "\n").encode(), 0o644)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    lines = [f"{found.host}: {len(found.vms)} VMs, 1 page content in {found.k} sampled"]
+    for vm in found.vms:
+        lines.append(
+            f"  {printable(vm.name):<24} domain {vm.domain:<12} "
+            f"{vm.present_pages * 4096 / MIB:8.1f} MiB present, {len(vm.values):6} samples, "
+            f"{vm.zero_pages * 4096 / MIB:7.1f} MiB zero, "
+            f"{vm.volatile_pages * 4096 / MIB:6.1f} MiB volatile"
+            + ("" if vm.merges else " (excluded)")
+        )
+    if out is not None:
+        lines.append(f"written to {out}")
+    click.echo("\n".join(lines))
+
+
+@click.command()
+@click.argument("vm", required=False)
+@HOSTS
+@RESERVE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for schedulers).")
+def place(vm: str | None, hosts: tuple[str, ...], reserve_mib: int, as_json: bool) -> None:
+    """Where VM would save the most: for each host, what it would share there.
+
+    VM (a name, UUID or VMID) must be in one of the sketches (its current
+    host). Only VMs of its own trust domain on a host count, and only those
+    that may merge; zero pages as that host's use_zero_pages merges them.
+    Headroom: the host's MemAvailable after the move, less --reserve-mib.
+    Without VM: every VM's best other host and what moving there would gain,
+    as a scheduler reads it (--json).
+    """
+    from ksmpolicy.placement.sketch import read_sketch  # noqa: PLC0415
+
+    sketches = [read_sketch(h) for h in hosts]
+    if vm is None:
+        _every_vm(sketches, reserve_mib, as_json)
+    else:
+        _one_vm(sketches, vm, reserve_mib, as_json)
+
+
+def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool) -> None:
+    from ksmpolicy.placement.plan import place as rank  # noqa: PLC0415
+
+    subject, ranked = rank(sketches, vm, reserve_bytes=reserve_mib * MIB)
+    if as_json:
+        hosts = [
+            {
+                "host": p.host,
+                "current": p.current,
+                "saved_bytes": p.saved_bytes,
+                "shared_bytes": p.shared_bytes,
+                "headroom_bytes": p.headroom_bytes,
+                "fits": p.fits,
+            }
+            for p in ranked
+        ]
+        document = {"vm": subject.name, "domain": subject.domain, "merges": subject.merges}
+        click.echo(json.dumps({**document, "hosts": hosts}, indent=2))
+        return
+    lines = [f"{printable(subject.name)} (trust domain {subject.domain})"]
+    if not subject.merges:
+        lines.append("  the policy excludes it: it saves nothing anywhere")
+    lines.append(f"  {'host':<24} {'saves MiB':>10} {'shared MiB':>11} {'headroom MiB':>13}")
+    for p in ranked:
+        note = " (current)" if p.current else ("" if p.fits else " (does not fit)")
+        lines.append(
+            f"  {printable(p.host):<24} {p.saved_bytes / MIB:10.1f} {p.shared_bytes / MIB:11.1f} "
+            f"{p.headroom_bytes / MIB:13.0f}{note}"
+        )
+    click.echo("\n".join(lines))
+
+
+def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> None:
+    from ksmpolicy.placement.plan import best_hosts  # noqa: PLC0415
+
+    found = best_hosts(sketches, reserve_bytes=reserve_mib * MIB)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(b) for b in found], indent=2))
+        return
+    lines = [f"{'VM':<24} {'host':<16} {'saves MiB':>10} {'best host':<16} {'gain MiB':>9}"]
+    for b in sorted(found, key=lambda b: -b.gain_bytes):
+        lines.append(
+            f"{printable(b.vm):<24} {printable(b.host):<16} {b.saved_bytes / MIB:10.1f} "
+            f"{printable(b.best_host or '-'):<16} {b.gain_bytes / MIB:9.1f}"
+        )
+    click.echo("\n".join(lines))
+
+
+@click.command()
+@HOSTS
+@RESERVE
+@click.option(
+    "--max-moves", type=click.IntRange(1, 1000), default=5, show_default=True, help="At most N."
+)
+@click.option(
+    "--min-gain-mib",
+    type=click.IntRange(1, None),
+    default=64,
+    show_default=True,
+    help="A move must add at least this much to the fleet's savings.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rebalance(
+    hosts: tuple[str, ...], reserve_mib: int, max_moves: int, min_gain_mib: int, as_json: bool
+) -> None:
+    """Propose migrations that raise the fleet's savings the most (never runs them).
+
+    Greedy: each move is the one that gains most after those before it; a VM
+    shares only with its own trust domain, no host goes below --reserve-mib of
+    MemAvailable, each move gains at least --min-gain-mib. Printed as `virsh
+    migrate` (libvirt) or `qm migrate` (Proxmox VE) commands.
+    """
+    from ksmpolicy.placement.plan import rebalance as plan  # noqa: PLC0415
+    from ksmpolicy.placement.sketch import read_sketch  # noqa: PLC0415
+
+    sketches = [read_sketch(h) for h in hosts]
+    moves = plan(
+        sketches,
+        max_moves=max_moves,
+        reserve_bytes=reserve_mib * MIB,
+        min_gain_bytes=min_gain_mib * MIB,
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "vm": m.vm,
+                        "from": m.source,
+                        "to": m.target,
+                        "gain_bytes": m.gain_bytes,
+                        "command": m.command(),
+                    }
+                    for m in moves
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not moves:
+        click.echo(f"no move gains {min_gain_mib} MiB or more")
+        return
+    total = sum(m.gain_bytes for m in moves) / MIB
+    click.echo(f"# {len(moves)} moves, {total:.0f} MiB more saved in all (run them yourself):")
+    for m in moves:
+        click.echo(
+            f"{m.command()}   # {m.vm}: {m.source} -> {m.target}, +{m.gain_bytes / MIB:.0f} MiB"
+        )
