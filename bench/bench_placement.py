@@ -26,8 +26,9 @@ import numpy as np
 
 from bench.ksm_bench import machine_name
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
+from ksmpolicy.placement.document import to_json
 from ksmpolicy.placement.plan import place, rebalance, saving
-from ksmpolicy.placement.sketch import FleetKey, HostSketch, Subject, VmSketch, take, to_json
+from ksmpolicy.placement.sketch import FleetKey, HostSketch, Subject, VmSketch, take
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KS = (1, 4, 16, 64, 256, 1024)
@@ -47,6 +48,7 @@ def vm_sketch(name: str, values: np.ndarray, domain: str = "default") -> VmSketc
         domain=domain,
         group=None,
         merges=True,
+        active=True,
         ram_bytes=2**30,
         present_pages=GIB_PAGES,
         zero_pages=0,
@@ -58,7 +60,7 @@ def vm_sketch(name: str, values: np.ndarray, domain: str = "default") -> VmSketc
 
 
 def host_sketch(name: str, vms: list[VmSketch], k: int, available: int = 2**36) -> HostSketch:
-    return HostSketch(name, KEY.key_id, k, True, 256, 2**37, available, 0.0, tuple(vms))
+    return HostSketch(name, KEY.key_id, k, True, 256, 2**37, available, 0.0, None, tuple(vms))
 
 
 def error_against_k() -> list[dict[str, Any]]:
@@ -79,7 +81,7 @@ def error_against_k() -> list[dict[str, Any]]:
                 there = np.isin(mine.values, theirs[:, 1])
                 _saved, predicted = saving(mine, k, host, there)
                 errors.append((predicted - shared) / shared)
-                size = size or len(json.dumps(to_json(host_sketch("h", [mine], k))))
+                size = size or len(json.dumps(to_json(host_sketch("h", [mine], k), KEY)))
             rms = float(np.sqrt(np.mean(np.square(errors))))
             rows.append(
                 {
@@ -127,7 +129,7 @@ def sketching_cost() -> dict[str, Any] | None:
     guest = spawn("bench-sketch", mib=1024, image="web", image_percent=60, zero_percent=10)
     try:
         subject = Subject(
-            guest.pid, "bench-sketch", None, None, "libvirt", "default", None, True, 2**30
+            guest.pid, "bench-sketch", None, None, "libvirt", "default", None, True, True, 2**30
         )
         before = cpu()
         wall, (sketch,) = timed(lambda: take(HostPaths(), [subject], KEY, interval=0.0))

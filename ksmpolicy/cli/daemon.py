@@ -22,11 +22,11 @@ from ksmpolicy.cli.common import CONNECT, ROOT, RUN_DIR, Options, host_paths, po
 @click.option(
     "--sketch-every",
     type=click.FloatRange(0, None),
-    default=600.0,
+    default=0.0,
     show_default=True,
     metavar="SECONDS",
     help="With --metrics and a fleet key: serve the host's sketch at /sketch, taken again this "
-    "often (0: no /sketch).",
+    "often (0: no /sketch). Whoever reaches the metrics address can read it.",
 )
 @click.option(
     "--no-process-events",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,14 +18,16 @@ if TYPE_CHECKING:
     from ksmpolicy.placement.sketch import HostSketch
 
 MIB = 2**20
+OLD_SECONDS = 3600.0  # a sketch older than this is said to be old
 HOSTS = click.option(
     "--host",
     "hosts",
     multiple=True,
     required=True,
     metavar="FILE|URL",
-    help="A host's sketch: a file `ksmpolicy sketch --out` wrote, or a daemon's /sketch URL. "
-    "Repeat for each host.",
+    help="A host's sketch: a file `ksmpolicy sketch --out` wrote, or a daemon's /sketch URL "
+    "(fetched directly: no proxy, no redirect). Repeat for each host. Each must be sealed "
+    "under this host's fleet key.",
 )
 RESERVE = click.option(
     "--reserve-mib",
@@ -82,15 +85,18 @@ def sketch(
     """
     from ksmpolicy.files import write_atomic  # noqa: PLC0415
     from ksmpolicy.paths import FLEET_KEY  # noqa: PLC0415
-    from ksmpolicy.placement.sketch import load_key, sketch_host, to_json  # noqa: PLC0415
+    from ksmpolicy.placement.document import to_json  # noqa: PLC0415
+    from ksmpolicy.placement.sketch import SketchError, load_key, sketch_host  # noqa: PLC0415
 
     paths = host_paths(root)
-    policy, _error = options.load_or_error()
+    policy, error = options.load_or_error()
+    if error is not None:  # without it, every VM would be sketched in `default`
+        raise SketchError(f"{error}: a sketch records each VM's trust domain; fix the policy")
     key, made = load_key(paths, create=new_key)
     if made:
         click.echo(f"made the fleet key {paths.under_root(FLEET_KEY)}", err=True)
     found = sketch_host(paths, policy, key, k=k, interval=interval, names=names)
-    document = to_json(found)
+    document = to_json(found, key)
     if out is not None:
         write_atomic(out, (json.dumps(document) + "\n").encode(), 0o644)
     if as_json:
@@ -115,19 +121,21 @@ def sketch(
 @HOSTS
 @RESERVE
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for schedulers).")
-def place(vm: str | None, hosts: tuple[str, ...], reserve_mib: int, as_json: bool) -> None:
+@ROOT
+def place(
+    vm: str | None, hosts: tuple[str, ...], reserve_mib: int, as_json: bool, root: str
+) -> None:
     """Where VM would save the most: for each host, what it would share there.
 
     VM (a name, UUID or VMID) must be in one of the sketches (its current
     host). Only VMs of its own trust domain on a host count, and only those
     that may merge; zero pages as that host's use_zero_pages merges them.
     Headroom: the host's MemAvailable after the move, less --reserve-mib.
-    Without VM: every VM's best other host and what moving there would gain,
-    as a scheduler reads it (--json).
+    Without VM: each VM that may merge, its best other host and what moving
+    there would gain, as a scheduler reads it (--json). Needs the fleet key
+    (root): each sketch's seal is checked under it.
     """
-    from ksmpolicy.placement.sketch import read_sketch  # noqa: PLC0415
-
-    sketches = [read_sketch(h) for h in hosts]
+    sketches = _read(hosts, root)
     if vm is None:
         _every_vm(sketches, reserve_mib, as_json)
     else:
@@ -147,6 +155,7 @@ def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool
                 "shared_bytes": p.shared_bytes,
                 "headroom_bytes": p.headroom_bytes,
                 "fits": p.fits,
+                "why_not": p.why_not,
             }
             for p in ranked
         ]
@@ -158,7 +167,9 @@ def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool
         lines.append("  the policy excludes it: it saves nothing anywhere")
     lines.append(f"  {'host':<24} {'saves MiB':>10} {'shared MiB':>11} {'headroom MiB':>13}")
     for p in ranked:
-        note = " (current)" if p.current else ("" if p.fits else " (does not fit)")
+        notes = ["current"] if p.current else ([] if p.fits else ["does not fit"])
+        notes += [f"no merging: {p.why_not}"] if p.why_not else []
+        note = f" ({'; '.join(notes)})" if notes else ""
         lines.append(
             f"  {printable(p.host):<24} {p.saved_bytes / MIB:10.1f} {p.shared_bytes / MIB:11.1f} "
             f"{p.headroom_bytes / MIB:13.0f}{note}"
@@ -196,20 +207,26 @@ def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> No
     help="A move must add at least this much to the fleet's savings.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@ROOT
 def rebalance(
-    hosts: tuple[str, ...], reserve_mib: int, max_moves: int, min_gain_mib: int, as_json: bool
+    hosts: tuple[str, ...],
+    reserve_mib: int,
+    max_moves: int,
+    min_gain_mib: int,
+    as_json: bool,
+    root: str,
 ) -> None:
     """Propose migrations that raise the fleet's savings the most (never runs them).
 
     Greedy: each move is the one that gains most after those before it; a VM
     shares only with its own trust domain, no host goes below --reserve-mib of
     MemAvailable, each move gains at least --min-gain-mib. Printed as `virsh
-    migrate` (libvirt) or `qm migrate` (Proxmox VE) commands.
+    migrate` (libvirt, by UUID) or `qm migrate` (Proxmox VE, by VMID)
+    commands. Needs the fleet key (root): each sketch's seal is checked.
     """
     from ksmpolicy.placement.plan import rebalance as plan  # noqa: PLC0415
-    from ksmpolicy.placement.sketch import read_sketch  # noqa: PLC0415
 
-    sketches = [read_sketch(h) for h in hosts]
+    sketches = _read(hosts, root)
     moves = plan(
         sketches,
         max_moves=max_moves,
@@ -221,7 +238,9 @@ def rebalance(
             json.dumps(
                 [
                     {
-                        "vm": m.vm,
+                        "vm": m.vm.name,
+                        "uuid": m.vm.uuid,
+                        "vmid": m.vm.vmid,
                         "from": m.source,
                         "to": m.target,
                         "gain_bytes": m.gain_bytes,
@@ -240,5 +259,27 @@ def rebalance(
     click.echo(f"# {len(moves)} moves, {total:.0f} MiB more saved in all (run them yourself):")
     for m in moves:
         click.echo(
-            f"{m.command()}   # {m.vm}: {m.source} -> {m.target}, +{m.gain_bytes / MIB:.0f} MiB"
+            f"{m.command()}   # {printable(m.vm.name)}: {m.source} -> {m.target}, "
+            f"+{m.gain_bytes / MIB:.0f} MiB"
         )
+
+
+def _read(hosts: tuple[str, ...], root: str) -> list[HostSketch]:
+    """Each host's sketch, its seal checked under the fleet key; an old one is said."""
+    from ksmpolicy.placement.document import read_sketch  # noqa: PLC0415
+    from ksmpolicy.placement.sketch import load_key  # noqa: PLC0415
+
+    key, _made = load_key(host_paths(root))
+    sketches = [read_sketch(h, key) for h in hosts]
+    now = time.time()
+    for s in sketches:
+        age = now - s.taken_at
+        if age > OLD_SECONDS:
+            click.echo(
+                f"note: {s.source} was taken {age / 3600:.1f} h ago: predicted from what its "
+                "VMs held then",
+                err=True,
+            )
+        elif age < -300:
+            click.echo(f"note: {s.source} was taken in the future: check its clock", err=True)
+    return sketches

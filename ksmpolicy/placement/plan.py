@@ -9,17 +9,21 @@ What a VM saves on a host, in pages, from its sketch (K: the sampling rate):
 where count(c) is how many of its pages hold c, and w(c) is K for a content sampled by value
 (it stands for K contents like it) and 1 for one kept because the VM holds it K times or more.
 
-where "held on the host" counts only VMs there that may merge and are in the VM's own trust
-domain: a VM is never predicted to share with another domain's VMs, whatever their content. A
-VM the policy excludes saves nothing. The host's headroom after the move is its MemAvailable,
-less the VM's present pages, plus what it saves, less the reserve.
+where "held on the host" counts only VMs there that merge now and are in the VM's own trust
+domain: a VM is never predicted to share with another domain's VMs, whatever their content
+(their values are under another key, so they could not even be compared). A VM saves nothing
+where it would not merge: where the policy excludes it, and, on a host with trust domains, where
+another domain is the one that merges (the keeper lets one domain merge per merge scope; with
+merge_across_nodes=0 a domain that merges on any NUMA node counts). The headroom after the move
+is the host's MemAvailable, less the VM's present pages, plus what it saves, less the reserve;
+on its current host, MemAvailable less the reserve.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -37,31 +41,36 @@ class Prediction:
     shared_bytes: int  # of which with the host's other VMs (its own domain only)
     headroom_bytes: int  # the host's MemAvailable after the move, less the reserve
     fits: bool
+    why_not: str | None  # why the VM would not merge there (None: it would)
 
 
 @dataclass(frozen=True)
 class Move:
-    vm: str
-    platform: str
-    ref: str  # how the platform's commands name it: libvirt name, Proxmox VMID
+    vm: VmSketch
     source: str
     target: str
     gain_bytes: int  # fleet savings added by this move
 
     def command(self) -> str:
-        """The migration as one command line to paste, every name quoted for a shell (a VM's
-        name is its owner's choice)."""
-        if self.platform == "proxmox":
-            words = ["qm", "migrate", self.ref, self.target, "--online"]
+        """The migration as one command line to paste. The VM is named by what its operator
+        controls (libvirt: its UUID, Proxmox VE: its VMID), never by its name, which a tenant
+        may choose; the sketch's reader checked both, and the host names."""
+        vm = self.vm
+        if vm.platform == "proxmox" and vm.vmid:
+            words = ["qm", "migrate", vm.vmid, self.target, "--online"]
+        elif vm.platform == "libvirt" and vm.uuid:
+            host = f"[{self.target}]" if ":" in self.target else self.target
+            words = ["virsh", "migrate", "--live", "--persistent", "--domain", vm.uuid]
+            words += ["--desturi", f"qemu+ssh://{host}/system"]
         else:
-            words = ["virsh", "migrate", "--live", "--persistent", self.ref]
-            words.append(f"qemu+ssh://{self.target}/system")
+            return f"# {quote(vm.name)}: no UUID or VMID in its sketch: migrate it by hand"
         line = shell_command(*words)
-        return line if line is not None else f"# {quote(self.vm)}: a name that cannot be pasted"
+        return line if line is not None else f"# {quote(vm.name)}: cannot be pasted"
 
 
 def check_comparable(hosts: Sequence[HostSketch]) -> None:
-    """Sketches compare only under one key and one K."""
+    """Sketches compare only under one key and one K, each host once, and each VM in one of
+    them (a VM found twice moved between two sketches: it would be placed beside itself)."""
     if not hosts:
         raise SketchError("no host sketch given")
     first = hosts[0]
@@ -80,9 +89,30 @@ def check_comparable(hosts: Sequence[HostSketch]) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise SketchError(f"host {', '.join(twice)} given twice")
+    seen: dict[str, str] = {}
+    for host in hosts:
+        for vm in host.vms:
+            for identity in _identities(vm):
+                if identity in seen:
+                    raise SketchError(
+                        f"{identity} is in the sketches of both {seen[identity]} and "
+                        f"{host.host}: it moved between them; sketch those hosts again"
+                    )
+                seen[identity] = host.host
+
+
+def _identities(vm: VmSketch) -> list[str]:
+    found = [f"VM {vm.uuid}"] if vm.uuid else []
+    if vm.platform == "proxmox" and vm.vmid:
+        found.append(f"Proxmox VM {vm.vmid}")
+    return found
 
 
 def _saving_on(vm: VmSketch, k: int, host: HostSketch, *, member: bool) -> tuple[int, int]:
+    """(saved, shared) pages of `vm` on `host`, where it runs (`member`) or if it moved there."""
+    merging = vm.active if member else host.would_merge(vm) is None
+    if not merging:
+        return 0, 0
     return saving(vm, k, host, host.union(vm.domain).there(vm, member=member))
 
 
@@ -93,10 +123,8 @@ def _zero_saving(zero_pages: int, host: HostSketch) -> int:
 
 
 def saving(vm: VmSketch, k: int, host: HostSketch, there: npt.NDArray[np.bool_]) -> tuple[int, int]:
-    """(saved, shared with others) pages of `vm` on `host`; `there`: which of its values the
-    host's other VMs of its domain hold."""
-    if not vm.merges:
-        return 0, 0
+    """(saved, shared with others) pages of `vm` on `host` if it merges there; `there`: which
+    of its values the host's other VMs of its domain hold."""
     weights = vm.weights(k)
     copies = vm.counts.astype(np.int64)
     shared = int(np.sum(weights[there] * copies[there]))  # every copy saves a page
@@ -125,8 +153,13 @@ def place(
     for host in hosts:
         current = host is home
         saved, shared = _saving_on(vm, k, host, member=current)
-        moved_in = 0 if current else vm.present_pages
-        headroom = host.mem_available_bytes - (moved_in - saved) * PAGE_SIZE - reserve_bytes
+        headroom = host.mem_available_bytes - reserve_bytes
+        if not current:
+            headroom -= (vm.present_pages - saved) * PAGE_SIZE
+        if current:
+            why_not = None if vm.active else (host.would_merge(vm) or "it does not merge now")
+        else:
+            why_not = host.would_merge(vm)
         predictions.append(
             Prediction(
                 host=host.host,
@@ -135,6 +168,7 @@ def place(
                 shared_bytes=shared * PAGE_SIZE,
                 headroom_bytes=headroom,
                 fits=current or headroom >= 0,
+                why_not=why_not,
             )
         )
     predictions.sort(key=lambda p: (not p.fits, -p.saved_bytes, not p.current, p.host))
@@ -221,6 +255,7 @@ class _Fleet:
         self.views = {h.host: h for h in hosts}
         self.available = {h.host: h.mem_available_bytes for h in hosts}
         self.moved: set[int] = set()
+        self._arrived: list[VmSketch] = []
         self._there: dict[tuple[int, str], tuple[int, int]] = {}  # (vm, host): (saved, cost)
         self._here: dict[int, int] = {}
 
@@ -261,19 +296,26 @@ class _Fleet:
             return None
         gain, vm, source, target = best
         self._move(vm, source, target)
-        ref = vm.vmid if vm.platform == "proxmox" and vm.vmid else vm.name
-        return Move(vm.name, vm.platform, ref, source, target, gain)
+        return Move(vm, source, target, gain)
 
     def _move(self, vm: VmSketch, source: str, target: str) -> None:
+        """Move `vm`: it merges there if its domain may (and then, if none merged there, its
+        domain becomes the one that does)."""
         self.available[target] -= self.there(vm, target)[1]
         self.available[source] += (vm.present_pages - self.here(vm, source)) * PAGE_SIZE
-        self.moved.add(id(vm))
-        for name, change in (
-            (source, [v for v in self.views[source].vms if v is not vm]),
-            (target, [*self.views[target].vms, vm]),
+        arrived = replace(vm, active=self.views[target].would_merge(vm) is None)
+        self.moved.update((id(vm), id(arrived)))
+        self._arrived.append(arrived)  # keeps its id() from being reused
+        old_target = self.views[target]
+        domains = old_target.active_domains
+        if domains == () and arrived.active:
+            domains = (vm.domain,)
+        for name, change, active in (
+            (source, [v for v in self.views[source].vms if v is not vm], None),
+            (target, [*old_target.vms, arrived], domains),
         ):
             old = self.views[name]
-            self.views[name] = _with_vms(old, change)
+            self.views[name] = _with_vms(old, change, active)
             for other in old.vms:
                 self._here.pop(id(other), None)
             for key in [key for key in self._there if key[1] == name]:
@@ -281,16 +323,7 @@ class _Fleet:
         self._here.pop(id(vm), None)
 
 
-def _with_vms(host: HostSketch, vms: list[VmSketch]) -> HostSketch:
-    return HostSketch(
-        host=host.host,
-        key_id=host.key_id,
-        k=host.k,
-        use_zero_pages=host.use_zero_pages,
-        max_page_sharing=host.max_page_sharing,
-        mem_total_bytes=host.mem_total_bytes,
-        mem_available_bytes=host.mem_available_bytes,
-        taken_at=host.taken_at,
-        vms=tuple(vms),
-        source=host.source,
-    )
+def _with_vms(host: HostSketch, vms: list[VmSketch], active: tuple[str, ...] | None) -> HostSketch:
+    """The host with other VMs (`active`: its domains that merge; None: unchanged)."""
+    domains = host.active_domains if active is None else active
+    return replace(host, vms=tuple(vms), active_domains=domains)

@@ -10,15 +10,25 @@ content is sampled on every host:
    more (exactly: it stands for itself, not for K); zero-filled pages are counted apart;
 3. after `interval` seconds the sampled pages are hashed again; those that changed are
    volatile (ksmd would not merge them) and are left out, counted as `volatile_pages` (x K);
-4. each sampled content is kept as an 8-byte keyed hash: BLAKE2b of its digest under the fleet
-   key (/etc/ksmpolicy/fleet.key, root-only), with how many of the VM's pages hold it.
+4. each sampled content is kept as an 8-byte keyed hash: BLAKE2b of its digest under a key
+   derived from the fleet key (/etc/ksmpolicy/fleet.key, root-only) and the VM's trust domain,
+   with how many of the VM's pages hold it.
 
 Why keyed: a 128-bit digest of a page is a fingerprint anyone can compute for a page they can
 guess (a known binary, a page of a known file, a page holding a guessed secret), so publishing
 digests would let whoever reads the sketch test such guesses against a tenant's memory. Under a
-key that only the fleet's hosts hold, a reader without the key learns how much VMs share (what
-the sketch is for), never what; a host with the key is root on a fleet host, and could read
-the guests' memory anyway. Hosts compare sketches only under the same key (`key_id` says
+key that only the fleet's hosts hold, a reader without the key cannot test a guess. Why per
+domain: with one key for all, equal values would still tell a reader which VMs of different
+tenants hold the same pages; each domain's values are under its own key, so values compare
+only within a domain (the only comparison placement makes). What a reader without the key
+still learns: how many sampled contents each VM holds, how often, and which VMs of one domain
+hold the same ones (how much they share, what the sketch is for). A host with the key is root
+on a fleet host, and could read the guests' memory anyway.
+
+Why sealed: the whole document carries a MAC under the fleet key (`seal`), so a sketch that a
+local user or a host outside the fleet wrote, or one changed on the way, is refused before any
+of its fields is used; and every field is checked (host names, UUIDs and VMIDs appear in the
+commands `rebalance` prints). Hosts compare sketches only under the same key (`key_id` says
 which key, not the key).
 
 Size: about one 8-byte value per K distinct contents, plus, exactly, every content the VM holds
@@ -30,29 +40,33 @@ share, about shared/K of them; the relative standard error is about sqrt(K / sha
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import math
+import ipaddress
+import json
 import os
+import re
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.errors import KsmPolicyError
-from ksmpolicy.files import read_regular, untrusted_reason, write_atomic
+from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.kernel import guestmem
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE, HostPaths
-from ksmpolicy.policy.model import DEFAULT_DOMAIN, Policy
+from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, Policy
 
-FORMAT = "ksmpolicy-sketch/1"
+FORMAT = "ksmpolicy-sketch/2"
 DEFAULT_K = 64
+MAX_K = 2**20
 KEY_BYTES = 32
 MAX_SKETCH_BYTES = 512 * 2**20  # a host's sketch file; larger is refused
+PLATFORMS = ("libvirt", "proxmox", "process")
 
 Values = npt.NDArray[np.uint64]
 
@@ -73,33 +87,46 @@ class FleetKey:
         """Names the key (a hash of it under a tag), never reveals it."""
         return hashlib.blake2b(self.secret, person=b"ksmpolicy-keyid", digest_size=8).hexdigest()
 
-    def values(self, digests: npt.NDArray[np.uint64]) -> Values:
-        """The keyed 64-bit value of each N x 2 digest."""
+    def values(self, digests: npt.NDArray[np.uint64], domain: str) -> Values:
+        """The keyed 64-bit value of each N x 2 digest, under the trust domain's own key."""
+        key = hashlib.blake2b(
+            domain.encode(), key=self.secret, person=b"ksmpolicy-domain", digest_size=32
+        ).digest()
         raw = digests.astype("<u8", copy=False).tobytes()
         out = bytearray(8 * len(digests))
         for i in range(len(digests)):
             out[8 * i : 8 * i + 8] = hashlib.blake2b(
-                raw[16 * i : 16 * i + 16], key=self.secret, digest_size=8
+                raw[16 * i : 16 * i + 16], key=key, digest_size=8
             ).digest()
         return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
+
+    def seal(self, document: dict[str, object]) -> str:
+        """The MAC of a sketch document (every field but `seal`, in canonical JSON)."""
+        body = {name: value for name, value in document.items() if name != "seal"}
+        payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(
+            payload, key=self.secret, person=b"ksmpolicy-seal", digest_size=32
+        ).hexdigest()
 
 
 def load_key(paths: HostPaths, *, create: bool = False) -> tuple[FleetKey, bool]:
     """The fleet key (and whether it was made now). It must be root's alone: owned by root,
     readable by no one else, on a path no other user can change."""
     path = paths.under_root(FLEET_KEY)
+    host = paths.root == HostPaths().root  # a test tree under /tmp is not a host's path
+    made = False
     if create and not path.exists():
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_atomic(path, os.urandom(KEY_BYTES).hex().encode() + b"\n", 0o600)
-        made = True
-    else:
-        made = False
+        reason = untrusted_reason(path.parent) if host else None
+        if reason:
+            raise SketchError(f"refusing to make the fleet key in {path.parent}: {reason}")
+        made = _create_key(path)
     if not path.exists():
         raise SketchError(
             f"no fleet key at {path}: `ksmpolicy sketch --new-key` makes one; copy the same "
             "file (root, mode 0600) to every host whose sketches you compare"
         )
-    if paths.root == HostPaths().root:  # a test tree under /tmp is not a host's path
+    if host:
         reason = untrusted_reason(path)
         if reason:
             raise SketchError(f"refusing the fleet key {path}: {reason}")
@@ -118,6 +145,25 @@ def load_key(paths: HostPaths, *, create: bool = False) -> tuple[FleetKey, bool]
     return FleetKey(secret), made
 
 
+def _create_key(path: Path) -> bool:
+    """Write a new key at `path` unless one appears there meanwhile (then False): written whole
+    to a file of its own first, then linked in place, which fails if the name exists."""
+    spare = path.with_name(f".{path.name}.{os.getpid()}.new")
+    fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(KEY_BYTES).hex().encode() + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(spare, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        spare.unlink(missing_ok=True)
+
+
 # --- sketches -----------------------------------------------------------------------------------
 
 
@@ -132,6 +178,7 @@ class VmSketch:
     domain: str  # its trust domain here ("default" without trust domains)
     group: str | None
     merges: bool  # the policy lets it merge here
+    active: bool  # its memory merges now (under trust domains: its domain is the active one)
     ram_bytes: int | None
     present_pages: int
     zero_pages: int
@@ -156,16 +203,28 @@ class HostSketch:
     mem_total_bytes: int
     mem_available_bytes: int
     taken_at: float
+    # under trust domains, the domains that merge now (one per merge scope: the host, or each
+    # NUMA node with merge_across_nodes=0); None: the host does not use trust domains
+    active_domains: tuple[str, ...] | None
     vms: tuple[VmSketch, ...]
     source: str = ""  # where it was read from (for messages)
 
     def union(self, domain: str) -> DomainUnion:
-        """The domain's union on this host (built once, when first asked for)."""
+        """What the domain's VMs that merge now hold on this host (built when first asked)."""
         unions: dict[str, DomainUnion] = self.__dict__.setdefault("_unions", {})
         if domain not in unions:
-            members = [vm for vm in self.vms if vm.merges and vm.domain == domain]
+            members = [vm for vm in self.vms if vm.active and vm.domain == domain]
             unions[domain] = DomainUnion.of(members)
         return unions[domain]
+
+    def would_merge(self, vm: VmSketch) -> str | None:
+        """Why `vm` would not merge here if it moved here, or None: the policy must let it, and
+        under trust domains its domain must be one that merges here, or none may merge yet."""
+        if not vm.merges:
+            return "the policy excludes it"
+        if self.active_domains and vm.domain not in self.active_domains:
+            return f"trust domain {', '.join(self.active_domains)} merges there"
+        return None
 
 
 @dataclass(frozen=True)
@@ -210,6 +269,7 @@ class Subject:
     domain: str
     group: str | None
     merges: bool
+    active: bool
     ram_bytes: int | None
 
 
@@ -288,7 +348,7 @@ def _sample(
     changed = np.bincount(chosen_ids[~stable], minlength=len(contents))
     volatile = int(changed[heavy].sum()) + k * int(changed[~heavy].sum())
     kept = np.flatnonzero(keep & (held > 0))
-    values, inverse = np.unique(key.values(contents[kept]), return_inverse=True)
+    values, inverse = np.unique(key.values(contents[kept], subject.domain), return_inverse=True)
     counts = np.bincount(inverse, weights=held[kept], minlength=values.size)
     exact = np.zeros(values.size, dtype=bool)
     exact[inverse[heavy[kept]]] = True
@@ -300,6 +360,7 @@ def _sample(
         domain=subject.domain,
         group=subject.group,
         merges=subject.merges,
+        active=subject.active,
         ram_bytes=subject.ram_bytes,
         present_pages=runs.pages,
         zero_pages=int(zero.sum()),
@@ -323,161 +384,27 @@ def _contents(
     return ordered[new], ids
 
 
-# --- JSON ---------------------------------------------------------------------------------------
+# --- identities a sketch may carry ---------------------------------------------------------
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+VMID = re.compile(r"[1-9][0-9]{0,8}")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=[A-Za-z0-9.-]{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
+MAX_PAGES = 2**40  # 4 PiB of 4 KiB pages: more is no real host's
+MAX_BYTES = 2**53
+MAX_NAME = 1024
 
 
-def to_json(sketch: HostSketch) -> dict[str, object]:
-    return {
-        "format": FORMAT,
-        "host": sketch.host,
-        "key_id": sketch.key_id,
-        "k": sketch.k,
-        "use_zero_pages": sketch.use_zero_pages,
-        "max_page_sharing": sketch.max_page_sharing,
-        "mem_total_bytes": sketch.mem_total_bytes,
-        "mem_available_bytes": sketch.mem_available_bytes,
-        "taken_at": round(sketch.taken_at, 3),
-        "vms": [_vm_json(vm) for vm in sketch.vms],
-    }
-
-
-def _vm_json(vm: VmSketch) -> dict[str, object]:
-    repeated = np.flatnonzero(vm.counts > 1)
-    return {
-        "name": vm.name,
-        "uuid": vm.uuid,
-        "vmid": vm.vmid,
-        "platform": vm.platform,
-        "domain": vm.domain,
-        "group": vm.group,
-        "merges": vm.merges,
-        "ram_bytes": vm.ram_bytes,
-        "present_pages": vm.present_pages,
-        "zero_pages": vm.zero_pages,
-        "volatile_pages": vm.volatile_pages,
-        "values": base64.b64encode(vm.values.astype("<u8").tobytes()).decode("ascii"),
-        # [index, count] of the values more than one of its pages hold
-        "repeats": [[int(i), int(vm.counts[i])] for i in repeated],
-        # indices of the values kept because it holds them K times or more
-        "exact": [int(i) for i in np.flatnonzero(vm.exact)],
-    }
-
-
-def from_json(data: object, source: str) -> HostSketch:
-    """A host sketch from its JSON, every field checked; SketchError names `source` and the key."""
-    where = _Where(source)
-    top = where.mapping(data, "")
-    if top.get("format") != FORMAT:
-        raise SketchError(f"{source}: not a ksmpolicy sketch (format {top.get('format')!r})")
-    vms = [_vm_from(where, vm, f"vms.{i}") for i, vm in enumerate(where.list(top, "vms"))]
-    k = where.integer(top, "k", 1)
-    return HostSketch(
-        host=where.text(top, "host"),
-        key_id=where.text(top, "key_id"),
-        k=k,
-        use_zero_pages=where.flag(top, "use_zero_pages"),
-        max_page_sharing=where.integer(top, "max_page_sharing", 2),
-        mem_total_bytes=where.integer(top, "mem_total_bytes", 0),
-        mem_available_bytes=where.integer(top, "mem_available_bytes", 0),
-        taken_at=float(where.integer(top, "taken_at", 0, number=True)),
-        vms=tuple(vms),
-        source=source,
-    )
-
-
-def _vm_from(where: _Where, data: object, at: str) -> VmSketch:
-    vm = where.mapping(data, at)
+def is_host_name(text: str) -> bool:
+    """A DNS name or an IP address literal (no zone index): what a host may be called in a
+    sketch, since it becomes part of a printed migration URI."""
+    if _DNS_NAME.fullmatch(text):
+        return True
     try:
-        raw = base64.b64decode(where.text(vm, "values", at), validate=True)
-    except ValueError as exc:
-        raise SketchError(f"{where.source}: {at}.values: not base64") from exc
-    if len(raw) % 8:
-        raise SketchError(f"{where.source}: {at}.values: not a whole number of 8-byte values")
-    values = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-    if values.size > 1 and not bool(np.all(values[1:] > values[:-1])):
-        raise SketchError(f"{where.source}: {at}.values: not sorted and unique")
-    counts = np.ones(values.size, dtype=np.uint32)
-    for n, pair in enumerate(where.list(vm, "repeats", at)):
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-            or not 0 <= pair[0] < values.size
-            or not 2 <= pair[1] < 2**32
-        ):
-            raise SketchError(
-                f"{where.source}: {at}.repeats.{n}: expected [index, count] with count >= 2"
-            )
-        counts[pair[0]] = pair[1]
-    exact = np.zeros(values.size, dtype=bool)
-    for n, index in enumerate(where.list(vm, "exact", at)):
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < values.size:
-            raise SketchError(f"{where.source}: {at}.exact.{n}: expected an index of values")
-        exact[index] = True
-    ram = vm.get("ram_bytes")
-    return VmSketch(
-        name=where.text(vm, "name", at),
-        uuid=where.optional_text(vm, "uuid", at),
-        vmid=where.optional_text(vm, "vmid", at),
-        platform=where.text(vm, "platform", at),
-        domain=where.text(vm, "domain", at),
-        group=where.optional_text(vm, "group", at),
-        merges=where.flag(vm, "merges", at),
-        ram_bytes=None if ram is None else where.integer(vm, "ram_bytes", 0, at),
-        present_pages=where.integer(vm, "present_pages", 0, at),
-        zero_pages=where.integer(vm, "zero_pages", 0, at),
-        volatile_pages=where.integer(vm, "volatile_pages", 0, at),
-        values=values,
-        counts=counts,
-        exact=exact,
-    )
-
-
-class _Where:
-    """Typed field access that names the file and the key in its errors."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def _fail(self, at: str, key: str, want: str) -> SketchError:
-        place = f"{at}.{key}" if at else key
-        return SketchError(f"{self.source}: {place}: expected {want}")
-
-    def mapping(self, data: object, at: str) -> dict[str, object]:
-        if not isinstance(data, dict):
-            raise SketchError(f"{self.source}: {at or 'the document'}: expected a mapping")
-        return data
-
-    def list(self, data: dict[str, object], key: str, at: str = "") -> list[object]:
-        value = data.get(key)
-        if not isinstance(value, list):
-            raise self._fail(at, key, "a list")
-        return value
-
-    def text(self, data: dict[str, object], key: str, at: str = "") -> str:
-        value = data.get(key)
-        if not isinstance(value, str) or not value.isprintable():
-            raise self._fail(at, key, "printable text")
-        return value
-
-    def optional_text(self, data: dict[str, object], key: str, at: str = "") -> str | None:
-        return None if data.get(key) is None else self.text(data, key, at)
-
-    def flag(self, data: dict[str, object], key: str, at: str = "") -> bool:
-        value = data.get(key)
-        if not isinstance(value, bool):
-            raise self._fail(at, key, "true or false")
-        return value
-
-    def integer(
-        self, data: dict[str, object], key: str, least: int, at: str = "", *, number: bool = False
-    ) -> int:
-        value = data.get(key)
-        if isinstance(value, float) and number and math.isfinite(value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise self._fail(at, key, f"a number of at least {least}")
-        return value
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return "%" not in text
 
 
 def host_name() -> str:
@@ -497,27 +424,41 @@ def sketch_host(
     names: Sequence[str] = (),
     limit_bytes_per_second: float | None = None,
 ) -> HostSketch:
-    """The sketch of every VM running here (or those named) whose memory can merge (root)."""
+    """The sketch of every VM running here (or those named) whose memory can merge (root).
+
+    Only VMs whose identity is believed: a process any local user can start and call
+    qemu-system-x86_64 is left out, and so is a VM two bindings put in different domains
+    (it never merges). Each VM's domain is this host's policy's (`policy`: None is no policy,
+    every VM in `default`)."""
     from ksmpolicy.kernel.ksm import read_ksm  # noqa: PLC0415
     from ksmpolicy.kernel.procfs import read_meminfo  # noqa: PLC0415
     from ksmpolicy.report.status import collect  # noqa: PLC0415
 
     status = collect(paths, policy, sample_seconds=0, pagemap=False)
-    subjects = [
-        Subject(
-            pid=vm.pid,
-            name=vm.name,
-            uuid=vm.uuid,
-            vmid=vm.vmid,
-            platform=vm.source,
-            domain=vm.domain or DEFAULT_DOMAIN,
-            group=vm.group,
-            merges=vm.decision in ("merge", None),
-            ram_bytes=vm.ram_bytes,
+    domains = policy is not None and policy.uses_domains
+    active = tuple(sorted({s.domain for s in status.scopes})) if domains else None
+    subjects = []
+    for vm in status.vms:
+        if vm.kind != "qemu" or not vm.trusted or vm.domain == CONFLICT_DOMAIN:
+            continue
+        if vm.decision == "never" or (names and vm.name not in names):
+            continue
+        domain = vm.domain or DEFAULT_DOMAIN
+        merges = vm.decision in ("merge", None)
+        subjects.append(
+            Subject(
+                pid=vm.pid,
+                name=vm.name,
+                uuid=vm.uuid.lower() if vm.uuid and UUID.fullmatch(vm.uuid.lower()) else None,
+                vmid=vm.vmid if vm.vmid and VMID.fullmatch(vm.vmid) else None,
+                platform=vm.source if vm.source in PLATFORMS else "process",
+                domain=domain,
+                group=vm.group,
+                merges=merges,
+                active=merges and (active is None or domain in active),
+                ram_bytes=vm.ram_bytes,
+            )
         )
-        for vm in status.vms
-        if vm.kind == "qemu" and vm.decision != "never" and (not names or vm.name in names)
-    ]
     if names and not subjects:
         raise SketchError(f"no running VM named {', '.join(names)}")
     state = read_ksm(paths)
@@ -529,40 +470,19 @@ def sketch_host(
     sketches = take(
         paths, subjects, key, k=k, interval=interval, limit_bytes_per_second=limit_bytes_per_second
     )
+    name = host_name()
+    if not is_host_name(name):
+        raise SketchError(f"this host's name {name!r} is no DNS name: set one (hostnamectl)")
+    total = memory.get("MemTotal", 0)
     return HostSketch(
-        host=host_name(),
+        host=name,
         key_id=key.key_id,
         k=k,
         use_zero_pages=bool(zero),
         max_page_sharing=int(cap),
-        mem_total_bytes=memory.get("MemTotal", 0),
-        mem_available_bytes=memory.get("MemAvailable", 0),
+        mem_total_bytes=total,
+        mem_available_bytes=min(memory.get("MemAvailable", 0), total),
         taken_at=time.time(),
+        active_domains=active,
         vms=tuple(sketches),
     )
-
-
-def read_sketch(where: str, *, timeout: float = 10.0) -> HostSketch:
-    """A host's sketch from a file or an http(s) URL (a daemon's /sketch)."""
-    import json  # noqa: PLC0415
-
-    if where.startswith(("http://", "https://")):
-        import urllib.request  # noqa: PLC0415
-
-        try:
-            with urllib.request.urlopen(where, timeout=timeout) as response:
-                data = response.read(MAX_SKETCH_BYTES + 1)
-        except OSError as exc:
-            raise SketchError(f"cannot fetch {where}: {exc}") from exc
-    else:
-        try:
-            data = read_regular(where, MAX_SKETCH_BYTES)
-        except OSError as exc:
-            raise SketchError(f"cannot read {where}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_SKETCH_BYTES:
-        raise SketchError(f"{where}: larger than {MAX_SKETCH_BYTES // 2**20} MiB: refusing it")
-    try:
-        document = json.loads(data)
-    except ValueError as exc:
-        raise SketchError(f"{where}: not JSON ({exc})") from exc
-    return from_json(document, where)

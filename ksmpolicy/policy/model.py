@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ksmpolicy.records import dataclass, field
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
@@ -16,6 +18,10 @@ DEFAULT_DOMAIN = "default"  # the trust domain of every VM the policy puts in no
 HOST_DOMAIN = "host"  # the audit's domain for processes that are no VM (or not believed to be)
 # Names no declared domain may take: the two above are ksmpolicy's own.
 RESERVED_DOMAINS = (DEFAULT_DOMAIN, HOST_DOMAIN)
+# Domain and group names: they appear in metrics labels, log lines, suggested commands and
+# host sketches. fullmatch only: no trailing newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+NAME_RULE = "1-64 letters, digits and _ . : - (starting with a letter or digit)"
 # The domain of a VM that two bindings put in different trust domains: it never merges. No
 # declared domain can be called so (names are letters, digits and `_ . : -`).
 CONFLICT_DOMAIN = "(conflict)"

@@ -13,6 +13,8 @@ from ksmpolicy.policy import identity, yamlsource
 from ksmpolicy.policy.decide import gc_paused
 from ksmpolicy.policy.model import (
     DEFAULT_DOMAIN,
+    NAME,
+    NAME_RULE,
     RESERVED_DOMAINS,
     SUPPORTED_VERSION,
     Action,
@@ -119,9 +121,6 @@ _ISOLATION_LIMITS = {
 }
 _ISOLATION_KEYS = (*_ISOLATION_LIMITS, "merge_across_nodes")
 _MAX_NODE = 1023  # the kernel's MAX_NUMNODES is at most 1024
-# Domain and group names: they appear in metrics labels, log lines and suggested commands.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # fullmatch: no trailing newline
-_NAME_RULE = "1-64 letters, digits and _ . : - (starting with a letter or digit)"
 _RECONCILER_LIMITS = {
     "interval_seconds": (0.1, 3600.0),
     "target_scan_seconds": (1.0, 86400.0),
@@ -187,8 +186,8 @@ class _Validator:
         result = []
         for name, body in (section or {}).items():
             path: KeyPath = ("domains", name)
-            if not _NAME.fullmatch(str(name)):
-                self.doc.problem(path, f"a domain name is {_NAME_RULE}")
+            if not NAME.fullmatch(str(name)):
+                self.doc.problem(path, f"a domain name is {NAME_RULE}")
                 continue
             if name in RESERVED_DOMAINS:
                 self.doc.problem(
@@ -246,8 +245,8 @@ class _Validator:
         result = []
         for name, body in (section or {}).items():
             path: KeyPath = ("groups", name)
-            if not _NAME.fullmatch(str(name)):
-                self.doc.problem(path, f"a group name is {_NAME_RULE}")
+            if not NAME.fullmatch(str(name)):
+                self.doc.problem(path, f"a group name is {NAME_RULE}")
                 continue
             spec = self.mapping(body, path, _GROUP_KEYS)
             if spec is None:

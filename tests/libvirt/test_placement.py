@@ -19,6 +19,7 @@ missing (cached in .cache/guest-real; a cold build downloads about 100 MiB of De
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import pytest
 from ksmpolicy.kernel.pagemap import PageMapReader
 from ksmpolicy.kernel.procfs import read_meminfo
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
+from ksmpolicy.placement.document import from_json, to_json
 from ksmpolicy.placement.plan import place
 from ksmpolicy.placement.sketch import FleetKey, HostSketch, Subject, take
 from lab import realguests
@@ -96,15 +98,19 @@ def test_real_guests_share_within_an_image_and_the_estimate_holds(
 def sketch(hosts: Hosts, host: str) -> HostSketch:
     names = [n for n, on in ON.items() if on == host]
     subjects = [
-        Subject(hosts.lab(n).pid(n), n, None, None, "libvirt", "default", None, True, MIB * 2**20)
+        Subject(
+            hosts.lab(n).pid(n), n, None, None, "libvirt", "default", None, True, True, MIB * 2**20
+        )
         for n in names
     ]
     memory = read_meminfo(HostPaths())
     vms = tuple(take(HostPaths(), subjects, KEY, interval=3.0))
     assert [vm.name for vm in vms] == names
-    return HostSketch(
-        host, KEY.key_id, 64, True, 256, memory["MemTotal"], memory["MemAvailable"], 0.0, vms
+    taken = HostSketch(
+        host, KEY.key_id, 64, True, 256, memory["MemTotal"], memory["MemAvailable"], 0.0, None, vms
     )
+    # as it travels between hosts: sealed JSON, read back with every field checked
+    return from_json(json.loads(json.dumps(to_json(taken, KEY))), host, KEY)
 
 
 def saved_on(pid: int, others: list[int]) -> int:

@@ -3,21 +3,17 @@ domains, exclusions, zero pages, the reserve, and the JSON a host's sketch trave
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import uuid as uuids
 
 import numpy as np
 import pytest
 
 from ksmpolicy.paths import PAGE_SIZE
+from ksmpolicy.placement.document import from_json, to_json
 from ksmpolicy.placement.plan import place, rebalance
-from ksmpolicy.placement.sketch import (
-    FleetKey,
-    HostSketch,
-    SketchError,
-    VmSketch,
-    from_json,
-    to_json,
-)
+from ksmpolicy.placement.sketch import FleetKey, HostSketch, SketchError, VmSketch
 
 K = 64
 MIB = 2**20
@@ -30,6 +26,7 @@ def vm(
     *,
     domain: str = "default",
     merges: bool = True,
+    active: bool | None = None,
     zero: int = 0,
     repeats: dict[int, int] | None = None,
     present: int = 65536,
@@ -43,12 +40,13 @@ def vm(
         counts[index] = count
     return VmSketch(
         name=name,
-        uuid=None,
+        uuid=str(uuids.uuid5(uuids.NAMESPACE_DNS, name)),
         vmid=vmid,
         platform=platform,
         domain=domain,
         group=None,
         merges=merges,
+        active=merges if active is None else active,
         ram_bytes=present * PAGE_SIZE,
         present_pages=present,
         zero_pages=zero,
@@ -60,7 +58,11 @@ def vm(
 
 
 def host(
-    name: str, *vms: VmSketch, available_mib: int = 8192, zero_page: bool = True
+    name: str,
+    *vms: VmSketch,
+    available_mib: int = 8192,
+    zero_page: bool = True,
+    active_domains: tuple[str, ...] | None = None,
 ) -> HostSketch:
     return HostSketch(
         host=name,
@@ -71,6 +73,7 @@ def host(
         mem_total_bytes=16384 * MIB,
         mem_available_bytes=available_mib * MIB,
         taken_at=0.0,
+        active_domains=active_domains,
         vms=vms,
     )
 
@@ -135,6 +138,32 @@ def test_a_host_without_room_is_ranked_last_and_said_so() -> None:
     _s, ranked = place([a, b, c], "web-3", reserve_bytes=64 * MIB)
     assert ranked[-1].host == "a" and not ranked[-1].fits
     assert ranked[-1].headroom_bytes < 0
+    current = next(p for p in ranked if p.current)
+    assert current.headroom_bytes == 8192 * MIB - 64 * MIB  # what it saves there is in it
+
+
+def test_only_the_domain_that_merges_on_a_host_counts_there() -> None:
+    """Under trust domains one domain merges per merge scope: a VM of another domain would
+    not merge there at all, and one of the active domain shares only with its merging VMs."""
+    a = host(
+        "a",
+        vm("web-1", WEB, domain="blue"),
+        vm("web-2", WEB, domain="red", active=False),
+        active_domains=("blue",),
+    )
+    b = host("b", vm("web-3", WEB, domain="red"), vm("web-4", WEB, domain="blue"))
+    _s, ranked = place([a, b], "web-3")
+    on_a = next(p for p in ranked if p.host == "a")
+    assert on_a.saved_bytes == 0 and on_a.why_not == "trust domain blue merges there"
+    _s, ranked = place([a, b], "web-4")
+    on_a = next(p for p in ranked if p.host == "a")
+    assert on_a.shared_bytes == 600 * K * PAGE_SIZE and on_a.why_not is None
+    _s, ranked = place([a, b], "web-2")  # red does not merge where it is: saves nothing now
+    here = next(p for p in ranked if p.current)
+    assert here.saved_bytes == 0 and here.why_not
+    idle = host("c", active_domains=())  # no domain merges there yet: it would take the host
+    _s, ranked = place([a, b, idle], "web-2")
+    assert next(p for p in ranked if p.host == "c").why_not is None
 
 
 def test_rebalance_moves_vms_to_their_kind_and_never_across_domains() -> None:
@@ -145,13 +174,22 @@ def test_rebalance_moves_vms_to_their_kind_and_never_across_domains() -> None:
     assert [m.gain_bytes // (K * PAGE_SIZE) for m in moves] == [800, 600], moves
     after = {"a": {"web-1", "db-2", "t-web"}, "b": {"db-1", "web-2"}}
     for m in moves:
-        after[m.source].remove(m.vm)
-        after[m.target].add(m.vm)
+        after[m.source].remove(m.vm.name)
+        after[m.target].add(m.vm.name)
     # with room to spare, each kind ends up on one host
     for kind in ("web", "db"):
         assert len({h for h, names in after.items() for n in names if n.startswith(kind)}) == 1
     assert "t-web" in after["a"]  # nothing of its domain anywhere: no gain, not moved
     assert all(m.command().startswith("virsh migrate --live") for m in moves)
+
+
+def test_rebalance_does_not_move_a_vm_where_another_domain_merges() -> None:
+    a = host("a", vm("web-1", WEB, domain="blue"), active_domains=("blue",))
+    b = host("b", vm("web-2", WEB, domain="red"), vm("db-1", DB, domain="red"))
+    assert rebalance([a, b], min_gain_bytes=MIB) == []
+    c = host("c", vm("web-3", WEB, domain="red"), active_domains=("red",))
+    (move,) = rebalance([a, b, c], max_moves=1, min_gain_bytes=MIB)
+    assert move.vm.name in ("web-2", "web-3") and move.target in ("b", "c")
 
 
 def test_rebalance_keeps_the_reserve_and_the_minimum_gain() -> None:
@@ -170,8 +208,8 @@ def test_a_sketch_travels_as_json_and_back() -> None:
     original = host(
         "a", vm("web-1", WEB, zero=7, repeats={3: 9}, exact={5: 80}), vm("db-1", DB, merges=False)
     )
-    document = json.loads(json.dumps(to_json(original)))
-    back = from_json(document, "a.json")
+    document = json.loads(json.dumps(to_json(original, KEY)))
+    back = from_json(document, "a.json", KEY)
     assert back.host == "a" and back.key_id == KEY.key_id and back.k == K
     for before, after in zip(original.vms, back.vms, strict=True):
         assert np.array_equal(before.values, after.values)
@@ -190,18 +228,67 @@ def test_a_sketch_travels_as_json_and_back() -> None:
     [
         (lambda d: d.update(format="other"), "not a ksmpolicy sketch"),
         (lambda d: d.update(k="64"), "k: expected a number"),
+        (lambda d: d.update(k=2**20 + 1), "k: expected a number from 1 to 1048576"),
+        (lambda d: d.update(k=10**400), "k: expected a number"),
+        (lambda d: d.update(mem_available_bytes=2**40), "mem_available_bytes: expected a num"),
         (lambda d: d["vms"][0].update(values="%%%"), "vms.0.values: not base64"),
         (lambda d: d["vms"][0].update(merges="yes"), "vms.0.merges: expected true or false"),
+        (lambda d: d["vms"][0].update(active=1), "vms.0.active: expected true or false"),
         (lambda d: d["vms"][0].update(repeats=[[99999, 2]]), "vms.0.repeats.0"),
         (lambda d: d["vms"][0].update(name="web\n1"), "vms.0.name: expected printable text"),
+        (lambda d: d["vms"][0].update(present_pages=10), "more than its present_pages"),
+        (lambda d: d["vms"][0].update(zero_pages=2**41), "vms.0.zero_pages: expected a number"),
+        (lambda d: d["vms"][0].update(domain="a\n"), "vms.0.domain: expected a domain or group"),
+        (lambda d: d.update(active_domains=["(x)"]), "active_domains.0: expected a domain"),
+        # every field that reaches a printed command is what it claims, whatever the seal
+        (lambda d: d.update(host="x/system?command=/tmp/pwn#"), "host: 'x/system"),
+        (lambda d: d.update(host="-oProxyCommand=sh"), "is no host name"),
+        (lambda d: d.update(host="fe80::1%eth0"), "is no host name"),
+        (lambda d: d["vms"][0].update(uuid="--domain=victim"), "vms.0.uuid: expected a UUID"),
+        (lambda d: d["vms"][0].update(vmid="--force"), "vms.0.vmid: expected a VMID"),
+        (lambda d: d["vms"][0].update(vmid="0101"), "vms.0.vmid: expected a VMID"),
+        (lambda d: d["vms"][0].update(platform="xen"), "vms.0.platform: expected one of"),
     ],
 )
 def test_a_bad_sketch_is_refused_naming_the_file_and_the_key(change, said) -> None:  # type: ignore[no-untyped-def]
-    document = to_json(host("a", vm("web-1", WEB)))
+    """Each field checked, on documents sealed after the change (as a host of the fleet with
+    a bug, or an attacker with the key, would write them)."""
+    document = to_json(host("a", vm("web-1", WEB)), KEY)
     change(document)
+    document["seal"] = KEY.seal(document)
     with pytest.raises(SketchError, match=said) as caught:
-        from_json(document, "a.json")
+        from_json(document, "a.json", KEY)
     assert str(caught.value).startswith("a.json: ")
+
+
+def test_a_sketch_not_sealed_under_the_fleet_key_is_refused() -> None:
+    document = to_json(host("a", vm("web-1", WEB)), KEY)
+    from_json(json.loads(json.dumps(document)), "a.json", KEY)  # as written: accepted
+    changed = json.loads(json.dumps(document))
+    changed["vms"][0]["domain"] = "other"
+    with pytest.raises(SketchError, match=r"a\.json: its seal does not match"):
+        from_json(changed, "a.json", KEY)
+    forged = to_json(host("a", vm("web-1", WEB)), FleetKey(b"j" * 32))
+    forged["key_id"] = KEY.key_id  # the key's name is public: copying it proves nothing
+    with pytest.raises(SketchError, match="its seal does not match"):
+        from_json(forged, "a.json", KEY)
+    del document["seal"]
+    with pytest.raises(SketchError, match="its seal does not match"):
+        from_json(document, "a.json", KEY)
+
+
+def test_a_vm_in_two_sketches_is_refused() -> None:
+    """A VM sketched on both hosts (it moved between the two sketches) would be placed beside
+    its own copy."""
+    twin = vm("web-1", WEB)
+    a = host("a", twin)
+    b = host("b", dataclasses.replace(twin, name="renamed"), vm("web-2", WEB))
+    with pytest.raises(SketchError, match=f"VM {twin.uuid} is in the sketches of both a and b"):
+        rebalance([a, b], min_gain_bytes=MIB)
+    pa = host("a", vm("x", WEB, platform="proxmox", vmid="101"))
+    pb = host("b", vm("y", WEB, platform="proxmox", vmid="101"))
+    with pytest.raises(SketchError, match="Proxmox VM 101 is in the sketches of both"):
+        place([pa, pb], "x")
 
 
 def test_sketches_under_different_keys_or_rates_are_not_compared() -> None:
@@ -214,19 +301,30 @@ def test_sketches_under_different_keys_or_rates_are_not_compared() -> None:
         place([a, other_k], "web-1")
 
 
-def test_the_keyed_values_depend_on_the_key() -> None:
+def test_the_keyed_values_depend_on_the_key_and_the_domain() -> None:
+    """The same contents in two domains give unrelated values: a reader of sketches cannot
+    tell that two tenants hold the same pages."""
     digests = np.arange(20, dtype=np.uint64).reshape(10, 2)
-    assert np.array_equal(KEY.values(digests), KEY.values(digests))
-    assert not np.array_equal(KEY.values(digests), FleetKey(b"j" * 32).values(digests))
+    values = KEY.values(digests, "default")
+    assert np.array_equal(values, KEY.values(digests, "default"))
+    assert not np.any(np.isin(values, FleetKey(b"j" * 32).values(digests, "default")))
+    assert not np.any(np.isin(values, KEY.values(digests, "tenant-a")))
     assert KEY.key_id != FleetKey(b"j" * 32).key_id
 
 
-def test_a_move_names_the_vm_safely_for_a_shell() -> None:
-    hostile = "web; rm -rf / #$(id)"
+def test_a_move_names_the_vm_by_what_its_operator_controls() -> None:
+    """libvirt: the UUID, as --domain; never the name (a tenant may choose it: as a word it
+    could be an option of virsh's)."""
+    hostile = "--domain=victim; rm -rf / #$(id)"
     a = host("a", vm("web-1", WEB))
     b = host("b", vm(hostile, WEB), vm("db-1", DB), available_mib=10)
     (move,) = rebalance([a, b], max_moves=1, min_gain_bytes=MIB)
-    assert move.vm == hostile
+    assert move.vm.name == hostile
     assert move.command() == (
-        "virsh migrate --live --persistent 'web; rm -rf / #$(id)' qemu+ssh://a/system"
+        f"virsh migrate --live --persistent --domain {move.vm.uuid} --desturi qemu+ssh://a/system"
     )
+    ipv6 = host("fd00::2", vm("web-1", WEB))
+    (move,) = rebalance([ipv6, b], max_moves=1, min_gain_bytes=MIB)
+    assert move.command().endswith("--desturi 'qemu+ssh://[fd00::2]/system'")
+    nameless = dataclasses.replace(move.vm, uuid=None)
+    assert dataclasses.replace(move, vm=nameless).command().startswith("# ")

@@ -1,5 +1,6 @@
-"""The daemon's /sketch beside /metrics: the same server and address; 404 with the reason while
-the host has no fleet key, refused keys others can read, then the host's sketch as JSON."""
+"""The daemon's /sketch beside /metrics: the same server and address; 503 without saying why
+(the log says) while no sketch can be taken, refused keys others can read, then the host's
+sketch as JSON, and none again once it can no longer be taken."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from ksmpolicy.paths import FLEET_KEY
+from ksmpolicy.placement.document import from_json
 from ksmpolicy.placement.publish import Published
-from ksmpolicy.placement.sketch import SketchError, from_json, load_key
+from ksmpolicy.placement.sketch import SketchError, load_key
 from ksmpolicy.report.metrics import StatusCollector, serve
 from tests.conftest import free_port
 from tests.fakehost import FakeHost
@@ -26,7 +28,7 @@ def fetch(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_sketch_is_served_beside_metrics(tmp_path: Path) -> None:
+def test_sketch_is_served_beside_metrics(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     host = FakeHost(tmp_path).meminfo(8_000_000, 4_000_000)
     host.ksm(run=0, use_zero_pages=1, max_page_sharing=256)
     published = Published(host.paths, lambda: None, every=600)
@@ -38,17 +40,22 @@ def test_sketch_is_served_beside_metrics(tmp_path: Path) -> None:
     assert fetch(base + "/sketch")[0] == 503  # nothing taken yet
     published.refresh()
     status, text = fetch(base + "/sketch")
-    assert status == 404 and "no fleet key" in text, text
+    assert status == 503 and text == "no sketch now: the daemon's log says why\n", text
+    assert "no sketch at /sketch: no fleet key at" in caplog.text
 
-    load_key(host.paths, create=True)
+    key, _made = load_key(host.paths, create=True)
     published.refresh()
     status, text = fetch(base + "/sketch")
     assert status == 200, text
-    sketch = from_json(json.loads(text), "/sketch")
+    sketch = from_json(json.loads(text), "/sketch", key)
     assert sketch.vms == () and sketch.mem_available_bytes == 4_000_000 * 1024
-    assert sketch.use_zero_pages and sketch.key_id == load_key(host.paths)[0].key_id
+    assert sketch.use_zero_pages and sketch.key_id == key.key_id
     status, text = fetch(url)
     assert status == 200 and "ksmpolicy_ksm_available" in text
+
+    host.paths.under_root(FLEET_KEY).unlink()  # the last sketch is not served for a new one
+    published.refresh()
+    assert fetch(base + "/sketch")[0] == 503
 
 
 def test_a_key_others_can_read_or_that_is_no_key_is_refused(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
+from ksmpolicy.placement.document import to_json
 from ksmpolicy.placement.plan import place
-from ksmpolicy.placement.sketch import DEFAULT_K, FleetKey, HostSketch, Subject, take, to_json
+from ksmpolicy.placement.sketch import DEFAULT_K, FleetKey, HostSketch, Subject, take
 from lab.simguest import page_plan, spawn
 from tests.conftest import RealKsm
 
@@ -24,11 +25,11 @@ KEY = FleetKey(os.urandom(32))
 
 
 def subject(pid: int, name: str) -> Subject:
-    return Subject(pid, name, None, None, "libvirt", "default", None, True, MIB * 2**20)
+    return Subject(pid, name, None, None, "libvirt", "default", None, True, True, MIB * 2**20)
 
 
 def host(name: str, vms: list) -> HostSketch:  # type: ignore[type-arg]
-    return HostSketch(name, KEY.key_id, DEFAULT_K, True, 256, 2**34, 2**33, 0.0, tuple(vms))
+    return HostSketch(name, KEY.key_id, DEFAULT_K, True, 256, 2**34, 2**33, 0.0, None, tuple(vms))
 
 
 def test_sketches_of_guests_compare_between_hosts(real_ksm: RealKsm) -> None:
@@ -50,7 +51,7 @@ def test_sketches_of_guests_compare_between_hosts(real_ksm: RealKsm) -> None:
         assert np.array_equal(sketch.values, again[name].values), name
         assert sketch.zero_pages == zero and sketch.volatile_pages == 0, sketch
         # small: at most 64 KiB per GiB of guest RAM as it travels (JSON)
-        size = len(json.dumps(to_json(host("h", [sketch]))))
+        size = len(json.dumps(to_json(host("h", [sketch]), KEY)))
         assert size <= 64 * 1024 * MIB / 1024, size
     web_1, web_2, db_1 = first["sk-web-1"], first["sk-web-2"], first["sk-db-1"]
     both = np.intersect1d(web_1.values, web_2.values).size
