@@ -50,6 +50,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -60,6 +61,9 @@ from ksmpolicy.kernel import guestmem
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, Policy
+
+if TYPE_CHECKING:
+    from ksmpolicy.inventory.model import VmStatus
 
 FORMAT = "ksmpolicy-sketch/2"
 DEFAULT_K = 64
@@ -424,12 +428,9 @@ def sketch_host(
     names: Sequence[str] = (),
     limit_bytes_per_second: float | None = None,
 ) -> HostSketch:
-    """The sketch of every VM running here (or those named) whose memory can merge (root).
-
-    Only VMs whose identity is believed: a process any local user can start and call
-    qemu-system-x86_64 is left out, and so is a VM two bindings put in different domains
-    (it never merges). Each VM's domain is this host's policy's (`policy`: None is no policy,
-    every VM in `default`)."""
+    """The sketch of the VMs running here (or those named) that `subjects_of` takes (root).
+    Each VM's domain is this host's policy's (`policy`: None is no policy: every VM in
+    `default`); a caller whose policy does not load must not sketch."""
     from ksmpolicy.kernel.ksm import read_ksm  # noqa: PLC0415
     from ksmpolicy.kernel.procfs import read_meminfo  # noqa: PLC0415
     from ksmpolicy.report.status import collect  # noqa: PLC0415
@@ -437,28 +438,7 @@ def sketch_host(
     status = collect(paths, policy, sample_seconds=0, pagemap=False)
     domains = policy is not None and policy.uses_domains
     active = tuple(sorted({s.domain for s in status.scopes})) if domains else None
-    subjects = []
-    for vm in status.vms:
-        if vm.kind != "qemu" or not vm.trusted or vm.domain == CONFLICT_DOMAIN:
-            continue
-        if vm.decision == "never" or (names and vm.name not in names):
-            continue
-        domain = vm.domain or DEFAULT_DOMAIN
-        merges = vm.decision in ("merge", None)
-        subjects.append(
-            Subject(
-                pid=vm.pid,
-                name=vm.name,
-                uuid=vm.uuid.lower() if vm.uuid and UUID.fullmatch(vm.uuid.lower()) else None,
-                vmid=vm.vmid if vm.vmid and VMID.fullmatch(vm.vmid) else None,
-                platform=vm.source if vm.source in PLATFORMS else "process",
-                domain=domain,
-                group=vm.group,
-                merges=merges,
-                active=merges and (active is None or domain in active),
-                ram_bytes=vm.ram_bytes,
-            )
-        )
+    subjects = subjects_of(status.vms, active, names)
     if names and not subjects:
         raise SketchError(f"no running VM named {', '.join(names)}")
     state = read_ksm(paths)
@@ -486,3 +466,36 @@ def sketch_host(
         active_domains=active,
         vms=tuple(sketches),
     )
+
+
+def subjects_of(
+    vms: Sequence[VmStatus], active: tuple[str, ...] | None, names: Sequence[str] = ()
+) -> list[Subject]:
+    """The VMs to sketch among those running (`active`: under trust domains, the domains that
+    merge now; None without trust domains). Only VMs whose identity is believed: a process any
+    local user can start and call qemu-system-x86_64 is left out, and so is a VM that two
+    bindings put in different domains (it never merges), or one the policy never lets merge."""
+    subjects = []
+    for vm in vms:
+        if vm.kind != "qemu" or not vm.trusted or vm.domain == CONFLICT_DOMAIN:
+            continue
+        if vm.decision == "never" or (names and vm.name not in names):
+            continue
+        domain = vm.domain or DEFAULT_DOMAIN
+        merges = vm.decision in ("merge", None)
+        uuid = (vm.uuid or "").lower()
+        subjects.append(
+            Subject(
+                pid=vm.pid,
+                name=vm.name,
+                uuid=uuid if UUID.fullmatch(uuid) else None,
+                vmid=vm.vmid if vm.vmid and VMID.fullmatch(vm.vmid) else None,
+                platform=vm.source if vm.source in PLATFORMS else "process",
+                domain=domain,
+                group=vm.group,
+                merges=merges,
+                active=merges and (active is None or domain in active),
+                ram_bytes=vm.ram_bytes,
+            )
+        )
+    return subjects
