@@ -163,8 +163,8 @@ def hash_runs(
     """xxh3-128 of every page in the runs, in order. A page that cannot be read (unmapped
     meanwhile) hashes as the zero page would not: it gets a digest of its own address."""
     digest = xxhash.xxh3_128_digest
-    out = bytearray(16 * int(lengths.sum()))
-    at = 0
+    parts: list[bytes] = []
+    whole = range(0, READ_PAGES * PAGE_SIZE, PAGE_SIZE)
     with open(paths.proc / str(pid) / "mem", "rb", buffering=0) as memory:  # noqa: PTH123
         fd = memory.fileno()
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
@@ -176,13 +176,25 @@ def hash_runs(
                 except OSError:
                     data = b""
                 view = memoryview(data)
-                for page in range(count):
-                    piece = view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
-                    if len(piece) == PAGE_SIZE:
-                        out[at : at + 16] = digest(piece)
-                    else:  # gone: a digest no real page has (of its address, with a tag)
-                        out[at : at + 16] = digest(b"unreadable" + str(address).encode())
-                    at += 16
+                if len(data) == count * PAGE_SIZE:  # the usual case, as one comprehension
+                    offsets = whole if count == READ_PAGES else whole[:count]
+                    parts.append(b"".join([digest(view[o : o + PAGE_SIZE]) for o in offsets]))
+                else:
+                    parts.append(_partial(view, count, address))
                 limit.take(count * PAGE_SIZE)
                 progress(count * PAGE_SIZE)
-    return np.frombuffer(bytes(out), dtype=np.uint64).reshape(-1, 2)
+    return np.frombuffer(b"".join(parts), dtype=np.uint64).reshape(-1, 2)
+
+
+def _partial(view: memoryview, count: int, address: int) -> bytes:
+    """The digests of a read that came back short: the pages it holds, then, for each page
+    gone (unmapped meanwhile), a digest no real page has (of its address, with a tag)."""
+    digest = xxhash.xxh3_128_digest
+    out = []
+    for page in range(count):
+        piece = view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+        if len(piece) == PAGE_SIZE:
+            out.append(digest(piece))
+        else:
+            out.append(digest(b"unreadable" + str(address + page * PAGE_SIZE).encode()))
+    return b"".join(out)
