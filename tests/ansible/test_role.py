@@ -6,13 +6,17 @@ fresh host (nothing done); install with the daemon left stopped (doctor's own fa
 the play); the daemon started; a second run that changes nothing; a policy change shown by
 `--check --diff` and then made (the daemon reloads it, same process); a policy `ksmpolicy check`
 refuses never lands; a policy from a file; `absent` purges the package and the knobs are as the
-daemon found them. Debian 12 only (ansible-core 2.14, the oldest the role supports; one
-container keeps this under about 3 minutes). Root."""
+daemon found them. On Debian 12 (ansible-core 2.14, the oldest the role supports) with the
+package from the controller (`ksmpolicy_deb_src`), and on Debian 13 (ansible-core 2.19) with the
+package from a URL (`ksmpolicy_deb_url`, served on loopback by the test). Root."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,22 +56,45 @@ def policy(default: str) -> dict[str, object]:
     }
 
 
+# Where each release's play takes the package from: the controller, or a URL.
+SOURCE = {"bookworm": "ksmpolicy_deb_src", "trixie": "ksmpolicy_deb_url"}
+
+
 @pytest.fixture
-def container(tmp_path: Path) -> Iterator[Container]:
-    with Container.booted("bookworm", tmp_path / "container", [f"{ROLES}:/srv/roles"]) as box:
+def container(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Container]:
+    with Container.booted(request.param, tmp_path / "container", [f"{ROLES}:/srv/roles"]) as box:
         yield box
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *_args: object) -> None:  # apt's requests are not the test's output
+        pass
+
+
+@pytest.fixture
+def deb_url(deb: Path) -> Iterator[str]:  # noqa: F811
+    """The .deb over HTTP on loopback (the container shares the host's network)."""
+    handler = functools.partial(Quiet, directory=str(deb.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{deb.name}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class Play:
     """ansible-playbook inside the container, with the variables as a JSON file."""
 
-    def __init__(self, box: Container, deb_name: str) -> None:
+    def __init__(self, box: Container, source: dict[str, str]) -> None:
         self.box = box
-        self.deb = f"/root/{deb_name}"
+        self.source = source  # the variable that names the package, and its value
         (box.root / "root/site.yml").write_text(PLAY)
 
     def run(self, *options: str, **variables: object) -> tuple[int, str, dict[str, int]]:
-        given = {"ksmpolicy_deb_src": self.deb, **variables}
+        given = {**self.source, **variables}
         (self.box.root / "root/vars.json").write_text(json.dumps(given))
         result = self.box.run(
             *("HOME=/root", "ANSIBLE_ROLES_PATH=/srv/roles", "ANSIBLE_NOCOLOR=1"),
@@ -87,8 +114,10 @@ class Play:
         return (self.box.root / POLICY.lstrip("/")).read_text()
 
 
-def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # noqa: F811
+@pytest.mark.parametrize("container", ["bookworm", "trixie"], indirect=True)
+def test_role(deb: Path, deb_url: str, container: Container, real_ksm: RealKsm) -> None:  # noqa: F811
     box, daemon = container, Daemon(container)
+    source = SOURCE[box.release]
     for name, value in FOUND.items():
         real_ksm.write(name, value)
     found = saved_knobs()
@@ -99,7 +128,7 @@ def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # no
         *("ansible-core", "python3-apt"),
         timeout=600,
     )
-    play = Play(box, deb.name)
+    play = Play(box, {source: deb_url if source == "ksmpolicy_deb_url" else f"/root/{deb.name}"})
 
     # A wrong variable: refused by the argument spec, with the choices, before any task runs.
     rc, out, counts = play.run(ksmpolicy_state="maybe")
@@ -107,7 +136,9 @@ def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # no
     assert "ksmpolicy_state" in out and "maybe" in out and "present, absent" in out, out
     assert box.run("dpkg-query", "-W", "ksmpolicy", check=False).returncode != 0
     # Two package sources: the role's own check says which were given.
-    rc, out, counts = play.run(ksmpolicy_deb_url="http://example.invalid/k.deb")
+    other = {"ksmpolicy_deb_src": "/root/k.deb", "ksmpolicy_deb_url": "http://example.invalid/k"}
+    del other[source]
+    rc, out, counts = play.run(**other)
     assert rc != 0 and "given: ksmpolicy_deb_src, ksmpolicy_deb_url" in out, out
 
     # --check --diff on a fresh host: what it would do, and nothing done.
@@ -179,7 +210,8 @@ def test_role(deb: Path, container: Container, real_ksm: RealKsm) -> None:  # no
 
     # absent: purged; the daemon stopped and put the knobs back; the hook and the copy gone.
     rc, out, counts = play.run(ksmpolicy_state="absent")
-    assert rc == 0 and counts["changed"] == 2, out
+    copied = source == "ksmpolicy_deb_src"  # a package from a URL leaves no copy to remove
+    assert rc == 0 and counts["changed"] == (2 if copied else 1), out
     assert box.run("dpkg-query", "-W", "ksmpolicy", check=False).returncode != 0
     assert not Path(f"/proc/{pid}").exists(), "the daemon outlived the package"
     assert saved_knobs() == found
