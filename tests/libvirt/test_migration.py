@@ -14,6 +14,7 @@ Needs root, libvirtd, QEMU (TCG) and the real ksmd (CI runs as root). About two 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -311,5 +312,44 @@ def test_under_trust_domains_b_daemon_places_the_arrival_and_nothing_crosses(
             assert found["ok"] is True, found
             assert found["cross_domain_pages"] == found["cross_domain_zero_pages"] == 0, found
         assert "tenant-a" in audits[-1]["domains"]  # type: ignore[operator]
+    finally:
+        real_ksm.stop(daemon)
+
+
+def test_a_daemon_sees_its_guest_leave(hosts: Hosts, real_ksm: RealKsm) -> None:
+    """A's daemon (real, A's policy) counts a guest A lets merge; the guest migrates live to B;
+    A's daemon hears A's hook (`stopped`) and its QEMU's exit, re-plans at once, and counts
+    none of its memory any more (a plan with footprint 0: nothing else on A may merge, and the
+    arrival on B is unmergeable under B's trust domains). B runs no daemon here: one kernel,
+    one controller of the knobs."""
+    a = hosts.a
+    hosts.hostb.destroy_all()
+    a.write_policy(A_POLICY)
+    a.define("leaver")
+    a.start("leaver")
+    a.wait_ready("leaver")
+    log_path = hosts.workdir / "a" / "daemon.log"
+    daemon_args = [KSMPOLICY, "-p", str(a.policy), "daemon", "--restore-on-exit", "--no-libvirt"]
+    daemon_args += ["--run-dir", str(a.workdir / "run")]
+    daemon_args += ["--state-dir", str(hosts.workdir / "a" / "state")]
+    with log_path.open("w") as log:
+        daemon = real_ksm.track(subprocess.Popen(daemon_args, stderr=log, text=True))
+    try:
+        counted = re.compile(r"footprint ([1-9][0-9]*) MiB")
+        assert wait_for(lambda: bool(counted.search(log_path.read_text())), 30), (
+            log_path.read_text()
+        )
+        before = len(log_path.read_text())
+        migrate(hosts, "leaver")
+        left = time.monotonic()
+        heard = f"hook: {PREFIX}leaver stopped"
+
+        def seen() -> bool:  # the hook's note, and a plan that counts none of its memory
+            since = log_path.read_text()[before:]
+            return heard in since and "footprint 0 MiB" in since
+
+        assert wait_for(seen, 10), log_path.read_text()[before:]
+        TIMES["leaver: departure to A's daemon re-planned"] = time.monotonic() - left
+        assert hosts.b.domain("leaver").isActive()
     finally:
         real_ksm.stop(daemon)
