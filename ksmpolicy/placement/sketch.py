@@ -244,7 +244,8 @@ class DomainUnion:
         parts = [vm.values for vm in vms if vm.values.size]
         if not parts:
             return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64))
-        every = np.sort(np.concatenate(parts))  # np.unique hashes, 50x slower here
+        every = np.concatenate(parts)
+        every.sort()  # in place (a copy costs as much again in page faults); np.unique is slower
         starts = np.flatnonzero(np.concatenate(([True], every[1:] != every[:-1])))
         holders = np.diff(np.append(starts, every.size)).astype(np.int64)
         return cls(every[starts], holders)
