@@ -127,9 +127,10 @@ def place(
 ) -> None:
     """Where VM would save the most: for each host, what it would share there.
 
-    VM (a name, UUID or VMID) must be in one of the sketches (its current
-    host). Only VMs of its own trust domain on a host count, and only those
-    that may merge; zero pages as that host's use_zero_pages merges them.
+    VM (a UUID, a Proxmox VMID, or else a name) must be in one of the
+    sketches (its current host). Only VMs of its own trust domain on a host
+    count, and only those that merge there now; nothing where another trust
+    domain merges; zero pages as that host's use_zero_pages merges them.
     Headroom: the host's MemAvailable after the move, less --reserve-mib.
     Without VM: each VM that may merge, its best other host and what moving
     there would gain, as a scheduler reads it (--json). Needs the fleet key

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE
-from ksmpolicy.placement.sketch import HostSketch, SketchError, VmSketch
+from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, VmSketch
 from ksmpolicy.quoting import quote, shell_command
 
 
@@ -132,13 +132,22 @@ def saving(vm: VmSketch, k: int, host: HostSketch, there: npt.NDArray[np.bool_])
     return shared + own + _zero_saving(vm.zero_pages, host), shared
 
 
-def find_vm(hosts: Sequence[HostSketch], name: str) -> tuple[HostSketch, VmSketch]:
-    found = [(h, vm) for h in hosts for vm in h.vms if name in (vm.name, vm.uuid, vm.vmid)]
+def find_vm(hosts: Sequence[HostSketch], ref: str) -> tuple[HostSketch, VmSketch]:
+    """The VM `ref` names: a UUID names a UUID, digits a VMID, anything else a name; never a
+    name for a UUID or a VMID (a tenant chooses its VM's name, and could choose another VM's
+    UUID or VMID for it)."""
+    if UUID.fullmatch(ref.lower()):
+        kind, found = "UUID", [(h, vm) for h in hosts for vm in h.vms if vm.uuid == ref.lower()]
+    elif VMID.fullmatch(ref):
+        kind, found = "VMID", [(h, vm) for h in hosts for vm in h.vms if vm.vmid == ref]
+    else:
+        kind, found = "name", [(h, vm) for h in hosts for vm in h.vms if vm.name == ref]
     if not found:
-        raise SketchError(f"no VM {name!r} in the sketches given (name, UUID or VMID)")
+        hint = " (a VM whose name is digits or a UUID: give its UUID)" if kind != "name" else ""
+        raise SketchError(f"no VM with the {kind} {ref!r} in the sketches given{hint}")
     if len(found) > 1:
-        where = ", ".join(f"{vm.name} on {h.host}" for h, vm in found)
-        raise SketchError(f"{name!r} names more than one VM: {where}; give its UUID")
+        where = ", ".join(f"{quote(vm.name)} on {h.host}" for h, vm in found)
+        raise SketchError(f"the {kind} {ref!r} names more than one VM: {where}; give its UUID")
     return found[0]
 
 

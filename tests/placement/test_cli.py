@@ -89,7 +89,7 @@ def test_bad_sketches_are_one_line_errors(
     assert main(["place", "web-3", "--root", str(tmp_path / "keyless"), *sketches[2:]]) == 1
     assert "no fleet key at" in capsys.readouterr().err
     assert main(["place", "nobody", *sketches]) == 1
-    assert "no VM 'nobody' in the sketches" in capsys.readouterr().err
+    assert "no VM with the name 'nobody' in the sketches given" in capsys.readouterr().err
     assert main(["place", "web-3", *sketches, *sketches]) == 1
     assert capsys.readouterr().err == "ksmpolicy: error: host a, b given twice\n"
 

@@ -328,3 +328,18 @@ def test_a_move_names_the_vm_by_what_its_operator_controls() -> None:
     assert move.command().endswith("--desturi 'qemu+ssh://[fd00::2]/system'")
     nameless = dataclasses.replace(move.vm, uuid=None)
     assert dataclasses.replace(move, vm=nameless).command().startswith("# ")
+
+
+def test_a_vm_is_found_by_the_kind_of_identity_given() -> None:
+    """A tenant names its VM: a name that is another VM's UUID or VMID never stands for it."""
+    victim = vm("web-1", WEB, platform="proxmox", vmid="101")
+    assert victim.uuid is not None
+    impostors = (vm(victim.uuid, DB), vm("101", DB))
+    hosts = [host("a", victim), host("b", *impostors)]
+    for ref in (victim.uuid, victim.uuid.upper(), "101", "web-1"):
+        subject, _ranked = place(hosts, ref)
+        assert subject is victim, ref
+    subject, _ranked = place(hosts, str(impostors[1].uuid))
+    assert subject.name == "101"
+    with pytest.raises(SketchError, match=r"no VM with the VMID '102'.*give its UUID"):
+        place(hosts, "102")
