@@ -124,12 +124,12 @@ def _zero_saving(zero_pages: int, host: HostSketch) -> int:
 
 def saving(vm: VmSketch, k: int, host: HostSketch, there: npt.NDArray[np.bool_]) -> tuple[int, int]:
     """(saved, shared with others) pages of `vm` on `host` if it merges there; `there`: which
-    of its values the host's other VMs of its domain hold."""
-    weights = vm.weights(k)
-    copies = vm.counts.astype(np.int64)
-    shared = int(np.sum(weights[there] * copies[there]))  # every copy saves a page
-    own = int(np.sum(weights[~there] * (copies[~there] - 1)))  # all but one copy
-    return shared + own + _zero_saving(vm.zero_pages, host), shared
+    of its values the host's other VMs of its domain hold. Of a content's c copies, all c save
+    a page when another VM holds it, else c - 1: so the saving is the sum of w(c - 1) over
+    every content, plus w over those held there (`VmSketch.terms`)."""
+    weights, held, own = vm.terms(k)
+    shared = int(held[there].sum())  # every copy saves a page
+    return own + int(weights[there].sum()) + _zero_saving(vm.zero_pages, host), shared
 
 
 def find_vm(hosts: Sequence[HostSketch], ref: str) -> tuple[HostSketch, VmSketch]:

@@ -196,6 +196,17 @@ class VmSketch:
     def weights(self, k: int) -> npt.NDArray[np.int64]:
         return np.where(self.exact, 1, k).astype(np.int64)
 
+    def terms(self, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        """(w, w x copies, the sum of w x (copies - 1)) for its values: what `plan.saving`
+        adds up, made once per K (a plan asks for them at every host)."""
+        cache: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]]
+        cache = self.__dict__.setdefault("_terms", {})
+        if k not in cache:
+            weights = self.weights(k)
+            held = weights * self.counts.astype(np.int64)
+            cache[k] = (weights, held, int(held.sum() - weights.sum()))
+        return cache[k]
+
 
 @dataclass(frozen=True)
 class HostSketch:

@@ -22,7 +22,7 @@ def plain_greedy(
 ) -> list[tuple[str, str, str, int]]:
     available = {h.host: h.mem_available_bytes for h in hosts}
     moved: set[str] = set()
-    moves = []
+    moves: list[tuple[str, str, str, int]] = []
     while len(moves) < max_moves:
         best: tuple[int, VmSketch, HostSketch, HostSketch, int] | None = None
         for source in hosts:
