@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE
-from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, VmSketch
+from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, Values, VmSketch
 from ksmpolicy.quoting import quote, shell_command
 
 
@@ -213,7 +213,7 @@ def best_hosts(hosts: Sequence[HostSketch], *, reserve_bytes: int = 0) -> list[B
             for target in fleet.views:
                 if target == home.host:
                     continue
-                there, cost = fleet.there(vm, target)
+                there, cost = fleet.there(vm, home.host, target)
                 if fleet.available[target] - cost >= reserve_bytes and (
                     best is None or there > best[0]
                 ):
@@ -257,31 +257,50 @@ def rebalance(
 
 class _Fleet:
     """Where each VM is while a plan is made, each host's memory left, and what each VM would
-    save on each host (kept between moves: a move changes only its two hosts)."""
+    save on each host. Per trust domain, one sorted index of what each host's VMs of that
+    domain that merge hold (`_DomainIndex`) answers for one VM and every host at once; what a
+    VM saves is kept until a move touches it (a move changes only its domain's index, and only
+    the VMs that hold some of the moved VM's contents; every VM, when the move makes its
+    domain the one that merges on the target)."""
 
     def __init__(self, hosts: Sequence[HostSketch]) -> None:
         self.k = hosts[0].k
         self.views = {h.host: h for h in hosts}
+        self.slot = {name: i for i, name in enumerate(self.views)}
         self.available = {h.host: h.mem_available_bytes for h in hosts}
         self.moved: set[int] = set()
         self._arrived: list[VmSketch] = []
-        self._there: dict[tuple[int, str], tuple[int, int]] = {}  # (vm, host): (saved, cost)
-        self._here: dict[int, int] = {}
+        self._indexes: dict[str, _DomainIndex] = {}
+        self._saved: dict[int, tuple[VmSketch, npt.NDArray[np.int64]]] = {}
 
-    def here(self, vm: VmSketch, host: str) -> int:
+    def here(self, vm: VmSketch, home: str) -> int:
         """What the VM saves where it runs (its own copies left out of the host's)."""
-        if id(vm) not in self._here:
-            saved, _ = _saving_on(vm, self.k, self.views[host], member=True)
-            self._here[id(vm)] = saved
-        return self._here[id(vm)]
+        return int(self._savings(vm, home)[self.slot[home]])
 
-    def there(self, vm: VmSketch, host: str) -> tuple[int, int]:
+    def there(self, vm: VmSketch, home: str, host: str) -> tuple[int, int]:
         """What the VM would save on another host, and the memory it would take there."""
-        key = (id(vm), host)
-        if key not in self._there:
-            saved, _ = _saving_on(vm, self.k, self.views[host], member=False)
-            self._there[key] = (saved, (vm.present_pages - saved) * PAGE_SIZE)
-        return self._there[key]
+        saved = int(self._savings(vm, home)[self.slot[host]])
+        return saved, (vm.present_pages - saved) * PAGE_SIZE
+
+    def _savings(self, vm: VmSketch, home: str) -> npt.NDArray[np.int64]:
+        """Pages the VM saves on each host (`home`: where it runs, its own copies apart); the
+        same figures as `_saving_on`, for every host in one pass."""
+        if id(vm) in self._saved:
+            return self._saved[id(vm)][1]
+        out = np.zeros(len(self.views), dtype=np.int64)
+        if vm.merges:
+            index = self._indexes.get(vm.domain)
+            if index is None:
+                index = self._indexes[vm.domain] = _DomainIndex.of(self.views, vm.domain)
+            ones, k_times = index.held(vm, self.slot[home], len(self.views))
+            _weights, _held, own = vm.terms(self.k)
+            for i, view in enumerate(self.views.values()):
+                merging = vm.active if i == self.slot[home] else view.would_merge(vm) is None
+                if merging:
+                    sampled = own + int(ones[i]) + self.k * int(k_times[i])
+                    out[i] = sampled + _zero_saving(vm.zero_pages, view)
+        self._saved[id(vm)] = (vm, out)
+        return out
 
     def best_move(self, reserve_bytes: int, min_gain_bytes: int) -> Move | None:
         """The move that gains the most now (a VM's saving is its marginal one: a copy it adds
@@ -295,7 +314,7 @@ class _Fleet:
                 for target in self.views:
                     if target == source:
                         continue
-                    there, cost = self.there(vm, target)
+                    there, cost = self.there(vm, source, target)
                     gain = (there - here) * PAGE_SIZE
                     if self.available[target] - cost < reserve_bytes or gain < min_gain_bytes:
                         continue
@@ -310,26 +329,88 @@ class _Fleet:
     def _move(self, vm: VmSketch, source: str, target: str) -> None:
         """Move `vm`: it merges there if its domain may (and then, if none merged there, its
         domain becomes the one that does)."""
-        self.available[target] -= self.there(vm, target)[1]
+        self.available[target] -= self.there(vm, source, target)[1]
         self.available[source] += (vm.present_pages - self.here(vm, source)) * PAGE_SIZE
         arrived = replace(vm, active=self.views[target].would_merge(vm) is None)
         self.moved.update((id(vm), id(arrived)))
         self._arrived.append(arrived)  # keeps its id() from being reused
         old_target = self.views[target]
         domains = old_target.active_domains
-        if domains == () and arrived.active:
+        took_over = domains == () and arrived.active
+        if took_over:
             domains = (vm.domain,)
-        for name, change, active in (
-            (source, [v for v in self.views[source].vms if v is not vm], None),
-            (target, [*old_target.vms, arrived], domains),
-        ):
-            old = self.views[name]
-            self.views[name] = _with_vms(old, change, active)
-            for other in old.vms:
-                self._here.pop(id(other), None)
-            for key in [key for key in self._there if key[1] == name]:
-                del self._there[key]
-        self._here.pop(id(vm), None)
+        self.views[source] = _with_vms(
+            self.views[source], [v for v in self.views[source].vms if v is not vm], None
+        )
+        self.views[target] = _with_vms(old_target, [*old_target.vms, arrived], domains)
+        self._indexes.pop(vm.domain, None)
+        for key, (other, _saved) in list(self._saved.items()):
+            if (other.domain == vm.domain and _share(other, vm)) or took_over:
+                del self._saved[key]
+        self._saved.pop(id(vm), None)
+
+
+def _share(a: VmSketch, b: VmSketch) -> bool:
+    """Whether two VMs' sketches hold a content in common."""
+    if not a.values.size or not b.values.size:
+        return False
+    at = np.minimum(np.searchsorted(b.values, a.values), b.values.size - 1)
+    return bool(np.any(b.values[at] == a.values))
+
+
+@dataclass(frozen=True)
+class _DomainIndex:
+    """What each host's VMs of one domain that merge hold: every host's union (its values and
+    how many of those VMs hold each), in one array sorted by value, with the host's slot;
+    only the contents two or more VMs of the fleet hold."""
+
+    values: Values
+    hosts: npt.NDArray[np.intp]
+    holders: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, views: dict[str, HostSketch], domain: str) -> _DomainIndex:
+        unions = [view.union(domain) for view in views.values()]
+        values = np.concatenate([u.values for u in unions])
+        hosts = np.concatenate([np.full(u.values.size, i, np.intp) for i, u in enumerate(unions)])
+        holders = np.concatenate([u.holders for u in unions])
+        order = np.argsort(values, kind="stable")
+        values, hosts, holders = values[order], hosts[order], holders[order]
+        # A content that one VM alone holds among those that may merge is no other VM's to
+        # share: dropped (most of a fleet's contents; what is left is what VMs have in common).
+        # The unions count only VMs that merge now; one that may merge but does not (its
+        # domain does not merge where it is) may move, and share what it holds.
+        if values.size:
+            starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+            alone = np.add.reduceat(holders, starts) == 1
+            idle = [
+                vm.values
+                for view in views.values()
+                for vm in view.vms
+                if vm.domain == domain and vm.merges and not vm.active
+            ]
+            if idle:
+                alone &= ~np.isin(values[starts], np.concatenate(idle))
+            keep = np.repeat(~alone, np.diff(np.append(starts, values.size)))
+            values, hosts, holders = values[keep], hosts[keep], holders[keep]
+        return cls(values, hosts, holders)
+
+    def held(
+        self, vm: VmSketch, home: int, hosts: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """For each host, how many of the VM's values held there by another VM are exact
+        (weight 1) and how many sampled (weight K); on `home`, held by a VM besides it."""
+        low = np.searchsorted(self.values, vm.values, "left")
+        count = np.searchsorted(self.values, vm.values, "right") - low
+        which = np.repeat(np.arange(vm.values.size), count)
+        first = np.cumsum(count) - count
+        at = np.repeat(low - first, count) + np.arange(which.size)
+        where, holders = self.hosts[at], self.holders[at]
+        other = (where != home) | (holders >= 2)
+        exact = vm.exact[which]
+        ones = np.bincount(where[other & exact], minlength=hosts)
+        k_times = np.bincount(where[other & ~exact], minlength=hosts)
+        return ones.astype(np.int64), k_times.astype(np.int64)
 
 
 def _with_vms(host: HostSketch, vms: list[VmSketch], active: tuple[str, ...] | None) -> HostSketch:
