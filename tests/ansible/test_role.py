@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.root, pytest.mark.kernel]
 ROLES = REPO / "contrib/ansible/roles"
 PLAY = """- name: ksmpolicy
   hosts: all
+  gather_facts: false
   roles:
     - ksmpolicy
 """
