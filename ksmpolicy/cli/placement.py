@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ksmpolicy.cli.common import INTERVAL, ROOT, Options, host_paths, policy_option
-from ksmpolicy.quoting import printable
+from ksmpolicy.quoting import one_line
 
 if TYPE_CHECKING:
     from ksmpolicy.placement.sketch import HostSketch
@@ -105,7 +105,7 @@ def sketch(
     lines = [f"{found.host}: {len(found.vms)} VMs, 1 page content in {found.k} sampled"]
     for vm in found.vms:
         lines.append(
-            f"  {printable(vm.name):<24} domain {vm.domain:<12} "
+            f"  {one_line(vm.name):<24} domain {vm.domain:<12} "
             f"{vm.present_pages * 4096 / MIB:8.1f} MiB present, {len(vm.values):6} samples, "
             f"{vm.zero_pages * 4096 / MIB:7.1f} MiB zero, "
             f"{vm.volatile_pages * 4096 / MIB:6.1f} MiB volatile"
@@ -163,7 +163,7 @@ def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool
         document = {"vm": subject.name, "domain": subject.domain, "merges": subject.merges}
         click.echo(json.dumps({**document, "hosts": hosts}, indent=2))
         return
-    lines = [f"{printable(subject.name)} (trust domain {subject.domain})"]
+    lines = [f"{one_line(subject.name)} (trust domain {subject.domain})"]
     if not subject.merges:
         lines.append("  the policy excludes it: it saves nothing anywhere")
     lines.append(f"  {'host':<24} {'saves MiB':>10} {'shared MiB':>11} {'headroom MiB':>13}")
@@ -172,7 +172,7 @@ def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool
         notes += [f"no merging: {p.why_not}"] if p.why_not else []
         note = f" ({'; '.join(notes)})" if notes else ""
         lines.append(
-            f"  {printable(p.host):<24} {p.saved_bytes / MIB:10.1f} {p.shared_bytes / MIB:11.1f} "
+            f"  {one_line(p.host):<24} {p.saved_bytes / MIB:10.1f} {p.shared_bytes / MIB:11.1f} "
             f"{p.headroom_bytes / MIB:13.0f}{note}"
         )
     click.echo("\n".join(lines))
@@ -188,8 +188,8 @@ def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> No
     lines = [f"{'VM':<24} {'host':<16} {'saves MiB':>10} {'best host':<16} {'gain MiB':>9}"]
     for b in sorted(found, key=lambda b: -b.gain_bytes):
         lines.append(
-            f"{printable(b.vm):<24} {printable(b.host):<16} {b.saved_bytes / MIB:10.1f} "
-            f"{printable(b.best_host or '-'):<16} {b.gain_bytes / MIB:9.1f}"
+            f"{one_line(b.vm):<24} {one_line(b.host):<16} {b.saved_bytes / MIB:10.1f} "
+            f"{one_line(b.best_host or '-'):<16} {b.gain_bytes / MIB:9.1f}"
         )
     click.echo("\n".join(lines))
 
@@ -260,7 +260,7 @@ def rebalance(
     click.echo(f"# {len(moves)} moves, {total:.0f} MiB more saved in all (run them yourself):")
     for m in moves:
         click.echo(
-            f"{m.command()}   # {printable(m.vm.name)}: {m.source} -> {m.target}, "
+            f"{m.command()}   # {one_line(m.vm.name)}: {m.source} -> {m.target}, "
             f"+{m.gain_bytes / MIB:.0f} MiB"
         )
 

@@ -194,9 +194,12 @@ def _identity(
     platform = where.text(vm, "platform", at)
     if platform not in PLATFORMS:
         raise SketchError(f"{where.source}: {at}.platform: expected one of {', '.join(PLATFORMS)}")
-    name = where.text(vm, "name", at)
-    if len(name) > MAX_NAME:
-        raise SketchError(f"{where.source}: {at}.name: longer than {MAX_NAME} characters")
+    # A name is its owner's choice (libvirt takes newlines and escapes): any text, so that a
+    # tenant's name cannot make its host's whole sketch unreadable. It names nothing in a
+    # command, and every output escapes it (quoting.printable, quote; JSON).
+    name = vm.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+        raise SketchError(f"{where.source}: {at}.name: expected text of 1 to {MAX_NAME} characters")
     return name, uuid, vmid, platform
 
 

@@ -104,3 +104,24 @@ def test_an_old_sketch_is_said(
     assert capsys.readouterr().err == (
         f"note: {path} was taken 2.0 h ago: predicted from what its VMs held then\n"
     )
+
+
+def test_a_tenants_name_neither_breaks_the_sketch_nor_the_output(
+    tmp_path: Path, sketches: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libvirt takes any name: one with a newline and a terminal escape is read, printed
+    escaped, and never named in a command (rebalance names the VM by its UUID)."""
+    hostile = "web\n\x1b[2Jrm -rf /"
+    c = host("c", vm(hostile, WEB))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(to_json(dataclasses.replace(c, taken_at=time.time()), KEY)))
+    assert main(["rebalance", *sketches, "--host", str(path), "--reserve-mib", "0"]) == 0
+    out = capsys.readouterr().out
+    # one line per move: a pasted plan runs only the commands it shows
+    assert "\x1b" not in out and "\nrm" not in out, out
+    assert "# web\\u000a\\u001b[2Jrm -rf /: c -> a" in out, out
+    assert main(["place", hostile, *sketches, "--host", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("web\\u000a\\u001b[2Jrm -rf / (trust domain default)\n"), out
+    assert main(["place", *sketches, "--host", str(path)]) == 0
+    assert "\x1b" not in capsys.readouterr().out
