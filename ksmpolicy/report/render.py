@@ -525,10 +525,11 @@ def fleet_text(rows: Sequence[HostRow]) -> str:
     needing = [(r.host, f) for r in rows for f in r.findings if f[0] in NEEDS_OPERATOR]
     if needing:
         lines += ["", "Needs an operator:"]
-        for host, (severity, vm, message, fix) in needing:
-            lines.append(f"  {host}: {severity}: {vm}: {message}")
+        for host, (severity, vm, message, fix) in needing:  # each the host's word: one line
+            said = ": ".join(one_line(str(part)) for part in (host, severity, vm, message))
+            lines.append(f"  {said}")
             if fix:
-                lines.append(f"    fix: {fix}")
+                lines.append(f"    fix: {one_line(str(fix))}")
     return printable("\n".join(lines))
 
 

