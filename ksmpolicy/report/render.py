@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.quoting import one_line, printable
 from ksmpolicy.report.fleet import NEEDS_OPERATOR, HostRow
-from ksmpolicy.report.model import Status
+from ksmpolicy.report.model import Finding, Status
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -149,8 +149,17 @@ def _finding_lines(status: Status) -> list[str]:
     lines = ["", "Findings:"]
     for finding in status.findings:
         who = f"{one_line(finding.vm)}: " if finding.vm else ""
-        lines += [f"  [{finding.severity}] {who}{finding.message}", f"      -> {finding.fix}"]
+        lines += _finding_text(finding, who)
     return lines
+
+
+def _finding_text(finding: Finding, who: str) -> list[str]:
+    """A finding as two lines, whatever its message and fix hold (they may quote a VM's name,
+    a path or a host's word: each is kept to its one line)."""
+    return [
+        f"  [{finding.severity}] {who}{one_line(finding.message)}",
+        f"      -> {one_line(finding.fix)}",
+    ]
 
 
 def _hook_lines(status: Status) -> list[str]:
@@ -319,7 +328,7 @@ def pages_text(sharing: Sharing, *, top: int = 10) -> str:
         lines += ["", "Findings:"]
         for finding in sharing.findings:
             who = f"{one_line(finding.vm)}: " if finding.vm else ""
-            lines += [f"  [{finding.severity}] {who}{finding.message}", f"      -> {finding.fix}"]
+            lines += _finding_text(finding, who)
     return printable("\n".join(lines))
 
 
