@@ -352,7 +352,7 @@ class Daemon:
         self._owns_knobs = self._owns_knobs or self.passive is None
         self._say_alive()
         interval = self.reconciler.policy.reconciler.interval_seconds
-        if result.mode == "sprint" or time.monotonic() < self._watch_until:
+        if result.mode in ("settle", "sprint") or time.monotonic() < self._watch_until:
             interval = min(interval, SPRINT_INTERVAL_SECONDS)
         if time.monotonic() < self._watch_until - WATCH_SECONDS + WATCH_FAST_FOR:
             interval = min(interval, WATCH_FAST)

@@ -9,6 +9,14 @@ The law, in short (README "The reconciler" has the reasons):
   queued behind ksmd's cursor) and the two scans new memory needs before it can merge. While
   sprinting the law re-plans every half second on the newest measured cost per page, which
   moves several times over between checksumming new memory and merging it.
+* Settle: a sprint waits while the footprint is still growing (by more than SETTLE_MIN_PAGES or
+  SETTLE_FRACTION of it over SETTLE_SECONDS): a guest filling its memory would otherwise be
+  scanned whole at every filling step, and ksmd would take the CPU the guests fill with.
+  Meanwhile ksmd scans at the pace the memory appears (at least the calm pace, at most the
+  budget): its cursor follows the filling, so each new page gets the first of the two scans it
+  needs about once, at the cheap checksumming cost, and the sprint that follows mostly merges.
+  The sprint's three full scans count from when it starts. A footprint that keeps growing gets
+  its sprint after MAX_SETTLE_SECONDS all the same.
 * Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8; but
   not while memory that became mergeable since has not been scanned twice (a page merges only
   on its second scan): a guest that fills its memory over a minute, or a VM switched on while
@@ -53,6 +61,14 @@ GROWTH_FRACTION = 0.02
 # Memory that grew by this much (pages) since the last full scan is new: not judged yet.
 FRESH_MIN_PAGES = 512
 HYSTERESIS = 0.10  # keep pages_to_scan when the new plan differs by less than this
+# Settle: the footprint still grows when it rose by more than this (pages, and a fraction of it)
+# over the last SETTLE_SECONDS; a sprint waits for it, at most MAX_SETTLE_SECONDS.
+SETTLE_SECONDS = 0.5
+SETTLE_MIN_PAGES = 512
+SETTLE_FRACTION = 0.005
+MAX_SETTLE_SECONDS = 30.0
+MIN_GROWTH_WINDOW_SECONDS = 0.1  # a growth rate is measured over at least this long
+PAGE_MIB = 4096 / 2**20
 
 
 # The advisor is kept while it scans at least this share of what the law would (see above).
@@ -113,6 +129,13 @@ class History:
     planned_rate: float = 0.0
     footprint_pages: int = 0
     sprint_until_full_scans: int | None = None
+    # Settle: when the pending sprint was asked for (None: none pending or under way), whether
+    # the footprint still grows, and the (time, footprint) it is compared with.
+    sprint_wanted_at: float | None = None
+    growing: bool = False
+    growth_rate: float = 0.0  # pages per second the footprint grew by, over the last window
+    settle_ref_time: float | None = None
+    settle_ref_pages: int = 0
     last_full_scans: int | None = None
     saved_at_last_full_scan: int = 0
     unproductive_scans: int = 0
@@ -145,7 +168,7 @@ class History:
 @dataclass(frozen=True)
 class Plan:
     knobs: tuple[tuple[str, int | str], ...]  # to be written in this order
-    mode: str  # stopped | sprint | calm | slow | pressure | advisor
+    mode: str  # stopped | settle | sprint | calm | slow | pressure | advisor
     reason: str
     pages_per_second: float
     history: History
@@ -161,8 +184,10 @@ def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
 
 
 def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
+    first = history.time is None
     history = _measure(obs, history)
     history = _track_growth(obs, settings, history)
+    history = _track_settling(obs, history, first=first)
     history = _track_productivity(obs, settings, history)
     footprint = obs.footprint_pages
     if footprint <= 0:
@@ -182,9 +207,7 @@ def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
     sprinting = history.sprint_until_full_scans is not None
 
     if sprinting:
-        rate, mode = max_rate, "sprint"
-        left = history.sprint_until_full_scans - obs.full_scans  # type: ignore[operator]
-        why = f"new memory: scanning at the CPU budget for {left} more full scan(s)"
+        history, rate, mode, why = _new_memory(obs, settings, history, calm_rate, max_rate)
     else:
         rate, mode = calm_rate / slowdown, "calm" if slowdown == 1 else "slow"
         why = f"one full scan per {settings.target_scan_seconds * slowdown:g} s"
@@ -224,6 +247,30 @@ def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
         last_sleep_ms=sleep_ms,
     )
     return Plan(knobs, mode, why, actual_rate, history)
+
+
+def _new_memory(
+    obs: Observation, settings: LawSettings, history: History, calm_rate: float, max_rate: float
+) -> tuple[History, float, str, str]:
+    """A sprint is wanted: settle while the footprint grows, then sprint. The sprint's full
+    scans count from when it starts."""
+    if _settling(obs, history):
+        until = obs.full_scans + settings.sprint_full_scans
+        waited = obs.time - history.sprint_wanted_at  # type: ignore[operator]
+        why = (
+            f"new memory still growing ({history.growth_rate * PAGE_MIB:.0f} MiB/s): scanning "
+            f"at that pace; the sprint waits until it settles "
+            f"({waited:.1f} of at most {MAX_SETTLE_SECONDS:g} s)"
+        )
+        history = replace(history, sprint_until_full_scans=until)
+        return history, max(calm_rate, history.growth_rate), "settle", why
+    if history.last_mode == "settle":
+        history = replace(
+            history, sprint_until_full_scans=obs.full_scans + settings.sprint_full_scans
+        )
+    left = history.sprint_until_full_scans - obs.full_scans  # type: ignore[operator]
+    why = f"new memory: scanning at the CPU budget for {left} more full scan(s)"
+    return history, max_rate, "sprint", why
 
 
 def promised_merge_seconds(footprint_pages: int, settings: LawSettings) -> float:
@@ -304,14 +351,52 @@ def _track_growth(obs: Observation, settings: LawSettings, history: History) -> 
     grown = obs.footprint_pages - history.footprint_pages
     grew = grown >= max(GROWTH_MIN_PAGES, GROWTH_FRACTION * history.footprint_pages)
     until = history.sprint_until_full_scans
+    wanted_at = history.sprint_wanted_at
     if grew or obs.notes:
         # Always the rest of a round too, even when nothing was mergeable before: ksmd keeps
         # the slots of exited processes in its list until its scan reaches them, so a round
         # can be under way (a sprint of two scans left new guests a third merged, in a test).
         until = obs.full_scans + settings.sprint_full_scans
+        wanted_at = obs.time if wanted_at is None else wanted_at
     elif until is not None and obs.full_scans >= until:
-        until = None
-    return replace(history, footprint_pages=obs.footprint_pages, sprint_until_full_scans=until)
+        until, wanted_at = None, None
+    return replace(
+        history,
+        footprint_pages=obs.footprint_pages,
+        sprint_until_full_scans=until,
+        sprint_wanted_at=wanted_at,
+    )
+
+
+def _track_settling(obs: Observation, history: History, *, first: bool) -> History:
+    """Whether the footprint still grows: compared with a reference at least SETTLE_SECONDS
+    old (or at once, when it already grew past the limit). The footprint found at the first
+    look is not growth: it was there before."""
+    if first or history.settle_ref_time is None:
+        return replace(
+            history, growing=False, settle_ref_time=obs.time, settle_ref_pages=obs.footprint_pages
+        )
+    grown = obs.footprint_pages - history.settle_ref_pages
+    limit = max(SETTLE_MIN_PAGES, SETTLE_FRACTION * obs.footprint_pages)
+    elapsed = obs.time - history.settle_ref_time
+    if grown <= limit and elapsed < SETTLE_SECONDS:
+        return history
+    # a window closes: the footprint grew past the limit, or SETTLE_SECONDS went by
+    rate = max(grown, 0) / max(elapsed, MIN_GROWTH_WINDOW_SECONDS)
+    return replace(
+        history,
+        growing=grown > limit,
+        growth_rate=rate if grown > limit else 0.0,
+        settle_ref_time=obs.time,
+        settle_ref_pages=obs.footprint_pages,
+    )
+
+
+def _settling(obs: Observation, history: History) -> bool:
+    """A wanted sprint waits: the footprint still grows, and not for too long yet."""
+    wanted_at = history.sprint_wanted_at
+    waited = 0.0 if wanted_at is None else obs.time - wanted_at
+    return history.growing and waited < MAX_SETTLE_SECONDS
 
 
 def _track_productivity(obs: Observation, settings: LawSettings, history: History) -> History:

@@ -293,7 +293,7 @@ def reconciler_metrics(reconciler: Any) -> Iterator[Metric]:
         "The reconciler's mode (1 for the current one).",
         labels=["mode"],
     )
-    for name in ("stopped", "calm", "slow", "sprint", "pressure", "advisor"):
+    for name in ("stopped", "calm", "slow", "settle", "sprint", "pressure", "advisor"):
         mode.add_metric([name], int(plan.mode == name))
     yield mode
     yield GaugeMetricFamily(

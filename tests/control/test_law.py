@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ksmpolicy.control.law import (
     DEFAULT_COST_PER_PAGE,
+    MAX_SETTLE_SECONDS,
     History,
     LawSettings,
     Observation,
@@ -195,8 +196,50 @@ def test_after_nothing_mergeable_a_sprint_still_waits_for_the_round() -> None:
     idle = plan(obs(0, 0, full_scans=5), LAW, History())
     assert idle.mode == "stopped"
     p = plan(obs(1, 524_288, full_scans=5), LAW, idle.history)
+    assert p.mode == "settle"  # it just appeared: the sprint waits for it to stop growing
+    p = plan(obs(1.5, 524_288, full_scans=5), LAW, p.history)
     assert p.mode == "sprint"
     assert p.history.sprint_until_full_scans == 8
+
+
+def test_a_sprint_waits_for_the_footprint_to_settle() -> None:
+    """Guests filling their memory: scanned at the pace the memory appears while it grows,
+    then the sprint's full scans all come after the last growth."""
+    p = plan(obs(0, 100_000, full_scans=5, saved=1000), LAW, History())
+    p = plan(obs(200, 100_000, full_scans=9, saved=1000), LAW, p.history)
+    assert p.mode in ("calm", "slow")
+    t, footprint, scans = 200.0, 100_000, 9
+    for _step in range(10):  # growing 10,000 pages every half second for 5 s
+        t, footprint = t + 0.5, footprint + 10_000
+        p = plan(obs(t, footprint, full_scans=scans, saved=1000), LAW, p.history)
+        assert p.mode == "settle", p.reason
+        assert abs(p.pages_per_second - 20_000) / 20_000 < 0.11  # 10,000 pages per 0.5 s
+        assert "78 MiB/s" in p.reason
+        scans += 1  # even full scans at the calm pace do not use up the sprint
+    assert p.history.sprint_until_full_scans == scans - 1 + LAW.sprint_full_scans
+    # Grown by under the limit (0.5 % of it) over half a second: settled, the sprint starts.
+    t += 0.5
+    p = plan(obs(t, footprint + 500, full_scans=scans, saved=1000), LAW, p.history)
+    assert p.mode == "sprint"
+    assert p.history.sprint_until_full_scans == scans + LAW.sprint_full_scans
+    assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
+
+
+def test_a_footprint_that_keeps_growing_gets_its_sprint_after_the_longest_wait() -> None:
+    p = plan(obs(0, 100_000, full_scans=5), LAW, History())
+    t, footprint, modes = 0.0, 100_000, []
+    while t < MAX_SETTLE_SECONDS + 5:
+        t, footprint = t + 0.5, footprint + 5_000
+        p = plan(obs(t, footprint, full_scans=6), LAW, p.history)
+        modes.append((t, p.mode))
+    assert all(mode == "settle" for at, mode in modes if at < MAX_SETTLE_SECONDS)
+    assert all(mode == "sprint" for at, mode in modes if at > MAX_SETTLE_SECONDS + 0.5)
+
+
+def test_memory_there_at_the_first_look_is_not_growth() -> None:
+    # the daemon starts on a host with guests: their memory sprints at once (merges may remain)
+    p = plan(obs(0, 524_288, full_scans=5), LAW, History())
+    assert p.mode == "sprint"
 
 
 def test_advisor_gets_pacing_and_pages_to_scan_is_never_written() -> None:
