@@ -306,8 +306,9 @@ def take(
         reader: PageMapReader | None = PageMapReader(paths)
     except PageMapUnavailable:
         reader = None
-    read: list[tuple[Subject, guestmem.Runs, npt.NDArray[np.uint64]]] = []
-    started = time.monotonic()
+    # each VM's pages are read again `interval` seconds after its own first read, whatever the
+    # VMs read before it took: a change in that time marks a page volatile
+    read: list[tuple[Subject, guestmem.Runs, npt.NDArray[np.uint64], float]] = []
     try:
         for subject in subjects:
             try:
@@ -315,13 +316,13 @@ def take(
                 hashes = guestmem.hash_runs(paths, subject.pid, runs.starts, runs.lengths, limit)
             except OSError:
                 continue  # gone
-            read.append((subject, runs, hashes))
+            read.append((subject, runs, hashes, time.monotonic()))
     finally:
         if reader is not None:
             reader.close()
-    time.sleep(max(0.0, interval - (time.monotonic() - started)))
     sketches = []
-    for subject, runs, hashes in read:
+    for subject, runs, hashes, read_at in read:
+        time.sleep(max(0.0, read_at + interval - time.monotonic()))
         sketch = _sample(paths, subject, runs, hashes, key, k, limit)
         if sketch is not None:
             sketches.append(sketch)
