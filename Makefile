@@ -92,3 +92,4 @@ bench-ksm: $(STAMP)
 	$(BIN)/python -m bench.ksm_bench --name ksm-all-at-once --workload all_at_once=1 \
 		--workload churn_start=120 --workload b_stop=150 --workload end=200 \
 		--contenders ksmpolicy,ksmpolicy-no-notes,kernel-defaults,ksmtuned,ksmtuned-pve,advisor,advisor-warm
+	$(BIN)/python -m bench.ksm_real

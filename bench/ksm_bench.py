@@ -128,6 +128,15 @@ def kernel_defaults(_work: Path) -> list[subprocess.Popen[bytes]]:
     return []
 
 
+def flat_out(_work: Path) -> list[subprocess.Popen[bytes]]:
+    """Not a policy: ksmd as fast as it goes from the start, the reference for how soon the
+    guests' memory could merge at all (bench/ksm_real.py's bound)."""
+    write("pages_to_scan", 5000)
+    write("sleep_millisecs", 10)
+    write("run", 1)
+    return []
+
+
 def advisor(warm: bool) -> Callable[[Path], list[subprocess.Popen[bytes]]]:
     def start(_work: Path) -> list[subprocess.Popen[bytes]]:
         write("run", 1)
@@ -232,6 +241,7 @@ CONTENDERS = {
         notes=False,
     ),
     "kernel-defaults": Contender("kernel-defaults", "run=1, 100 pages / 20 ms", kernel_defaults),
+    "flat-out": Contender("flat-out", "reference: ksmd flat out, 5000 pages / 10 ms", flat_out),
     "ksmtuned": Contender("ksmtuned", "Debian's ksmtuned, forced to run", ksmtuned(None), has_apt),
     "ksmtuned-pve": Contender(
         "ksmtuned-pve", "ksmtuned with Proxmox's KSM_SLEEP_MSEC=100", ksmtuned(100), has_apt
@@ -264,6 +274,9 @@ class Run:
     figures: dict[str, float | None] = field(default_factory=dict)
     skipped: str | None = None
     log: str = ""  # the ksmpolicy daemon's log, to see why it paced as it did
+    # Real guests (bench/ksm_real.py): what ksmd saved once run to convergence after the run;
+    # None: the workload's model says (Workload.achievable).
+    achievable_pages: int | None = None
 
 
 SAVED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode")
@@ -316,11 +329,7 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
         run.skipped = reason
         return run
     reset_ksm()
-    host = HostPaths()
-    ksmd = ksmd_pid(host)
-    cpu0 = process_cpu_seconds(host, ksmd) if ksmd else 0.0
-    state0 = read_ksm(host)
-    saved0 = state0.saved_pages if state0 else 0
+    baseline = Baseline.now()
     helpers = contender.start(work)
     group_a: list[subprocess.Popen[str]] = []
     group_b: list[subprocess.Popen[str]] = []
@@ -378,18 +387,7 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
                 say("stopped")
                 b_stopped = True
             if time.monotonic() >= next_sample:
-                state = read_ksm(host)
-                cpu = process_cpu_seconds(host, ksmd) if ksmd else 0.0
-                run.samples.append(
-                    {
-                        "t": round(time.monotonic() - start, 2),
-                        "saved_pages": (state.saved_pages - saved0) if state else 0,
-                        "ksmd_cpu_seconds": round((cpu or 0.0) - (cpu0 or 0.0), 3),
-                        "pages_to_scan": float(state.get("pages_to_scan") or 0) if state else 0,
-                        "sleep_millisecs": float(state.get("sleep_millisecs") or 0) if state else 0,
-                        "run": float(state.get("run") or 0) if state else 0,
-                    }
-                )
+                run.samples.append(baseline.sample(start))
                 next_sample += SAMPLE_SECONDS
             time.sleep(0.02)
     finally:
@@ -401,6 +399,41 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
         run.log = daemon_log.read_text()[-20000:]
     run.figures = figures(run, workload)
     return run
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """ksmd's CPU time and savings when a contender starts: samples count from there."""
+
+    host: HostPaths
+    ksmd: int | None
+    cpu: float
+    saved: int
+
+    @classmethod
+    def now(cls) -> Baseline:
+        host = HostPaths()
+        ksmd = ksmd_pid(host)
+        cpu = (process_cpu_seconds(host, ksmd) or 0.0) if ksmd else 0.0
+        state = read_ksm(host)
+        return cls(host, ksmd, cpu, state.saved_pages if state else 0)
+
+    def saved_pages(self) -> int:
+        state = read_ksm(self.host)
+        return (state.saved_pages - self.saved) if state else 0
+
+    def sample(self, start: float) -> dict[str, float]:
+        """One sample: seconds since `start`, savings and ksmd CPU since the baseline, knobs."""
+        state = read_ksm(self.host)
+        cpu = (process_cpu_seconds(self.host, self.ksmd) or 0.0) if self.ksmd else 0.0
+        return {
+            "t": round(time.monotonic() - start, 2),
+            "saved_pages": (state.saved_pages - self.saved) if state else 0,
+            "ksmd_cpu_seconds": round(cpu - self.cpu, 3),
+            "pages_to_scan": float(state.get("pages_to_scan") or 0) if state else 0,
+            "sleep_millisecs": float(state.get("sleep_millisecs") or 0) if state else 0,
+            "run": float(state.get("run") or 0) if state else 0,
+        }
 
 
 def notify(work: Path, event: str) -> None:
@@ -477,6 +510,8 @@ def figures(run: Run, workload: Workload) -> dict[str, float | None]:
     at = event_times(run, workload)
     a_only = workload.achievable(workload.group_a, 0)
     both = workload.achievable(workload.group_a, workload.group_b)
+    if run.achievable_pages is not None:
+        a_only = both = run.achievable_pages
     # All at once: "A" is every guest together (there is no later start).
     first = both if workload.all_at_once else a_only
     t_a = time_to(samples, at["a_exec"], 0.9 * first)
@@ -733,6 +768,7 @@ def render(path: Path, out: Path, name: str) -> int:
             [(when, event) for when, event in recorded["events"]],
             skipped=recorded["skipped"],
             log=recorded["log"],
+            achievable_pages=recorded.get("achievable_pages"),
         )
         run.figures = figures(run, workload) if not run.skipped else {}
         runs.append(run)
