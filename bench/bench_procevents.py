@@ -1,8 +1,9 @@
-"""Instant discovery: from a VMM's exec to the daemon's sprint, with no hook note (root).
+"""Instant discovery: from a VMM's exec to ksmd running for it, with no hook note (root).
 
 The real daemon runs with `interval_seconds: 60` and KSM stopped; a guest-like process (16 MiB,
 /proc shows it as qemu-system-x86_64) is started 20 times. The clock starts just before the
-exec and stops when ksmd's `run` knob turns 1 (the daemon's sprint, written), read every
+exec and stops when ksmd's `run` knob turns 1 (the daemon's first plan for the new memory:
+settle while it fills, then sprint), read every
 millisecond; so it includes the process's own time to make its memory mergeable. Without the
 kernel's process events the same start waits for the next interval (up to 60 s here, 10 s by
 default), which the second half measures with `--no-process-events` (3 starts, capped).
@@ -105,7 +106,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "procevents.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "# Instant discovery: a VMM's exec to the daemon's sprint, no hook note",
+        "# Instant discovery: a VMM's exec to ksmd running for it, no hook note",
         "",
         "| measure | result | target |",
         "|---|---|---|",
@@ -116,7 +117,7 @@ def main() -> int:
         f"{result['polling_median_ms']} | (up to the interval, {INTERVAL} s) |",
         "",
         "The time includes the guest-like process's own start (a Python interpreter that fills "
-        "16 MiB and madvises it), since the law sprints only for memory that is mergeable. "
+        "16 MiB and madvises it), since the law paces only memory that is mergeable. "
         f"Machine: {result['machine']}. Reproduce: `make bench-procevents` (root).",
     ]
     (RESULTS / "procevents.md").write_text("\n".join(lines) + "\n")
