@@ -3,12 +3,15 @@ again a whole interval after its own first read, however long the VMs before it 
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
+from ksmpolicy.kernel import guestmem
+from ksmpolicy.kernel.pagemap import PageMapUnavailable
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.placement import sketch
 from ksmpolicy.placement.sketch import FleetKey, Subject, take
@@ -34,7 +37,7 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
     second_read: dict[int, float] = {}
 
     def no_reader(_paths: HostPaths) -> Any:
-        raise sketch.PageMapUnavailable("fake")
+        raise PageMapUnavailable("fake")
 
     def guest_runs(_paths: HostPaths, pid: int, *_args: Any) -> Any:
         clock.now += 5.0  # reading a big guest takes longer than the interval
@@ -49,11 +52,11 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
         clock.now += 0.2
 
     monkeypatch.setattr(sketch, "PageMapReader", no_reader)
-    monkeypatch.setattr(sketch.guestmem, "guest_runs", guest_runs)
-    monkeypatch.setattr(sketch.guestmem, "hash_runs", hash_runs)
+    monkeypatch.setattr(guestmem, "guest_runs", guest_runs)
+    monkeypatch.setattr(guestmem, "hash_runs", hash_runs)
     monkeypatch.setattr(sketch, "_sample", sample)
-    monkeypatch.setattr(sketch.time, "monotonic", clock.monotonic)
-    monkeypatch.setattr(sketch.time, "sleep", clock.sleep)
+    monkeypatch.setattr(time, "monotonic", clock.monotonic)  # sketch looks them up at each call
+    monkeypatch.setattr(time, "sleep", clock.sleep)
     subjects = [
         Subject(pid, f"vm{pid}", None, None, "libvirt", "default", None, True, True, 2**30)
         for pid in (11, 12, 13)
