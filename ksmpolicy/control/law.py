@@ -400,8 +400,11 @@ def _settling(obs: Observation, history: History) -> bool:
 
 
 def _track_productivity(obs: Observation, settings: LawSettings, history: History) -> History:
-    """Count consecutive full scans that added (almost) no sharing."""
-    if history.last_full_scans is None or history.sprint_until_full_scans is not None:
+    """Count consecutive full scans that added (almost) no sharing. A sprint's scans are not
+    judged, nor the one that ends it: the baseline moves at every plan of a sprint (half a
+    second apart), so its last scan would be judged on half a second's merges."""
+    sprinted = history.last_mode in ("sprint", "settle")
+    if history.last_full_scans is None or history.sprint_until_full_scans is not None or sprinted:
         return replace(
             history,
             last_full_scans=obs.full_scans,

@@ -225,6 +225,23 @@ def test_a_sprint_waits_for_the_footprint_to_settle() -> None:
     assert abs(planned_cpu_fraction(p) - 0.20) < 0.01
 
 
+def test_the_scan_that_ends_a_sprint_is_not_judged_on_half_a_second() -> None:
+    """Re-planned every half second, a sprint moves the baseline at each plan: the full scan
+    that ends it must not count as one that added no sharing (it slowed the pace to one scan
+    per 240 s with a seventh of real guests' savings still to find)."""
+    p = plan(obs(0, 100_000, full_scans=5), LAW, History())
+    t, scans, saved = 0.0, 5, 0
+    while p.mode == "sprint":
+        t += 0.5
+        scans += int(t) % 2 == 0 and t == int(t)  # a full scan every 2 s
+        saved += 20_000 if scans == 7 else 0  # the last scan merges, all but its last 0.5 s
+        p = plan(obs(t, 100_000, full_scans=scans, saved=saved), LAW, p.history)
+    assert p.mode == "calm", p.reason
+    # judged from here on: a whole scan that adds nothing slows the pace
+    p = plan(obs(t + 60, 100_000, full_scans=scans + 1, saved=saved), LAW, p.history)
+    assert p.mode == "slow", p.reason
+
+
 def test_a_footprint_that_keeps_growing_gets_its_sprint_after_the_longest_wait() -> None:
     p = plan(obs(0, 100_000, full_scans=5), LAW, History())
     t, footprint, modes = 0.0, 100_000, []
