@@ -322,15 +322,32 @@ def reset_ksm() -> None:
     write("sleep_millisecs", 20)
 
 
-def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
+def begin(
+    contender: Contender, work: Path
+) -> tuple[Run, Baseline | None, list[subprocess.Popen[bytes]]]:
+    """A contender's run: KSM reset, the baseline taken, the contender started (unless it
+    cannot run here: then the run says why, and there is no baseline)."""
     run = Run(contender.name, contender.description)
     reason = contender.needs()
     if reason:
         run.skipped = reason
-        return run
+        return run, None, []
     reset_ksm()
     baseline = Baseline.now()
-    helpers = contender.start(work)
+    return run, baseline, contender.start(work)
+
+
+def keep_daemon_log(run: Run, work: Path) -> None:
+    """The ksmpolicy daemon's log (if the contender was one), to see why it paced as it did."""
+    daemon_log = work / "ksmpolicy-daemon.log"
+    if daemon_log.exists():
+        run.log = daemon_log.read_text()[-20000:]
+
+
+def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
+    run, baseline, helpers = begin(contender, work)
+    if baseline is None:
+        return run
     group_a: list[subprocess.Popen[str]] = []
     group_b: list[subprocess.Popen[str]] = []
     excluded: list[subprocess.Popen[str]] = []
@@ -394,9 +411,7 @@ def run_contender(contender: Contender, workload: Workload, work: Path) -> Run:
         stop_all(group_a + group_b + excluded)
         stop_helpers(helpers)
         reset_ksm()
-    daemon_log = work / "ksmpolicy-daemon.log"
-    if daemon_log.exists():
-        run.log = daemon_log.read_text()[-20000:]
+    keep_daemon_log(run, work)
     run.figures = figures(run, workload)
     return run
 

@@ -32,11 +32,12 @@ from bench.ksm_bench import (
     CONTENDERS,
     RESULTS,
     SAMPLE_SECONDS,
-    Baseline,
     Contender,
     Run,
     Workload,
+    begin,
     figures,
+    keep_daemon_log,
     ksm_restored,
     machine_name,
     notify,
@@ -79,14 +80,9 @@ def ready(lab: Lab, name: str) -> bool:
 
 
 def run_contender(contender: Contender, lab: Lab, work: Path, window: float) -> Run:
-    run = Run(contender.name, contender.description)
-    reason = contender.needs()
-    if reason:
-        run.skipped = reason
+    run, baseline, helpers = begin(contender, work)
+    if baseline is None:
         return run
-    reset_ksm()
-    baseline = Baseline.now()
-    helpers = contender.start(work)
     waiting = {name for name, _image in realguests.FULL}
     start = time.monotonic()
     try:
@@ -118,9 +114,7 @@ def run_contender(contender: Contender, lab: Lab, work: Path, window: float) -> 
             lab.stop(name)
         stop_helpers(helpers)
         reset_ksm()
-    daemon_log = work / "ksmpolicy-daemon.log"
-    if daemon_log.exists():
-        run.log = daemon_log.read_text()[-20000:]
+    keep_daemon_log(run, work)
     run.figures = figures(run, workload(window))
     return run
 
