@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ksmpolicy.cli.common import INTERVAL, ROOT, Options, host_paths, policy_option
+from ksmpolicy.paths import FLEET_KEY
 from ksmpolicy.quoting import one_line
 
 if TYPE_CHECKING:
@@ -59,8 +60,9 @@ RESERVE = click.option(
 @click.option(
     "--new-key",
     is_flag=True,
-    help="Make the fleet key (/etc/ksmpolicy) if there is none, then copy it to every host "
-    "whose sketches you compare.",
+    help=f"Make the fleet key, {FLEET_KEY} (root's, mode 0600), if there is none (one that "
+    "is there is kept), then sketch as usual. Copy that file to every host whose sketches you "
+    "compare.",
 )
 @ROOT
 @policy_option
@@ -84,7 +86,6 @@ def sketch(
     the key can test a guess against. Prints a summary, or JSON (--json, --out).
     """
     from ksmpolicy.files import write_atomic  # noqa: PLC0415
-    from ksmpolicy.paths import FLEET_KEY  # noqa: PLC0415
     from ksmpolicy.placement.document import to_json  # noqa: PLC0415
     from ksmpolicy.placement.sketch import SketchError, load_key, sketch_host  # noqa: PLC0415
 

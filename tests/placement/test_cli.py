@@ -125,3 +125,8 @@ def test_a_tenants_name_neither_breaks_the_sketch_nor_the_output(
     assert out.startswith("web\\u000a\\u001b[2Jrm -rf / (trust domain default)\n"), out
     assert main(["place", *sketches, "--host", str(path)]) == 0
     assert "\x1b" not in capsys.readouterr().out
+
+
+def test_new_key_help_names_the_key_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sketch", "--help"]) == 0
+    assert FLEET_KEY in " ".join(capsys.readouterr().out.split())
