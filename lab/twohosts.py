@@ -1,7 +1,7 @@
 """A second libvirt host on this machine ("host B"), for migration tests: its own mount
 namespace, configuration, state, run and log directories, host UUID, virtlogd and libvirtd.
 
-How it is built (the recipe of DESIGN.md §5, checked here):
+How it is built (checked here):
 
 * a holder process (`unshare -m --propagation private`, then `sleep`) owns a private mount
   namespace with a tmpfs on /run and bind mounts of B's own directories (under `root`) over

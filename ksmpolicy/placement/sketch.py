@@ -1,4 +1,5 @@
-"""Sketches: a compact, comparable summary of what each VM's memory holds (root, read-only).
+"""Sketches: a compact, comparable summary of what each VM's memory holds (root: it reads
+guest memory, and changes nothing in it).
 
 A VM's sketch keeps a sample of its stable page contents, chosen by content so that the same
 content is sampled on every host:
@@ -8,8 +9,9 @@ content is sampled on every host:
 2. a page is sampled when the low 64 bits of its digest are 0 modulo K (default 64): one page
    content in K, the same contents everywhere; so is every content the VM holds K times or
    more (exactly: it stands for itself, not for K); zero-filled pages are counted apart;
-3. after `interval` seconds the sampled pages are hashed again; those that changed are
-   volatile (ksmd would not merge them) and are left out, counted as `volatile_pages` (x K);
+3. `interval` seconds after each VM's own first read, its sampled pages are hashed again;
+   those that changed are volatile (ksmd would not merge them) and are left out, counted as
+   `volatile_pages` (x K);
 4. each sampled content is kept as an 8-byte keyed hash: BLAKE2b of its digest under a key
    derived from the fleet key (/etc/ksmpolicy/fleet.key, root-only) and the VM's trust domain,
    with how many of the VM's pages hold it.
