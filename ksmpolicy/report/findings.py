@@ -18,7 +18,7 @@ from __future__ import annotations
 from ksmpolicy.inventory import platform_named
 from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.quoting import shell_word
-from ksmpolicy.report.model import Finding
+from ksmpolicy.report.finding import Finding
 
 SEVERITIES = ("error", "warning", "info")
 

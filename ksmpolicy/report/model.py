@@ -9,21 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ksmpolicy.inventory.model import HostStatus, VmStatus
+from ksmpolicy.report.finding import Finding
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotation only: the sharing map's module loads numpy
     from ksmpolicy.report.sharing import Sharing
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something on the host worth acting on, with what to do (see report/findings.py)."""
-
-    severity: str  # error | warning | info
-    vm: str | None  # the VM's name, or None for the host
-    message: str
-    fix: str
-    code: str = ""  # what kind of finding: stable, for scripts and tests
-    steps: tuple[str, ...] = ()  # the fix's commands, one by one (empty: no command fixes it)
 
 
 @dataclass(frozen=True)

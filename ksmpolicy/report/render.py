@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.quoting import one_line, printable
+from ksmpolicy.report.finding import Finding
 from ksmpolicy.report.fleet import NEEDS_OPERATOR, HostRow
-from ksmpolicy.report.model import Finding, Status
+from ksmpolicy.report.model import Status
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

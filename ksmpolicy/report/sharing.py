@@ -30,7 +30,7 @@ import numpy as np
 from ksmpolicy.kernel.pagemap import U64, PageMap, PageMapReader
 from ksmpolicy.kernel.pagemap import zero_pfns as zero_pfns_of
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
-from ksmpolicy.report.model import Finding
+from ksmpolicy.report.finding import Finding
 
 NO_GROUP = "-"
 # Findings' thresholds, as shares of a VM's present pages (and a floor in pages).

@@ -13,8 +13,9 @@ from ksmpolicy.inventory.model import HostStatus, VmStatus
 from ksmpolicy.kernel.scan import ProcessScanner
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, HOST_DOMAIN, Policy
+from ksmpolicy.report.finding import Finding
 from ksmpolicy.report.findings import vm_findings
-from ksmpolicy.report.model import Finding, GroupStatus, ScopeStatus, Status
+from ksmpolicy.report.model import GroupStatus, ScopeStatus, Status
 
 if TYPE_CHECKING:
     from ksmpolicy.report.sharing import Sharing

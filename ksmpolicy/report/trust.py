@@ -9,8 +9,9 @@ from dataclasses import replace
 from ksmpolicy.inventory.model import VmStatus
 from ksmpolicy.paths import HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, Policy
+from ksmpolicy.report.finding import Finding
 from ksmpolicy.report.findings import redefine, residue_finding
-from ksmpolicy.report.model import Finding, ScopeStatus
+from ksmpolicy.report.model import ScopeStatus
 from ksmpolicy.trust.state import load
 
 

@@ -440,7 +440,7 @@ def test_concurrent_scrapes_never_share_the_scanner_at_once(tmp_path: Path) -> N
 
 def test_a_finding_keeps_to_its_two_lines() -> None:
     """A message or fix that quotes a name with a line break cannot add a line to a report."""
-    from ksmpolicy.report.model import Finding
+    from ksmpolicy.report.finding import Finding
     from ksmpolicy.report.render import _finding_text
 
     finding = Finding("warning", "x", "bound to\nfake: line", "run\nrm -rf /", "code")
