@@ -46,6 +46,7 @@ from ksmpolicy.kernel.ksm import read_ksm
 from ksmpolicy.kernel.procfs import ksmd_pid, process_cpu_seconds
 from ksmpolicy.paths import HostPaths
 from lab.simguest import page_plan, spawn
+from tests.conftest import restore_knobs, saved_knobs
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench/results"
@@ -279,23 +280,15 @@ class Run:
     achievable_pages: int | None = None
 
 
-SAVED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode")
-
-
 @contextlib.contextmanager
 def ksm_restored() -> Iterator[None]:
-    saved = {n: knob(n) for n in SAVED_KNOBS if (KSM / n).exists()}
+    """Every knob a contender may write (ksmpolicy's allow-list: the pace, the advisor's,
+    `use_zero_pages`, which the shipped policy sets) put back as found, as the tests do."""
+    saved = saved_knobs()
     try:
         yield
     finally:
-        if "advisor_mode" in saved:
-            write("advisor_mode", "none")
-        write("run", 0 if saved.get("run") != 1 else 1)
-        for name in ("pages_to_scan", "sleep_millisecs"):
-            if name in saved:
-                write(name, saved[name])
-        if saved.get("advisor_mode") == "scan-time":
-            write("advisor_mode", "scan-time")
+        restore_knobs(saved)
 
 
 def reset_ksm() -> None:

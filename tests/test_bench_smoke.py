@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IS_ROOT
+from tests.conftest import IS_ROOT, saved_knobs
 
 
 @pytest.mark.root
@@ -19,7 +19,10 @@ def test_benchmark_smoke_run_writes_its_results(tmp_path: Path) -> None:
         pytest.skip("needs root and KSM")
     from bench import ksm_bench
 
+    found = saved_knobs()
     assert ksm_bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    # every knob a contender may write is as found (the shipped policy sets use_zero_pages)
+    assert saved_knobs() == found
     result = json.loads((tmp_path / "smoke.json").read_text())
     runs = {run["contender"]: run for run in result["runs"]}
     assert set(runs) == {"ksmpolicy", "kernel-defaults"}
