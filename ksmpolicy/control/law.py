@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.policy.model import ReconcilerSettings
 
 # CPU-seconds per scanned page. Measured here: first passes 0.8-1.5 M pages per CPU-second,
@@ -68,7 +69,7 @@ SETTLE_MIN_PAGES = 512
 SETTLE_FRACTION = 0.005
 MAX_SETTLE_SECONDS = 30.0
 MIN_GROWTH_WINDOW_SECONDS = 0.1  # a growth rate is measured over at least this long
-PAGE_MIB = 4096 / 2**20
+PAGE_MIB = PAGE_SIZE / 2**20
 
 
 # The advisor is kept while it scans at least this share of what the law would (see above).
@@ -184,10 +185,9 @@ def plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
 
 
 def _plan(obs: Observation, settings: LawSettings, history: History) -> Plan:
-    first = history.time is None
     history = _measure(obs, history)
     history = _track_growth(obs, settings, history)
-    history = _track_settling(obs, history, first=first)
+    history = _track_settling(obs, history)
     history = _track_productivity(obs, settings, history)
     footprint = obs.footprint_pages
     if footprint <= 0:
@@ -368,11 +368,11 @@ def _track_growth(obs: Observation, settings: LawSettings, history: History) -> 
     )
 
 
-def _track_settling(obs: Observation, history: History, *, first: bool) -> History:
+def _track_settling(obs: Observation, history: History) -> History:
     """Whether the footprint still grows: compared with a reference at least SETTLE_SECONDS
     old (or at once, when it already grew past the limit). The footprint found at the first
-    look is not growth: it was there before."""
-    if first or history.settle_ref_time is None:
+    look (no reference yet) is not growth: it was there before."""
+    if history.settle_ref_time is None:
         return replace(
             history, growing=False, settle_ref_time=obs.time, settle_ref_pages=obs.footprint_pages
         )
