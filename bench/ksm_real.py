@@ -49,13 +49,12 @@ from bench.ksm_bench import (
 )
 from lab import realguests
 from lab.ksmd import converge
-from lab.libvirtd import Lab, temporary_lab
+from lab.libvirtd import READY, Lab, temporary_lab
 from tests.conftest import KSM_LOCK, RealKsm
 
 DEFAULT_CONTENDERS = "ksmpolicy,ksmpolicy-no-notes,kernel-defaults,ksmtuned,flat-out"
 WINDOW_SECONDS = 300.0
 QUIET_SECONDS = 60.0
-READY = b"ksmpolicy-guest: ready"
 
 
 def workload(window: float) -> Workload:
@@ -74,11 +73,6 @@ def workload(window: float) -> Workload:
     )
 
 
-def ready(lab: Lab, name: str) -> bool:
-    console = lab.console(lab.prefix + name)
-    return console.exists() and READY in console.read_bytes()
-
-
 def run_contender(contender: Contender, lab: Lab, work: Path, window: float) -> Run:
     run, baseline, helpers = begin(contender, work)
     if baseline is None:
@@ -94,7 +88,7 @@ def run_contender(contender: Contender, lab: Lab, work: Path, window: float) -> 
         next_sample = next_look = time.monotonic()
         while (now := time.monotonic()) - start < window:
             if waiting and now >= next_look:
-                waiting = {name for name in waiting if not ready(lab, name)}
+                waiting = {name for name in waiting if not lab.says(name, READY)}
                 if not waiting:
                     run.events.append((round(now - start, 2), "group A ready"))
                 next_look += 1.0

@@ -32,6 +32,7 @@ REAL_IMAGES = ("web", "database")
 HOOK_NAME = "ksmpolicy-test"
 PREFIX = "ksmpolicy-test-"
 NAMESPACE = "urn:ksmpolicy:vm:1"
+READY = b"ksmpolicy-guest: ready"  # what a test guest says once it (and its program) runs
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
@@ -262,19 +263,20 @@ class Lab:
         domain.create()
         return domain
 
+    def says(self, name: str, line: bytes) -> bool:
+        """Whether the guest's console has said `line` since it started."""
+        console = self.console(self.prefix + name)
+        return console.exists() and line in console.read_bytes()
+
     def wait_ready(self, name: str, timeout: float = 120) -> None:
         console = self.console(self.prefix + name)
-
-        def said(line: bytes) -> bool:
-            return console.exists() and line in console.read_bytes()
-
         # a real-content guest says so when its program does not start
         ok = wait_for(
-            lambda: said(b"ksmpolicy-guest: ready") or said(b"ksmpolicy-guest: service failed"),
+            lambda: self.says(name, READY) or self.says(name, b"ksmpolicy-guest: service failed"),
             timeout,
             step=0.5,
         )
-        if not ok or not said(b"ksmpolicy-guest: ready"):
+        if not ok or not self.says(name, READY):
             tail = console.read_bytes()[-2000:].decode(errors="replace") if console.exists() else ""
             raise AssertionError(f"guest {name} did not get ready in {timeout} s:\n{tail}")
 
