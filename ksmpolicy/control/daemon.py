@@ -71,6 +71,7 @@ class Observer:
             mem_available=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
             ksmd_cpu_seconds=cpu,
             pages_scanned=state.get("pages_scanned"),
+            pages_seen=state.pages_seen,
             notes=notes,
             has_advisor="advisor_mode" in state.values,
             advisor_on=state.values.get("advisor_mode") == "scan-time",

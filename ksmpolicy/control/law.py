@@ -6,9 +6,16 @@ The law, in short (README "The reconciler" has the reasons):
 * Calm: scan the whole mergeable footprint F once per `target_scan_seconds` (rate F/T).
 * Sprint: when the footprint grows or a hook says a VM started, scan as fast as the CPU budget
   allows until ksmd has finished 3 more full scans: the rest of the current round (a new VM is
-  queued behind ksmd's cursor) and the two scans new memory needs before it can merge. While
-  sprinting the law re-plans every half second on the newest measured cost per page, which
-  moves several times over between checksumming new memory and merging it.
+  queued behind ksmd's cursor) and the two scans new memory needs before it can merge. It
+  ends after two of them when ksmd saw (almost) no page for the first time in the last one
+  (its count of pages seen did not grow): memory that filled while the sprint waited (below)
+  was seen before it began, and the third scan would only re-read merged and partnerless
+  pages. (`pages_volatile` cannot tell this: with smart_scan it also counts the partnerless
+  pages skipped in a round, measured here.) It runs one more full scan while its last one
+  still added sharing, up to MAX_SPRINT_FULL_SCANS: guests that boot fill their memory first
+  and settle its contents after, so merges remain when the footprint has long stopped
+  growing. While sprinting the law re-plans every half second on the newest measured cost per
+  page, which moves several times over between checksumming new memory and merging it.
 * Settle: a sprint waits while the footprint is still growing (by more than SETTLE_MIN_PAGES or
   SETTLE_FRACTION of it over SETTLE_SECONDS): a guest filling its memory would otherwise be
   scanned whole at every filling step, and ksmd would take the CPU the guests fill with.
@@ -68,6 +75,8 @@ SETTLE_SECONDS = 0.5
 SETTLE_MIN_PAGES = 512
 SETTLE_FRACTION = 0.005
 MAX_SETTLE_SECONDS = 30.0
+# A sprint whose full scans keep adding sharing runs at most this many.
+MAX_SPRINT_FULL_SCANS = 8
 MIN_GROWTH_WINDOW_SECONDS = 0.1  # a growth rate is measured over at least this long
 PAGE_MIB = PAGE_SIZE / 2**20
 
@@ -114,6 +123,9 @@ class Observation:
     mem_available: int  # bytes
     ksmd_cpu_seconds: float | None = None
     pages_scanned: int | None = None  # cumulative; None on kernels without the counter
+    # Pages ksmd has seen (scanned at least once and still tracks: its rmap items, the sum of
+    # pages_shared, pages_sharing, pages_unshared and pages_volatile). None when unknown.
+    pages_seen: int | None = None
     notes: int = 0  # hook notes (VM started or stopped) since the last plan
     has_advisor: bool = False
     advisor_on: bool = False
@@ -130,6 +142,12 @@ class History:
     planned_rate: float = 0.0
     footprint_pages: int = 0
     sprint_until_full_scans: int | None = None
+    # The full scan count when the sprint began, and the full scan count and saved pages when
+    # one of its full scans last ended.
+    sprint_began_scans: int = 0
+    sprint_mark_scans: int = 0
+    sprint_mark_saved: int = 0
+    sprint_mark_seen: int | None = None
     # Settle: when the pending sprint was asked for (None: none pending or under way), whether
     # the footprint still grows, and the (time, footprint) it is compared with.
     sprint_wanted_at: float | None = None
@@ -255,21 +273,20 @@ def _new_memory(
     """A sprint is wanted: settle while the footprint grows, then sprint. The sprint's full
     scans count from when it starts."""
     if _settling(obs, history):
-        until = obs.full_scans + settings.sprint_full_scans
         waited = obs.time - history.sprint_wanted_at  # type: ignore[operator]
         why = (
             f"new memory still growing ({history.growth_rate * PAGE_MIB:.0f} MiB/s): scanning "
             f"at that pace; the sprint waits until it settles "
             f"({waited:.1f} of at most {MAX_SETTLE_SECONDS:g} s)"
         )
-        history = replace(history, sprint_until_full_scans=until)
+        history = _begin_sprint(obs, settings, history)
         return history, max(calm_rate, history.growth_rate), "settle", why
-    if history.last_mode == "settle":
-        history = replace(
-            history, sprint_until_full_scans=obs.full_scans + settings.sprint_full_scans
-        )
+    if history.last_mode == "settle":  # settled: the sprint's full scans count from here
+        history = _begin_sprint(obs, settings, history)
     left = history.sprint_until_full_scans - obs.full_scans  # type: ignore[operator]
     why = f"new memory: scanning at the CPU budget for {left} more full scan(s)"
+    if obs.full_scans - history.sprint_began_scans >= settings.sprint_full_scans:
+        why += " (the last one still added sharing)"
     return history, max_rate, "sprint", why
 
 
@@ -350,22 +367,68 @@ def _measure(obs: Observation, history: History) -> History:
 def _track_growth(obs: Observation, settings: LawSettings, history: History) -> History:
     grown = obs.footprint_pages - history.footprint_pages
     grew = grown >= max(GROWTH_MIN_PAGES, GROWTH_FRACTION * history.footprint_pages)
-    until = history.sprint_until_full_scans
     wanted_at = history.sprint_wanted_at
     if grew or obs.notes:
         # Always the rest of a round too, even when nothing was mergeable before: ksmd keeps
         # the slots of exited processes in its list until its scan reaches them, so a round
         # can be under way (a sprint of two scans left new guests a third merged, in a test).
-        until = obs.full_scans + settings.sprint_full_scans
+        history = _begin_sprint(obs, settings, history)
         wanted_at = obs.time if wanted_at is None else wanted_at
-    elif until is not None and obs.full_scans >= until:
-        until, wanted_at = None, None
+    elif history.sprint_until_full_scans is not None:
+        history = _track_sprint(obs, settings, history)
+        if history.sprint_until_full_scans is None:
+            wanted_at = None
+    return replace(history, footprint_pages=obs.footprint_pages, sprint_wanted_at=wanted_at)
+
+
+def _begin_sprint(obs: Observation, settings: LawSettings, history: History) -> History:
+    """A sprint's full scans count from here."""
     return replace(
         history,
-        footprint_pages=obs.footprint_pages,
-        sprint_until_full_scans=until,
-        sprint_wanted_at=wanted_at,
+        sprint_until_full_scans=obs.full_scans + settings.sprint_full_scans,
+        sprint_began_scans=obs.full_scans,
+        sprint_mark_scans=obs.full_scans,
+        sprint_mark_saved=obs.saved_pages,
+        sprint_mark_seen=obs.pages_seen,
     )
+
+
+def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> History:
+    """Where a sprint under way stands (sprint_until_full_scans None: it is over). It runs
+    `sprint_full_scans` full scans, but
+
+    * ends after two when the last of them saw almost no page for the first time (ksmd's
+      count of pages seen grew by under the unproductive share): every page has then had its
+      second scan, a page merges on its second scan, and the second of a pair finds the first
+      in the same scan, so each is merged or has no partner, and a third scan would re-read
+      it for nothing;
+    * runs one more while its last full scan still added sharing (guests whose contents
+      settle after their footprint did: booting), up to MAX_SPRINT_FULL_SCANS."""
+    until = history.sprint_until_full_scans
+    assert until is not None
+    if history.last_mode != "sprint":  # waiting to settle: `_new_memory` moves the start
+        return replace(history, sprint_until_full_scans=None if obs.full_scans >= until else until)
+    if obs.full_scans <= history.sprint_mark_scans:
+        return history
+    # a full scan ended: what it (they, if several ended since the last plan) added and saw
+    scans = obs.full_scans - history.sprint_mark_scans
+    gain = (obs.saved_pages - history.sprint_mark_saved) / scans
+    little = max(FRESH_MIN_PAGES, settings.unproductive_fraction * obs.footprint_pages)
+    marked = replace(
+        history,
+        sprint_mark_scans=obs.full_scans,
+        sprint_mark_saved=obs.saved_pages,
+        sprint_mark_seen=obs.pages_seen,
+    )
+    done = obs.full_scans - history.sprint_began_scans
+    seen, seen_before = obs.pages_seen, history.sprint_mark_seen
+    if done >= 2 and seen is not None and seen_before is not None and seen - seen_before <= little:
+        return replace(marked, sprint_until_full_scans=None)
+    if obs.full_scans < until:
+        return marked
+    if gain > little and done < MAX_SPRINT_FULL_SCANS:
+        return replace(marked, sprint_until_full_scans=obs.full_scans + 1)
+    return replace(marked, sprint_until_full_scans=None)
 
 
 def _track_settling(obs: Observation, history: History) -> History:

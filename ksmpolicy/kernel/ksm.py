@@ -65,6 +65,18 @@ class KsmState:
         return (self.get("pages_sharing") or 0) + (self.get("ksm_zero_pages") or 0)
 
     @property
+    def pages_seen(self) -> int | None:
+        """Pages ksmd has scanned at least once and still tracks (its rmap items): merged,
+        in the unstable tree, or volatile. None when a counter is missing."""
+        counts = [
+            self.get(name)
+            for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+        ]
+        if any(count is None for count in counts):
+            return None
+        return sum(count for count in counts if count is not None)
+
+    @property
     def saved_bytes(self) -> int:
         return self.saved_pages * self.page_size
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from ksmpolicy.control.law import (
     DEFAULT_COST_PER_PAGE,
     MAX_SETTLE_SECONDS,
+    MAX_SPRINT_FULL_SCANS,
     History,
     LawSettings,
     Observation,
@@ -56,7 +57,8 @@ def test_new_memory_sprints_at_the_budget_then_calms() -> None:
     # Two full scans later it still sprints: the rest of the round plus two scans of new memory.
     second = plan(obs(5, footprint, full_scans=12, saved=100_000), LAW, first.history)
     assert second.mode == "sprint"
-    third = plan(obs(10, footprint, full_scans=13, saved=300_000), LAW, second.history)
+    # the third adds nothing more: the sprint is over
+    third = plan(obs(10, footprint, full_scans=13, saved=100_000), LAW, second.history)
     assert third.mode == "calm"
     assert abs(third.pages_per_second - footprint / 120) / (footprint / 120) < 0.05
     assert "one full scan per 120 s" in third.reason
@@ -64,7 +66,8 @@ def test_new_memory_sprints_at_the_budget_then_calms() -> None:
 
 def test_hook_note_sprints_even_before_memory_is_resident() -> None:
     calm = plan(obs(0, 10_000, full_scans=5), LAW, History())
-    calm = plan(obs(10, 10_000, full_scans=9, saved=5000), LAW, calm.history)
+    calm = plan(obs(9, 10_000, full_scans=8, saved=5000), LAW, calm.history)
+    calm = plan(obs(10, 10_000, full_scans=9, saved=5000), LAW, calm.history)  # sprint over
     assert calm.mode == "calm"
     noted = plan(obs(11, 10_000, full_scans=9, saved=5000, notes=1), LAW, calm.history)
     assert noted.mode == "sprint"
@@ -73,6 +76,7 @@ def test_hook_note_sprints_even_before_memory_is_resident() -> None:
 
 def test_unproductive_full_scans_slow_down_to_an_eighth() -> None:
     p = plan(obs(0, 100_000, full_scans=0), LAW, History())
+    p = plan(obs(0.5, 100_000, full_scans=2, saved=50_000), LAW, p.history)
     p = plan(obs(1, 100_000, full_scans=3, saved=50_000), LAW, p.history)  # sprint over
     calm_rate = 100_000 / 120
     rates = []
@@ -92,6 +96,7 @@ def test_no_slowdown_while_new_memory_has_not_been_scanned_twice() -> None:
     still boots): full scans that add no sharing while the footprint grows are not evidence
     that nothing is left, so the pace stays calm until the memory held still for two scans."""
     p = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    p = plan(obs(0.5, 100_000, full_scans=6, saved=5000), LAW, p.history)
     p = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, p.history)  # sprint over
     footprint, modes = 100_000, []
     for scan in range(8, 12):  # each full scan sees 1,000 new pages (below a sprint's 2 %)
@@ -107,6 +112,7 @@ def test_no_slowdown_while_new_memory_has_not_been_scanned_twice() -> None:
 
 def test_memory_pressure_raises_the_pace_in_proportion() -> None:
     base = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    base = plan(obs(0.5, 100_000, full_scans=6, saved=5000), LAW, base.history)
     base = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, base.history)
     history = base.history
     calm = plan(obs(2, 100_000, full_scans=7, saved=5000), LAW, history)
@@ -126,6 +132,7 @@ def test_pressure_buys_a_faster_pace_only_while_merges_remain() -> None:
     sharing keeps the pressure pace."""
     squeezed = int(24 * GIB * 0.05)  # MemAvailable 5 %: pressure 75 %
     p = plan(obs(0, 100_000, full_scans=3), LAW, History())
+    p = plan(obs(0.5, 100_000, full_scans=6, saved=5000), LAW, p.history)
     p = plan(obs(1, 100_000, full_scans=7, saved=5000), LAW, p.history)  # sprint over
     t, scans = 2.0, 7
     p = plan(obs(t, 100_000, full_scans=scans, saved=5000, mem_available=squeezed), LAW, p.history)
@@ -242,6 +249,66 @@ def test_the_scan_that_ends_a_sprint_is_not_judged_on_half_a_second() -> None:
     assert p.mode == "slow", p.reason
 
 
+def _sprint_scans(late: int | None) -> int:
+    """Full scans a sprint runs on 100,000 pages when ksmd sees `late` of them for the first
+    time in its second full scan (queued behind the cursor; None: a kernel without the
+    counters)."""
+    seen = None if late is None else 100_000 - late
+    p = plan(obs(0, 100_000, full_scans=5, pages_seen=seen), LAW, History())
+    assert p.mode == "sprint"
+    t, scans = 0.0, 5
+    while p.mode == "sprint":
+        t, scans = t + 2, scans + 1
+        if late is not None and scans - 5 == 2:
+            seen = 100_000
+        p = plan(obs(t, 100_000, full_scans=scans, pages_seen=seen), LAW, p.history)
+    return scans - 5
+
+
+def test_a_sprint_ends_after_two_full_scans_when_the_second_saw_nothing_new() -> None:
+    # 400 pages seen late: under FRESH_MIN_PAGES, nothing a third scan could merge
+    assert _sprint_scans(400) == 2
+    assert _sprint_scans(0) == 2
+
+
+def test_a_sprint_runs_its_third_scan_for_pages_its_second_saw_first() -> None:
+    # a VM queued behind the cursor was first seen in the second scan: it merges in the third
+    assert _sprint_scans(30_000) == LAW.sprint_full_scans
+    assert _sprint_scans(None) == LAW.sprint_full_scans
+
+
+def test_a_sprint_never_ends_before_its_second_full_scan() -> None:
+    p = plan(obs(0, 100_000, full_scans=5, pages_seen=100_000), LAW, History())
+    p = plan(obs(2, 100_000, full_scans=6, pages_seen=100_000), LAW, p.history)
+    assert p.mode == "sprint", p.reason
+
+
+def _sprint_length(merging_scans: int) -> tuple[int, str]:
+    """Full scans a sprint runs on 100,000 pages when each of its first `merging_scans`
+    adds 5,000 pages of sharing (guests whose contents settle while it runs), and the
+    reason it gave on its last plan."""
+    p = plan(obs(0, 100_000, full_scans=5), LAW, History())
+    t, scans, saved, reason = 0.0, 5, 0, ""
+    while p.mode == "sprint":
+        reason = p.reason
+        t, scans = t + 2, scans + 1
+        saved += 5000 if scans - 5 <= merging_scans else 0
+        p = plan(obs(t, 100_000, full_scans=scans, saved=saved), LAW, p.history)
+    return scans - 5, reason
+
+
+def test_a_sprint_runs_on_while_its_last_full_scan_still_merges() -> None:
+    assert _sprint_length(0)[0] == LAW.sprint_full_scans
+    # booting guests: their contents settle after the footprint did
+    scans, reason = _sprint_length(5)
+    assert scans == 6  # the sixth added nothing
+    assert "the last one still added sharing" in reason
+
+
+def test_a_sprint_that_keeps_merging_ends_after_the_most_full_scans() -> None:
+    assert _sprint_length(100)[0] == MAX_SPRINT_FULL_SCANS
+
+
 def test_a_footprint_that_keeps_growing_gets_its_sprint_after_the_longest_wait() -> None:
     p = plan(obs(0, 100_000, full_scans=5), LAW, History())
     t, footprint, modes = 0.0, 100_000, []
@@ -355,6 +422,7 @@ observations = st.builds(
     mem_available=st.integers(0, GIB),
     ksmd_cpu_seconds=st.none() | st.floats(0, 1e6),
     pages_scanned=st.none() | st.integers(0, 10**12),
+    pages_seen=st.none() | st.integers(0, 50_000_000),
     notes=st.integers(0, 3),
     has_advisor=st.booleans(),
     advisor_on=st.booleans(),
@@ -377,6 +445,7 @@ histories = st.builds(
     last_full_scans=st.none() | st.integers(0, 10_000),
     unproductive_scans=st.integers(0, 20),
     cost_per_page=st.floats(1 / 5_000_000, 1 / 20_000),
+    last_mode=st.none() | st.sampled_from(["sprint", "settle", "calm", "slow"]),
 )
 
 
@@ -437,6 +506,7 @@ def test_deterministic(o: Observation, law: LawSettings, h: History) -> None:
 
 def test_small_changes_in_the_same_mode_keep_the_knobs() -> None:
     p = plan(obs(0, 2_000_000, full_scans=0), LAW, History())
+    p = plan(obs(0.5, 2_000_000, full_scans=2, saved=500_000), LAW, p.history)
     p = plan(obs(1, 2_000_000, full_scans=3, saved=500_000), LAW, p.history)
     assert p.mode == "calm"
     first = int(knobs(p)["pages_to_scan"])

@@ -21,6 +21,7 @@ def test_old_kernel_without_newer_files(tmp_path: Path) -> None:
     assert state.values == {"run": 0, "pages_to_scan": 100, "pages_sharing": 7}
     assert state.get("ksm_zero_pages") is None
     assert state.saved_pages == 7
+    assert state.pages_seen is None  # pages_shared, pages_unshared, pages_volatile missing
 
 
 def test_saved_pages_counts_zero_pages(tmp_path: Path) -> None:
@@ -31,6 +32,17 @@ def test_saved_pages_counts_zero_pages(tmp_path: Path) -> None:
     state = read_ksm(HostPaths(tmp_path))
     assert state is not None
     assert (state.saved_pages, state.saved_bytes) == (15, 15 * 4096)
+
+
+def test_pages_seen_sums_what_ksmd_tracks(tmp_path: Path) -> None:
+    ksm = tmp_path / "sys/kernel/mm/ksm"
+    ksm.mkdir(parents=True)
+    counts = {"pages_shared": 3, "pages_sharing": 10, "pages_unshared": 20, "pages_volatile": 7}
+    for name, value in counts.items():
+        (ksm / name).write_text(f"{value}\n")
+    state = read_ksm(HostPaths(tmp_path))
+    assert state is not None
+    assert state.pages_seen == 40
 
 
 def test_no_ksm_at_all(tmp_path: Path) -> None:
