@@ -9,20 +9,20 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from ksmpolicy import __version__
 from ksmpolicy.control import sdnotify
-from ksmpolicy.control.law import History, LawSettings, Observation, Plan, plan
+from ksmpolicy.control.law import History, LawSettings, Plan, plan
+from ksmpolicy.control.observe import Observer
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.controllers import Controller, other_controllers
-from ksmpolicy.kernel.ksm import KsmKnobs, read_ksm
+from ksmpolicy.kernel.ksm import KsmKnobs
 from ksmpolicy.kernel.procevents import ProcEvents, open_events, starts_unmergeable, worth_a_look
-from ksmpolicy.kernel.procfs import effective_uid, ksmd_pid, process_cpu_seconds, read_meminfo
-from ksmpolicy.kernel.scan import ProcessScanner, VmProcess, footprint_bytes, trusted_uid
+from ksmpolicy.kernel.procfs import effective_uid
+from ksmpolicy.kernel.scan import ProcessScanner, trusted_uid
 from ksmpolicy.paths import PAGE_SIZE, HostPaths, default_policy
 from ksmpolicy.policy.load import BUILTIN_NAME, load_policy_or_builtin
 from ksmpolicy.policy.model import Policy
@@ -37,46 +37,6 @@ SPRINT_INTERVAL_SECONDS = 0.5  # re-plan this often while sprinting: ksmd's cost
 WATCH_SECONDS, WATCH_FAST_FOR, WATCH_FAST = 5.0, 1.0, 0.05
 CONTROLLERS_EVERY = 1.0  # seconds between looks for other controllers of the knobs
 STARTS = ("started", "reconnect", "changed")  # notes that mean new mergeable memory
-
-
-@dataclass
-class Observer:
-    """Collects one Observation from the host (reads only)."""
-
-    paths: HostPaths
-    scanner: ProcessScanner
-    clock: Callable[[], float] = time.monotonic
-    _ksmd: int | None = None
-    processes: list[VmProcess] = field(default_factory=list)
-
-    def observe(self, *, notes: int = 0, refresh: bool = False) -> Observation:
-        state = read_ksm(self.paths)
-        if state is None:
-            raise KsmPolicyError(
-                f"{self.paths.ksm_dir} does not exist: this kernel has no KSM (CONFIG_KSM)"
-            )
-        meminfo = read_meminfo(self.paths)
-        if self._ksmd is None:
-            self._ksmd = ksmd_pid(self.paths)
-        cpu = process_cpu_seconds(self.paths, self._ksmd) if self._ksmd else None
-        # New processes are re-read on every pass anyway; `refresh` re-reads all of them.
-        self.processes = self.scanner.scan(refresh=refresh)
-        page = state.page_size
-        return Observation(
-            time=self.clock(),
-            footprint_pages=footprint_bytes(self.processes) // page,
-            full_scans=state.get("full_scans") or 0,
-            saved_pages=state.saved_pages,
-            mem_total=meminfo.get("MemTotal", 0),
-            mem_available=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
-            ksmd_cpu_seconds=cpu,
-            pages_scanned=state.get("pages_scanned"),
-            pages_seen=state.pages_seen,
-            notes=notes,
-            has_advisor="advisor_mode" in state.values,
-            advisor_on=state.values.get("advisor_mode") == "scan-time",
-            has_use_zero_pages="use_zero_pages" in state.values,
-        )
 
 
 class Reconciler:
