@@ -132,6 +132,43 @@ def saving(vm: VmSketch, k: int, host: HostSketch, there: npt.NDArray[np.bool_])
     return own + int(weights[there].sum()) + _zero_saving(vm.zero_pages, host), shared
 
 
+def _held_on_each(vm: VmSketch, hosts: Sequence[HostSketch]) -> list[npt.NDArray[np.bool_]]:
+    """For each host, which of the VM's values another VM of its domain that merges there
+    holds: the same as `host.union(vm.domain).there(vm, ...)`, in one pass over each host's
+    values and without building any host's union (sorting a host's values costs more than
+    the question). Each host's values go through a filter made from the VM's own (a table
+    of the top bits of its values: it lets through the VM's values and a few others), and
+    only what passes is looked up exactly among the VM's values."""
+    found = [np.zeros(vm.values.size, dtype=bool) for _ in hosts]
+    if not vm.values.size:
+        return found
+    bits = min(26, max(16, int(vm.values.size).bit_length() + 8))  # about 1 in 256 let through
+    shift = np.uint64(64 - bits)
+    table = np.zeros(2**bits, dtype=bool)
+    table[vm.values >> shift] = True
+    members = [
+        [o.values for o in host.vms if o.active and o.domain == vm.domain and o is not vm]
+        for host in hosts
+    ]
+    most = max((sum(part.size for part in parts) for parts in members), default=0)
+    # one buffer each, reused from host to host: fresh arrays this size cost more in page
+    # faults than the filter itself
+    every = np.empty(most, dtype=np.uint64)
+    top = np.empty(most, dtype=np.uint64)
+    passes = np.empty(most, dtype=bool)
+    for parts, there in zip(members, found, strict=True):
+        size = sum(part.size for part in parts)
+        if not size:
+            continue
+        np.concatenate(parts, out=every[:size])
+        np.right_shift(every[:size], shift, out=top[:size])
+        np.take(table, top[:size].view(np.int64), out=passes[:size])  # intp: no copy
+        passed = every[:size][passes[:size]]
+        at = np.minimum(np.searchsorted(vm.values, passed), vm.values.size - 1)
+        there[at[vm.values[at] == passed]] = True
+    return found
+
+
 def find_vm(hosts: Sequence[HostSketch], ref: str) -> tuple[HostSketch, VmSketch]:
     """The VM `ref` names: a UUID names a UUID, digits a VMID, anything else a name; never a
     name for a UUID or a VMID (a tenant chooses its VM's name, and could choose another VM's
@@ -158,10 +195,14 @@ def place(
     check_comparable(hosts)
     home, vm = find_vm(hosts, name)
     k = hosts[0].k
+    weights, held, own = vm.terms(k)
     predictions = []
-    for host in hosts:
+    for host, there in zip(hosts, _held_on_each(vm, hosts), strict=True):
         current = host is home
-        saved, shared = _saving_on(vm, k, host, member=current)
+        saved, shared = 0, 0
+        if vm.active if current else host.would_merge(vm) is None:
+            saved = own + int(weights[there].sum()) + _zero_saving(vm.zero_pages, host)
+            shared = int(held[there].sum())
         headroom = host.mem_available_bytes - reserve_bytes
         if not current:
             headroom -= (vm.present_pages - saved) * PAGE_SIZE

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from ksmpolicy.paths import PAGE_SIZE
-from ksmpolicy.placement.plan import _saving_on, rebalance
+from ksmpolicy.placement.plan import _saving_on, place, rebalance
 from ksmpolicy.placement.sketch import HostSketch, VmSketch
 from tests.placement.test_plan import K, host, vm
 
@@ -120,3 +120,22 @@ def test_rebalance_matches_a_plain_greedy_on_random_fleets() -> None:
         plans.append(len(got))
     # the fleets do move, several times: the comparison is not of empty plans
     assert sum(n > 0 for n in plans) > 100 and sum(n > 1 for n in plans) > 40, plans
+
+
+def test_place_matches_each_hosts_union_on_random_fleets() -> None:
+    """place filters each host's values through the VM's own instead of building each host's
+    union: the same figures as the union's, for every VM of random fleets on every host."""
+    rng = np.random.default_rng(2026)
+    compared = shared = 0
+    for _ in range(150):
+        fleet = random_fleet(rng)
+        for home in fleet:
+            for one in home.vms:
+                _vm, ranked = place(fleet, one.name)
+                got = {p.host: (p.saved_bytes, p.shared_bytes) for p in ranked}
+                for target in fleet:
+                    saved, with_others = _saving_on(one, K, target, member=target is home)
+                    assert got[target.host] == (saved * PAGE_SIZE, with_others * PAGE_SIZE)
+                    compared += 1
+                    shared += with_others > 0
+    assert compared > 1000 and shared > 300, (compared, shared)
