@@ -108,14 +108,6 @@ def _identities(vm: VmSketch) -> list[str]:
     return found
 
 
-def _saving_on(vm: VmSketch, k: int, host: HostSketch, *, member: bool) -> tuple[int, int]:
-    """(saved, shared) pages of `vm` on `host`, where it runs (`member`) or if it moved there."""
-    merging = vm.active if member else host.would_merge(vm) is None
-    if not merging:
-        return 0, 0
-    return saving(vm, k, host, host.union(vm.domain).there(vm, member=member))
-
-
 def _zero_saving(zero_pages: int, host: HostSketch) -> int:
     if host.use_zero_pages:
         return zero_pages
@@ -195,14 +187,12 @@ def place(
     check_comparable(hosts)
     home, vm = find_vm(hosts, name)
     k = hosts[0].k
-    weights, held, own = vm.terms(k)
     predictions = []
     for host, there in zip(hosts, _held_on_each(vm, hosts), strict=True):
         current = host is home
         saved, shared = 0, 0
         if vm.active if current else host.would_merge(vm) is None:
-            saved = own + int(weights[there].sum()) + _zero_saving(vm.zero_pages, host)
-            shared = int(held[there].sum())
+            saved, shared = saving(vm, k, host, there)
         headroom = host.mem_available_bytes - reserve_bytes
         if not current:
             headroom -= (vm.present_pages - saved) * PAGE_SIZE
@@ -325,7 +315,7 @@ class _Fleet:
 
     def _savings(self, vm: VmSketch, home: str) -> npt.NDArray[np.int64]:
         """Pages the VM saves on each host (`home`: where it runs, its own copies apart); the
-        same figures as `_saving_on`, for every host in one pass."""
+        same figures as `saving` with each host's union, for every host in one pass."""
         if id(vm) in self._saved:
             return self._saved[id(vm)][1]
         out = np.zeros(len(self.views), dtype=np.int64)

@@ -10,11 +10,20 @@ import dataclasses
 import numpy as np
 
 from ksmpolicy.paths import PAGE_SIZE
-from ksmpolicy.placement.plan import _saving_on, place, rebalance
+from ksmpolicy.placement.plan import place, rebalance, saving
 from ksmpolicy.placement.sketch import HostSketch, VmSketch
 from tests.placement.test_plan import K, host, vm
 
 MIB = 2**20
+
+
+def _saving_on(one: VmSketch, k: int, host: HostSketch, *, member: bool) -> tuple[int, int]:
+    """The plain model: (saved, shared) pages of `one` on `host`, from the host's union of its
+    domain, where it runs (`member`) or if it moved there."""
+    merging = one.active if member else host.would_merge(one) is None
+    if not merging:
+        return 0, 0
+    return saving(one, k, host, host.union(one.domain).there(one, member=member))
 
 
 def plain_greedy(
