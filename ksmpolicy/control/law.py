@@ -413,7 +413,7 @@ def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> 
     # a full scan ended: what it (they, if several ended since the last plan) added and saw
     scans = obs.full_scans - history.sprint_mark_scans
     gain = (obs.saved_pages - history.sprint_mark_saved) / scans
-    little = max(FRESH_MIN_PAGES, settings.unproductive_fraction * obs.footprint_pages)
+    little = _noticeable(obs, settings)
     marked = replace(
         history,
         sprint_mark_scans=obs.full_scans,
@@ -429,6 +429,12 @@ def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> 
     if gain > little and done < MAX_SPRINT_FULL_SCANS:
         return replace(marked, sprint_until_full_scans=obs.full_scans + 1)
     return replace(marked, sprint_until_full_scans=None)
+
+
+def _noticeable(obs: Observation, settings: LawSettings) -> float:
+    """Pages that count as something: new memory (grown or first seen) or a full scan's gain
+    above this is not "almost none" (FRESH_MIN_PAGES, or the unproductive share of F)."""
+    return max(FRESH_MIN_PAGES, settings.unproductive_fraction * obs.footprint_pages)
 
 
 def _track_settling(obs: Observation, history: History) -> History:
@@ -481,7 +487,7 @@ def _track_productivity(obs: Observation, settings: LawSettings, history: Histor
     productive = gain > settings.unproductive_fraction * obs.footprint_pages
     fresh = history.fresh_until_full_scans
     grown = obs.footprint_pages - history.footprint_at_last_full_scan
-    if grown > max(FRESH_MIN_PAGES, settings.unproductive_fraction * obs.footprint_pages):
+    if grown > _noticeable(obs, settings):
         fresh = obs.full_scans + 2  # new memory: two more scans before it can merge
     unjudged = fresh is not None and obs.full_scans <= fresh
     return replace(
