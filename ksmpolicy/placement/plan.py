@@ -190,16 +190,14 @@ def place(
     predictions = []
     for host, there in zip(hosts, _held_on_each(vm, hosts), strict=True):
         current = host is home
-        saved, shared = 0, 0
-        if vm.active if current else host.would_merge(vm) is None:
-            saved, shared = saving(vm, k, host, there)
-        headroom = host.mem_available_bytes - reserve_bytes
-        if not current:
-            headroom -= (vm.present_pages - saved) * PAGE_SIZE
         if current:
             why_not = None if vm.active else (host.would_merge(vm) or "it does not merge now")
         else:
             why_not = host.would_merge(vm)
+        saved, shared = saving(vm, k, host, there) if why_not is None else (0, 0)
+        headroom = host.mem_available_bytes - reserve_bytes
+        if not current:
+            headroom -= (vm.present_pages - saved) * PAGE_SIZE
         predictions.append(
             Prediction(
                 host=host.host,
