@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -249,20 +250,30 @@ def test_the_scan_that_ends_a_sprint_is_not_judged_on_half_a_second() -> None:
     assert p.mode == "slow", p.reason
 
 
-def _sprint_scans(late: int | None) -> int:
-    """Full scans a sprint runs on 100,000 pages when ksmd sees `late` of them for the first
-    time in its second full scan (queued behind the cursor; None: a kernel without the
-    counters)."""
-    seen = None if late is None else 100_000 - late
-    p = plan(obs(0, 100_000, full_scans=5, pages_seen=seen), LAW, History())
+def _sprint(
+    seen: Callable[[int], int | None] = lambda _done: None,
+    saved: Callable[[int], int] = lambda _done: 0,
+) -> tuple[int, str]:
+    """Full scans a sprint runs on 100,000 pages, one per plan, and the reason it gave on its
+    last plan; ksmd's count of pages seen and the saved pages after `done` full scans are
+    `seen(done)` and `saved(done)`."""
+    p = plan(obs(0, 100_000, full_scans=5, pages_seen=seen(0)), LAW, History())
     assert p.mode == "sprint"
-    t, scans = 0.0, 5
+    t, done, reason = 0.0, 0, ""
     while p.mode == "sprint":
-        t, scans = t + 2, scans + 1
-        if late is not None and scans - 5 == 2:
-            seen = 100_000
-        p = plan(obs(t, 100_000, full_scans=scans, pages_seen=seen), LAW, p.history)
-    return scans - 5
+        reason = p.reason
+        t, done = t + 2, done + 1
+        o = obs(t, 100_000, full_scans=5 + done, saved=saved(done), pages_seen=seen(done))
+        p = plan(o, LAW, p.history)
+    return done, reason
+
+
+def _sprint_scans(late: int | None) -> int:
+    """Full scans a sprint runs when ksmd sees `late` of the pages for the first time in its
+    second full scan (queued behind the cursor; None: a kernel without the counters)."""
+    if late is None:
+        return _sprint()[0]
+    return _sprint(seen=lambda done: 100_000 - late if done < 2 else 100_000)[0]
 
 
 def test_a_sprint_ends_after_two_full_scans_when_the_second_saw_nothing_new() -> None:
@@ -284,17 +295,9 @@ def test_a_sprint_never_ends_before_its_second_full_scan() -> None:
 
 
 def _sprint_length(merging_scans: int) -> tuple[int, str]:
-    """Full scans a sprint runs on 100,000 pages when each of its first `merging_scans`
-    adds 5,000 pages of sharing (guests whose contents settle while it runs), and the
-    reason it gave on its last plan."""
-    p = plan(obs(0, 100_000, full_scans=5), LAW, History())
-    t, scans, saved, reason = 0.0, 5, 0, ""
-    while p.mode == "sprint":
-        reason = p.reason
-        t, scans = t + 2, scans + 1
-        saved += 5000 if scans - 5 <= merging_scans else 0
-        p = plan(obs(t, 100_000, full_scans=scans, saved=saved), LAW, p.history)
-    return scans - 5, reason
+    """Full scans a sprint runs when each of its first `merging_scans` adds 5,000 pages of
+    sharing (guests whose contents settle while it runs), and its last reason."""
+    return _sprint(saved=lambda done: 5000 * min(done, merging_scans))
 
 
 def test_a_sprint_runs_on_while_its_last_full_scan_still_merges() -> None:
