@@ -5,25 +5,19 @@ The law, in short (README "The reconciler" has the reasons):
 * Nothing mergeable: `run=0`. Merged pages stay merged; ksmd burns nothing.
 * Calm: scan the whole mergeable footprint F once per `target_scan_seconds` (rate F/T).
 * Sprint: when the footprint grows or a hook says a VM started, scan as fast as the CPU budget
-  allows until ksmd has finished 3 more full scans: the rest of the current round (a new VM is
-  queued behind ksmd's cursor) and the two scans new memory needs before it can merge. It
-  ends after two of them when ksmd saw (almost) no page for the first time in the last one
-  (its count of pages seen did not grow): memory that filled while the sprint waited (below)
-  was seen before it began, and the third scan would only re-read merged and partnerless
-  pages. (`pages_volatile` cannot tell this: with smart_scan it also counts the partnerless
-  pages skipped in a round, measured here.) It runs one more full scan while its last one
-  still added sharing, up to MAX_SPRINT_FULL_SCANS: guests that boot fill their memory first
-  and settle its contents after, so merges remain when the footprint has long stopped
-  growing. While sprinting the law re-plans every half second on the newest measured cost per
-  page, which moves several times over between checksumming new memory and merging it.
+  allows for as long as the merges need (`_track_sprint`; docs/daemon.md "Sprint"): up to 3
+  full scans (the rest of the current round, as a new VM is queued just behind ksmd's cursor,
+  and the two scans new memory needs before it can merge); 2 when the second saw (almost) no
+  page for the first time; more while the last still added sharing (booting guests settle
+  their contents late), up to MAX_SPRINT_FULL_SCANS; and it ends between full scans once ksmd
+  visited twice the footprint and merges stopped. While sprinting the law re-plans every half
+  second on the newest measured cost per page (checksumming new memory and merging it differ
+  several times over). A sprint whose end added almost no sharing counts as such a scan (Slow).
 * Settle: a sprint waits while the footprint is still growing (by more than SETTLE_MIN_PAGES or
-  SETTLE_FRACTION of it over SETTLE_SECONDS): a guest filling its memory would otherwise be
-  scanned whole at every filling step, and ksmd would take the CPU the guests fill with.
-  Meanwhile ksmd scans at the pace the memory appears (at least the calm pace, at most the
-  budget): its cursor follows the filling, so each new page gets the first of the two scans it
-  needs about once, at the cheap checksumming cost, and the sprint that follows mostly merges.
-  The sprint's three full scans count from when it starts. A footprint that keeps growing gets
-  its sprint after MAX_SETTLE_SECONDS all the same.
+  SETTLE_FRACTION of it over SETTLE_SECONDS): scanning a guest whole at every filling step would
+  take the CPU the guests fill with. Meanwhile ksmd scans at the pace the memory appears (at
+  least calm, at most the budget). A footprint that keeps growing gets its sprint after
+  MAX_SETTLE_SECONDS all the same.
 * Slow: each full scan that adds almost no sharing halves the calm pace, down to 1/8; but
   not while memory that became mergeable since has not been scanned twice (a page merges only
   on its second scan): a guest that fills its memory over a minute, or a VM switched on while
@@ -77,9 +71,9 @@ SETTLE_FRACTION = 0.005
 MAX_SETTLE_SECONDS = 30.0
 # A sprint whose full scans keep adding sharing runs at most this many.
 MAX_SPRINT_FULL_SCANS = 8
+VISIT_WINDOW_DIVISOR = 16  # after 2 F visits a sprint judges windows of F / this (`_track_window`)
 MIN_GROWTH_WINDOW_SECONDS = 0.1  # a growth rate is measured over at least this long
 PAGE_MIB = PAGE_SIZE / 2**20
-
 
 # The advisor is kept while it scans at least this share of what the law would (see above).
 ADVISOR_SHORTFALL = 0.5
@@ -123,6 +117,7 @@ class Observation:
     mem_available: int  # bytes
     ksmd_cpu_seconds: float | None = None
     pages_scanned: int | None = None  # cumulative; None on kernels without the counter
+    pages_skipped: int | None = None  # cumulative pages smart_scan passed over; None: no counter
     # Pages ksmd has seen (scanned at least once and still tracks: its rmap items, the sum of
     # pages_shared, pages_sharing, pages_unshared and pages_volatile). None when unknown.
     pages_seen: int | None = None
@@ -148,6 +143,11 @@ class History:
     sprint_mark_scans: int = 0
     sprint_mark_saved: int = 0
     sprint_mark_seen: int | None = None
+    # Pages ksmd visited when the sprint began (None: no counter); the window after 2 F visits.
+    sprint_began_visits: int | None = None
+    sprint_window_visits: int | None = None
+    sprint_window_saved: int = 0
+    sprint_ended_quiet: bool = False  # its end added almost no sharing: the pace starts slowed
     # Settle: when the pending sprint was asked for (None: none pending or under way), whether
     # the footprint still grows, and the (time, footprint) it is compared with.
     sprint_wanted_at: float | None = None
@@ -390,25 +390,32 @@ def _begin_sprint(obs: Observation, settings: LawSettings, history: History) -> 
         sprint_mark_scans=obs.full_scans,
         sprint_mark_saved=obs.saved_pages,
         sprint_mark_seen=obs.pages_seen,
+        sprint_began_visits=_visits(obs),
+        sprint_window_visits=None,
+        sprint_ended_quiet=False,
     )
+
+
+def _visits(obs: Observation) -> int | None:
+    """Pages ksmd has visited: scanned, or passed over by smart_scan (the cursor moved on)."""
+    if obs.pages_scanned is None:
+        return None
+    return obs.pages_scanned + (obs.pages_skipped or 0)
 
 
 def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> History:
     """Where a sprint under way stands (sprint_until_full_scans None: it is over). It runs
-    `sprint_full_scans` full scans, but
-
-    * ends after two when the last of them saw almost no page for the first time (ksmd's
-      count of pages seen grew by under the unproductive share): every page has then had its
-      second scan, a page merges on its second scan, and the second of a pair finds the first
-      in the same scan, so each is merged or has no partner, and a third scan would re-read
-      it for nothing;
-    * runs one more while its last full scan still added sharing (guests whose contents
-      settle after their footprint did: booting), up to MAX_SPRINT_FULL_SCANS."""
+    `sprint_full_scans` full scans, but ends after two when the last saw almost no page for the
+    first time (every page then had its second scan, on which a page merges, and the second of
+    a pair finds the first in that scan); runs one more while its last still added sharing, up
+    to MAX_SPRINT_FULL_SCANS; and ends between full scans by `_track_window`. Ended on a scan or
+    window that added almost no sharing, it says so (`sprint_ended_quiet`)."""
     until = history.sprint_until_full_scans
     assert until is not None
     if history.last_mode != "sprint":  # waiting to settle: `_new_memory` moves the start
         return replace(history, sprint_until_full_scans=None if obs.full_scans >= until else until)
-    if obs.full_scans <= history.sprint_mark_scans:
+    history = _track_window(obs, settings, history)
+    if history.sprint_until_full_scans is None or obs.full_scans <= history.sprint_mark_scans:
         return history
     # a full scan ended: what it (they, if several ended since the last plan) added and saw
     scans = obs.full_scans - history.sprint_mark_scans
@@ -422,13 +429,35 @@ def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> 
     )
     done = obs.full_scans - history.sprint_began_scans
     seen, seen_before = obs.pages_seen, history.sprint_mark_seen
+    over = replace(marked, sprint_until_full_scans=None, sprint_ended_quiet=gain <= little)
     if done >= 2 and seen is not None and seen_before is not None and seen - seen_before <= little:
-        return replace(marked, sprint_until_full_scans=None)
+        return over
     if obs.full_scans < until:
         return marked
     if gain > little and done < MAX_SPRINT_FULL_SCANS:
         return replace(marked, sprint_until_full_scans=obs.full_scans + 1)
-    return replace(marked, sprint_until_full_scans=None)
+    return over
+
+
+def _track_window(obs: Observation, settings: LawSettings, history: History) -> History:
+    """A new VM's memory is queued just behind ksmd's cursor, so its pages get their second
+    scan, and merge, once ksmd visited about twice the footprint since they came: the rest of
+    the third round would re-read merged and partnerless pages. So after 2 F visits the sprint
+    ends at the first window of F / VISIT_WINDOW_DIVISOR visits that added almost no sharing
+    (the noticeable share of F, pro rata); a window that added some starts the next."""
+    began, visits = history.sprint_began_visits, _visits(obs)
+    footprint = obs.footprint_pages
+    if began is None or visits is None or footprint <= 0 or visits - began < 2 * footprint:
+        return history
+    start = history.sprint_window_visits
+    window = 0 if start is None else visits - start
+    if start is not None and 0 <= window < footprint / VISIT_WINDOW_DIVISOR:
+        return history
+    if start is not None and window > 0:
+        gain = obs.saved_pages - history.sprint_window_saved
+        if gain <= _noticeable(obs, settings) * window / footprint:
+            return replace(history, sprint_until_full_scans=None, sprint_ended_quiet=True)
+    return replace(history, sprint_window_visits=visits, sprint_window_saved=obs.saved_pages)
 
 
 def _noticeable(obs: Observation, settings: LawSettings) -> float:
@@ -470,16 +499,19 @@ def _settling(obs: Observation, history: History) -> bool:
 
 def _track_productivity(obs: Observation, settings: LawSettings, history: History) -> History:
     """Count consecutive full scans that added (almost) no sharing. A sprint's scans are not
-    judged, nor the one that ends it: the baseline moves at every plan of a sprint (half a
-    second apart), so its last scan would be judged on half a second's merges."""
+    judged here, nor the one that ends it: the baseline moves at every plan of a sprint (half a
+    second apart), so its last scan would be judged on half a second's merges. The sprint
+    judges its own (`_track_sprint`): one that ended quiet counts as one scan that added none."""
     sprinted = history.last_mode in ("sprint", "settle")
     if history.last_full_scans is None or history.sprint_until_full_scans is not None or sprinted:
+        # a sprint that ended on a scan adding almost no sharing counts as one such scan
+        quiet = history.sprint_until_full_scans is None and history.sprint_ended_quiet
         return replace(
             history,
             last_full_scans=obs.full_scans,
             saved_at_last_full_scan=obs.saved_pages,
             footprint_at_last_full_scan=obs.footprint_pages,
-            unproductive_scans=0,
+            unproductive_scans=1 if quiet else 0,
         )
     if obs.full_scans <= history.last_full_scans:
         return history

@@ -47,6 +47,7 @@ class Observer:
             mem_available=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
             ksmd_cpu_seconds=cpu,
             pages_scanned=state.get("pages_scanned"),
+            pages_skipped=state.get("pages_skipped"),
             pages_seen=state.pages_seen,
             notes=notes,
             has_advisor="advisor_mode" in state.values,
