@@ -29,7 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE
-from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, Values, VmSketch
+from ksmpolicy.placement.holders import DomainIndex
+from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, VmSketch
 from ksmpolicy.quoting import quote, shell_command
 
 
@@ -186,9 +187,23 @@ def place(
     """For each host, what the VM would save there; best first (its current host included)."""
     check_comparable(hosts)
     home, vm = find_vm(hosts, name)
+    return vm, rank(hosts, home, vm, _held_on_each(vm, hosts), reserve_bytes=reserve_bytes)
+
+
+def rank(
+    hosts: Sequence[HostSketch],
+    home: HostSketch,
+    vm: VmSketch,
+    held: Sequence[npt.NDArray[np.bool_]],
+    *,
+    reserve_bytes: int = 0,
+) -> list[Prediction]:
+    """What `vm` (running on `home`) would save on each host, best first, given for each host
+    which of its values another VM of its domain that merges there holds (`held`): from the
+    sketches (`place`) or from the fleet index (fleetindex.py), the same rules either way."""
     k = hosts[0].k
     predictions = []
-    for host, there in zip(hosts, _held_on_each(vm, hosts), strict=True):
+    for host, there in zip(hosts, held, strict=True):
         current = host is home
         if current:
             why_not = None if vm.active else (host.would_merge(vm) or "it does not merge now")
@@ -210,7 +225,7 @@ def place(
             )
         )
     predictions.sort(key=lambda p: (not p.fits, -p.saved_bytes, not p.current, p.host))
-    return vm, predictions
+    return predictions
 
 
 @dataclass(frozen=True)
@@ -287,7 +302,7 @@ def rebalance(
 class _Fleet:
     """Where each VM is while a plan is made, each host's memory left, and what each VM would
     save on each host. Per trust domain, one sorted index of what each host's VMs of that
-    domain that merge hold (`_DomainIndex`) answers for one VM and every host at once; what a
+    domain that merge hold (`DomainIndex`) answers for one VM and every host at once; what a
     VM saves is kept until a move touches it (a move changes only its domain's index, and only
     the VMs that hold some of the moved VM's contents; every VM, when the move makes its
     domain the one that merges on the target)."""
@@ -299,7 +314,7 @@ class _Fleet:
         self.available = {h.host: h.mem_available_bytes for h in hosts}
         self.moved: set[int] = set()
         self._arrived: list[VmSketch] = []
-        self._indexes: dict[str, _DomainIndex] = {}
+        self._indexes: dict[str, DomainIndex] = {}
         self._saved: dict[int, tuple[VmSketch, npt.NDArray[np.int64]]] = {}
 
     def here(self, vm: VmSketch, home: str) -> int:
@@ -320,7 +335,7 @@ class _Fleet:
         if vm.merges:
             index = self._indexes.get(vm.domain)
             if index is None:
-                index = self._indexes[vm.domain] = _DomainIndex.of(self.views, vm.domain)
+                index = self._indexes[vm.domain] = DomainIndex.of(self.views.values(), vm.domain)
             ones, k_times = index.held(vm, self.slot[home], len(self.views))
             _weights, _held, own = vm.terms(self.k)
             for i, view in enumerate(self.views.values()):
@@ -385,61 +400,6 @@ def _share(a: VmSketch, b: VmSketch) -> bool:
         return False
     at = np.minimum(np.searchsorted(b.values, a.values), b.values.size - 1)
     return bool(np.any(b.values[at] == a.values))
-
-
-@dataclass(frozen=True)
-class _DomainIndex:
-    """What each host's VMs of one domain that merge hold: every host's union (its values and
-    how many of those VMs hold each), in one array sorted by value, with the host's slot;
-    only the contents two or more VMs of the fleet hold."""
-
-    values: Values
-    hosts: npt.NDArray[np.intp]
-    holders: npt.NDArray[np.int64]
-
-    @classmethod
-    def of(cls, views: dict[str, HostSketch], domain: str) -> _DomainIndex:
-        unions = [view.union(domain) for view in views.values()]
-        values = np.concatenate([u.values for u in unions])
-        hosts = np.concatenate([np.full(u.values.size, i, np.intp) for i, u in enumerate(unions)])
-        holders = np.concatenate([u.holders for u in unions])
-        order = np.argsort(values, kind="stable")
-        values, hosts, holders = values[order], hosts[order], holders[order]
-        # A content that one VM alone holds among those that may merge is no other VM's to
-        # share: dropped (most of a fleet's contents; what is left is what VMs have in common).
-        # The unions count only VMs that merge now; one that may merge but does not (its
-        # domain does not merge where it is) may move, and share what it holds.
-        if values.size:
-            starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
-            alone = np.add.reduceat(holders, starts) == 1
-            idle = [
-                vm.values
-                for view in views.values()
-                for vm in view.vms
-                if vm.domain == domain and vm.merges and not vm.active
-            ]
-            if idle:
-                alone &= ~np.isin(values[starts], np.concatenate(idle))
-            keep = np.repeat(~alone, np.diff(np.append(starts, values.size)))
-            values, hosts, holders = values[keep], hosts[keep], holders[keep]
-        return cls(values, hosts, holders)
-
-    def held(
-        self, vm: VmSketch, home: int, hosts: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """For each host, how many of the VM's values held there by another VM are exact
-        (weight 1) and how many sampled (weight K); on `home`, held by a VM besides it."""
-        low = np.searchsorted(self.values, vm.values, "left")
-        count = np.searchsorted(self.values, vm.values, "right") - low
-        which = np.repeat(np.arange(vm.values.size), count)
-        first = np.cumsum(count) - count
-        at = np.repeat(low - first, count) + np.arange(which.size)
-        where, holders = self.hosts[at], self.holders[at]
-        other = (where != home) | (holders >= 2)
-        exact = vm.exact[which]
-        ones = np.bincount(where[other & exact], minlength=hosts)
-        k_times = np.bincount(where[other & ~exact], minlength=hosts)
-        return ones.astype(np.int64), k_times.astype(np.int64)
 
 
 def _with_vms(host: HostSketch, vms: list[VmSketch], active: tuple[str, ...] | None) -> HostSketch:

@@ -1,0 +1,90 @@
+"""Who holds each sampled content across a fleet, for one trust domain: one array sorted by
+value of every host's union (what the domain's VMs that merge there hold, and how many of them
+hold each), which answers for one VM and every host at once. `rebalance` builds one per domain
+as it plans; the fleet index (fleetindex.py) keeps them on disk, built once, for `place`.
+
+Only the contents that two or more of the domain's VMs hold (or that a VM holds which may
+merge but does not now, and may move) are kept: a content one VM alone holds is no other VM's
+to share, and that is most of a fleet's contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ksmpolicy.placement.sketch import HostSketch, Values, VmSketch
+
+Slots = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class DomainIndex:
+    """Sorted by value: each host's union's values, the host's slot (its position in the
+    hosts the index was made of) and how many of its VMs of the domain that merge hold it."""
+
+    values: Values
+    hosts: Slots
+    holders: Slots
+
+    @classmethod
+    def of(cls, views: Iterable[HostSketch], domain: str) -> DomainIndex:
+        views = list(views)
+        unions = [view.union(domain) for view in views]
+        values = np.concatenate([u.values for u in unions])
+        hosts = np.concatenate([np.full(u.values.size, i, np.int32) for i, u in enumerate(unions)])
+        holders = np.concatenate([u.holders for u in unions]).astype(np.int32)
+        order = np.argsort(values, kind="stable")
+        values, hosts, holders = values[order], hosts[order], holders[order]
+        # The unions count only VMs that merge now; one that may merge but does not (its
+        # domain does not merge where it is) may move, and share what it holds.
+        if values.size:
+            starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+            alone = np.add.reduceat(holders, starts) == 1
+            idle = [
+                vm.values
+                for view in views
+                for vm in view.vms
+                if vm.domain == domain and vm.merges and not vm.active
+            ]
+            if idle:
+                alone &= ~np.isin(values[starts], np.concatenate(idle))
+            keep = np.repeat(~alone, np.diff(np.append(starts, values.size)))
+            values, hosts, holders = values[keep], hosts[keep], holders[keep]
+        return cls(values, hosts, holders)
+
+    def _held_by_others(
+        self, vm: VmSketch, home: int
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int32]]:
+        """Each (value of the VM, host) where another VM holds it: the value's position among
+        the VM's and the host's slot; on `home` (where it runs, and merges) a VM besides it."""
+        low = np.searchsorted(self.values, vm.values, "left")
+        count = np.searchsorted(self.values, vm.values, "right") - low
+        which = np.repeat(np.arange(vm.values.size), count)
+        first = np.cumsum(count) - count
+        at = np.repeat(low - first, count) + np.arange(which.size)
+        where, holders = self.hosts[at], self.holders[at]
+        other = (where != home) | (holders >= 2)
+        return which[other], where[other]
+
+    def held(
+        self, vm: VmSketch, home: int, hosts: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """For each host, how many of the VM's values held there by another VM are exact
+        (weight 1) and how many sampled (weight K); on `home`, held by a VM besides it."""
+        which, where = self._held_by_others(vm, home)
+        exact = vm.exact[which]
+        ones = np.bincount(where[exact], minlength=hosts)
+        k_times = np.bincount(where[~exact], minlength=hosts)
+        return ones.astype(np.int64), k_times.astype(np.int64)
+
+    def there(self, vm: VmSketch, home: int, hosts: int) -> npt.NDArray[np.bool_]:
+        """For each host (a row), which of the VM's values another VM of its domain that merges
+        there holds: what `plan.saving` takes; on `home`, a VM besides it."""
+        which, where = self._held_by_others(vm, home)
+        found = np.zeros((hosts, vm.values.size), dtype=bool)
+        found[where, which] = True
+        return found
