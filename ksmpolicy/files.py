@@ -25,9 +25,11 @@ from ksmpolicy.quoting import run_hint
 
 TYPE_CHECKING = False  # typing's constant costs an import; mypy reads this one the same way
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from os import PathLike
 
     StrPath = str | PathLike[str]
+    Buffer = bytes | memoryview
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -114,6 +116,14 @@ def write_atomic(
     `private_dir` refuses a directory that anyone but this user can write (others could swap
     the file after it is written) or that is a symlink.
     """
+    write_atomic_parts(path, (data,), mode, private_dir=private_dir)
+
+
+def write_atomic_parts(
+    path: StrPath, parts: Iterable[Buffer], mode: int = 0o644, *, private_dir: bool = False
+) -> None:
+    """`write_atomic` of the concatenation of `parts`, each written as it is (a large array
+    as a memoryview of itself: never copied into one bytes object first)."""
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."  # noqa: PTH120 - pathlib costs the hook an import
     if private_dir:
@@ -127,9 +137,10 @@ def write_atomic(
     try:
         try:
             _set_mode(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

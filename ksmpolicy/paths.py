@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_POLICY_PATH = "/etc/ksmpolicy/policy.yaml"
 PVE_POLICY_PATH = "/etc/pve/ksmpolicy/policy.yaml"
 RUN_DIR = "/run/ksmpolicy"  # root-only: the daemon's socket for hook notes, the policy cache
-STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed
+STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed, the fleet index
 FLEET_KEY = "/etc/ksmpolicy/fleet.key"  # the key sketches are hashed under (placement)
 NOTIFY_SOCKET = "notify.sock"  # in the run directory
 SYSTEMD_SYSTEM_DIR = "/etc/systemd/system"  # where `systemd-dropin` writes unit drop-ins
@@ -73,6 +73,11 @@ class HostPaths:
     def backup_dir(self) -> Path:
         """Definitions as they were before ksmpolicy changed them (root-only)."""
         return self.state_dir / "backups"
+
+    @property
+    def fleet_index(self) -> Path:
+        """The fleet's sketches, read and checked once, for `place --index` (root-only)."""
+        return self.state_dir / "fleet-index"
 
     def daemon_writes(self) -> tuple[Path, ...]:
         """Every place the daemon writes: the KSM knobs, its runtime directory (the hooks'
