@@ -58,6 +58,7 @@ for command in (
     status.doctor,
     status.fleet,
     placement.sketch,
+    placement.index_,
     placement.place,
     placement.rebalance,
     daemon.daemon,

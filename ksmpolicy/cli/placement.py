@@ -1,5 +1,6 @@
-"""Placement by sharing: `sketch` (this host's VMs, comparable between hosts), `place` (where a
-VM would share the most) and `rebalance` (migrations that would save the most, printed)."""
+"""Placement by sharing: `sketch` (this host's VMs, comparable between hosts), `index` (the
+hosts' sketches read and checked once, kept for `--index`), `place` (where a VM would share the
+most) and `rebalance` (migrations that would save the most, printed)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,25 @@ from ksmpolicy.paths import FLEET_KEY
 from ksmpolicy.quoting import one_line
 
 if TYPE_CHECKING:
-    from ksmpolicy.placement.sketch import HostSketch
+    from ksmpolicy.placement.fleetindex import FleetIndex
+    from ksmpolicy.placement.plan import Prediction
+    from ksmpolicy.placement.sketch import HostSketch, VmSketch
 
 MIB = 2**20
 OLD_SECONDS = 3600.0  # a sketch older than this is said to be old
-HOSTS = click.option(
-    "--host",
-    "hosts",
-    multiple=True,
-    required=True,
-    metavar="FILE|URL",
-    help="A host's sketch: a file `ksmpolicy sketch --out` wrote, or a daemon's /sketch URL "
+HOST_HELP = (
+    "A host's sketch: a file `ksmpolicy sketch --out` wrote, or a daemon's /sketch URL "
     "(fetched directly: no proxy, no redirect). Repeat for each host. Each must be sealed "
-    "under this host's fleet key.",
+    "under this host's fleet key."
+)
+HOSTS = click.option("--host", "hosts", multiple=True, metavar="FILE|URL", help=HOST_HELP)
+INDEX = click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Answer from the fleet index `ksmpolicy index` wrote in DIR (instead of --host): no "
+    "sketch is read again. DIR and every directory above it must be root's alone.",
 )
 RESERVE = click.option(
     "--reserve-mib",
@@ -117,14 +124,52 @@ def sketch(
     click.echo("\n".join(lines))
 
 
+@click.command("index")
+@click.option("--host", "hosts", multiple=True, required=True, metavar="FILE|URL", help=HOST_HELP)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Write the index into DIR (root's alone; made 0700 if missing). Default: "
+    "/var/lib/ksmpolicy/fleet-index.",
+)
+@ROOT
+def index_(hosts: tuple[str, ...], out: Path | None, root: str) -> None:
+    """Read and check the hosts' sketches once, for `place --index` (root).
+
+    Each sketch is read as `place --host` reads it (its seal checked under the
+    fleet key, then every field), then kept in DIR: every VM's figures and
+    values, and what each host's VMs of each trust domain hold, sorted once.
+    `place --index DIR` then answers in well under a second for a thousand
+    hosts. Build it again when the sketches change: it says when they were taken.
+    """
+    from ksmpolicy.placement.fleetindex import write_index  # noqa: PLC0415
+
+    sketches = _read(hosts, root)
+    directory = out or host_paths(root).fleet_index
+    size = write_index(directory, sketches, built_at=time.time())
+    vms = sum(len(s.vms) for s in sketches)
+    taken = [s.taken_at for s in sketches]
+    click.echo(
+        f"indexed {len(sketches)} hosts, {vms} VMs (sketches taken {_when(min(taken))} to "
+        f"{_when(max(taken))}) into {directory}: {size / MIB:.0f} MiB"
+    )
+
+
 @click.command()
 @click.argument("vm", required=False)
 @HOSTS
+@INDEX
 @RESERVE
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for schedulers).")
 @ROOT
 def place(
-    vm: str | None, hosts: tuple[str, ...], reserve_mib: int, as_json: bool, root: str
+    vm: str | None,
+    hosts: tuple[str, ...],
+    index_dir: Path | None,
+    reserve_mib: int,
+    as_json: bool,
+    root: str,
 ) -> None:
     """Where VM would save the most: for each host, what it would share there.
 
@@ -135,36 +180,50 @@ def place(
     Headroom: the host's MemAvailable after the move, less --reserve-mib.
     Without VM: each VM that may merge, its best other host and what moving
     there would gain, as a scheduler reads it (--json). Needs the fleet key
-    (root): each sketch's seal is checked under it.
+    (root): each sketch's seal is checked under it (--host), or the index
+    was built under it (--index).
     """
-    sketches = _read(hosts, root)
-    if vm is None:
-        _every_vm(sketches, reserve_mib, as_json)
-    else:
-        _one_vm(sketches, vm, reserve_mib, as_json)
-
-
-def _one_vm(sketches: list[HostSketch], vm: str, reserve_mib: int, as_json: bool) -> None:
     from ksmpolicy.placement.plan import place as rank  # noqa: PLC0415
 
-    subject, ranked = rank(sketches, vm, reserve_bytes=reserve_mib * MIB)
+    fleet = _index(index_dir, hosts, root)
+    if vm is None:
+        sketches = _read(hosts, root) if fleet is None else fleet.sketches()
+        _every_vm(sketches, reserve_mib, as_json)
+        return
+    reserve = reserve_mib * MIB
+    if fleet is None:
+        subject, ranked = rank(_read(hosts, root), vm, reserve_bytes=reserve)
+    else:
+        subject, ranked = fleet.place(vm, reserve_bytes=reserve)
+    _one_vm(subject, ranked, fleet, as_json)
+
+
+def _one_vm(
+    subject: VmSketch, ranked: list[Prediction], fleet: FleetIndex | None, as_json: bool
+) -> None:
     if as_json:
-        hosts = [
-            {
-                "host": p.host,
-                "current": p.current,
-                "saved_bytes": p.saved_bytes,
-                "shared_bytes": p.shared_bytes,
-                "headroom_bytes": p.headroom_bytes,
-                "fits": p.fits,
-                "why_not": p.why_not,
+        hosts = [dataclasses.asdict(p) for p in ranked]
+        document: dict[str, object] = {
+            "vm": subject.name,
+            "domain": subject.domain,
+            "merges": subject.merges,
+        }
+        if fleet is not None:
+            oldest, newest = fleet.taken_at
+            document["index"] = {
+                "built_at": fleet.built_at,
+                "sketches_taken_from": oldest,
+                "sketches_taken_to": newest,
             }
-            for p in ranked
-        ]
-        document = {"vm": subject.name, "domain": subject.domain, "merges": subject.merges}
         click.echo(json.dumps({**document, "hosts": hosts}, indent=2))
         return
     lines = [f"{one_line(subject.name)} (trust domain {subject.domain})"]
+    if fleet is not None:
+        oldest, newest = fleet.taken_at
+        lines.append(
+            f"  from the fleet index built {_when(fleet.built_at)}: sketches taken "
+            f"{_when(oldest)} to {_when(newest)}"
+        )
     if not subject.merges:
         lines.append("  the policy excludes it: it saves nothing anywhere")
     lines.append(f"  {'host':<24} {'saves MiB':>10} {'shared MiB':>11} {'headroom MiB':>13}")
@@ -197,6 +256,7 @@ def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> No
 
 @click.command()
 @HOSTS
+@INDEX
 @RESERVE
 @click.option(
     "--max-moves", type=click.IntRange(1, 1000), default=5, show_default=True, help="At most N."
@@ -212,6 +272,7 @@ def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> No
 @ROOT
 def rebalance(
     hosts: tuple[str, ...],
+    index_dir: Path | None,
     reserve_mib: int,
     max_moves: int,
     min_gain_mib: int,
@@ -224,11 +285,13 @@ def rebalance(
     shares only with its own trust domain, no host goes below --reserve-mib of
     MemAvailable, each move gains at least --min-gain-mib. Printed as `virsh
     migrate` (libvirt, by UUID) or `qm migrate` (Proxmox VE, by VMID)
-    commands. Needs the fleet key (root): each sketch's seal is checked.
+    commands. Needs the fleet key (root): each sketch's seal is checked
+    (--host), or the index was built under it (--index).
     """
     from ksmpolicy.placement.plan import rebalance as plan  # noqa: PLC0415
 
-    sketches = _read(hosts, root)
+    fleet = _index(index_dir, hosts, root)
+    sketches = _read(hosts, root) if fleet is None else fleet.sketches()
     moves = plan(
         sketches,
         max_moves=max_moves,
@@ -273,15 +336,41 @@ def _read(hosts: tuple[str, ...], root: str) -> list[HostSketch]:
 
     key, _made = load_key(host_paths(root))
     sketches = [read_sketch(h, key) for h in hosts]
-    now = time.time()
     for s in sketches:
-        age = now - s.taken_at
-        if age > OLD_SECONDS:
-            click.echo(
-                f"note: {s.source} was taken {age / 3600:.1f} h ago: predicted from what its "
-                "VMs held then",
-                err=True,
-            )
-        elif age < -300:
-            click.echo(f"note: {s.source} was taken in the future: check its clock", err=True)
+        _say_age(s.source, s.taken_at)
     return sketches
+
+
+def _index(index_dir: Path | None, hosts: tuple[str, ...], root: str) -> FleetIndex | None:
+    """The fleet index in `index_dir` (None: none asked for; then --host is), refused unless
+    root alone could have changed it and it was built under this host's fleet key."""
+    from ksmpolicy.paths import HostPaths  # noqa: PLC0415
+    from ksmpolicy.placement.fleetindex import load_index  # noqa: PLC0415
+    from ksmpolicy.placement.sketch import load_key  # noqa: PLC0415
+
+    if (index_dir is None) == (not hosts):
+        raise click.UsageError("give either --host (once per host) or --index DIR")
+    if index_dir is None:
+        return None
+    paths = host_paths(root)
+    key, _made = load_key(paths)
+    # a test tree under /tmp is not a host's path (as for the fleet key)
+    fleet = load_index(index_dir, key.key_id, check_owner=paths.root == HostPaths().root)
+    _say_age(f"the fleet index {index_dir}: its oldest sketch", fleet.taken_at[0])
+    return fleet
+
+
+def _say_age(what: str, taken_at: float) -> None:
+    """An old sketch is said on stderr: the prediction is from what its VMs held then."""
+    age = time.time() - taken_at
+    if age > OLD_SECONDS:
+        click.echo(
+            f"note: {what} was taken {age / 3600:.1f} h ago: predicted from what its VMs held then",
+            err=True,
+        )
+    elif age < -300:
+        click.echo(f"note: {what} was taken in the future: check its clock", err=True)
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
