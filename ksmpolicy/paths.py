@@ -22,6 +22,7 @@ RUN_DIR = "/run/ksmpolicy"  # root-only: the daemon's socket for hook notes, the
 STATE_DIR = "/var/lib/ksmpolicy"  # backups of definitions ksmpolicy changed, the fleet index
 FLEET_KEY = "/etc/ksmpolicy/fleet.key"  # the key sketches are hashed under (placement)
 NOTIFY_SOCKET = "notify.sock"  # in the run directory
+FLEET_INDEX = "fleet-index"  # in the state directory: the sketches `place --index` reads
 SYSTEMD_SYSTEM_DIR = "/etc/systemd/system"  # where `systemd-dropin` writes unit drop-ins
 
 # The kernel's page size, which KSM merges in: 4 KiB on x86_64, but 16 or 64 KiB on some arm64
@@ -77,7 +78,7 @@ class HostPaths:
     @property
     def fleet_index(self) -> Path:
         """The fleet's sketches, read and checked once, for `place --index` (root-only)."""
-        return self.state_dir / "fleet-index"
+        return self.state_dir / FLEET_INDEX
 
     def daemon_writes(self) -> tuple[Path, ...]:
         """Every place the daemon writes: the KSM knobs, its runtime directory (the hooks'

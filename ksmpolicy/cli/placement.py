@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ksmpolicy.cli.common import INTERVAL, ROOT, Options, host_paths, policy_option
-from ksmpolicy.paths import FLEET_KEY
+from ksmpolicy.paths import FLEET_INDEX, FLEET_KEY, STATE_DIR
 from ksmpolicy.quoting import one_line
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def sketch(
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
     help="Write the index into DIR (root's alone; made 0700 if missing). Default: "
-    "/var/lib/ksmpolicy/fleet-index.",
+    f"{STATE_DIR}/{FLEET_INDEX}.",
 )
 @ROOT
 def index_(hosts: tuple[str, ...], out: Path | None, root: str) -> None:

@@ -24,7 +24,8 @@ root wrote it. It records the fleet key's id and K: one built under another key 
 
 **Replaced whole.** A new build writes its arrays under new names (its generation), then
 `index.json` (atomically, naming that generation), then removes the previous generation's
-arrays: a reader gets one build or the other, never a mix.
+arrays: a reader gets one build or the other, never a mix (one that read the old index.json
+just before, and opens its arrays after they are gone, is told the index is incomplete).
 """
 
 from __future__ import annotations
