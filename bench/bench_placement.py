@@ -8,16 +8,24 @@ the cost of sketching a guest, and of `place` and `rebalance` over many hosts.
 3. Sketching a 1 GiB guest-like process (lab/simguest.py; root): CPU-seconds.
 4. `place` of one VM over 1,000 host sketches of 50 VMs each, and `rebalance` over hosts of 50
    VMs (all from 10 "images" of 2,048 samples, 512 MiB at K = 64, plus unique samples).
+5. The fleet index over those 1,000 hosts: `ksmpolicy index` over their sealed documents (a
+   fresh process, from its exec), and `place --index` in a fresh process, from its exec to its
+   exit (Python's start, the imports, loading the index and the question), beside `place
+   --host` over the same documents in a fresh process.
 
 Writes bench/results/placement.{json,md}.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from bench.ksm_bench import machine_name
-from ksmpolicy.paths import PAGE_SIZE, HostPaths
+from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE, HostPaths
 from ksmpolicy.placement.document import from_json, to_json
+from ksmpolicy.placement.fleetindex import load_index, write_index
 from ksmpolicy.placement.plan import place, rebalance, saving
 from ksmpolicy.placement.sketch import FleetKey, HostSketch, Subject, VmSketch, take
 
@@ -36,6 +45,7 @@ GIB_PAGES = 2**30 // PAGE_SIZE
 SHARED_PAGES = (2**14, 2**16)  # 64 MiB and 256 MiB shared with the host
 DRAWS = 40
 KEY = FleetKey(b"bench" * 8)
+COLD_RUNS = 5  # fresh processes of `place --index`
 
 
 def vm_sketch(name: str, values: np.ndarray, domain: str = "default") -> VmSketch:
@@ -153,6 +163,59 @@ def loading(hosts: list[HostSketch]) -> float:
     return spent / len(documents)
 
 
+def command(*args: str) -> float:
+    """Seconds from a fresh `ksmpolicy` process's exec to its exit (it must succeed)."""
+    argv = [sys.executable, "-m", "ksmpolicy", *args]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def with_index(hosts: list[HostSketch]) -> dict[str, Any]:
+    """The fleet index of `hosts`: built by `ksmpolicy index` from their sealed documents and
+    by write_index from the sketches in memory; `place` from it in fresh processes, beside
+    `place` over the documents."""
+    now = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-index-") as work:
+        root = Path(work)
+        key = root / FLEET_KEY.lstrip("/")
+        key.parent.mkdir(parents=True)
+        key.write_text(KEY.secret.hex() + "\n")
+        key.chmod(0o600)
+        given = []
+        for host in hosts:
+            path = root / f"{host.host}.json"
+            path.write_text(json.dumps(to_json(dataclasses.replace(host, taken_at=now), KEY)))
+            given += ["--host", str(path)]
+        where = ["--root", str(root)]
+        index_command = command("index", *given, *where, "--out", str(root / "index"))
+        build, size = timed(lambda: write_index(root / "again", hosts, built_at=now))
+        load, index = timed(
+            lambda: load_index(root / "again", KEY.key_id, check_owner=os.geteuid() == 0)
+        )
+        question, (_vm, ranked) = timed(lambda: index.place("h2-vm0"))
+        expected = place(hosts, "h2-vm0")[1]
+        assert ranked == expected, "the index does not predict what place does"
+        runs = [
+            command("place", f"h{3 + n}-vm0", *where, "--index", str(root / "index"), "--json")
+            for n in range(COLD_RUNS)
+        ]
+        documents = command("place", "h2-vm0", *where, *given, "--json")
+        start = command("--version")
+    return {
+        "index_command_seconds": round(index_command, 1),
+        "index_build_seconds": round(build, 1),
+        "index_mib": round(size / 2**20),
+        "index_load_seconds": round(load, 3),
+        "index_question_seconds": round(question, 3),
+        "place_index_cold_seconds": round(statistics.median(runs), 3),
+        "place_index_cold_max_seconds": round(max(runs), 3),
+        "place_index_cold_runs": COLD_RUNS,
+        "place_documents_cold_seconds": round(documents, 1),
+        "cli_start_seconds": round(start, 3),
+    }
+
+
 def scale() -> dict[str, Any]:
     hosts = fleet(1000, 50)
     cold, (_vm, ranked) = timed(lambda: place(hosts, "h0-vm0"))
@@ -173,6 +236,7 @@ def scale() -> dict[str, Any]:
         "rebalance_vms_per_host": 50,
         "rebalance_seconds": round(rebalance_seconds, 3),
         "rebalance_moves": len(moves),
+        **with_index(hosts),
     }
 
 
@@ -214,6 +278,18 @@ def markdown(machine: str, found: dict[str, Any]) -> list[str]:
         f"VMs: {at['rebalance_seconds']} s for {at['rebalance_moves']} moves (the target, "
         "1,000 hosts in 10 s, is not met: after each move it weighs again every VM that "
         "shares a content with the moved one, on every host).",
+        "",
+        f"The fleet index of those {at['place_hosts']} hosts: `ksmpolicy index` over their "
+        f"sealed documents took {at['index_command_seconds']} s in a fresh process (reading "
+        f"them, then {at['index_build_seconds']} s to build and write the "
+        f"{at['index_mib']} MiB index from the sketches in memory). `place --index` in a fresh "
+        f"process, from its exec to its exit: {at['place_index_cold_seconds']} s (median of "
+        f"{at['place_index_cold_runs']}, the slowest {at['place_index_cold_max_seconds']} s; "
+        f"target 1 s), of which loading the index {at['index_load_seconds']} s and the "
+        f"question {at['index_question_seconds']} s (in-process); Python's start with the "
+        f"command line alone (`--version`, no numpy) takes {at['cli_start_seconds']} s. "
+        f"`place --host` over the same documents, for comparison: "
+        f"{at['place_documents_cold_seconds']} s.",
     ]
     return lines
 
