@@ -90,23 +90,9 @@ def write_index(directory: Path, hosts: Sequence[HostSketch], *, built_at: float
     """Write the index of `hosts` (sketches whose seals were checked) into `directory`,
     replacing the one there; the bytes written."""
     check_comparable(hosts)
-    try:
-        make_private_dir(directory)
-    except PermissionError as exc:
-        raise FleetIndexError(f"refusing to write the fleet index in {directory}: {exc}") from exc
     vms = [vm for host in hosts for vm in host.vms]
-    domains = sorted({vm.domain for vm in vms})
-    arrays, runs = _arrays(hosts, vms, domains)
+    arrays, runs = _arrays(hosts, vms, sorted({vm.domain for vm in vms}))
     generation = os.urandom(8).hex()
-    written = 0
-    for name, array in arrays.items():
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            header, np.lib.format.header_data_from_array_1_0(array)
-        )
-        parts = (header.getvalue(), np.ascontiguousarray(array).data)
-        write_atomic_parts(directory / f"{name}-{generation}.npy", parts, 0o600, private_dir=True)
-        written += len(parts[0]) + array.nbytes
     meta = {
         "format": FORMAT,
         "key_id": hosts[0].key_id,
@@ -128,11 +114,26 @@ def write_index(directory: Path, hosts: Sequence[HostSketch], *, built_at: float
         "vms": [[getattr(vm, name) for name in VM_FIELDS] for vm in vms],
     }
     text = json.dumps(meta, separators=(",", ":")).encode()
-    write_atomic_parts(directory / META, (text,), 0o600, private_dir=True)
-    for entry in directory.iterdir():  # the previous build's arrays: no reader needs them now
-        if _ARRAY_FILE.fullmatch(entry.name) and generation not in entry.name:
-            entry.unlink(missing_ok=True)
-    return written + len(text)
+    try:
+        make_private_dir(directory)
+        for name, array in arrays.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, np.lib.format.header_data_from_array_1_0(array)
+            )
+            parts = (header.getvalue(), np.ascontiguousarray(array).data)
+            path = directory / f"{name}-{generation}.npy"
+            write_atomic_parts(path, parts, 0o600, private_dir=True)
+        write_atomic_parts(directory / META, (text,), 0o600, private_dir=True)
+        # the previous build's arrays (a reader that opened them keeps them while it runs)
+        for entry in directory.iterdir():
+            if _ARRAY_FILE.fullmatch(entry.name) and generation not in entry.name:
+                entry.unlink(missing_ok=True)
+    except OSError as exc:
+        raise FleetIndexError(
+            f"cannot write the fleet index in {directory}: {exc.strerror or exc}"
+        ) from exc
+    return sum(array.nbytes for array in arrays.values()) + len(text)
 
 
 def _arrays(

@@ -91,6 +91,20 @@ def test_a_new_build_replaces_the_old_whole(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.npy"))) == 8  # the first build's arrays are gone
 
 
+def test_an_index_is_written_only_where_others_cannot_change_it(tmp_path: Path) -> None:
+    fleet = [host("a", vm("web-1", WEB))]
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o770)
+    shared.chmod(0o770)
+    with pytest.raises(FleetIndexError, match=f"cannot write the fleet index in {shared}: "):
+        write_index(shared, fleet, built_at=0.0)
+    assert list(shared.iterdir()) == []
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(FleetIndexError, match=f"cannot write the fleet index in {taken}: "):
+        write_index(taken, fleet, built_at=0.0)
+
+
 def test_an_index_built_under_another_key_is_refused(tmp_path: Path) -> None:
     other = FleetKey(b"j" * 32)
     sketch = dataclasses.replace(host("a", vm("web-1", WEB)), key_id=other.key_id)
