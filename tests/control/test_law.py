@@ -320,11 +320,16 @@ def test_a_sprint_that_keeps_merging_ends_after_the_most_full_scans() -> None:
     assert _sprint_length(100)[0] == MAX_SPRINT_FULL_SCANS
 
 
-def _visited_sprint(saved: Callable[[int], int], skipped_share: float = 0.0) -> tuple[int, Plan]:
+def _visited_sprint(
+    saved: Callable[[int], int],
+    skipped_share: float = 0.0,
+    grown: Callable[[int], int] = lambda _visits: 0,
+) -> tuple[int, Plan]:
     """A sprint on 100,000 pages that began with ksmd's cursor 30,000 pages into a round:
     ksmd visits 10,000 pages per half-second plan (`skipped_share` of them passed over by
-    smart_scan), and `saved(visits)` pages are saved after `visits` since the sprint began.
-    The visits when it ended, and the plan that ended it."""
+    smart_scan), and `saved(visits)` pages are saved and the footprint grew by
+    `grown(visits)` after `visits` since the sprint began. The visits when it ended, and the
+    plan that ended it."""
     footprint, visits, t = 100_000, 0, 0.0
 
     def look(t: float, visits: int) -> Observation:
@@ -332,7 +337,7 @@ def _visited_sprint(saved: Callable[[int], int], skipped_share: float = 0.0) -> 
         full_scans = 5 + (30_000 + visits) // footprint
         return obs(
             t,
-            footprint,
+            footprint + grown(visits),
             full_scans,
             saved(visits),
             pages_scanned=visits - skipped,
@@ -356,6 +361,22 @@ def test_a_sprint_ends_once_ksmd_visited_twice_the_footprint_and_merges_stopped(
         visits, p = _visited_sprint(merged_at_second_visit, skipped_share)
         assert 2 * 100_000 < visits <= 2 * 100_000 + 100_000 / VISIT_WINDOW_DIVISOR + 10_000
         assert (p.mode, p.history.unproductive_scans) == ("slow", 1), p.reason
+
+
+def test_a_sprint_is_not_ended_between_the_bursts_or_the_growth_of_booting_guests() -> None:
+    """Real guests that boot merge in bursts and still grow: windows of a sixteenth of F
+    ended their sprint between two bursts with a tenth of the savings left (measured)."""
+
+    def bursts(visits: int) -> int:  # 3,000 pages every 30,000 visits
+        return 40_000 + 3000 * (visits // 30_000) if visits >= 195_000 else 0
+
+    visits, _p = _visited_sprint(bursts)
+    assert visits >= 270_000, visits  # no window ended it: it ran its third full scan
+    visits, _p = _visited_sprint(
+        lambda visits: 40_000 if visits >= 195_000 else 0,
+        grown=lambda visits: 40 * (visits // 1000),  # 400 pages a plan: not a new sprint
+    )
+    assert visits >= 270_000, visits
 
 
 def test_a_sprint_whose_windows_keep_merging_runs_to_its_full_scans() -> None:
