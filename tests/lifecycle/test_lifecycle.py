@@ -228,6 +228,19 @@ ExecStart=/usr/bin/python3 -c "{load}"
 """
 
 
+def python_of(box: Container, unit: str, timeout: float = 30.0) -> int:
+    """The host's PID of the unit's main process once it runs python3: right after `systemctl
+    start` it can still be systemd's executor, before MemoryKSM= is applied (a race CI hit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        main = int(box.run("systemctl", "show", "-p", "MainPID", "--value", unit).stdout)
+        pid = box.host_pid(main) if main else None
+        if pid is not None and Path(f"/proc/{pid}/comm").read_text().strip() == "python3":
+            return pid
+        assert time.monotonic() < deadline, f"{unit}: its main process never ran python3"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("container", ["trixie"], indirect=True)
 def test_systemd_dropin_on_systemd_257(deb: Path, container: Container, real_ksm: RealKsm) -> None:
     # real_ksm: the KSM lock and the knobs restored, though nothing here writes them.
@@ -249,10 +262,7 @@ def test_systemd_dropin_on_systemd_257(deb: Path, container: Container, real_ksm
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "start", "lifecycle-web.service", "lifecycle-db.service")
     try:
-        stats = {}
-        for name in ("lifecycle-web", "lifecycle-db"):
-            pid = int(box.run("systemctl", "show", "-p", "MainPID", "--value", name).stdout)
-            stats[name] = ksm_stat(box.host_pid(pid))
+        stats = {name: ksm_stat(python_of(box, name)) for name in ("lifecycle-web", "lifecycle-db")}
         assert stats["lifecycle-web"]["ksm_merge_any"] == "yes", stats
         assert stats["lifecycle-db"]["ksm_merge_any"] == "no", stats
     finally:
