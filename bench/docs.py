@@ -117,7 +117,7 @@ def ksm_bound(name: str, what: str) -> str:
 def earliest_ready(data: dict[str, Any]) -> float:
     """The earliest any contender's guests were ready, as the bound counts it."""
     return min(
-        ready
+        float(ready)
         for run in data["runs"]
         if (ready := run["figures"].get("ready_after_seconds")) is not None
     )
