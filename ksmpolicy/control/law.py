@@ -452,10 +452,10 @@ def _track_window(obs: Observation, settings: LawSettings, history: History) -> 
     if began is None or visits is None or footprint <= 0 or visits - began < 2 * footprint:
         return history
     start = history.sprint_window
-    window = 0 if start is None else visits - start[0]
-    if start is not None and 0 <= window < footprint / VISIT_WINDOW_DIVISOR:
-        return history
-    if start is not None and window > 0:
+    if start is not None and visits >= start[0]:  # else: a first window, or counters reset
+        window = visits - start[0]
+        if window < footprint / VISIT_WINDOW_DIVISOR:
+            return history
         little = _noticeable(obs, settings) * window / footprint
         if obs.saved_pages - start[1] <= little and footprint - start[2] <= little:
             return replace(history, sprint_until_full_scans=None, sprint_ended_quiet=True)
