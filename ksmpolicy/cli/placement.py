@@ -19,6 +19,7 @@ from ksmpolicy.quoting import one_line
 if TYPE_CHECKING:
     from ksmpolicy.placement.fleetindex import FleetIndex
     from ksmpolicy.placement.plan import Prediction
+    from ksmpolicy.placement.rebalance import Fleet
     from ksmpolicy.placement.sketch import HostSketch, VmSketch
 
 MIB = 2**20
@@ -187,8 +188,7 @@ def place(
 
     fleet = _index(index_dir, hosts, root)
     if vm is None:
-        sketches = _read(hosts, root) if fleet is None else fleet.sketches()
-        _every_vm(sketches, reserve_mib, as_json)
+        _every_vm(_read(hosts, root) if fleet is None else fleet.fleet(), reserve_mib, as_json)
         return
     reserve = reserve_mib * MIB
     if fleet is None:
@@ -238,8 +238,8 @@ def _one_vm(
     click.echo("\n".join(lines))
 
 
-def _every_vm(sketches: list[HostSketch], reserve_mib: int, as_json: bool) -> None:
-    from ksmpolicy.placement.plan import best_hosts  # noqa: PLC0415
+def _every_vm(sketches: list[HostSketch] | Fleet, reserve_mib: int, as_json: bool) -> None:
+    from ksmpolicy.placement.rebalance import best_hosts  # noqa: PLC0415
 
     found = best_hosts(sketches, reserve_bytes=reserve_mib * MIB)
     if as_json:
@@ -288,12 +288,11 @@ def rebalance(
     commands. Needs the fleet key (root): each sketch's seal is checked
     (--host), or the index was built under it (--index).
     """
-    from ksmpolicy.placement.plan import rebalance as plan  # noqa: PLC0415
+    from ksmpolicy.placement.rebalance import rebalance as plan  # noqa: PLC0415
 
     fleet = _index(index_dir, hosts, root)
-    sketches = _read(hosts, root) if fleet is None else fleet.sketches()
     moves = plan(
-        sketches,
+        _read(hosts, root) if fleet is None else fleet.fleet(),
         max_moves=max_moves,
         reserve_bytes=reserve_mib * MIB,
         min_gain_bytes=min_gain_mib * MIB,

@@ -8,11 +8,11 @@ The law, in short (README "The reconciler" has the reasons):
   allows for as long as the merges need (`_track_sprint`; docs/daemon.md "Sprint"): up to 3
   full scans (the rest of the current round, as a new VM is queued just behind ksmd's cursor,
   and the two scans new memory needs before it can merge); 2 when the second saw (almost) no
-  page for the first time; more while the last still added sharing (booting guests settle
-  their contents late), up to MAX_SPRINT_FULL_SCANS; and it ends between full scans once ksmd
-  visited twice the footprint and merges stopped. While sprinting the law re-plans every half
-  second on the newest measured cost per page (checksumming new memory and merging it differ
-  several times over). A sprint whose end added almost no sharing counts as such a scan (Slow).
+  page for the first time; more while the last still changed sharing (booting guests settle
+  their contents late), up to MAX_SPRINT_FULL_SCANS; and between full scans once ksmd visited
+  twice the footprint and sharing held still. It re-plans every half second on the newest
+  cost per page (checksumming and merging differ several times over). A sprint whose end
+  changed almost no sharing counts as a scan that added none (Slow).
 * Settle: a sprint waits while the footprint is still growing (by more than SETTLE_MIN_PAGES or
   SETTLE_FRACTION of it over SETTLE_SECONDS): scanning a guest whole at every filling step would
   take the CPU the guests fill with. Meanwhile ksmd scans at the pace the memory appears (at
@@ -57,8 +57,7 @@ MIN_COST_PER_PAGE = 1 / 5_000_000
 MAX_COST_PER_PAGE = 1 / 20_000
 # The footprint must grow by this much (pages, and a fraction) to count as new memory.
 GROWTH_MIN_PAGES = 2048
-# ksmd CPU time needed before its cost per page is trusted (schedstat counts nanoseconds).
-MIN_COST_WINDOW_CPU_SECONDS = 0.02
+MIN_COST_WINDOW_CPU_SECONDS = 0.02  # ksmd CPU time before its cost per page is trusted
 GROWTH_FRACTION = 0.02
 # Memory that grew by this much (pages) since the last full scan is new: not judged yet.
 FRESH_MIN_PAGES = 512
@@ -69,8 +68,7 @@ SETTLE_SECONDS = 0.5
 SETTLE_MIN_PAGES = 512
 SETTLE_FRACTION = 0.005
 MAX_SETTLE_SECONDS = 30.0
-# A sprint whose full scans keep adding sharing runs at most this many.
-MAX_SPRINT_FULL_SCANS = 8
+MAX_SPRINT_FULL_SCANS = 8  # a sprint whose full scans keep changing sharing runs at most this
 VISIT_WINDOW_DIVISOR = 4  # after 2 F visits a sprint judges windows of F / this (`_track_window`)
 MIN_GROWTH_WINDOW_SECONDS = 0.1  # a growth rate is measured over at least this long
 PAGE_MIB = PAGE_SIZE / 2**20
@@ -286,7 +284,7 @@ def _new_memory(
     left = history.sprint_until_full_scans - obs.full_scans  # type: ignore[operator]
     why = f"new memory: scanning at the CPU budget for {left} more full scan(s)"
     if obs.full_scans - history.sprint_began_scans >= settings.sprint_full_scans:
-        why += " (the last one still added sharing)"
+        why += " (the last one still changed sharing)"
     return history, max_rate, "sprint", why
 
 
@@ -407,9 +405,10 @@ def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> 
     """Where a sprint under way stands (sprint_until_full_scans None: it is over). It runs
     `sprint_full_scans` full scans, but ends after two when the last saw almost no page for the
     first time (every page then had its second scan, on which a page merges, and the second of
-    a pair finds the first in that scan); runs one more while its last still added sharing, up
-    to MAX_SPRINT_FULL_SCANS; and ends between full scans by `_track_window`. Ended on a scan or
-    window that added almost no sharing, it says so (`sprint_ended_quiet`)."""
+    a pair finds the first in that scan); runs one more while its last changed sharing (a loss
+    too: booting guests write merged pages, and a net gain near zero hid merges to come,
+    measured), up to MAX_SPRINT_FULL_SCANS; ends between full scans by `_track_window`. Ended
+    quiet (almost no change), it says so (`sprint_ended_quiet`)."""
     until = history.sprint_until_full_scans
     assert until is not None
     if history.last_mode != "sprint":  # waiting to settle: `_new_memory` moves the start
@@ -429,12 +428,13 @@ def _track_sprint(obs: Observation, settings: LawSettings, history: History) -> 
     )
     done = obs.full_scans - history.sprint_began_scans
     seen, seen_before = obs.pages_seen, history.sprint_mark_seen
-    over = replace(marked, sprint_until_full_scans=None, sprint_ended_quiet=gain <= little)
+    changed = abs(gain) > little  # sharing grew, or fell: guests still write what merged
+    over = replace(marked, sprint_until_full_scans=None, sprint_ended_quiet=not changed)
     if done >= 2 and seen is not None and seen_before is not None and seen - seen_before <= little:
         return over
     if obs.full_scans < until:
         return marked
-    if gain > little and done < MAX_SPRINT_FULL_SCANS:
+    if changed and done < MAX_SPRINT_FULL_SCANS:
         return replace(marked, sprint_until_full_scans=obs.full_scans + 1)
     return over
 
@@ -443,8 +443,8 @@ def _track_window(obs: Observation, settings: LawSettings, history: History) -> 
     """A new VM's memory is queued just behind ksmd's cursor, so its pages get their second
     scan, and merge, once ksmd visited about twice the footprint since they came: the rest of
     the third round would re-read merged and partnerless pages. So after 2 F visits the sprint
-    ends at the first window of F / VISIT_WINDOW_DIVISOR visits that added almost no sharing
-    and no memory (the noticeable share of F, pro rata, each); else the next window starts.
+    ends at the first window of F / VISIT_WINDOW_DIVISOR visits that changed almost no sharing
+    and added no memory (the noticeable share of F, pro rata, each); else the next one starts.
     Booting guests merge in bursts and grow as they go: a shorter window ended their sprint
     with a tenth of their savings to find (measured)."""
     began, visits = history.sprint_began_visits, _visits(obs)
@@ -452,12 +452,12 @@ def _track_window(obs: Observation, settings: LawSettings, history: History) -> 
     if began is None or visits is None or footprint <= 0 or visits - began < 2 * footprint:
         return history
     start = history.sprint_window
-    window = 0 if start is None else visits - start[0]
-    if start is not None and 0 <= window < footprint / VISIT_WINDOW_DIVISOR:
-        return history
-    if start is not None and window > 0:
+    if start is not None and visits >= start[0]:  # else: a first window, or counters reset
+        window = visits - start[0]
+        if window < footprint / VISIT_WINDOW_DIVISOR:
+            return history
         little = _noticeable(obs, settings) * window / footprint
-        if obs.saved_pages - start[1] <= little and footprint - start[2] <= little:
+        if abs(obs.saved_pages - start[1]) <= little and footprint - start[2] <= little:
             return replace(history, sprint_until_full_scans=None, sprint_ended_quiet=True)
     return replace(history, sprint_window=(visits, obs.saved_pages, footprint))
 

@@ -9,7 +9,9 @@ What it holds, in a directory of root's (0700):
   to end (`vm_values`, from `vm_starts`), where its counts above 1 are and what they are
   (`repeat_at`, `repeat_count`), which it keeps exactly (`exact_at`); and, per trust domain,
   what each host's merging VMs of the domain hold, sorted by value once (holders.DomainIndex,
-  `held_*`, each domain a run of them named in index.json).
+  `held_*`, each domain a run of them named in index.json); and each VM's bounds for
+  `rebalance` (`vm_most`: the most it could save anywhere, `vm_here`: what it saves now;
+  rebalance.py).
 
 `place` then takes the VM's values, finds them in its domain's sorted values (searchsorted),
 and so knows on every host at once which of them another VM of its domain that merges there
@@ -45,9 +47,10 @@ import numpy.typing as npt
 from ksmpolicy.files import make_private_dir, read_regular, untrusted_reason, write_atomic_parts
 from ksmpolicy.placement.holders import DomainIndex
 from ksmpolicy.placement.plan import Prediction, check_comparable, find_vm, rank
+from ksmpolicy.placement.rebalance import Fleet, limits
 from ksmpolicy.placement.sketch import HostSketch, SketchError, VmSketch
 
-FORMAT = "ksmpolicy-fleet-index/1"
+FORMAT = "ksmpolicy-fleet-index/2"
 META = "index.json"
 MAX_META_BYTES = 512 * 2**20
 ARRAYS: dict[str, type[np.generic]] = {
@@ -59,6 +62,8 @@ ARRAYS: dict[str, type[np.generic]] = {
     "held_values": np.uint64,
     "held_hosts": np.int32,
     "held_holders": np.int32,
+    "vm_most": np.int64,
+    "vm_here": np.int64,
 }
 _ARRAY_FILE = re.compile(rf"(?:{'|'.join(ARRAYS)})-[0-9a-f]{{16}}\.npy")
 # a VM's figures in index.json, in VmSketch's order: its fields but the arrays
@@ -159,6 +164,8 @@ def _arrays(
         ),
     }
     held = [DomainIndex.of(hosts, domain) for domain in domains]
+    by_domain = dict(zip(domains, held, strict=True))
+    arrays["vm_most"], arrays["vm_here"] = limits(hosts, lambda name: by_domain[name])
     runs, end = {}, 0
     for domain, index in zip(domains, held, strict=True):
         runs[domain] = [end, end + int(index.values.size)]
@@ -223,9 +230,12 @@ class FleetIndex:
             raise _damaged(self.directory, f"held_hosts: {exc}") from exc
         return vm, rank(self.hosts, home, vm, list(held), reserve_bytes=reserve_bytes)
 
-    def sketches(self) -> list[HostSketch]:
-        """Every host's sketch whole (for `rebalance` and every VM's best host)."""
-        return [replace(host, vms=tuple(self.vm(vm) for vm in host.vms)) for host in self.hosts]
+    def fleet(self) -> Fleet:
+        """The index as `rebalance` and every VM's best host plan on it: each VM's values read
+        only when the plan weighs it, and its bounds as computed when the index was built."""
+        return Fleet(
+            self.hosts, self.vm, self.domain, self.arrays["vm_most"], self.arrays["vm_here"]
+        )
 
     @property
     def taken_at(self) -> tuple[float, float]:
@@ -325,6 +335,8 @@ def _loaded(directory: Path, meta: dict[str, Any], check_owner: bool) -> FleetIn
     count = sum(len(host.vms) for host in hosts)
     if starts.size != count + 1 or int(starts[-1]) != arrays["vm_values"].size:
         raise ValueError("vm_starts does not match its VMs and values")
+    if arrays["vm_most"].size != count or arrays["vm_here"].size != count:
+        raise ValueError("vm_most or vm_here does not have one figure per VM")
     runs = {d: (int(low), int(high)) for d, (low, high) in meta["domains"].items()}
     if any(not 0 <= low <= high <= arrays["held_values"].size for low, high in runs.values()):
         raise ValueError("a domain's run is outside held_values")

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from ksmpolicy.placement.sketch import HostSketch, Values, VmSketch
 
 Slots = npt.NDArray[np.int32]
+Positions = npt.NDArray[np.intp]  # of values among one VM's
 
 
 @dataclass(frozen=True)
@@ -56,35 +57,54 @@ class DomainIndex:
             values, hosts, holders = values[keep], hosts[keep], holders[keep]
         return cls(values, hosts, holders)
 
-    def _held_by_others(
-        self, vm: VmSketch, home: int
-    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int32]]:
-        """Each (value of the VM, host) where another VM holds it: the value's position among
-        the VM's and the host's slot; on `home` (where it runs, and merges) a VM besides it."""
+    def entries(self, vm: VmSketch) -> tuple[Positions, Slots, Slots]:
+        """Every (value of the VM, host) the index holds: the value's position among the VM's,
+        the host's slot and how many VMs there hold it; sorted by position, then slot."""
         low = np.searchsorted(self.values, vm.values, "left")
         count = np.searchsorted(self.values, vm.values, "right") - low
         which = np.repeat(np.arange(vm.values.size), count)
         first = np.cumsum(count) - count
         at = np.repeat(low - first, count) + np.arange(which.size)
-        where, holders = self.hosts[at], self.holders[at]
-        other = (where != home) | (holders >= 2)
-        return which[other], where[other]
+        return which, np.asarray(self.hosts[at]), np.asarray(self.holders[at])
 
     def held(
         self, vm: VmSketch, home: int, hosts: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """For each host, how many of the VM's values held there by another VM are exact
         (weight 1) and how many sampled (weight K); on `home`, held by a VM besides it."""
-        which, where = self._held_by_others(vm, home)
-        exact = vm.exact[which]
-        ones = np.bincount(where[exact], minlength=hosts)
-        k_times = np.bincount(where[~exact], minlength=hosts)
-        return ones.astype(np.int64), k_times.astype(np.int64)
+        return held_counts(vm, *self.entries(vm), home, hosts)
 
     def there(self, vm: VmSketch, home: int, hosts: int) -> npt.NDArray[np.bool_]:
         """For each host (a row), which of the VM's values another VM of its domain that merges
         there holds: what `plan.saving` takes; on `home`, a VM besides it."""
-        which, where = self._held_by_others(vm, home)
+        which, where, holders = self.entries(vm)
+        other = by_others(where, holders, home)
         found = np.zeros((hosts, vm.values.size), dtype=bool)
-        found[where, which] = True
+        found[where[other], which[other]] = True
         return found
+
+
+def by_others(where: Slots, holders: npt.NDArray[np.integer], home: int) -> npt.NDArray[np.bool_]:
+    """Which entries another VM holds: on the VM's own host (where it runs, and is one of the
+    holders when it merges) a second holder is needed."""
+    found: npt.NDArray[np.bool_] = (where != home) & (holders >= 1) | (holders >= 2)
+    return found
+
+
+def held_counts(
+    vm: VmSketch,
+    which: Positions,
+    where: Slots,
+    holders: npt.NDArray[np.integer],
+    home: int,
+    hosts: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """From a VM's entries (`DomainIndex.entries`, or them corrected for moves), for each
+    host how many of its values another VM holds there, exact (weight 1) and sampled
+    (weight K)."""
+    other = by_others(where, holders, home)
+    which, where = which[other], where[other]
+    exact = vm.exact[which]
+    ones = np.bincount(where[exact], minlength=hosts)
+    k_times = np.bincount(where[~exact], minlength=hosts)
+    return ones.astype(np.int64), k_times.astype(np.int64)

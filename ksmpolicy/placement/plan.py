@@ -1,5 +1,5 @@
-"""Predictions from sketches: what a VM would save on each host (`place`), and the migrations
-that would save the most (`rebalance`). Pure computation; nothing is read or run here.
+"""Predictions from sketches: what a VM would save on each host (`place`); the fleet-wide
+questions on the same model are in rebalance.py. Pure computation; nothing is read or run here.
 
 What a VM saves on a host, in pages, from its sketch (K: the sampling rate):
 
@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE
-from ksmpolicy.placement.holders import DomainIndex
 from ksmpolicy.placement.sketch import UUID, VMID, HostSketch, SketchError, VmSketch
-from ksmpolicy.quoting import quote, shell_command
+from ksmpolicy.quoting import quote
 
 
 @dataclass(frozen=True)
@@ -43,30 +42,6 @@ class Prediction:
     headroom_bytes: int  # the host's MemAvailable after the move, less the reserve
     fits: bool
     why_not: str | None  # why the VM would not merge there (None: it would)
-
-
-@dataclass(frozen=True)
-class Move:
-    vm: VmSketch
-    source: str
-    target: str
-    gain_bytes: int  # fleet savings added by this move
-
-    def command(self) -> str:
-        """The migration as one command line to paste. The VM is named by what its operator
-        controls (libvirt: its UUID, Proxmox VE: its VMID), never by its name, which a tenant
-        may choose; the sketch's reader checked both, and the host names."""
-        vm = self.vm
-        if vm.platform == "proxmox" and vm.vmid:
-            words = ["qm", "migrate", vm.vmid, self.target, "--online"]
-        elif vm.platform == "libvirt" and vm.uuid:
-            host = f"[{self.target}]" if ":" in self.target else self.target
-            words = ["virsh", "migrate", "--live", "--persistent", "--domain", vm.uuid]
-            words += ["--desturi", f"qemu+ssh://{host}/system"]
-        else:
-            return f"# {quote(vm.name)}: no UUID or VMID in its sketch: migrate it by hand"
-        line = shell_command(*words)
-        return line if line is not None else f"# {quote(vm.name)}: cannot be pasted"
 
 
 def check_comparable(hosts: Sequence[HostSketch]) -> None:
@@ -109,7 +84,9 @@ def _identities(vm: VmSketch) -> list[str]:
     return found
 
 
-def _zero_saving(zero_pages: int, host: HostSketch) -> int:
+def zero_saving(zero_pages: int, host: HostSketch) -> int:
+    """What a VM's zero-filled pages save on the host (all of them with use_zero_pages; else
+    all but one per max_page_sharing of them)."""
     if host.use_zero_pages:
         return zero_pages
     return zero_pages - math.ceil(zero_pages / host.max_page_sharing) if zero_pages else 0
@@ -122,7 +99,7 @@ def saving(vm: VmSketch, k: int, host: HostSketch, there: npt.NDArray[np.bool_])
     every content, plus w over those held there (`VmSketch.terms`)."""
     weights, held, own = vm.terms(k)
     shared = int(held[there].sum())  # every copy saves a page
-    return own + int(weights[there].sum()) + _zero_saving(vm.zero_pages, host), shared
+    return own + int(weights[there].sum()) + zero_saving(vm.zero_pages, host), shared
 
 
 def _held_on_each(vm: VmSketch, hosts: Sequence[HostSketch]) -> list[npt.NDArray[np.bool_]]:
@@ -226,183 +203,3 @@ def rank(
         )
     predictions.sort(key=lambda p: (not p.fits, -p.saved_bytes, not p.current, p.host))
     return predictions
-
-
-@dataclass(frozen=True)
-class Best:
-    """For schedulers: a VM's best other host (None: none fits) and what moving there gains."""
-
-    vm: str
-    uuid: str | None
-    vmid: str | None
-    domain: str
-    host: str  # where it runs now
-    saved_bytes: int  # what it saves there now
-    best_host: str | None
-    gain_bytes: int  # saved on the best host minus saved now (may be negative)
-
-
-def best_hosts(hosts: Sequence[HostSketch], *, reserve_bytes: int = 0) -> list[Best]:
-    """Every VM of the sketches that may merge, with the other host where it would save the
-    most and fits (headroom after the move at least the reserve)."""
-    check_comparable(hosts)
-    fleet = _Fleet(hosts)
-    found = []
-    for home in hosts:
-        for vm in home.vms:
-            if not vm.merges:
-                continue
-            here = fleet.here(vm, home.host)
-            best: tuple[int, str] | None = None
-            for target in fleet.views:
-                if target == home.host:
-                    continue
-                there, cost = fleet.there(vm, home.host, target)
-                if fleet.available[target] - cost >= reserve_bytes and (
-                    best is None or there > best[0]
-                ):
-                    best = (there, target)
-            found.append(
-                Best(
-                    vm=vm.name,
-                    uuid=vm.uuid,
-                    vmid=vm.vmid,
-                    domain=vm.domain,
-                    host=home.host,
-                    saved_bytes=here * PAGE_SIZE,
-                    best_host=None if best is None else best[1],
-                    gain_bytes=0 if best is None else (best[0] - here) * PAGE_SIZE,
-                )
-            )
-    return found
-
-
-def rebalance(
-    hosts: Sequence[HostSketch],
-    *,
-    max_moves: int = 5,
-    reserve_bytes: int = 0,
-    min_gain_bytes: int = 64 * 2**20,
-) -> list[Move]:
-    """Migrations that raise the fleet's savings the most, one at a time (greedy): each move is
-    the one with the largest gain given the moves before it, never across trust domains (each
-    VM keeps its domain and shares only with its own), never leaving a host below the reserve,
-    and each gains at least `min_gain_bytes`. A VM moves at most once."""
-    check_comparable(hosts)
-    fleet = _Fleet(hosts)
-    moves: list[Move] = []
-    while len(moves) < max_moves:
-        best = fleet.best_move(reserve_bytes, min_gain_bytes)
-        if best is None:
-            break
-        moves.append(best)
-    return moves
-
-
-class _Fleet:
-    """Where each VM is while a plan is made, each host's memory left, and what each VM would
-    save on each host. Per trust domain, one sorted index of what each host's VMs of that
-    domain that merge hold (`DomainIndex`) answers for one VM and every host at once; what a
-    VM saves is kept until a move touches it (a move changes only its domain's index, and only
-    the VMs that hold some of the moved VM's contents; every VM, when the move makes its
-    domain the one that merges on the target)."""
-
-    def __init__(self, hosts: Sequence[HostSketch]) -> None:
-        self.k = hosts[0].k
-        self.views = {h.host: h for h in hosts}
-        self.slot = {name: i for i, name in enumerate(self.views)}
-        self.available = {h.host: h.mem_available_bytes for h in hosts}
-        self.moved: set[int] = set()
-        self._arrived: list[VmSketch] = []
-        self._indexes: dict[str, DomainIndex] = {}
-        self._saved: dict[int, tuple[VmSketch, npt.NDArray[np.int64]]] = {}
-
-    def here(self, vm: VmSketch, home: str) -> int:
-        """What the VM saves where it runs (its own copies left out of the host's)."""
-        return int(self._savings(vm, home)[self.slot[home]])
-
-    def there(self, vm: VmSketch, home: str, host: str) -> tuple[int, int]:
-        """What the VM would save on another host, and the memory it would take there."""
-        saved = int(self._savings(vm, home)[self.slot[host]])
-        return saved, (vm.present_pages - saved) * PAGE_SIZE
-
-    def _savings(self, vm: VmSketch, home: str) -> npt.NDArray[np.int64]:
-        """Pages the VM saves on each host (`home`: where it runs, its own copies apart); the
-        same figures as `saving` with each host's union, for every host in one pass."""
-        if id(vm) in self._saved:
-            return self._saved[id(vm)][1]
-        out = np.zeros(len(self.views), dtype=np.int64)
-        if vm.merges:
-            index = self._indexes.get(vm.domain)
-            if index is None:
-                index = self._indexes[vm.domain] = DomainIndex.of(self.views.values(), vm.domain)
-            ones, k_times = index.held(vm, self.slot[home], len(self.views))
-            _weights, _held, own = vm.terms(self.k)
-            for i, view in enumerate(self.views.values()):
-                merging = vm.active if i == self.slot[home] else view.would_merge(vm) is None
-                if merging:
-                    sampled = own + int(ones[i]) + self.k * int(k_times[i])
-                    out[i] = sampled + _zero_saving(vm.zero_pages, view)
-        self._saved[id(vm)] = (vm, out)
-        return out
-
-    def best_move(self, reserve_bytes: int, min_gain_bytes: int) -> Move | None:
-        """The move that gains the most now (a VM's saving is its marginal one: a copy it adds
-        to a content held there saves a page; leaving, it un-saves its copies held here)."""
-        best: tuple[int, VmSketch, str, str] | None = None
-        for source, view in self.views.items():
-            for vm in view.vms:
-                if id(vm) in self.moved or not vm.merges:
-                    continue
-                here = self.here(vm, source)
-                for target in self.views:
-                    if target == source:
-                        continue
-                    there, cost = self.there(vm, source, target)
-                    gain = (there - here) * PAGE_SIZE
-                    if self.available[target] - cost < reserve_bytes or gain < min_gain_bytes:
-                        continue
-                    if best is None or gain > best[0]:
-                        best = (gain, vm, source, target)
-        if best is None:
-            return None
-        gain, vm, source, target = best
-        self._move(vm, source, target)
-        return Move(vm, source, target, gain)
-
-    def _move(self, vm: VmSketch, source: str, target: str) -> None:
-        """Move `vm`: it merges there if its domain may (and then, if none merged there, its
-        domain becomes the one that does)."""
-        self.available[target] -= self.there(vm, source, target)[1]
-        self.available[source] += (vm.present_pages - self.here(vm, source)) * PAGE_SIZE
-        arrived = replace(vm, active=self.views[target].would_merge(vm) is None)
-        self.moved.update((id(vm), id(arrived)))
-        self._arrived.append(arrived)  # keeps its id() from being reused
-        old_target = self.views[target]
-        domains = old_target.active_domains
-        took_over = domains == () and arrived.active
-        if took_over:
-            domains = (vm.domain,)
-        self.views[source] = _with_vms(
-            self.views[source], [v for v in self.views[source].vms if v is not vm], None
-        )
-        self.views[target] = _with_vms(old_target, [*old_target.vms, arrived], domains)
-        self._indexes.pop(vm.domain, None)
-        for key, (other, _saved) in list(self._saved.items()):
-            if (other.domain == vm.domain and _share(other, vm)) or took_over:
-                del self._saved[key]
-        self._saved.pop(id(vm), None)
-
-
-def _share(a: VmSketch, b: VmSketch) -> bool:
-    """Whether two VMs' sketches hold a content in common."""
-    if not a.values.size or not b.values.size:
-        return False
-    at = np.minimum(np.searchsorted(b.values, a.values), b.values.size - 1)
-    return bool(np.any(b.values[at] == a.values))
-
-
-def _with_vms(host: HostSketch, vms: list[VmSketch], active: tuple[str, ...] | None) -> HostSketch:
-    """The host with other VMs (`active`: its domains that merge; None: unchanged)."""
-    domains = host.active_domains if active is None else active
-    return replace(host, vms=tuple(vms), active_domains=domains)

@@ -313,7 +313,40 @@ def test_a_sprint_runs_on_while_its_last_full_scan_still_merges() -> None:
     # booting guests: their contents settle after the footprint did
     scans, reason = _sprint_length(5)
     assert scans == 6  # the sixth added nothing
-    assert "the last one still added sharing" in reason
+    assert "the last one still changed sharing" in reason
+
+
+def test_a_sprint_runs_on_while_booting_guests_write_what_merged() -> None:
+    """Real guests that finish booting write pages that had merged while more merge: a full
+    scan's net gain can be a loss with merges still to come. Measured: a sprint that ended
+    on such a scan left 1.5 % of the savings to the slow pace, 140 s more to 90 %."""
+
+    def booting(done: int) -> int:  # merging 5,000 pages a scan, then losing 3,000 once
+        return 5000 * min(done, 4) - (3000 if done >= 5 else 0) + (4000 if done >= 6 else 0)
+
+    scans, _reason = _sprint(saved=booting)
+    assert scans == 7  # the loss (5th) and the late merges (6th) each ran one more
+
+    def losing_last(done: int) -> int:  # still changing when the most full scans are done
+        return 5000 * min(done, MAX_SPRINT_FULL_SCANS - 1) - 3000 * (done >= MAX_SPRINT_FULL_SCANS)
+
+    p = plan(obs(0, 100_000, full_scans=5), LAW, History())
+    t, done = 0.0, 0
+    while p.mode == "sprint":
+        t, done = t + 2, done + 1
+        p = plan(obs(t, 100_000, full_scans=5 + done, saved=losing_last(done)), LAW, p.history)
+    assert done == MAX_SPRINT_FULL_SCANS
+    assert p.mode == "calm", p.reason  # ended on a loss: no quiet end, not the slowed pace
+
+
+def test_a_sprint_window_that_lost_sharing_does_not_end_it() -> None:
+    def written_again(visits: int) -> int:  # merged at the second visit, then written again
+        if visits < 195_000:
+            return 0
+        return 40_000 - min(20_000, (visits - 195_000) // 2)
+
+    visits, _p = _visited_sprint(written_again)
+    assert visits >= 270_000, visits  # no window ended it
 
 
 def test_a_sprint_that_keeps_merging_ends_after_the_most_full_scans() -> None:

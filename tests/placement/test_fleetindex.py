@@ -15,8 +15,9 @@ import pytest
 
 from ksmpolicy.cli.main import main
 from ksmpolicy.placement.document import to_json
-from ksmpolicy.placement.fleetindex import FleetIndexError, load_index, write_index
-from ksmpolicy.placement.plan import place, rebalance
+from ksmpolicy.placement.fleetindex import ARRAYS, FleetIndexError, load_index, write_index
+from ksmpolicy.placement.plan import place
+from ksmpolicy.placement.rebalance import Fleet, best_hosts, rebalance
 from ksmpolicy.placement.sketch import FleetKey, HostSketch
 from tests.placement.test_plan import DB, KEY, WEB, host, vm
 from tests.placement.test_rebalance_model import random_fleet
@@ -64,21 +65,27 @@ def test_the_index_predicts_what_place_does_on_random_fleets(tmp_path: Path) -> 
     assert compared > 1000 and shared > 300 and idle > 30, (compared, shared, idle)
 
 
-def test_the_index_gives_back_each_sketch_whole(tmp_path: Path) -> None:
-    """`rebalance --index` plans on the index's sketches: the same moves as on the sketches."""
+def test_rebalance_plans_the_same_from_the_index(tmp_path: Path) -> None:
+    """`rebalance --index` and every VM's best host plan on the index (its VMs' values read
+    when weighed, the bounds stored at the build): the same moves and answers as on the
+    sketches, and the same bounds as computed from them."""
     rng = np.random.default_rng(7)
     moved = 0
     for n in range(60):
         fleet = random_fleet(rng)
         write_index(tmp_path / str(n), fleet, built_at=0.0)
-        again = load_index(tmp_path / str(n), KEY.key_id, check_owner=False).sketches()
-        for before, after in zip(fleet, again, strict=True):
+        index = load_index(tmp_path / str(n), KEY.key_id, check_owner=False)
+        for before, after in zip(fleet, index.hosts, strict=True):
             assert dataclasses.replace(after, vms=()) == dataclasses.replace(before, vms=())
+        from_sketches, from_index = Fleet.of(fleet), index.fleet()
+        assert np.array_equal(from_index.most, from_sketches.most)
+        assert np.array_equal(from_index.here, from_sketches.here)
         expected = rebalance(fleet, max_moves=3, min_gain_bytes=2**20)
-        got = rebalance(again, max_moves=3, min_gain_bytes=2**20)
+        got = rebalance(from_index, max_moves=3, min_gain_bytes=2**20)
         assert [(m.vm.name, m.target, m.gain_bytes) for m in got] == [
             (m.vm.name, m.target, m.gain_bytes) for m in expected
         ]
+        assert best_hosts(from_index) == best_hosts(fleet)
         moved += len(got)
     assert moved > 20, moved
 
@@ -88,7 +95,7 @@ def test_a_new_build_replaces_the_old_whole(tmp_path: Path) -> None:
     write_index(tmp_path, [host("a", vm("db-1", DB))], built_at=2)
     index = load_index(tmp_path, KEY.key_id, check_owner=False)
     assert [h.host for h in index.hosts] == ["a"] and index.built_at == 2
-    assert len(list(tmp_path.glob("*.npy"))) == 8  # the first build's arrays are gone
+    assert len(list(tmp_path.glob("*.npy"))) == len(ARRAYS)  # the first build's arrays are gone
 
 
 def test_an_index_is_written_only_where_others_cannot_change_it(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.placement.document import from_json, to_json
-from ksmpolicy.placement.plan import place, rebalance
+from ksmpolicy.placement.plan import place
+from ksmpolicy.placement.rebalance import rebalance
 from ksmpolicy.placement.sketch import FleetKey, HostSketch, SketchError, VmSketch
 
 K = 64

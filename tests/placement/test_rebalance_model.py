@@ -10,7 +10,8 @@ import dataclasses
 import numpy as np
 
 from ksmpolicy.paths import PAGE_SIZE
-from ksmpolicy.placement.plan import place, rebalance, saving
+from ksmpolicy.placement.plan import place, saving
+from ksmpolicy.placement.rebalance import Fleet, Planner, rebalance
 from ksmpolicy.placement.sketch import HostSketch, VmSketch
 from tests.placement.test_plan import K, host, vm
 
@@ -148,3 +149,43 @@ def test_place_matches_each_hosts_union_on_random_fleets() -> None:
                     compared += 1
                     shared += with_others > 0
     assert compared > 1000 and shared > 300, (compared, shared)
+
+
+def test_a_tie_goes_to_the_vm_first_in_the_sketches_even_when_its_bound_is_lower() -> None:
+    """`a` could gain at most 200 samples' worth (X and Y are held elsewhere) and is weighed
+    first, but gains 100 (X and Y are on two hosts); `b`, first in the sketches, gains 100 too
+    and its bound is exactly that: it must still be weighed, and win the tie."""
+    x, y = list(range(100)), list(range(1000, 1100))
+    fleet = [
+        host("h0", vm("b", x)),
+        host("h1", vm("a", x + y)),
+        host("h2", vm("c", x)),
+        host("h3", vm("d", y)),
+    ]
+    (move,) = rebalance(fleet, max_moves=1, min_gain_bytes=MIB)
+    assert (move.vm.name, move.target, move.gain_bytes) == ("b", "h1", 100 * K * PAGE_SIZE)
+    assert [(move.vm.name, move.source, move.target, move.gain_bytes)] == plain_greedy(
+        fleet, 1, 0, MIB
+    )
+
+
+def test_a_plan_weighs_only_the_vms_whose_bound_can_win() -> None:
+    """On a fleet of similar VMs, most VMs already save where they run all that they could
+    anywhere: a step weighs only those that do not (and the plan is still the plain one)."""
+    rng = np.random.default_rng(3)
+    images = [list(range(i * 10_000, i * 10_000 + 300)) for i in range(4)]
+    hosts, count = [], 0
+    for h in range(12):
+        vms = []
+        for _ in range(8):
+            image = images[int(rng.integers(0, 4))] if h else images[h % 4]
+            own = list(range(1_000_000 + count * 100, 1_000_000 + count * 100 + 50))
+            vms.append(vm(f"vm-{count}", image + own))
+            count += 1
+        hosts.append(host(f"h{h}", *vms, available_mib=65536))
+    planner = Planner(Fleet.of(hosts))
+    moves: list[tuple[str, str, str, int]] = []
+    while (move := planner.best_move(0, MIB)) is not None and len(moves) < 3:
+        moves.append((move.vm.name, move.source, move.target, move.gain_bytes))
+    assert moves == plain_greedy(hosts, 3, 0, MIB)
+    assert moves and planner.weighed < count // 4, (planner.weighed, count)
