@@ -19,7 +19,6 @@ from ksmpolicy.quoting import one_line
 if TYPE_CHECKING:
     from ksmpolicy.placement.fleetindex import FleetIndex
     from ksmpolicy.placement.plan import Prediction
-    from ksmpolicy.placement.rebalance import Fleet
     from ksmpolicy.placement.sketch import HostSketch, VmSketch
 
 MIB = 2**20
@@ -188,7 +187,7 @@ def place(
 
     fleet = _index(index_dir, hosts, root)
     if vm is None:
-        _every_vm(_read(hosts, root) if fleet is None else fleet.fleet(), reserve_mib, as_json)
+        _every_vm(hosts, root, fleet, reserve_mib, as_json)
         return
     reserve = reserve_mib * MIB
     if fleet is None:
@@ -238,10 +237,16 @@ def _one_vm(
     click.echo("\n".join(lines))
 
 
-def _every_vm(sketches: list[HostSketch] | Fleet, reserve_mib: int, as_json: bool) -> None:
+def _every_vm(
+    hosts: tuple[str, ...], root: str, fleet: FleetIndex | None, reserve_mib: int, as_json: bool
+) -> None:
     from ksmpolicy.placement.rebalance import best_hosts  # noqa: PLC0415
 
-    found = best_hosts(sketches, reserve_bytes=reserve_mib * MIB)
+    reserve = reserve_mib * MIB
+    if fleet is None:
+        found = best_hosts(_read(hosts, root), reserve_bytes=reserve)
+    else:
+        found = fleet.best_hosts(reserve_bytes=reserve)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(b) for b in found], indent=2))
         return
@@ -291,12 +296,12 @@ def rebalance(
     from ksmpolicy.placement.rebalance import rebalance as plan  # noqa: PLC0415
 
     fleet = _index(index_dir, hosts, root)
-    moves = plan(
-        _read(hosts, root) if fleet is None else fleet.fleet(),
-        max_moves=max_moves,
-        reserve_bytes=reserve_mib * MIB,
-        min_gain_bytes=min_gain_mib * MIB,
-    )
+    limits = {
+        "max_moves": max_moves,
+        "reserve_bytes": reserve_mib * MIB,
+        "min_gain_bytes": min_gain_mib * MIB,
+    }
+    moves = plan(_read(hosts, root), **limits) if fleet is None else fleet.rebalance(**limits)
     if as_json:
         click.echo(
             json.dumps(

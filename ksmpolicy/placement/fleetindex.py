@@ -32,6 +32,7 @@ just before, and opens its arrays after they are gone, is told the index is inco
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -45,9 +46,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.files import make_private_dir, read_regular, untrusted_reason, write_atomic_parts
-from ksmpolicy.placement.holders import DomainIndex
+from ksmpolicy.paths import PAGE_SIZE
+from ksmpolicy.placement.holders import DamagedHolders, DomainIndex
 from ksmpolicy.placement.plan import Prediction, check_comparable, find_vm, rank
-from ksmpolicy.placement.rebalance import Fleet, limits
+from ksmpolicy.placement.rebalance import Best, Fleet, Move, best_hosts, limits, rebalance
 from ksmpolicy.placement.sketch import HostSketch, SketchError, VmSketch
 
 FORMAT = "ksmpolicy-fleet-index/2"
@@ -104,6 +106,7 @@ def write_index(directory: Path, hosts: Sequence[HostSketch], *, built_at: float
         "k": hosts[0].k,
         "built_at": built_at,
         "generation": generation,
+        "bounds_digest": _bounds_digest(arrays["vm_most"], arrays["vm_here"]),
         "arrays": {name: int(array.size) for name, array in arrays.items()},
         "domains": runs,
         "host_fields": HOST_FIELDS,
@@ -226,8 +229,8 @@ class FleetIndex:
         slot = next(i for i, host in enumerate(self.hosts) if host is home)
         try:
             held = self.domain(vm.domain).there(vm, slot, len(self.hosts))
-        except IndexError as exc:  # a slot past the hosts: the arrays are not what was written
-            raise _damaged(self.directory, f"held_hosts: {exc}") from exc
+        except DamagedHolders as exc:
+            raise _damaged(self.directory, exc) from exc
         return vm, rank(self.hosts, home, vm, list(held), reserve_bytes=reserve_bytes)
 
     def fleet(self) -> Fleet:
@@ -236,6 +239,20 @@ class FleetIndex:
         return Fleet(
             self.hosts, self.vm, self.domain, self.arrays["vm_most"], self.arrays["vm_here"]
         )
+
+    def rebalance(self, **limits: int) -> list[Move]:
+        """`rebalance.rebalance` on the index (a damaged one is a FleetIndexError)."""
+        try:
+            return rebalance(self.fleet(), **limits)
+        except DamagedHolders as exc:
+            raise _damaged(self.directory, exc) from exc
+
+    def best_hosts(self, *, reserve_bytes: int = 0) -> list[Best]:
+        """Every VM's best other host, from the index (a damaged one is a FleetIndexError)."""
+        try:
+            return best_hosts(self.fleet(), reserve_bytes=reserve_bytes)
+        except DamagedHolders as exc:
+            raise _damaged(self.directory, exc) from exc
 
     @property
     def taken_at(self) -> tuple[float, float]:
@@ -335,9 +352,41 @@ def _loaded(directory: Path, meta: dict[str, Any], check_owner: bool) -> FleetIn
     count = sum(len(host.vms) for host in hosts)
     if starts.size != count + 1 or int(starts[-1]) != arrays["vm_values"].size:
         raise ValueError("vm_starts does not match its VMs and values")
-    if arrays["vm_most"].size != count or arrays["vm_here"].size != count:
-        raise ValueError("vm_most or vm_here does not have one figure per VM")
+    most, here = arrays["vm_most"], arrays["vm_here"]
+    if _bounds_digest(most, here) != meta["bounds_digest"]:
+        raise ValueError("vm_most or vm_here is not what was written")
+    _check_bounds(most, here, [vm for h in hosts for vm in h.vms])
     runs = {d: (int(low), int(high)) for d, (low, high) in meta["domains"].items()}
     if any(not 0 <= low <= high <= arrays["held_values"].size for low, high in runs.values()):
         raise ValueError("a domain's run is outside held_values")
     return FleetIndex(directory, float(meta["built_at"]), tuple(hosts), arrays, runs)
+
+
+def _bounds_digest(most: npt.NDArray[np.int64], here: npt.NDArray[np.int64]) -> str:
+    """A digest of each VM's bounds, kept in index.json: a bound that reads too low would hide
+    a move without a trace (a plan never weighs that VM), and the two arrays are small (16
+    bytes a VM) where the others are not."""
+    digest = hashlib.blake2b(np.ascontiguousarray(most).tobytes(), digest_size=16)
+    digest.update(np.ascontiguousarray(here).tobytes())
+    return digest.hexdigest()
+
+
+def _check_bounds(
+    most: npt.NDArray[np.int64], here: npt.NDArray[np.int64], vms: list[VmSketch]
+) -> None:
+    """Each VM's bounds (`rebalance.limits`) as a build could have written them: one of each
+    per VM, what it saves now at most what it could save anywhere, nothing for a VM that
+    does not merge (now, or at all), and small enough to count in bytes. (That what it saves
+    now matches its contents is checked when a plan weighs it.)"""
+    if most.size != len(vms) or here.size != len(vms):
+        raise ValueError("vm_most or vm_here does not have one figure per VM")
+    merges = np.array([vm.merges for vm in vms], dtype=bool)
+    active = np.array([vm.active for vm in vms], dtype=bool)
+    if most.size and not (
+        np.all(here >= 0)
+        and np.all(here <= most)
+        and np.all(most < 2**51 // PAGE_SIZE)
+        and np.all(most[~merges] == 0)
+        and np.all(here[~(merges & active)] == 0)
+    ):
+        raise ValueError("vm_most and vm_here are not bounds a build writes")

@@ -1,7 +1,8 @@
 """Who holds each sampled content across a fleet, for one trust domain: one array sorted by
 value of every host's union (what the domain's VMs that merge there hold, and how many of them
 hold each), which answers for one VM and every host at once. `rebalance` builds one per domain
-as it plans; the fleet index (fleetindex.py) keeps them on disk, built once, for `place`.
+when it plans on sketches (rebalance.py); the fleet index (fleetindex.py) keeps them on disk,
+built once, for `place --index` and `rebalance --index`.
 
 Only the contents that two or more of the domain's VMs hold (or that a VM holds which may
 merge but does not now, and may move) are kept: a content one VM alone holds is no other VM's
@@ -57,37 +58,41 @@ class DomainIndex:
             values, hosts, holders = values[keep], hosts[keep], holders[keep]
         return cls(values, hosts, holders)
 
-    def entries(self, vm: VmSketch) -> tuple[Positions, Slots, Slots]:
+    def entries(self, vm: VmSketch, hosts: int) -> tuple[Positions, Slots, Slots]:
         """Every (value of the VM, host) the index holds: the value's position among the VM's,
-        the host's slot and how many VMs there hold it; sorted by position, then slot."""
+        the host's slot and how many VMs there hold it; sorted by position, then slot. An
+        index read from disk is checked here, where it is used: a slot outside the `hosts` it
+        was made of, or a count below one, is `DamagedHolders`."""
         low = np.searchsorted(self.values, vm.values, "left")
         count = np.searchsorted(self.values, vm.values, "right") - low
         which = np.repeat(np.arange(vm.values.size), count)
         first = np.cumsum(count) - count
         at = np.repeat(low - first, count) + np.arange(which.size)
-        return which, np.asarray(self.hosts[at]), np.asarray(self.holders[at])
-
-    def held(
-        self, vm: VmSketch, home: int, hosts: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """For each host, how many of the VM's values held there by another VM are exact
-        (weight 1) and how many sampled (weight K); on `home`, held by a VM besides it."""
-        return held_counts(vm, *self.entries(vm), home, hosts)
+        where, holders = np.asarray(self.hosts[at]), np.asarray(self.holders[at])
+        if where.size and (int(where.min()) < 0 or int(where.max()) >= hosts):
+            raise DamagedHolders(f"held_hosts: a slot outside the {hosts} hosts")
+        if holders.size and int(holders.min()) < 1:
+            raise DamagedHolders("held_holders: a content held by no VM")
+        return which, where, holders
 
     def there(self, vm: VmSketch, home: int, hosts: int) -> npt.NDArray[np.bool_]:
         """For each host (a row), which of the VM's values another VM of its domain that merges
         there holds: what `plan.saving` takes; on `home`, a VM besides it."""
-        which, where, holders = self.entries(vm)
+        which, where, holders = self.entries(vm, hosts)
         other = by_others(where, holders, home)
         found = np.zeros((hosts, vm.values.size), dtype=bool)
         found[where[other], which[other]] = True
         return found
 
 
+class DamagedHolders(ValueError):
+    """A `DomainIndex` whose entries cannot be what was written (read from a damaged index)."""
+
+
 def by_others(where: Slots, holders: npt.NDArray[np.integer], home: int) -> npt.NDArray[np.bool_]:
     """Which entries another VM holds: on the VM's own host (where it runs, and is one of the
     holders when it merges) a second holder is needed."""
-    found: npt.NDArray[np.bool_] = (where != home) & (holders >= 1) | (holders >= 2)
+    found: npt.NDArray[np.bool_] = ((where != home) & (holders >= 1)) | (holders >= 2)
     return found
 
 

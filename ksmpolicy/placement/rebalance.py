@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmpolicy.paths import PAGE_SIZE
-from ksmpolicy.placement.holders import DomainIndex, Positions, Slots, held_counts
+from ksmpolicy.placement.holders import DamagedHolders, DomainIndex, Positions, Slots, held_counts
 from ksmpolicy.placement.plan import check_comparable, saving, zero_saving
 from ksmpolicy.placement.sketch import DomainUnion, HostSketch, Values, VmSketch
 from ksmpolicy.quoting import quote, shell_command
@@ -131,9 +131,10 @@ def limits(
 
 
 def _holding(hosts: Sequence[HostSketch], name: str, index: DomainIndex) -> tuple[Values, Pages]:
-    """Each content of the domain (sorted) and how many of its VMs that may merge hold it:
-    those that merge now, from the index (it keeps the contents two or more hold, or one
-    and a VM that does not merge now), and those that do not, from their sketches."""
+    """Each content of the domain (sorted) and how many of its VMs that may merge hold it, as
+    far as `>= 2` needs: those that merge now, from the index (it keeps only the contents two
+    or more hold, or one and a VM that does not merge now: one VM's alone count 0 here), and
+    those that do not merge now, from their sketches."""
     values, holders = np.asarray(index.values), np.asarray(index.holders)
     if values.size:
         starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
@@ -185,15 +186,13 @@ class Planner:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.k = fleet.hosts[0].k if fleet.hosts else 1
+        self.k = fleet.hosts[0].k
         self.views = list(fleet.hosts)
         self.vms = [vm for host in fleet.hosts for vm in host.vms]
         self.home = [slot for slot, host in enumerate(fleet.hosts) for _ in host.vms]
-        ends = np.cumsum([len(host.vms) for host in fleet.hosts], dtype=np.int64)
-        self.members = [
-            list(range(int(end) - len(host.vms), int(end)))
-            for host, end in zip(fleet.hosts, ends, strict=True)
-        ]
+        self.members: list[list[int]] = [[] for _ in fleet.hosts]
+        for number, slot in enumerate(self.home):
+            self.members[slot].append(number)
         self.active = [vm.active for vm in self.vms]
         self.available = np.array([h.mem_available_bytes for h in fleet.hosts], np.int64)
         self.here = fleet.here.copy()
@@ -211,7 +210,7 @@ class Planner:
 
     def there(self, number: int) -> Pages:
         """Pages the VM would save on each host if it moved there (where it runs: what it
-        saves now)."""
+        saves now, which must be what the plan knows it saves: else the index is damaged)."""
         if number in self._there:
             return self._there[number]
         vm, home = self.vm(number), self.home[number]
@@ -221,17 +220,22 @@ class Planner:
             ones, k_times = self._held(number, vm)
             own = vm.terms(self.k)[2]
             for slot, view in enumerate(self.views):
-                if slot != home and view.would_merge(vm) is None:
+                merging = self.active[number] if slot == home else view.would_merge(vm) is None
+                if merging:
                     sampled = own + int(ones[slot]) + self.k * int(k_times[slot])
                     out[slot] = sampled + zero_saving(vm.zero_pages, view)
-        out[home] = self.here[number]
+        if out[home] != self.here[number]:
+            raise DamagedHolders(
+                f"vm_here: {quote(vm.name)} saves {self.here[number]} pages where it runs by "
+                f"its figures, {out[home]} by its contents"
+            )
         self._there[number] = out
         return out
 
     def _held(self, number: int, vm: VmSketch) -> tuple[Pages, Pages]:
         """`DomainIndex.held` for the VM, with the moves so far."""
         holders: npt.NDArray[np.integer]
-        which, where, holders = self.fleet.domain(vm.domain).entries(vm)
+        which, where, holders = self.fleet.domain(vm.domain).entries(vm, len(self.views))
         moves = [m for m in self._moves.get(vm.domain, ()) if m.number != number]
         if moves:
             which, where, holders = _corrected(vm, which, where, holders, moves, len(self.views))
@@ -260,7 +264,7 @@ class Planner:
         gain, number, target = best
         source = self.home[number]
         self._move(number, target)
-        return Move(self.vms[number], self.views[source].host, self.views[target].host, gain)
+        return Move(self.vm(number), self.views[source].host, self.views[target].host, gain)
 
     def _best_target(
         self, number: int, reserve_bytes: int, min_gain_bytes: int

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,13 @@ import pytest
 
 from ksmpolicy.cli.main import main
 from ksmpolicy.placement.document import to_json
-from ksmpolicy.placement.fleetindex import ARRAYS, FleetIndexError, load_index, write_index
+from ksmpolicy.placement.fleetindex import (
+    ARRAYS,
+    FleetIndex,
+    FleetIndexError,
+    load_index,
+    write_index,
+)
 from ksmpolicy.placement.plan import place
 from ksmpolicy.placement.rebalance import Fleet, best_hosts, rebalance
 from ksmpolicy.placement.sketch import FleetKey, HostSketch
@@ -141,23 +148,75 @@ def _shorter_starts(directory: Path) -> None:
     (directory / "index.json").write_text(json.dumps(meta))
 
 
+def _rewrite(directory: Path, name: str, change: Callable[[np.ndarray], None]) -> None:
+    (path,) = directory.glob(f"{name}-*.npy")
+    array = np.load(path)
+    change(array)
+    np.save(path, array)
+
+
 def _host_past_the_end(directory: Path) -> None:
-    (hosts,) = directory.glob("held_hosts-*.npy")
-    array = np.load(hosts)
-    array[:] = 7
-    np.save(hosts, array)
+    _rewrite(directory, "held_hosts", lambda a: a.fill(7))
 
 
+def _host_before_the_first(directory: Path) -> None:
+    _rewrite(directory, "held_hosts", lambda a: a.fill(-1))
+
+
+def _held_by_nobody(directory: Path) -> None:
+    _rewrite(directory, "held_holders", lambda a: a.fill(0))
+
+
+def _nothing_to_gain(directory: Path) -> None:  # every bound zero: rebalance would weigh none
+    _rewrite(directory, "vm_most", lambda a: a.fill(0))
+
+
+def _saves_more_than_it_does(directory: Path) -> None:  # its gain would be understated
+    _rewrite(directory, "vm_here", lambda a: a.__setitem__(0, 1))
+
+
+def _saves_less_than_nothing(directory: Path) -> None:
+    _rewrite(directory, "vm_here", lambda a: a.__setitem__(0, -25_600))
+
+
+def _saves_past_any_count(directory: Path) -> None:
+    _rewrite(directory, "vm_most", lambda a: a.fill(2**52))
+
+
+QUESTIONS: dict[str, Callable[[FleetIndex], object]] = {
+    "place VM": lambda index: index.place("web-1"),
+    "place": lambda index: index.best_hosts(),
+    "rebalance": lambda index: index.rebalance(min_gain_bytes=2**20),
+}
+
+
+@pytest.mark.parametrize("question", list(QUESTIONS))
 @pytest.mark.parametrize(
     "damage",
-    [_damage_json, _truncate_values, _drop_holders, _shorter_starts, _host_past_the_end],
+    [
+        _damage_json,
+        _truncate_values,
+        _drop_holders,
+        _shorter_starts,
+        _host_past_the_end,
+        _host_before_the_first,
+        _held_by_nobody,
+        _nothing_to_gain,
+        _saves_more_than_it_does,
+        _saves_less_than_nothing,
+        _saves_past_any_count,
+    ],
 )
-def test_a_damaged_index_is_a_clear_error(tmp_path: Path, damage) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_index_is_a_clear_error(tmp_path: Path, damage, question: str) -> None:  # type: ignore[no-untyped-def]
+    """Every question the index answers says a damaged one is damaged, never a wrong answer
+    or a traceback (web-1, alone on a, would gain by moving beside web-2 on b)."""
     fleet = [host("a", vm("web-1", WEB)), host("b", vm("web-2", WEB), vm("db-1", DB))]
     write_index(tmp_path, fleet, built_at=0.0)
+    intact = load_index(tmp_path, KEY.key_id, check_owner=False)
+    assert QUESTIONS["rebalance"](intact), "the intact index plans a move"
     damage(tmp_path)
     with pytest.raises(FleetIndexError, match="is damaged or incomplete") as caught:
-        load_index(tmp_path, KEY.key_id, check_owner=False).place("web-1")
+        QUESTIONS[question](load_index(tmp_path, KEY.key_id, check_owner=False))
     assert f"ksmpolicy index --host ... --out {tmp_path}" in str(caught.value)
 
 

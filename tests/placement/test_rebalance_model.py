@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from ksmpolicy.paths import PAGE_SIZE
+from ksmpolicy.placement.holders import DamagedHolders
 from ksmpolicy.placement.plan import place, saving
 from ksmpolicy.placement.rebalance import Fleet, Planner, rebalance
 from ksmpolicy.placement.sketch import HostSketch, VmSketch
-from tests.placement.test_plan import K, host, vm
+from tests.placement.test_plan import WEB, K, host, vm
 
 MIB = 2**20
 
@@ -189,3 +191,14 @@ def test_a_plan_weighs_only_the_vms_whose_bound_can_win() -> None:
         moves.append((move.vm.name, move.source, move.target, move.gain_bytes))
     assert moves == plain_greedy(hosts, 3, 0, MIB)
     assert moves and planner.weighed < count // 4, (planner.weighed, count)
+
+
+def test_a_plan_refuses_figures_that_do_not_match_the_contents() -> None:
+    """What a VM saves where it runs is known twice when the plan weighs it: from the bounds
+    it began with (a fleet index stores them) and from the contents it looks up. They must
+    agree; a plan on figures that do not is refused, not made."""
+    fleet = Fleet.of([host("a", vm("web-1", WEB)), host("b", vm("web-2", WEB))])
+    assert rebalance(fleet, min_gain_bytes=MIB)
+    wrong = dataclasses.replace(fleet, here=fleet.here + 1)
+    with pytest.raises(DamagedHolders, match="web-1"):
+        rebalance(wrong, min_gain_bytes=MIB)
