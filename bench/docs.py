@@ -195,6 +195,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "ksm-all-at-once-table": lambda: ksm_table("ksm-all-at-once.json"),
     "ksm-all-at-once-bound": lambda: ksm_bound("ksm-all-at-once.json", "all at once"),
     "ksm-real-table": lambda: ksm_table("ksm-real.json"),
+    "ksm-real-law-table": lambda: ksm_table("ksm-real-law.json"),
     "ksm-real-bound": ksm_real_bound,
 }
 
