@@ -33,7 +33,7 @@ import numpy.typing as npt
 from ksmpolicy.paths import PAGE_SIZE
 from ksmpolicy.placement.holders import DamagedHolders, DomainIndex, Positions, Slots, held_counts
 from ksmpolicy.placement.plan import check_comparable, saving, zero_saving
-from ksmpolicy.placement.sketch import DomainUnion, HostSketch, Values, VmSketch
+from ksmpolicy.placement.sketch import DomainUnion, HostSketch, VmSketch
 from ksmpolicy.quoting import quote, shell_command
 
 Pages = npt.NDArray[np.int64]
@@ -114,27 +114,26 @@ def limits(
     k = hosts[0].k
     count = sum(len(host.vms) for host in hosts)
     most, here = np.zeros(count, np.int64), np.zeros(count, np.int64)
-    holding: dict[str, tuple[Values, Pages]] = {}
+    holding: dict[str, DomainUnion] = {}
     number = 0
     for host in hosts:
         for vm in host.vms:
             if vm.merges:
                 if vm.domain not in holding:
                     holding[vm.domain] = _holding(hosts, vm.domain, domain(vm.domain))
-                values, holders = holding[vm.domain]
                 weights, _held, own = vm.terms(k)
-                shared = _looked_up(values, holders, vm.values) >= 2
+                shared = holding[vm.domain].there(vm, member=True)  # another VM holds it
                 most[number] = own + int(weights[shared].sum()) + vm.zero_pages
                 here[number] = _saved_here(vm, k, host, host.union(vm.domain))
             number += 1
     return most, here
 
 
-def _holding(hosts: Sequence[HostSketch], name: str, index: DomainIndex) -> tuple[Values, Pages]:
-    """Each content of the domain (sorted) and how many of its VMs that may merge hold it, as
-    far as `>= 2` needs: those that merge now, from the index (it keeps only the contents two
-    or more hold, or one and a VM that does not merge now: one VM's alone count 0 here), and
-    those that do not merge now, from their sketches."""
+def _holding(hosts: Sequence[HostSketch], name: str, index: DomainIndex) -> DomainUnion:
+    """The domain's union over the fleet: each content (sorted) and how many of its VMs that
+    may merge hold it, as far as `>= 2` needs: those that merge now, from the index (it keeps
+    only the contents two or more hold, or one and a VM that does not merge now: one VM's
+    alone count 0 here), and those that do not merge now, from their sketches."""
     values, holders = np.asarray(index.values), np.asarray(index.holders)
     if values.size:
         starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
@@ -152,15 +151,7 @@ def _holding(hosts: Sequence[HostSketch], name: str, index: DomainIndex) -> tupl
         every, summed = every[order], np.concatenate((holders, counts))[order]
         starts = np.flatnonzero(np.concatenate(([True], every[1:] != every[:-1])))
         values, holders = every[starts], np.add.reduceat(summed, starts)
-    return values, holders.astype(np.int64)
-
-
-def _looked_up(values: Values, holders: Pages, wanted: Values) -> Pages:
-    """How many VMs hold each of `wanted` (0 where `values` has it not)."""
-    if not values.size:
-        return np.zeros(wanted.size, np.int64)
-    at = np.minimum(np.searchsorted(values, wanted), values.size - 1)
-    return np.where(values[at] == wanted, holders[at], 0)
+    return DomainUnion(values, holders.astype(np.int64))
 
 
 def _saved_here(vm: VmSketch, k: int, host: HostSketch, union: DomainUnion) -> int:
