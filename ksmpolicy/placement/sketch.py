@@ -61,7 +61,7 @@ from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.kernel import guestmem
 from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
-from ksmpolicy.paths import FLEET_KEY, PAGE_SIZE, HostPaths
+from ksmpolicy.paths import FLEET_KEY, HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, Policy
 
 if TYPE_CHECKING:
@@ -345,23 +345,16 @@ def _sample(
     be all or nothing); re-read their pages and leave out those that changed."""
     zero = np.all(hashes == guestmem.ZERO, axis=1)
     pages = np.flatnonzero(~zero)
-    contents, ids = _contents(hashes[pages])
+    contents, ids = guestmem.distinct(hashes[pages])
     copies = np.bincount(ids, minlength=len(contents))
     heavy = copies >= k
     keep = heavy | (contents[:, 0] % np.uint64(k) == 0)
     chosen = pages[keep[ids]]
-    stable = np.ones(chosen.size, dtype=bool)
-    if chosen.size:
-        addresses = runs.addresses(chosen)
-        breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
-        pieces = np.split(addresses, breaks)
-        starts = np.array([p[0] for p in pieces], dtype=np.uint64)
-        lengths = np.array([p.size for p in pieces], dtype=np.int64)
-        try:
-            again = guestmem.hash_runs(paths, subject.pid, starts, lengths, limit)
-        except OSError:
-            return None  # gone
-        stable = np.all(again == hashes[chosen], axis=1)
+    try:
+        again = guestmem.hash_pages(paths, subject.pid, runs, chosen, limit)
+    except OSError:
+        return None  # gone
+    stable = np.all(again == hashes[chosen], axis=1)
     chosen_ids = ids[keep[ids]]
     held = np.bincount(chosen_ids[stable], minlength=len(contents))
     changed = np.bincount(chosen_ids[~stable], minlength=len(contents))
@@ -388,19 +381,6 @@ def _sample(
         counts=counts.astype(np.uint32),
         exact=exact,
     )
-
-
-def _contents(
-    digests: npt.NDArray[np.uint64],
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
-    """The distinct digests (rows) and, for each page, the index of its content among them."""
-    order = np.lexsort((digests[:, 1], digests[:, 0]))
-    ordered = digests[order]
-    new = np.ones(order.size, dtype=bool)
-    new[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
-    ids = np.empty(order.size, dtype=np.int64)
-    ids[order] = np.cumsum(new) - 1
-    return ordered[new], ids
 
 
 # --- identities a sketch may carry ---------------------------------------------------------

@@ -157,18 +157,13 @@ def _number(samples: Sequence[_Sample]) -> int:
     """Give each distinct digest a dense id (0, 1, ...), once, for all that follows: counting
     and matching plain integers, not 16-byte digests. Returns the zero page's id (-1: none)."""
     every = np.concatenate([s.hashes for s in samples]) if samples else _NO_HASHES
-    order = np.lexsort((every[:, 1], every[:, 0]))
-    ordered = every[order]
-    new = np.ones(order.size, dtype=bool)
-    new[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
-    ids = np.empty(order.size, dtype=np.int64)
-    ids[order] = np.cumsum(new) - 1
+    contents, ids = guestmem.distinct(every)
     at = 0
     for sample in samples:
         sample.ids = ids[at : at + len(sample.hashes)]
         at += len(sample.hashes)
-    zero = np.flatnonzero(new & np.all(ordered == guestmem.ZERO, axis=1))
-    return int(np.cumsum(new)[zero[0]] - 1) if zero.size else -1
+    zero = np.flatnonzero(np.all(contents == guestmem.ZERO, axis=1))
+    return int(zero[0]) if zero.size else -1
 
 
 def _second_pass(
@@ -190,13 +185,8 @@ def _second_pass(
         indices = np.flatnonzero(counts[sample.ids] >= 2).astype(np.int64)
         if not indices.size:
             continue
-        addresses = sample.runs.addresses(indices)
-        breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
-        pieces = np.split(addresses, breaks)
-        starts = np.array([p[0] for p in pieces], dtype=np.uint64)
-        lengths = np.array([p.size for p in pieces], dtype=np.int64)
         try:
-            again = guestmem.hash_runs(paths, sample.guest.pid, starts, lengths, limit, step)
+            again = guestmem.hash_pages(paths, sample.guest.pid, sample.runs, indices, limit, step)
         except OSError:
             again = np.zeros((indices.size, 2), dtype=np.uint64)
         changed = indices[np.any(again != sample.hashes[indices], axis=1)]
