@@ -10,7 +10,9 @@ two scans at the cap) does not hold here: these guests boot for a minute, and wh
 ones hold merges while the others boot. A reference is measured instead: the contender
 `flat-out` runs ksmd as fast as it goes from the first start (5000 pages per 10 ms). It is not
 a lower bound on few cores: ksmd at full speed takes CPU from the booting guests. ksmd CPU
-over the last 60 s of the window is the quiet figure.
+over the last 60 s of the window is the quiet figure. Before the first contender the guests run
+once, not measured, and before each the guests' memory is written once and freed (`warm_up`,
+bench/ksm_bench.py's `warm_memory`): no contender pays for running first.
 
 Run `python -m bench.ksm_real` (root; `make bench-ksm` runs it after the synthetic timelines).
 Writes bench/results/ksm-real.{json,md,png}.
@@ -73,8 +75,29 @@ def workload(window: float) -> Workload:
     )
 
 
+def warm_up(lab: Lab, window: float) -> None:
+    """Before the first contender, the guests once (not measured): started, until each says it
+    is ready, then stopped, with ksmd off. Each contender after the first starts right after
+    the previous one's guests stopped, with their files in the page cache and memory the host
+    has just backed; this gives the first the same."""
+    reset_ksm()
+    waiting = {name for name, _image in realguests.FULL}
+    deadline = time.monotonic() + window
+    try:
+        for name, _image in realguests.FULL:
+            lab.start(name)
+        while waiting and time.monotonic() < deadline:
+            waiting = {name for name in waiting if not lab.says(name, READY)}
+            time.sleep(1.0)
+    finally:
+        for name, _image in realguests.FULL:
+            lab.stop(name)
+
+
 def run_contender(contender: Contender, lab: Lab, work: Path, window: float) -> Run:
-    run, baseline, helpers = begin(contender, work)
+    run, baseline, helpers = begin(
+        contender, work, warm_mib=realguests.MEMORY_MIB * len(realguests.FULL)
+    )
     if baseline is None:
         return run
     waiting = {name for name, _image in realguests.FULL}
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             for name, image in realguests.FULL:
                 lab.define(name, image=image, memory_mib=realguests.MEMORY_MIB)
+            print("== warm-up (not measured)", flush=True)
+            warm_up(lab, args.window)
             for contender in names:
                 work = Path(tmp) / contender
                 work.mkdir()
