@@ -82,7 +82,7 @@ def estimate(
 ) -> None:
     """Predict what KSM would save, before ksmd does any work (root, read-only).
 
-    Reads the present pages of every running VM's guest RAM (read-only),
+    Reads the present pages of every running VM's guest RAM (/proc/PID/mem),
     hashes each with xxh3-128, and again after --interval for pages that
     appear more than once (ksmd never merges pages that change). Prints the
     saving per VM, per group and for the host, respecting max_page_sharing;

@@ -7,27 +7,31 @@ kernel's zero page or huge zero page: a guest that only read a page gets the zer
 costs no memory and which KSM neither can nor needs to merge (measured on TCG guests: about
 40 MiB of each 256 MiB guest, which ksmd reports as volatile). Such mappings are told apart by
 their PFN's `KPF_ZERO_PAGE`; they are never exclusive, so only the few non-exclusive PFNs are
-looked up. How: in runs of consecutive present pages, 4 MiB at a time into one buffer, each page
-hashed with xxHash's xxh3-128. The read is `process_vm_readv`, one copy of each page (pread on
-/proc/PID/mem copies each page twice, through a bounce page: 1.6 times the CPU, measured on a
-1 GiB guest here); the process is held by a pidfd opened before the first read and checked
-after the last, so that a pid reused meanwhile is never read as the VM (it reads as gone).
-Where `process_vm_readv` is refused, and on a test tree, pread on /proc/PID/mem does the same.
-Reading a KSM page does not unshare it; nothing is written, no KSM knob is touched. Pages that
-are swapped out, not yet touched, or given back by a balloon driver are not read: the estimate
-cannot see them.
+looked up. How: `pread` on /proc/PID/mem in runs of consecutive present pages, 4 MiB at a time
+into one buffer, each page hashed with xxHash's xxh3-128.
+
+Which process: every file (smaps, pagemap, mem) is opened through one handle on the VM's
+/proc/PID directory (`Process`), taken before the first read. A file opened through it is that
+process's or the open fails once the process has been reaped, even when its PID names another
+process by then; so the mappings, the page table and the memory read for a VM are never those
+of a process that took its PID over. An open /proc/PID/mem stays with the memory it was opened
+on (it reads nothing once that is gone).
+
+Why not `process_vm_readv`, which copies each page once where /proc/PID/mem copies it twice
+(1.6 times less CPU on a 1 GiB guest here): it pins the pages it reads, and the kernel (5.19 and
+later) gives a process its own copy of a shared anonymous page before letting anyone pin it, so
+reading a VM that way would undo every merge KSM made in it. /proc/PID/mem takes plain
+references: reading a KSM page through it does not unshare it. Nothing is written, no KSM knob
+is touched. Pages that are swapped out, not yet touched, or given back by a balloon driver are
+not read: the estimate cannot see them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -87,14 +91,49 @@ class RateLimit:
                 time.sleep(ahead)
 
 
+class Process:
+    """A process's /proc/PID directory, held open: the files read through it are that
+    process's, or opening them fails (OSError) once it has been reaped. Close it (or use it as
+    a context manager) when done."""
+
+    def __init__(self, paths: HostPaths, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.open(paths.proc / str(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def open(self, name: str) -> int:
+        """A file of this process's directory, opened read-only (the caller closes it)."""
+        return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fd)
+
+    def read(self, name: str) -> bytes:
+        fd = self.open(name)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *_failure: object) -> None:
+        self.close()
+
+
 def present_runs(
-    paths: HostPaths, pid: int, ranges: list[tuple[int, int]], reader: PageMapReader | None = None
+    process: Process, ranges: list[tuple[int, int]], reader: PageMapReader | None = None
 ) -> Runs:
     """Runs of present pages in `ranges`, from /proc/PID/pagemap; with `reader` (root), pages
     mapped to the zero page are left out."""
     starts: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    with open(paths.proc / str(pid) / "pagemap", "rb", buffering=0) as pagemap:  # noqa: PTH123
+    with os.fdopen(process.open("pagemap"), "rb", buffering=0) as pagemap:
         fd = pagemap.fileno()
         for start, end in ranges:
             first, last = start // PAGE_SIZE, end // PAGE_SIZE
@@ -116,13 +155,11 @@ def present_runs(
     return Runs(np.concatenate(starts), np.concatenate(lengths))
 
 
-def guest_runs(
-    paths: HostPaths, pid: int, ram_bytes: int | None, reader: PageMapReader | None
-) -> Runs:
+def guest_runs(process: Process, ram_bytes: int | None, reader: PageMapReader | None) -> Runs:
     """The present pages of a VM's guest RAM (its mappings as `smaps` tells them apart), as
     `present_runs` finds them. OSError when the process is gone."""
-    ranges = smaps_of((paths.proc / str(pid) / "smaps").read_bytes()).guest_ranges(ram_bytes)
-    return present_runs(paths, pid, ranges, reader)
+    ranges = smaps_of(process.read("smaps")).guest_ranges(ram_bytes)
+    return present_runs(process, ranges, reader)
 
 
 def _zero_page_mappings(reader: PageMapReader, entries: np.ndarray) -> np.ndarray:
@@ -140,12 +177,12 @@ def _zero_page_mappings(reader: PageMapReader, entries: np.ndarray) -> np.ndarra
 
 
 def in_huge_pages(
-    paths: HostPaths, pid: int, addresses: npt.NDArray[np.uint64], reader: PageMapReader
+    process: Process, addresses: npt.NDArray[np.uint64], reader: PageMapReader
 ) -> npt.NDArray[np.bool_]:
     """Which of these pages are subpages of a transparent huge page (KPF_THP)."""
     pages = (addresses // np.uint64(PAGE_SIZE)).astype(np.int64)
     entries = np.zeros(pages.size, dtype=np.uint64)
-    with open(paths.proc / str(pid) / "pagemap", "rb", buffering=0) as pagemap:  # noqa: PTH123
+    with os.fdopen(process.open("pagemap"), "rb", buffering=0) as pagemap:
         fd = pagemap.fileno()
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         for run in np.split(np.arange(pages.size), breaks):
@@ -162,8 +199,7 @@ def in_huge_pages(
 
 
 def hash_runs(
-    paths: HostPaths,
-    pid: int,
+    process: Process,
     starts: npt.NDArray[np.uint64],
     lengths: npt.NDArray[np.int64],
     limit: RateLimit,
@@ -171,10 +207,10 @@ def hash_runs(
 ) -> Hashes:
     """xxh3-128 of every page in the runs, in order. A page that cannot be read (unmapped
     meanwhile) hashes as the zero page would not: it gets a digest of its own address.
-    OSError when the process is gone (before the first read or by the last)."""
+    OSError when the process is gone."""
     digest = xxhash.xxh3_128_digest
     parts: list[bytes] = []
-    with _Memory(paths, pid) as memory:
+    with _Memory(process) as memory:
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             for offset in range(0, length, READ_PAGES):
                 count = min(READ_PAGES, length - offset)
@@ -191,8 +227,7 @@ def hash_runs(
 
 
 def hash_pages(
-    paths: HostPaths,
-    pid: int,
+    process: Process,
     runs: Runs,
     indices: npt.NDArray[np.int64],
     limit: RateLimit,
@@ -205,7 +240,7 @@ def hash_pages(
     addresses = runs.addresses(indices)
     firsts = np.concatenate(([0], np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1))
     lengths = np.diff(np.append(firsts, addresses.size)).astype(np.int64)
-    return hash_runs(paths, pid, addresses[firsts], lengths, limit, progress)
+    return hash_runs(process, addresses[firsts], lengths, limit, progress)
 
 
 def distinct(digests: Hashes) -> tuple[Hashes, npt.NDArray[np.int64]]:
@@ -226,75 +261,30 @@ def distinct(digests: Hashes) -> tuple[Hashes, npt.NDArray[np.int64]]:
     return ordered[new], ids
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("length", ctypes.c_size_t))
-
-
-def _process_vm_readv() -> Callable[..., int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).process_vm_readv
-    except AttributeError:
-        return None
-    vectors = ctypes.POINTER(_IoVec)
-    function.argtypes = (
-        ctypes.c_int,
-        vectors,
-        ctypes.c_ulong,
-        vectors,
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    )
-    function.restype = ctypes.c_ssize_t
-    return function
-
-
 class _Memory:
-    """One process's memory, read (never written) into one reused buffer: `read` returns a
+    """A process's memory file, read (never written) into one reused buffer: `read` returns a
     view of what it got, short or empty where pages could not be read."""
 
-    def __init__(self, paths: HostPaths, pid: int) -> None:
-        self.paths, self.pid = paths, pid
-        self.buffer = (ctypes.c_char * (READ_PAGES * PAGE_SIZE))()
-        self.view = memoryview(self.buffer).cast("B")
+    def __init__(self, process: Process) -> None:
+        self.fd = process.open("mem")
+        self.view = memoryview(bytearray(READ_PAGES * PAGE_SIZE))
         # a view of each page of the buffer, made once: hashing them is one map() per read
         self.pages = [self.view[o : o + PAGE_SIZE] for o in range(0, len(self.view), PAGE_SIZE)]
-        self.local = _IoVec(ctypes.addressof(self.buffer), 0)
-        self.remote = _IoVec(0, 0)
-        self.readv = _process_vm_readv() if paths.proc == Path("/proc") else None
-        self.pidfd = os.pidfd_open(pid) if self.readv else -1  # ProcessLookupError: gone
-        self.fd = -1 if self.readv else _open_memory(paths, pid)
 
     def __enter__(self) -> _Memory:
         return self
 
-    def __exit__(self, *failure: object) -> None:
-        try:
-            if self.pidfd >= 0 and failure[0] is None:
-                signal.pidfd_send_signal(self.pidfd, 0)  # ProcessLookupError: reaped meanwhile
-        finally:
-            for fd in (self.pidfd, self.fd):
-                if fd >= 0:
-                    os.close(fd)
+    def __exit__(self, *_failure: object) -> None:
+        os.close(self.fd)
 
     def read(self, address: int, size: int) -> memoryview:
-        if self.readv is not None:
-            self.local.length = size
-            self.remote.base, self.remote.length = address, size
-            got = self.readv(self.pid, self.local, 1, self.remote, 1, 0)
-            if got < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
-                self.readv = None  # refused here (a seccomp filter, an LSM): the same by pread
-                self.fd = _open_memory(self.paths, self.pid)
-            else:
-                return self.view[: max(got, 0)]
+        if size > len(self.view):
+            raise ValueError(f"a read of {size} bytes: at most {len(self.view)}")
         try:
             got = os.preadv(self.fd, [self.view[:size]], address)
         except OSError:
             got = 0
         return self.view[:got]
-
-
-def _open_memory(paths: HostPaths, pid: int) -> int:
-    return os.open(paths.proc / str(pid) / "mem", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _partial(view: memoryview, count: int, address: int) -> bytes:

@@ -75,6 +75,7 @@ MAX_SKETCH_BYTES = 512 * 2**20  # a host's sketch file; larger is refused
 PLATFORMS = ("libvirt", "proxmox", "process")
 
 Values = npt.NDArray[np.uint64]
+Hashes = npt.NDArray[np.uint64]  # N x 2: xxh3-128 digests (kernel/guestmem.py)
 
 
 class SketchError(KsmPolicyError):
@@ -310,29 +311,38 @@ def take(
         reader = None
     # each VM's pages are read again `interval` seconds after its own first read, whatever the
     # VMs read before it took: a change in that time marks a page volatile
-    read: list[tuple[Subject, guestmem.Runs, npt.NDArray[np.uint64], float]] = []
+    read: list[tuple[Subject, guestmem.Process, guestmem.Runs, Hashes, float]] = []
     try:
-        for subject in subjects:
-            try:
-                runs = guestmem.guest_runs(paths, subject.pid, subject.ram_bytes, reader)
-                hashes = guestmem.hash_runs(paths, subject.pid, runs.starts, runs.lengths, limit)
-            except OSError:
-                continue  # gone
-            read.append((subject, runs, hashes, time.monotonic()))
+        try:
+            for subject in subjects:
+                try:
+                    process = guestmem.Process(paths, subject.pid)
+                except OSError:
+                    continue  # gone
+                try:
+                    runs = guestmem.guest_runs(process, subject.ram_bytes, reader)
+                    hashes = guestmem.hash_runs(process, runs.starts, runs.lengths, limit)
+                except OSError:
+                    process.close()
+                    continue  # gone
+                read.append((subject, process, runs, hashes, time.monotonic()))
+        finally:
+            if reader is not None:
+                reader.close()
+        sketches = []
+        for subject, process, runs, hashes, read_at in read:
+            time.sleep(max(0.0, read_at + interval - time.monotonic()))
+            sketch = _sample(process, subject, runs, hashes, key, k, limit)
+            if sketch is not None:
+                sketches.append(sketch)
     finally:
-        if reader is not None:
-            reader.close()
-    sketches = []
-    for subject, runs, hashes, read_at in read:
-        time.sleep(max(0.0, read_at + interval - time.monotonic()))
-        sketch = _sample(paths, subject, runs, hashes, key, k, limit)
-        if sketch is not None:
-            sketches.append(sketch)
+        for _subject, process, *_rest in read:
+            process.close()
     return sketches
 
 
 def _sample(
-    paths: HostPaths,
+    process: guestmem.Process,
     subject: Subject,
     runs: guestmem.Runs,
     hashes: npt.NDArray[np.uint64],
@@ -351,7 +361,7 @@ def _sample(
     keep = heavy | (contents[:, 0] % np.uint64(k) == 0)
     chosen = pages[keep[ids]]
     try:
-        again = guestmem.hash_pages(paths, subject.pid, runs, chosen, limit)
+        again = guestmem.hash_pages(process, runs, chosen, limit)
     except OSError:
         return None  # gone
     stable = np.all(again == hashes[chosen], axis=1)

@@ -87,6 +87,7 @@ class Estimate:
 @dataclass
 class _Sample:
     guest: Guest
+    process: guestmem.Process  # its /proc/PID, held from the first read to the last
     runs: guestmem.Runs
     hashes: np.ndarray  # N x 2 uint64: the digest of each page, in reading order
     ids: np.ndarray | None = None  # N int64: each page's content as a dense id (see _number)
@@ -113,7 +114,7 @@ def estimate(
     """Read, hash twice `interval` seconds apart, and predict."""
     started = time.monotonic()
     limit = guestmem.RateLimit(limit_bytes_per_second)
-    samples = []
+    samples: list[_Sample] = []
     try:
         reader: PageMapReader | None = PageMapReader(paths)  # to leave out zero-page mappings
     except PageMapUnavailable:
@@ -121,32 +122,41 @@ def estimate(
     try:
         for guest in guests:
             try:
-                runs = guestmem.guest_runs(paths, guest.pid, guest.ram_bytes, reader)
+                process = guestmem.Process(paths, guest.pid)
             except OSError:
                 continue  # gone
-            samples.append(_Sample(guest, runs, _NO_HASHES))
+            try:
+                runs = guestmem.guest_runs(process, guest.ram_bytes, reader)
+            except OSError:
+                process.close()
+                continue  # gone
+            samples.append(_Sample(guest, process, runs, _NO_HASHES))
     finally:
         if reader is not None:
             reader.close()
-    total = 2 * sum(s.runs.pages for s in samples) * PAGE_SIZE  # a generous progress total
-    done = [0]
+    try:
+        total = 2 * sum(s.runs.pages for s in samples) * PAGE_SIZE  # a generous progress total
+        done = [0]
 
-    def step(count: int) -> None:
-        done[0] += count
-        progress(done[0], total)
+        def step(count: int) -> None:
+            done[0] += count
+            progress(done[0], total)
 
-    for sample in samples:
-        try:
-            sample.hashes = guestmem.hash_runs(
-                paths, sample.guest.pid, sample.runs.starts, sample.runs.lengths, limit, step
-            )
-        except OSError:
-            sample.hashes = _NO_HASHES
-    first_pass = time.monotonic()
-    zero_id = _number(samples)
-    _second_pass(paths, samples, limit, step, max(0.0, interval - (first_pass - started)))
-    _set_apart_huge_zero_pages(paths, samples, zero_id)
-    progress(total, total)
+        for sample in samples:
+            try:
+                sample.hashes = guestmem.hash_runs(
+                    sample.process, sample.runs.starts, sample.runs.lengths, limit, step
+                )
+            except OSError:
+                sample.hashes = _NO_HASHES
+        first_pass = time.monotonic()
+        zero_id = _number(samples)
+        _second_pass(samples, limit, step, max(0.0, interval - (first_pass - started)))
+        _set_apart_huge_zero_pages(paths, samples, zero_id)
+        progress(total, total)
+    finally:
+        for sample in samples:
+            sample.process.close()
     return _predict(samples, zero_id, max_page_sharing, use_zero_pages, done[0], started)
 
 
@@ -167,7 +177,6 @@ def _number(samples: Sequence[_Sample]) -> int:
 
 
 def _second_pass(
-    paths: HostPaths,
     samples: Sequence[_Sample],
     limit: guestmem.RateLimit,
     step: Callable[[int], None],
@@ -186,7 +195,7 @@ def _second_pass(
         if not indices.size:
             continue
         try:
-            again = guestmem.hash_pages(paths, sample.guest.pid, sample.runs, indices, limit, step)
+            again = guestmem.hash_pages(sample.process, sample.runs, indices, limit, step)
         except OSError:
             again = np.zeros((indices.size, 2), dtype=np.uint64)
         changed = indices[np.any(again != sample.hashes[indices], axis=1)]
@@ -210,7 +219,7 @@ def _set_apart_huge_zero_pages(paths: HostPaths, samples: Sequence[_Sample], zer
                 continue
             try:
                 huge = guestmem.in_huge_pages(
-                    paths, sample.guest.pid, sample.runs.addresses(indices), reader
+                    sample.process, sample.runs.addresses(indices), reader
                 )
             except OSError:
                 continue

@@ -39,19 +39,23 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
     def no_reader(_paths: HostPaths) -> Any:
         raise PageMapUnavailable("fake")
 
-    def guest_runs(_paths: HostPaths, pid: int, *_args: Any) -> Any:
+    def held(_paths: HostPaths, pid: int) -> Any:
+        return SimpleNamespace(pid=pid, close=lambda: None)
+
+    def guest_runs(process: Any, *_args: Any) -> Any:
         clock.now += 5.0  # reading a big guest takes longer than the interval
-        first_read[pid] = clock.now
+        first_read[process.pid] = clock.now
         return SimpleNamespace(starts=None, lengths=None)
 
     def hash_runs(*_args: Any) -> np.ndarray:
         return np.zeros((1, 2), dtype=np.uint64)
 
-    def sample(_paths: HostPaths, subject: Subject, *_args: Any) -> None:
+    def sample(_process: Any, subject: Subject, *_args: Any) -> None:
         second_read[subject.pid] = clock.now
         clock.now += 0.2
 
     monkeypatch.setattr(sketch, "PageMapReader", no_reader)
+    monkeypatch.setattr(guestmem, "Process", held)
     monkeypatch.setattr(guestmem, "guest_runs", guest_runs)
     monkeypatch.setattr(guestmem, "hash_runs", hash_runs)
     monkeypatch.setattr(sketch, "_sample", sample)
