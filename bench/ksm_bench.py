@@ -9,7 +9,8 @@ group B starts; a churn phase rewrites unique pages; group B stops; a quiet phas
 
 Before each contender's baseline, the workload's memory is written once and freed (this machine
 is a VM whose host takes freed memory back; see `warm_memory`), so that no contender pays for
-running first. Measured every 0.25 s: saved pages (pages_sharing + ksm_zero_pages), ksmd CPU time, knobs.
+running first. Measured every 0.25 s: saved pages (pages_sharing + ksm_zero_pages), ksmd CPU
+time, knobs.
 Figures per contender: seconds to 90 % of the achievable savings after each group starts,
 counted from the first VM's exec (what a user sees; the headline) and from the moment the last
 guest of the group has filled its memory, total ksmd CPU-seconds, the savings integral (GiB*s,
