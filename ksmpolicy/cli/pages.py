@@ -103,7 +103,7 @@ def estimate(
     policy, _error = options.load_or_error()
     status = collect(paths, policy, sample_seconds=0, pagemap=False)
     guests = [
-        Guest(vm.pid, vm.name, vm.group, vm.decision in ("merge", None), vm.ram_bytes)
+        Guest(vm.pid, vm.name, vm.group, vm.decision in ("merge", None), vm.ram_bytes, vm.start)
         for vm in status.vms
         if vm.decision != "never" and (not names or vm.name in names)
     ]

@@ -82,7 +82,7 @@ class Rivals:
         from ksmpolicy.report.estimate import Guest, estimate  # noqa: PLC0415
 
         for domain, vms in due.items():
-            guests = [Guest(v.pid, v.name, domain, True, v.ram_bytes) for v in vms]
+            guests = [Guest(v.pid, v.name, domain, True, v.ram_bytes, v.start) for v in vms]
             try:
                 found = estimate(
                     self.paths,

@@ -28,15 +28,19 @@ not read: the estimate cannot see them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.kernel.pagemap import (
     KPF_THP,
     KPF_ZERO_PAGE,
@@ -45,6 +49,7 @@ from ksmpolicy.kernel.pagemap import (
     PM_PRESENT,
     PageMapReader,
 )
+from ksmpolicy.kernel.procfs import parse_stat, start_of
 from ksmpolicy.kernel.smaps import parse as smaps_of
 from ksmpolicy.paths import PAGE_SIZE, HostPaths
 
@@ -91,14 +96,28 @@ class RateLimit:
                 time.sleep(ahead)
 
 
-class Process:
-    """A process's /proc/PID directory, held open: the files read through it are that
-    process's, or opening them fails (OSError) once it has been reaped. Close it (or use it as
-    a context manager) when done."""
+GONE = (FileNotFoundError, ProcessLookupError)  # what reading a VM that has exited raises
 
-    def __init__(self, paths: HostPaths, pid: int) -> None:
+
+class Process:
+    """A process's /proc/PID directory and memory, held open: the files read through it are
+    that process's, or opening them fails with one of GONE once it has been reaped, even when
+    its PID names another process by then; its memory file stays with the memory it was opened
+    on. `start` (clock ticks since boot, as the inventory read it): the process must be the one
+    that started then, else ProcessLookupError. Other OSErrors (too many open files, say) are
+    the caller's to report, not a VM gone. Close it, or use it as a context manager."""
+
+    def __init__(self, paths: HostPaths, pid: int, start: int | None = None) -> None:
         self.pid = pid
         self.fd = os.open(paths.proc / str(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.memory = -1
+        try:
+            if start is not None and self.start() != start:
+                raise ProcessLookupError(f"PID {pid} is another process than the one found")
+            self.memory = self.open("mem")
+        except BaseException:
+            self.close()
+            raise
 
     def open(self, name: str) -> int:
         """A file of this process's directory, opened read-only (the caller closes it)."""
@@ -114,16 +133,56 @@ class Process:
         finally:
             os.close(fd)
 
+    def start(self) -> int | None:
+        return start_of(parse_stat(self.read("stat").decode(errors="replace")))
+
+    def check_alive(self) -> None:
+        """ProcessLookupError when it has exited (reaped, or a zombie whose memory is gone)."""
+        stat = parse_stat(self.read("stat").decode(errors="replace"))
+        if stat is None or not stat[1] or stat[1][0] in ("Z", "X", "x"):
+            raise ProcessLookupError(f"PID {self.pid} has exited")
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.memory, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self.memory = self.fd = -1
 
     def __enter__(self) -> Process:
         return self
 
     def __exit__(self, *_failure: object) -> None:
         self.close()
+
+
+def hold(
+    paths: HostPaths, wanted: Sequence[tuple[int, int | None]], stack: contextlib.ExitStack
+) -> list[Process | None]:
+    """A held `Process` for each (PID, start) the inventory found, all opened at once before
+    anything is read (None: gone, or no longer the process found), closed with `stack`. The
+    soft limit on open files is raised to fit them; another failure is an error that says
+    what to do, never a VM taken for gone."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * len(wanted) + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        top = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, top), hard))
+    held: list[Process | None] = []
+    for pid, start in wanted:
+        try:
+            held.append(stack.enter_context(Process(paths, pid, start)))
+        except GONE:
+            held.append(None)
+        except OSError as error:
+            raise KsmPolicyError(
+                f"cannot hold the memory of VM PID {pid} ({len(wanted)} VMs): {error.strerror}"
+                + (
+                    "; raise the open-file limit (LimitNOFILE= in the unit, ulimit -n)"
+                    if error.errno in (errno.EMFILE, errno.ENFILE)
+                    else "; reading guest memory needs root"
+                )
+            ) from error
+    return held
 
 
 def present_runs(
@@ -206,23 +265,27 @@ def hash_runs(
     progress: Callable[[int], None] = lambda _bytes: None,
 ) -> Hashes:
     """xxh3-128 of every page in the runs, in order. A page that cannot be read (unmapped
-    meanwhile) hashes as the zero page would not: it gets a digest of its own address.
-    OSError when the process is gone."""
+    meanwhile) hashes as the zero page would not: it gets a digest of its own address. One of
+    GONE when the process has exited (a read came back short, and it is gone)."""
     digest = xxhash.xxh3_128_digest
     parts: list[bytes] = []
-    with _Memory(process) as memory:
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            for offset in range(0, length, READ_PAGES):
-                count = min(READ_PAGES, length - offset)
-                address = start + offset * PAGE_SIZE
-                view = memory.read(address, count * PAGE_SIZE)
-                if len(view) == count * PAGE_SIZE:  # the usual case: one C loop over the pages
-                    pages = memory.pages if count == READ_PAGES else memory.pages[:count]
-                    parts.append(b"".join(map(digest, pages)))
-                else:
-                    parts.append(_partial(view, count, address))
-                limit.take(count * PAGE_SIZE)
-                progress(count * PAGE_SIZE)
+    memory = _Memory(process)
+    short = False
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        for offset in range(0, length, READ_PAGES):
+            count = min(READ_PAGES, length - offset)
+            address = start + offset * PAGE_SIZE
+            view = memory.read(address, count * PAGE_SIZE)
+            if len(view) == count * PAGE_SIZE:  # the usual case: one C loop over the pages
+                pages = memory.pages if count == READ_PAGES else memory.pages[:count]
+                parts.append(b"".join(map(digest, pages)))
+            else:
+                parts.append(_partial(view, count, address))
+                short = True
+            limit.take(count * PAGE_SIZE)
+            progress(count * PAGE_SIZE)
+    if short:
+        process.check_alive()  # the memory of a process that exited reads as nothing
     return np.frombuffer(b"".join(parts), dtype=np.uint64).reshape(-1, 2)
 
 
@@ -262,20 +325,14 @@ def distinct(digests: Hashes) -> tuple[Hashes, npt.NDArray[np.int64]]:
 
 
 class _Memory:
-    """A process's memory file, read (never written) into one reused buffer: `read` returns a
+    """A held process's memory, read (never written) into one reused buffer: `read` returns a
     view of what it got, short or empty where pages could not be read."""
 
     def __init__(self, process: Process) -> None:
-        self.fd = process.open("mem")
+        self.fd = process.memory
         self.view = memoryview(bytearray(READ_PAGES * PAGE_SIZE))
         # a view of each page of the buffer, made once: hashing them is one map() per read
         self.pages = [self.view[o : o + PAGE_SIZE] for o in range(0, len(self.view), PAGE_SIZE)]
-
-    def __enter__(self) -> _Memory:
-        return self
-
-    def __exit__(self, *_failure: object) -> None:
-        os.close(self.fd)
 
     def read(self, address: int, size: int) -> memoryview:
         if size > len(self.view):

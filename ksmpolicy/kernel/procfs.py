@@ -55,6 +55,11 @@ def read_stat(proc: Path) -> tuple[str, list[str]] | None:
         text = (proc / "stat").read_text(errors="replace")
     except OSError:
         return None
+    return parse_stat(text)
+
+
+def parse_stat(text: str) -> tuple[str, list[str]] | None:
+    """A stat file's text as `read_stat` gives it (None: not one)."""
     begin, end = text.find("("), text.rfind(")")
     if begin < 0 or end < begin:
         return None

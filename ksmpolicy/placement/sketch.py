@@ -42,6 +42,7 @@ share, about shared/K of them; the relative standard error is about sqrt(K / sha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -290,6 +291,7 @@ class Subject:
     merges: bool
     active: bool
     ram_bytes: int | None
+    start: int | None = None  # when it started (clock ticks since boot): PID and start name it
 
 
 def take(
@@ -312,32 +314,27 @@ def take(
     # each VM's pages are read again `interval` seconds after its own first read, whatever the
     # VMs read before it took: a change in that time marks a page volatile
     read: list[tuple[Subject, guestmem.Process, guestmem.Runs, Hashes, float]] = []
-    try:
+    sketches = []
+    with contextlib.ExitStack() as stack:
+        held = guestmem.hold(paths, [(s.pid, s.start) for s in subjects], stack)
         try:
-            for subject in subjects:
-                try:
-                    process = guestmem.Process(paths, subject.pid)
-                except OSError:
+            for subject, process in zip(subjects, held, strict=True):
+                if process is None:
                     continue  # gone
                 try:
                     runs = guestmem.guest_runs(process, subject.ram_bytes, reader)
                     hashes = guestmem.hash_runs(process, runs.starts, runs.lengths, limit)
-                except OSError:
-                    process.close()
-                    continue  # gone
+                except guestmem.GONE:
+                    continue
                 read.append((subject, process, runs, hashes, time.monotonic()))
         finally:
             if reader is not None:
                 reader.close()
-        sketches = []
         for subject, process, runs, hashes, read_at in read:
             time.sleep(max(0.0, read_at + interval - time.monotonic()))
             sketch = _sample(process, subject, runs, hashes, key, k, limit)
             if sketch is not None:
                 sketches.append(sketch)
-    finally:
-        for _subject, process, *_rest in read:
-            process.close()
     return sketches
 
 
@@ -362,8 +359,8 @@ def _sample(
     chosen = pages[keep[ids]]
     try:
         again = guestmem.hash_pages(process, runs, chosen, limit)
-    except OSError:
-        return None  # gone
+    except guestmem.GONE:
+        return None
     stable = np.all(again == hashes[chosen], axis=1)
     chosen_ids = ids[keep[ids]]
     held = np.bincount(chosen_ids[stable], minlength=len(contents))
@@ -501,6 +498,7 @@ def subjects_of(
                 merges=merges,
                 active=merges and (active is None or domain in active),
                 ram_bytes=vm.ram_bytes,
+                start=vm.start,
             )
         )
     return subjects

@@ -25,6 +25,7 @@ a KSM knob.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class Guest:
     group: str | None
     merges: bool  # the policy lets it merge (its prediction counts in the host's)
     ram_bytes: int | None = None
+    start: int | None = None  # when it started (clock ticks since boot): PID and start name it
 
 
 @dataclass(frozen=True)
@@ -115,26 +117,24 @@ def estimate(
     started = time.monotonic()
     limit = guestmem.RateLimit(limit_bytes_per_second)
     samples: list[_Sample] = []
-    try:
-        reader: PageMapReader | None = PageMapReader(paths)  # to leave out zero-page mappings
-    except PageMapUnavailable:
-        reader = None
-    try:
-        for guest in guests:
-            try:
-                process = guestmem.Process(paths, guest.pid)
-            except OSError:
-                continue  # gone
-            try:
-                runs = guestmem.guest_runs(process, guest.ram_bytes, reader)
-            except OSError:
-                process.close()
-                continue  # gone
-            samples.append(_Sample(guest, process, runs, _NO_HASHES))
-    finally:
-        if reader is not None:
-            reader.close()
-    try:
+    with contextlib.ExitStack() as stack:
+        held = guestmem.hold(paths, [(guest.pid, guest.start) for guest in guests], stack)
+        try:
+            reader: PageMapReader | None = PageMapReader(paths)  # to leave out zero-page mappings
+        except PageMapUnavailable:
+            reader = None
+        try:
+            for guest, process in zip(guests, held, strict=True):
+                if process is None:
+                    continue  # gone
+                try:
+                    runs = guestmem.guest_runs(process, guest.ram_bytes, reader)
+                except guestmem.GONE:
+                    continue
+                samples.append(_Sample(guest, process, runs, _NO_HASHES))
+        finally:
+            if reader is not None:
+                reader.close()
         total = 2 * sum(s.runs.pages for s in samples) * PAGE_SIZE  # a generous progress total
         done = [0]
 
@@ -147,16 +147,13 @@ def estimate(
                 sample.hashes = guestmem.hash_runs(
                     sample.process, sample.runs.starts, sample.runs.lengths, limit, step
                 )
-            except OSError:
+            except guestmem.GONE:
                 sample.hashes = _NO_HASHES
         first_pass = time.monotonic()
         zero_id = _number(samples)
         _second_pass(samples, limit, step, max(0.0, interval - (first_pass - started)))
         _set_apart_huge_zero_pages(paths, samples, zero_id)
         progress(total, total)
-    finally:
-        for sample in samples:
-            sample.process.close()
     return _predict(samples, zero_id, max_page_sharing, use_zero_pages, done[0], started)
 
 
@@ -196,7 +193,7 @@ def _second_pass(
             continue
         try:
             again = guestmem.hash_pages(sample.process, sample.runs, indices, limit, step)
-        except OSError:
+        except guestmem.GONE:
             again = np.zeros((indices.size, 2), dtype=np.uint64)
         changed = indices[np.any(again != sample.hashes[indices], axis=1)]
         sample.apart[changed] = True
@@ -221,7 +218,7 @@ def _set_apart_huge_zero_pages(paths: HostPaths, samples: Sequence[_Sample], zer
                 huge = guestmem.in_huge_pages(
                     sample.process, sample.runs.addresses(indices), reader
                 )
-            except OSError:
+            except guestmem.GONE:
                 continue
             sample.apart[indices[huge]] = True
             sample.split_zero = int(huge.sum())

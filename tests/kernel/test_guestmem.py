@@ -114,6 +114,52 @@ def test_a_process_gone_before_the_read_reads_as_gone() -> None:
         guestmem.Process(HostPaths(), process.pid)
 
 
+@needs_root
+def test_a_process_that_is_not_the_one_found_is_refused(
+    child: tuple[subprocess.Popen[str], int],
+) -> None:
+    process, _address = child
+    started = guestmem.Process(HostPaths(), process.pid).start()
+    assert started is not None
+    with guestmem.Process(HostPaths(), process.pid, started):
+        pass  # the one the inventory found
+    with pytest.raises(ProcessLookupError):
+        guestmem.Process(HostPaths(), process.pid, started - 1)
+
+
+TOO_MANY = """
+import contextlib, os, resource, sys
+from ksmpolicy.errors import KsmPolicyError
+from ksmpolicy.kernel import guestmem
+from ksmpolicy.paths import HostPaths
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))  # for this process only
+with contextlib.ExitStack() as stack:
+    try:
+        guestmem.hold(HostPaths(), [(os.getpid(), None)] * 40, stack)
+    except KsmPolicyError as error:
+        print(error)
+        sys.exit(0)
+print("held them all")
+sys.exit(1)
+"""
+
+
+@needs_root
+def test_too_many_vms_to_hold_is_an_error_not_vms_gone() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", TOO_MANY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "40 VMs" in done.stdout
+    assert "LimitNOFILE" in done.stdout
+
+
 # Run in a PID namespace of its own (`unshare --pid --fork --mount-proc`), where the test can
 # hand a reaped process's PID to the next one (ns_last_pid): the "VM" is held, read, reaped;
 # an impostor takes its PID and maps other bytes at the same address; every read through the

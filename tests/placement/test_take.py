@@ -39,8 +39,8 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
     def no_reader(_paths: HostPaths) -> Any:
         raise PageMapUnavailable("fake")
 
-    def held(_paths: HostPaths, pid: int) -> Any:
-        return SimpleNamespace(pid=pid, close=lambda: None)
+    def hold(_paths: HostPaths, wanted: list[tuple[int, int | None]], _stack: Any) -> Any:
+        return [SimpleNamespace(pid=pid) for pid, _start in wanted]
 
     def guest_runs(process: Any, *_args: Any) -> Any:
         clock.now += 5.0  # reading a big guest takes longer than the interval
@@ -55,7 +55,7 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
         clock.now += 0.2
 
     monkeypatch.setattr(sketch, "PageMapReader", no_reader)
-    monkeypatch.setattr(guestmem, "Process", held)
+    monkeypatch.setattr(guestmem, "hold", hold)
     monkeypatch.setattr(guestmem, "guest_runs", guest_runs)
     monkeypatch.setattr(guestmem, "hash_runs", hash_runs)
     monkeypatch.setattr(sketch, "_sample", sample)
