@@ -48,6 +48,7 @@ from ksmpolicy.kernel.pagemap import (
     PM_PFN,
     PM_PRESENT,
     PageMapReader,
+    PageMapUnavailable,
 )
 from ksmpolicy.kernel.procfs import parse_stat, start_of
 from ksmpolicy.kernel.smaps import parse as smaps_of
@@ -183,6 +184,34 @@ def hold(
                 )
             ) from error
     return held
+
+
+def held_runs(
+    paths: HostPaths,
+    wanted: Sequence[tuple[int, int | None, int | None]],
+    stack: contextlib.ExitStack,
+) -> list[tuple[int, Process, Runs]]:
+    """For each (PID, start, guest RAM bytes) the inventory found that still runs: its index in
+    `wanted`, its held `Process` (closed with `stack`) and the present pages of its guest RAM,
+    without pages mapped to the zero page where the kernel's page flags can be read (root)."""
+    held = hold(paths, [(pid, start) for pid, start, _ram in wanted], stack)
+    try:
+        reader: PageMapReader | None = PageMapReader(paths)
+    except PageMapUnavailable:
+        reader = None
+    found = []
+    try:
+        for index, process in enumerate(held):
+            if process is None:
+                continue  # gone
+            try:
+                found.append((index, process, guest_runs(process, wanted[index][2], reader)))
+            except GONE:
+                continue
+    finally:
+        if reader is not None:
+            reader.close()
+    return found
 
 
 def present_runs(

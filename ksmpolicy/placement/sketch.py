@@ -61,7 +61,6 @@ import numpy.typing as npt
 from ksmpolicy.errors import KsmPolicyError
 from ksmpolicy.files import read_regular, untrusted_reason
 from ksmpolicy.kernel import guestmem
-from ksmpolicy.kernel.pagemap import PageMapReader, PageMapUnavailable
 from ksmpolicy.paths import FLEET_KEY, HostPaths
 from ksmpolicy.policy.model import CONFLICT_DOMAIN, DEFAULT_DOMAIN, Policy
 
@@ -307,29 +306,18 @@ def take(
     if k < 1:
         raise ValueError("K must be at least 1")
     limit = guestmem.RateLimit(limit_bytes_per_second)
-    try:
-        reader: PageMapReader | None = PageMapReader(paths)
-    except PageMapUnavailable:
-        reader = None
     # each VM's pages are read again `interval` seconds after its own first read, whatever the
     # VMs read before it took: a change in that time marks a page volatile
     read: list[tuple[Subject, guestmem.Process, guestmem.Runs, Hashes, float]] = []
     sketches = []
     with contextlib.ExitStack() as stack:
-        held = guestmem.hold(paths, [(s.pid, s.start) for s in subjects], stack)
-        try:
-            for subject, process in zip(subjects, held, strict=True):
-                if process is None:
-                    continue  # gone
-                try:
-                    runs = guestmem.guest_runs(process, subject.ram_bytes, reader)
-                    hashes = guestmem.hash_runs(process, runs.starts, runs.lengths, limit)
-                except guestmem.GONE:
-                    continue
-                read.append((subject, process, runs, hashes, time.monotonic()))
-        finally:
-            if reader is not None:
-                reader.close()
+        wanted = [(subject.pid, subject.start, subject.ram_bytes) for subject in subjects]
+        for index, process, runs in guestmem.held_runs(paths, wanted, stack):
+            try:
+                hashes = guestmem.hash_runs(process, runs.starts, runs.lengths, limit)
+            except guestmem.GONE:
+                continue
+            read.append((subjects[index], process, runs, hashes, time.monotonic()))
         for subject, process, runs, hashes, read_at in read:
             time.sleep(max(0.0, read_at + interval - time.monotonic()))
             sketch = _sample(process, subject, runs, hashes, key, k, limit)

@@ -116,25 +116,12 @@ def estimate(
     """Read, hash twice `interval` seconds apart, and predict."""
     started = time.monotonic()
     limit = guestmem.RateLimit(limit_bytes_per_second)
-    samples: list[_Sample] = []
     with contextlib.ExitStack() as stack:
-        held = guestmem.hold(paths, [(guest.pid, guest.start) for guest in guests], stack)
-        try:
-            reader: PageMapReader | None = PageMapReader(paths)  # to leave out zero-page mappings
-        except PageMapUnavailable:
-            reader = None
-        try:
-            for guest, process in zip(guests, held, strict=True):
-                if process is None:
-                    continue  # gone
-                try:
-                    runs = guestmem.guest_runs(process, guest.ram_bytes, reader)
-                except guestmem.GONE:
-                    continue
-                samples.append(_Sample(guest, process, runs, _NO_HASHES))
-        finally:
-            if reader is not None:
-                reader.close()
+        wanted = [(guest.pid, guest.start, guest.ram_bytes) for guest in guests]
+        samples = [
+            _Sample(guests[index], process, runs, _NO_HASHES)
+            for index, process, runs in guestmem.held_runs(paths, wanted, stack)
+        ]
         total = 2 * sum(s.runs.pages for s in samples) * PAGE_SIZE  # a generous progress total
         done = [0]
 

@@ -54,7 +54,7 @@ def test_every_vm_gets_the_whole_interval_between_its_two_reads(
         second_read[subject.pid] = clock.now
         clock.now += 0.2
 
-    monkeypatch.setattr(sketch, "PageMapReader", no_reader)
+    monkeypatch.setattr(guestmem, "PageMapReader", no_reader)
     monkeypatch.setattr(guestmem, "hold", hold)
     monkeypatch.setattr(guestmem, "guest_runs", guest_runs)
     monkeypatch.setattr(guestmem, "hash_runs", hash_runs)
