@@ -356,9 +356,9 @@ PARTS: dict[str, Callable[[], Any]] = {
 
 def main() -> int:
     """Every part, or (`--only PART ...`) those parts again and the rest as stored."""
-    names = sys.argv[2:] if sys.argv[1:2] == ["--only"] else list(PARTS)
-    unknown = [name for name in names if name not in PARTS] or (not names and ["(none)"])
-    if unknown or (sys.argv[1:] and sys.argv[1] != "--only"):
+    arguments = sys.argv[1:]
+    names = arguments[1:] if arguments[:1] == ["--only"] else list(PARTS)
+    if (arguments and arguments[0] != "--only") or not names or not set(names) <= set(PARTS):
         print(f"usage: bench_placement [--only {'|'.join(PARTS)} ...]", file=sys.stderr)
         return 2
     again = set(names) != set(PARTS)

@@ -134,12 +134,15 @@ class Process:
         finally:
             os.close(fd)
 
+    def _stat(self) -> tuple[str, list[str]] | None:
+        return parse_stat(self.read("stat").decode(errors="replace"))
+
     def start(self) -> int | None:
-        return start_of(parse_stat(self.read("stat").decode(errors="replace")))
+        return start_of(self._stat())
 
     def check_alive(self) -> None:
         """ProcessLookupError when it has exited (reaped, or a zombie whose memory is gone)."""
-        stat = parse_stat(self.read("stat").decode(errors="replace"))
+        stat = self._stat()
         if stat is None or not stat[1] or stat[1][0] in ("Z", "X", "x"):
             raise ProcessLookupError(f"PID {self.pid} has exited")
 
@@ -177,13 +180,17 @@ def hold(
         except OSError as error:
             raise KsmPolicyError(
                 f"cannot hold the memory of VM PID {pid} ({len(wanted)} VMs): {error.strerror}"
-                + (
-                    "; raise the open-file limit (LimitNOFILE= in the unit, ulimit -n)"
-                    if error.errno in (errno.EMFILE, errno.ENFILE)
-                    else "; reading guest memory needs root"
-                )
+                + _what_to_do(error)
             ) from error
     return held
+
+
+def _what_to_do(error: OSError) -> str:
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        return "; raise the open-file limit (LimitNOFILE= in the unit, ulimit -n)"
+    if isinstance(error, PermissionError):
+        return "; reading guest memory needs root"
+    return ""
 
 
 def held_runs(
@@ -245,7 +252,7 @@ def present_runs(
 
 def guest_runs(process: Process, ram_bytes: int | None, reader: PageMapReader | None) -> Runs:
     """The present pages of a VM's guest RAM (its mappings as `smaps` tells them apart), as
-    `present_runs` finds them. OSError when the process is gone."""
+    `present_runs` finds them. One of GONE when the process is gone."""
     ranges = smaps_of(process.read("smaps")).guest_ranges(ram_bytes)
     return present_runs(process, ranges, reader)
 

@@ -75,7 +75,6 @@ MAX_SKETCH_BYTES = 512 * 2**20  # a host's sketch file; larger is refused
 PLATFORMS = ("libvirt", "proxmox", "process")
 
 Values = npt.NDArray[np.uint64]
-Hashes = npt.NDArray[np.uint64]  # N x 2: xxh3-128 digests (kernel/guestmem.py)
 
 
 class SketchError(KsmPolicyError):
@@ -308,7 +307,7 @@ def take(
     limit = guestmem.RateLimit(limit_bytes_per_second)
     # each VM's pages are read again `interval` seconds after its own first read, whatever the
     # VMs read before it took: a change in that time marks a page volatile
-    read: list[tuple[Subject, guestmem.Process, guestmem.Runs, Hashes, float]] = []
+    read: list[tuple[Subject, guestmem.Process, guestmem.Runs, guestmem.Hashes, float]] = []
     sketches = []
     with contextlib.ExitStack() as stack:
         wanted = [(subject.pid, subject.start, subject.ram_bytes) for subject in subjects]
